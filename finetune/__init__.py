@@ -1,0 +1,1 @@
+"""finetune: measured transfer learning for image classifiers."""

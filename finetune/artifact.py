@@ -1,0 +1,61 @@
+"""The trained model on disk: `model.safetensors` + `model.json` (how to rebuild and feed it).
+
+Everything downstream (evaluate, the MLflow pyfunc model, batch prediction) rebuilds the network
+from this pair, with no pickled Python objects and no network access.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+WEIGHTS_FILE = "model.safetensors"
+SPEC_FILE = "model.json"
+
+
+@dataclass
+class ModelSpec:
+    architecture: str
+    num_classes: int
+    class_names: list[str]
+    data_config: dict[str, Any]
+    create_kwargs: dict[str, Any] = field(default_factory=dict)
+    weights_source: str = ""
+    scenario: str = ""
+    default_tta: str = "center"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def build_network(spec: ModelSpec) -> nn.Module:
+    """The network of a spec, with random weights (load_model fills them in)."""
+    return timm.create_model(spec.architecture, pretrained=False, num_classes=spec.num_classes,
+                             **spec.create_kwargs)
+
+
+def save_model(directory: str | Path, net: nn.Module, spec: ModelSpec) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS_FILE))
+    (directory / SPEC_FILE).write_text(json.dumps(asdict(spec), indent=2, default=str) + "\n")
+    return directory
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelSpec]:
+    directory = Path(directory)
+    spec = ModelSpec.from_dict(json.loads((directory / SPEC_FILE).read_text()))
+    net = build_network(spec)
+    net.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
+    return net.to(device).eval(), spec

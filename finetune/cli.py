@@ -1,0 +1,133 @@
+"""Command line: `finetune train | demo | ...`. Each command parses options and calls a function."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from finetune.config import SCENARIOS, TTA_MODES, load_yaml, resolve_config
+
+log = logging.getLogger("finetune")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("finetune").setLevel(logging.INFO)
+    for noisy in ("pytorch_lightning", "lightning", "lightning_fabric", "timm", "mlflow", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Log more detail.")
+def cli(verbose: bool) -> None:
+    """finetune: measured transfer learning for image classifiers.
+
+    Point `finetune train` at a folder of images (one subfolder per class) and a timm backbone.
+    Runs are tracked in MLflow (MLFLOW_TRACKING_URI, else ./mlruns).
+    """
+    _setup_logging(verbose)
+
+
+def train_options(f):
+    """Options shared by commands that build a training config (train, and later plan/sweep)."""
+    options = [
+        click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                     help="YAML file with any of these options (flags override it)."),
+        click.option("--model", help="timm model name, optionally with weight tag, e.g. convnext_tiny.fb_in22k."),
+        click.option("--weights", help="'hub' (download timm's pretrained weights), 'none', or a local "
+                     ".safetensors/.pth/.bin file (a sidecar <file>.json is honoured)."),
+        click.option("--scenario", type=click.Choice(SCENARIOS), help="Fine-tuning scenario; auto measures it."),
+        click.option("--epochs", type=int, help="Training epochs."),
+        click.option("--batch-size", type=int, help="Images per batch."),
+        click.option("--image-size", type=int, help="Input size (default: the model's pretrained size)."),
+        click.option("--lr", type=float, help="Learning rate of the new head."),
+        click.option("--weight-decay", type=float, help="AdamW weight decay."),
+        click.option("--val-fraction", type=float, help="Fraction held out for validation when the folder "
+                     "has no val/ split (stratified)."),
+        click.option("--seed", type=int, help="Random seed (split, init, augmentation)."),
+        click.option("--tta", type=click.Choice(TTA_MODES), help="Test-time crops for evaluation."),
+        click.option("--max-image-pixels", type=int, help="Refuse images with more pixels than this."),
+        click.option("--num-workers", type=int, help="Data loader workers (default: cores - 1)."),
+        click.option("--experiment", help="MLflow experiment name."),
+        click.option("--run-name", help="MLflow run name (default: model-data-time)."),
+        click.option("--register", help="Register the model under this name in the MLflow registry."),
+        click.option("--output", help="Output folder (default: outputs/<run name>)."),
+        click.option("--accelerator", help="auto, cpu, gpu, ... (Lightning)."),
+        click.option("--devices", help="Number of devices or 'auto' (Lightning)."),
+        click.option("--strategy", help="Lightning strategy: auto, ddp, ..."),
+        click.option("--precision", help="Lightning precision (default: bf16-mixed on GPU, 32-true on CPU)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def build_config(data_dir: str, config_file: str | None, **cli_values: Any):
+    file_values = load_yaml(config_file) if config_file else {}
+    return resolve_config(file_values, {"data_dir": data_dir, **cli_values})
+
+
+@cli.command()
+@click.argument("data_dir", type=click.Path())
+@train_options
+def train(data_dir: str, config_file: str | None, **options: Any) -> None:
+    """Fine-tune a pretrained timm backbone on DATA_DIR (one subfolder per class, or train/ and val/)."""
+    from finetune.train import train as run_train
+
+    cfg = build_config(data_dir, config_file, **options)
+    summary = run_train(cfg)
+    _print_summary(summary)
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    m = summary["metrics"]
+    click.echo(f"\nval_acc {m['val_acc']:.4f}  val_loss {m['val_loss']:.4f}  (best epoch {m.get('best_epoch')})")
+    click.echo(f"summary:    {summary['output']}/summary.json")
+    click.echo(f"model:      {summary['model_dir']}")
+    click.echo(f"MLflow run: {summary['mlflow_run_id']}  ({summary['mlflow_tracking_uri']})")
+    uri = summary["mlflow_tracking_uri"]
+    if uri.startswith("sqlite:"):
+        click.echo(f"Open the UI with:  mlflow ui --backend-store-uri {uri}")
+
+
+@cli.command()
+@click.option("--workdir", default="outputs/demo", show_default=True, type=click.Path(file_okay=False),
+              help="Where the generated data, weights and outputs go.")
+@click.option("--model", default="mobilenetv3_small_100", show_default=True, help="timm model for the demo.")
+@click.option("--weights", default=None, help="'hub' or a file to skip the offline pretraining step.")
+@click.option("--epochs", default=5, show_default=True, type=int, help="Fine-tuning epochs.")
+def demo(workdir: str, model: str, weights: str | None, epochs: int) -> None:
+    """Run the whole workflow offline on generated images (about a minute on 2 CPU cores)."""
+    from finetune.demo import demo_configs, export_weights, make_image_folder
+    from finetune.train import train as run_train
+
+    root = Path(workdir)
+    make_image_folder(root / "target-shapes", "shapes", per_class=40, seed=1)
+    pretrain, target = demo_configs(root, model, weights, epochs)
+    if pretrain is not None:
+        make_image_folder(root / "source-textures", "textures", per_class=60, seed=0)
+        click.echo(f"[1/2] Pretraining {model} from scratch on generated textures (stands in for ImageNet)...")
+        summary = run_train(pretrain)
+        export_weights(Path(summary["model_dir"]), Path(target.weights))
+        click.echo(f"      saved pretrained weights to {target.weights} (+ sidecar .json)")
+    click.echo(f"[2/2] Fine-tuning on generated shapes with --weights {target.weights} ...")
+    summary = run_train(target)
+    _print_summary(summary)
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=True)
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

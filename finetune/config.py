@@ -1,0 +1,129 @@
+"""Training configuration: defaults < YAML file < command-line flags.
+
+One dataclass holds every option `finetune train` understands. A YAML file may set any of them;
+unknown keys are an error naming the valid ones. The resolved config is saved with every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from finetune.errors import UserError
+
+SCENARIOS = ("auto", "small-similar", "large-similar", "small-different", "large-different")
+TTA_MODES = ("none", "center", "5crop", "10crop")
+
+
+@dataclass
+class TrainConfig:
+    """Every option of `finetune train`; see README for what each one does."""
+
+    data_dir: str = ""
+    model: str = "resnet50.a1_in1k"
+    weights: str = "hub"
+    scenario: str = "auto"
+    epochs: int = 10
+    batch_size: int = 32
+    image_size: int | None = None
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    val_fraction: float = 0.2
+    seed: int = 0
+    tta: str = "center"
+    max_image_pixels: int = 89_478_485  # Pillow's own decompression-bomb limit
+    num_workers: int | None = None
+    experiment: str = "finetune"
+    run_name: str | None = None
+    register: str | None = None
+    output: str | None = None
+    accelerator: str = "auto"
+    devices: str = "auto"
+    strategy: str = "auto"
+    precision: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def config_keys() -> list[str]:
+    return [f.name for f in fields(TrainConfig) if f.name != "extra"]
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a dict of known keys (dashes in keys are accepted)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"Config file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"Config file {path} must hold a mapping of option: value, not {type(data).__name__}.")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def resolve_config(file_values: dict[str, Any], cli_values: dict[str, Any]) -> TrainConfig:
+    """Merge defaults, file and explicitly-given CLI values (CLI wins) into a TrainConfig."""
+    valid = config_keys()
+    unknown = sorted(set(file_values) - set(valid))
+    if unknown:
+        raise UserError(f"Unknown config key(s): {', '.join(unknown)}. Valid keys: {', '.join(valid)}.")
+    merged = {**file_values, **{k: v for k, v in cli_values.items() if v is not None}}
+    cfg = TrainConfig(**merged)
+    _coerce_types(cfg)
+    validate_config(cfg)
+    return cfg
+
+
+def _coerce_types(cfg: TrainConfig) -> None:
+    """YAML gives strings for things like 1e-3 written oddly; cast to the declared types."""
+    casts = {"epochs": int, "batch_size": int, "seed": int, "max_image_pixels": int,
+             "lr": float, "weight_decay": float, "val_fraction": float}
+    for name, cast in casts.items():
+        value = getattr(cfg, name)
+        try:
+            setattr(cfg, name, cast(value))
+        except (TypeError, ValueError):
+            raise UserError(f"Config value {name}={value!r} is not a valid {cast.__name__}.") from None
+    for name in ("image_size", "num_workers"):
+        value = getattr(cfg, name)
+        if value is not None:
+            try:
+                setattr(cfg, name, int(value))
+            except (TypeError, ValueError):
+                raise UserError(f"Config value {name}={value!r} is not a valid int.") from None
+    cfg.devices = str(cfg.devices)
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Impossible values fail here, before any work is done."""
+    if cfg.epochs < 1:
+        raise UserError(f"epochs must be at least 1 (got {cfg.epochs}).")
+    if cfg.batch_size < 1:
+        raise UserError(f"batch_size must be at least 1 (got {cfg.batch_size}).")
+    if not 0.0 < cfg.val_fraction < 1.0:
+        raise UserError(f"val_fraction must be between 0 and 1, exclusive (got {cfg.val_fraction}).")
+    if cfg.lr <= 0:
+        raise UserError(f"lr must be positive (got {cfg.lr}).")
+    if cfg.image_size is not None and cfg.image_size < 16:
+        raise UserError(f"image_size must be at least 16 pixels (got {cfg.image_size}).")
+    if cfg.num_workers is not None and cfg.num_workers < 0:
+        raise UserError(f"num_workers must be >= 0 (got {cfg.num_workers}).")
+    _check_choice("scenario", cfg.scenario, SCENARIOS)
+    _check_choice("tta", cfg.tta, TTA_MODES)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(f"Invalid {name} {value!r}. Valid values: {', '.join(choices)}.")
+
+
+def replace(cfg: TrainConfig, **changes: Any) -> TrainConfig:
+    return dataclasses.replace(cfg, **changes)

@@ -1,0 +1,296 @@
+"""Image folders: scan, validate, split, and serve them as a Lightning DataModule.
+
+Two layouts are accepted:
+
+* ``DATA/<class>/...`` -- split here, stratified and deterministic (``val_fraction``, ``seed``);
+* ``DATA/{train, val|valid|validation[, test]}/<class>/...`` -- the user's own split.
+
+Images may sit in nested folders below a class folder. Every file is decoded once while scanning
+(JPEGs at 1/8 scale, so it is cheap); files that cannot be used are skipped and reported, so no
+epoch ever crashes on a bad file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from finetune.errors import UserError
+from finetune.images import IMAGE_EXTENSIONS, ImageError, ImageInfo, display_path, load_rgb, probe_image
+
+log = logging.getLogger(__name__)
+
+VAL_NAMES = ("val", "valid", "validation")
+IGNORED_DIRS = {"__MACOSX", "__pycache__"}
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str
+    label: int
+    info: ImageInfo | None = None
+
+
+@dataclass
+class Skipped:
+    path: str
+    reason: str
+
+
+@dataclass
+class FolderSplits:
+    """The result of scanning an image folder."""
+
+    root: str
+    layout: str  # "class-folders" or "split-folders"
+    classes: list[str]
+    train: list[Sample]
+    val: list[Sample]
+    test: list[Sample] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        return {"train": len(self.train), "val": len(self.val), "test": len(self.test),
+                "skipped": len(self.skipped), "classes": len(self.classes)}
+
+    def skipped_report(self, limit: int = 5) -> str:
+        if not self.skipped:
+            return "no unreadable files"
+        first = "; ".join(f"{s.path} ({s.reason})" for s in self.skipped[:limit])
+        more = f" and {len(self.skipped) - limit} more" if len(self.skipped) > limit else ""
+        return f"skipped {len(self.skipped)} unreadable file(s): {first}{more}"
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".") or name in IGNORED_DIRS
+
+
+def _list_dirs(folder: Path) -> list[Path]:
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as e:
+        raise UserError(f"Cannot read folder {display_path(folder)}: {e.strerror}.") from None
+    return [Path(e.path) for e in entries if not _is_hidden(e.name) and e.is_dir()]
+
+
+def iter_image_files(folder: str | Path) -> list[str]:
+    """All image files under a folder, recursively, sorted; hidden files, `__MACOSX` and symlink
+    loops are skipped."""
+    found: list[str] = []
+    seen_dirs: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen_dirs:  # a symlink loop or a second link to the same folder
+            dirnames[:] = []
+            continue
+        seen_dirs.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        for name in sorted(filenames):
+            if not _is_hidden(name) and name.lower().endswith(IMAGE_EXTENSIONS):
+                found.append(os.path.join(dirpath, name))
+    return found
+
+
+def _detect_layout(root: Path) -> tuple[str, dict[str, Path]]:
+    subdirs = {d.name.lower(): d for d in _list_dirs(root)}
+    val_dir = next((subdirs[n] for n in VAL_NAMES if n in subdirs), None)
+    if "train" in subdirs and val_dir is not None:
+        parts = {"train": subdirs["train"], "val": val_dir}
+        if "test" in subdirs:
+            parts["test"] = subdirs["test"]
+        return "split-folders", parts
+    if "train" in subdirs and len(subdirs) == 1:
+        return "class-folders", {"all": subdirs["train"]}
+    return "class-folders", {"all": root}
+
+
+def _class_files(split_root: Path) -> dict[str, list[str]]:
+    class_dirs = _list_dirs(split_root)
+    return {d.name: iter_image_files(d) for d in class_dirs}
+
+
+def _probe_all(paths: Sequence[str], max_pixels: int) -> dict[str, ImageInfo | str]:
+    def probe(p: str) -> ImageInfo | str:
+        try:
+            return probe_image(p, max_pixels)
+        except ImageError as e:
+            return str(e)
+        except OSError as e:  # vanished, permission denied, ...
+            return f"cannot read file ({e.strerror or e})"
+
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
+        return dict(zip(paths, pool.map(probe, paths)))
+
+
+def stratified_split(samples: Sequence[Sample], val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Deterministic per-class split: each class with >= 2 images puts at least one in val."""
+    by_class: dict[int, list[Sample]] = {}
+    for s in samples:
+        by_class.setdefault(s.label, []).append(s)
+    train: list[Sample] = []
+    val: list[Sample] = []
+    rng = random.Random(seed)
+    for label in sorted(by_class):
+        items = sorted(by_class[label], key=lambda s: s.path)
+        rng.shuffle(items)
+        n_val = round(len(items) * val_fraction)
+        if len(items) >= 2:
+            n_val = min(max(n_val, 1), len(items) - 1)
+        else:
+            n_val = 0
+        val.extend(items[:n_val])
+        train.extend(items[n_val:])
+    return train, val
+
+
+def scan_folder(root: str | Path, val_fraction: float = 0.2, seed: int = 0,
+                max_pixels: int = 89_478_485) -> FolderSplits:
+    """Scan and validate an image folder; raise UserError for folders that cannot be trained on."""
+    root = Path(root)
+    if not root.exists():
+        raise UserError(f"Data folder not found: {display_path(root)}")
+    if not root.is_dir():
+        raise UserError(f"Data path is not a folder: {display_path(root)}")
+    layout, parts = _detect_layout(root)
+    files_per_part = {name: _class_files(path) for name, path in parts.items()}
+    primary = files_per_part["train" if "train" in parts else "all"]
+    classes = sorted(primary)
+    if not classes:
+        raise UserError(f"No class folders in {display_path(parts.get('train', parts.get('all', root)))}: "
+                        "expected one subfolder per class, each holding images.")
+    if len(classes) < 2:
+        raise UserError(f"Only one class folder ({classes[0]!r}) in {display_path(root)}: "
+                        "a classifier needs at least 2 classes, one subfolder each.")
+    for part, per_class in files_per_part.items():
+        extra = sorted(set(per_class) - set(classes))
+        if extra:
+            raise UserError(f"The {part} split of {display_path(root)} has class folder(s) {extra} "
+                            f"that train does not have; classes must match across splits.")
+
+    all_paths = [p for per_class in files_per_part.values() for files in per_class.values() for p in files]
+    probed = _probe_all(all_paths, max_pixels)
+    skipped = [Skipped(display_path(p), r) for p, r in probed.items() if isinstance(r, str)]
+
+    def samples(per_class: dict[str, list[str]]) -> list[Sample]:
+        return [Sample(p, classes.index(c), probed[p]) for c in sorted(per_class) for p in per_class[c]
+                if not isinstance(probed[p], str)]
+
+    split_samples = {name: samples(per_class) for name, per_class in files_per_part.items()}
+    primary_samples = split_samples["train" if "train" in parts else "all"]
+    present = Counter(s.label for s in primary_samples)
+    for idx, name in enumerate(classes):
+        if present[idx] == 0:
+            folder = parts.get("train", parts.get("all", root)) / name
+            n_files = len(primary[name])
+            why = (f"all {n_files} image file(s) in it are unreadable" if n_files
+                   else "it holds no image files (" + ", ".join(IMAGE_EXTENSIONS) + ")")
+            raise UserError(f"Class folder {display_path(folder)} has no usable image: {why}. "
+                            "Add images or remove the folder.")
+
+    if layout == "split-folders":
+        train, val, test = split_samples["train"], split_samples["val"], split_samples.get("test", [])
+        if not val:
+            raise UserError(f"The validation folder {display_path(parts['val'])} holds no usable image.")
+    else:
+        train, val = stratified_split(primary_samples, val_fraction, seed)
+        test = []
+        if not val:
+            raise UserError(f"Too few images in {display_path(root)} to hold out a validation split "
+                            "(each class needs at least 2 images).")
+    result = FolderSplits(str(root), layout, classes, train, val, test, skipped)
+    if skipped:
+        log.warning(result.skipped_report())
+    return result
+
+
+class ImageListDataset(Dataset):
+    """(path, label) samples decoded with `load_rgb` and passed through a transform.
+
+    A file that fails to decode at run time (changed since the scan) yields None; `skip_none_collate`
+    drops it from the batch, so the epoch goes on.
+    """
+
+    def __init__(self, samples: Sequence[Sample], transform: Callable | None, max_pixels: int | None = None,
+                 draft_size: tuple[int, int] | None = None):
+        self.samples = list(samples)
+        self.transform = transform
+        self.max_pixels = max_pixels
+        self.draft_size = draft_size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        sample = self.samples[index]
+        try:
+            img = load_rgb(sample.path, self.max_pixels, self.draft_size)
+        except (ImageError, OSError) as e:
+            log.warning("Skipping %s: %s", display_path(sample.path), e)
+            return None
+        x = self.transform(img) if self.transform is not None else img
+        return x, sample.label
+
+
+def skip_none_collate(batch):
+    batch = [b for b in batch if b is not None]
+    if not batch:
+        return None
+    return default_collate(batch)
+
+
+def default_num_workers() -> int:
+    """Leave one core to the main process, which runs the model."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(0, min(8, cores - 1))
+
+
+class FolderDataModule(pl.LightningDataModule):
+    def __init__(self, splits: FolderSplits, train_transform: Callable, eval_transform: Callable,
+                 batch_size: int = 32, num_workers: int | None = None, max_pixels: int | None = None,
+                 draft_size: tuple[int, int] | None = None, sampler_factory: Callable | None = None):
+        super().__init__()
+        self.splits = splits
+        self.train_transform = train_transform
+        self.eval_transform = eval_transform
+        self.batch_size = batch_size
+        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.max_pixels = max_pixels
+        self.draft_size = draft_size
+        self.sampler_factory = sampler_factory
+
+    def _loader(self, samples: Sequence[Sample], transform: Callable, train: bool) -> DataLoader:
+        ds = ImageListDataset(samples, transform, self.max_pixels, self.draft_size)
+        sampler = self.sampler_factory(ds.samples) if (train and self.sampler_factory) else None
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            shuffle=train and sampler is None,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=skip_none_collate,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+            drop_last=train and len(ds) > self.batch_size,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.splits.train, self.train_transform, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.splits.val, self.eval_transform, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.splits.test, self.eval_transform, train=False)
