@@ -25,6 +25,7 @@ from finetune.config import TrainConfig
 from finetune.data import FolderDataModule, FolderSplits, scan_folder
 from finetune.errors import UserError
 from finetune.module import Classifier
+from finetune.optim import make_optimizer_factory
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         batch_size=cfg.batch_size, num_workers=cfg.num_workers, max_pixels=cfg.max_image_pixels,
         draft_size=(size, size))
     lr, wd = cfg.lr, cfg.weight_decay
-    module = Classifier(backbone.model, len(splits.classes),
-                        optimizer_factory=lambda net: torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=wd))
+    param_groups = [{"params": list(backbone.model.parameters()), "lr": lr, "name": "all"}]
+    module = Classifier(backbone.model, len(splits.classes), make_optimizer_factory(cfg, param_groups))
 
     checkpoint = ModelCheckpoint(dirpath=output / "checkpoints", filename="best", monitor="val_acc", mode="max",
                                  save_last=True, save_weights_only=False)
@@ -99,7 +100,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     best_path = checkpoint.best_model_path or checkpoint.last_model_path
     state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
     module.load_state_dict(state)
-    val_metrics = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    # A logger-less trainer: the final numbers go to MLflow as final_*, not as an extra epoch point.
+    evaluator = pl.Trainer(accelerator=cfg.accelerator, devices=1, logger=False, enable_checkpointing=False,
+                           enable_model_summary=False, precision=trainer.precision)
+    val_metrics = evaluator.validate(module, datamodule=datamodule, verbose=False)[0]
     metrics = {"val_acc": float(val_metrics["val_acc"]), "val_loss": float(val_metrics["val_loss"]),
                "val_acc_top5": float(val_metrics["val_acc_top5"]), "best_epoch": int(torch.load(
                    best_path, map_location="cpu", weights_only=True)["epoch"])}

@@ -1,0 +1,29 @@
+# The two commands of the README. Each bootstraps its own environment with uv (installed if missing);
+# uv resolves PyPI's torch, unlike this machine's pip configuration (see README "Install").
+SHELL := /bin/bash
+UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-slow test-all env clean bench
+
+$(UV):
+	python3 -m pip install --user --quiet uv || python3 -m pip install --quiet uv || \
+	  (curl -LsSf https://astral.sh/uv/install.sh | sh)
+
+env: $(UV)
+	$(UV) sync --frozen --python 3.11
+
+demo: env
+	$(UV) run --frozen finetune demo
+
+test: env
+	$(UV) run --frozen pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: env
+	$(UV) run --frozen pytest -m "slow" $(PYTEST_ARGS)
+
+test-all: env
+	$(UV) run --frozen pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf outputs .pytest_cache

@@ -1,0 +1,69 @@
+"""Fixtures: tiny generated image folders, tiny timm models, an MLflow store per test."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+TINY_MODEL = "test_resnet"  # timm's ~0.5M-parameter test net; random weights unless a file is given
+
+
+def make_folder(root: Path, classes=("cat", "dog"), per_class: int = 8, size: int = 48, seed: int = 0,
+                ext: str = "png") -> Path:
+    """A class-folder dataset whose classes differ in colour, so a tiny model can learn them."""
+    rng = random.Random(seed)
+    palette = [(220, 40, 40), (40, 40, 220), (40, 200, 40), (200, 200, 40), (160, 40, 200)]
+    for ci, name in enumerate(classes):
+        d = root / name
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            base = palette[ci % len(palette)]
+            color = tuple(max(0, min(255, c + rng.randint(-30, 30))) for c in base)
+            img = Image.new("RGB", (size + rng.randint(0, 8), size + rng.randint(0, 8)), color)
+            img.save(d / f"{name}_{i}.{ext}")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return make_folder(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def _empty_mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Creating an MLflow SQLite store runs its schema migrations (seconds): do it once, copy it."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture(autouse=True)
+def isolated_mlflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _empty_mlflow_db: Path) -> str:
+    """Every test gets its own SQLite tracking store and runs in its own working directory."""
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    (tmp_path / "mlruns").mkdir(exist_ok=True)
+    shutil.copyfile(_empty_mlflow_db, tmp_path / "mlruns" / "mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    return uri
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip("../shared is not present")
+    return SHARED
+
+
+def tiny_train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", str(data), "--model", TINY_MODEL, "--weights", "none", "--epochs", "1",
+            "--batch-size", "4", "--image-size", "32", "--num-workers", "0", "--output", str(out), *extra]
