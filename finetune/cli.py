@@ -87,6 +87,11 @@ def train(data_dir: str, config_file: str | None, **options: Any) -> None:
 
 def _print_summary(summary: dict[str, Any]) -> None:
     m = summary["metrics"]
+    if summary.get("skipped_files"):
+        n = len(summary["skipped_files"])
+        first = ", ".join(summary["skipped_files"][:3])
+        click.echo(f"\nSkipped {n} unreadable file(s) (listed in skipped_files.json of the run): {first}"
+                   + (" ..." if n > 3 else ""))
     click.echo(f"\nval_acc {m['val_acc']:.4f}  val_loss {m['val_loss']:.4f}  (best epoch {m.get('best_epoch')})")
     click.echo(f"summary:    {summary['output']}/summary.json")
     click.echo(f"model:      {summary['model_dir']}")
