@@ -10,7 +10,8 @@ from typing import Any
 
 import click
 
-from finetune.config import SCENARIOS, TTA_MODES, load_yaml, resolve_config
+from finetune.config import (AUGMENT_PRESETS, CLASS_WEIGHTS, OPTIMIZERS, SAMPLERS, SCENARIOS, SCHEDULES,
+                             TTA_MODES, load_yaml, resolve_config)
 
 log = logging.getLogger("finetune")
 
@@ -47,7 +48,7 @@ def train_options(f):
         click.option("--batch-size", type=int, help="Images per batch."),
         click.option("--image-size", type=int, help="Input size (default: the model's pretrained size)."),
         click.option("--lr", type=float, help="Learning rate of the new head."),
-        click.option("--weight-decay", type=float, help="AdamW weight decay."),
+        click.option("--weight-decay", type=float, help="Weight decay (not on norms and biases)."),
         click.option("--val-fraction", type=float, help="Fraction held out for validation when the folder "
                      "has no val/ split (stratified)."),
         click.option("--seed", type=int, help="Random seed (split, init, augmentation)."),
@@ -62,10 +63,35 @@ def train_options(f):
         click.option("--devices", help="Number of devices or 'auto' (Lightning)."),
         click.option("--strategy", help="Lightning strategy: auto, ddp, ..."),
         click.option("--precision", help="Lightning precision (default: bf16-mixed on GPU, 32-true on CPU)."),
+        *recipe_options(),
     ]
     for option in reversed(options):
         f = option(f)
     return f
+
+
+def recipe_options() -> list:
+    """Options of the training recipe (README "Training recipe"); unset ones take the scenario's default."""
+    return [
+        click.option("--augment", type=click.Choice(AUGMENT_PRESETS), help="Augmentation preset."),
+        click.option("--mixup", type=float, help="Mixup alpha (0 = off)."),
+        click.option("--cutmix", type=float, help="CutMix alpha (0 = off)."),
+        click.option("--label-smoothing", type=float, help="Label smoothing (0 = off)."),
+        click.option("--optimizer", type=click.Choice(OPTIMIZERS), help="Optimizer (timm)."),
+        click.option("--momentum", type=float, help="Momentum of sgd/rmsprop."),
+        click.option("--nesterov/--no-nesterov", default=None, help="Nesterov momentum (sgd)."),
+        click.option("--schedule", type=click.Choice(SCHEDULES), help="Learning-rate schedule."),
+        click.option("--warmup-epochs", type=float, help="Linear LR warmup length in epochs."),
+        click.option("--step-epochs", type=int, help="Epochs between LR drops of the step schedule."),
+        click.option("--lr-gamma", type=float, help="LR factor per drop (step: 0.1) or per epoch (exponential: 0.9)."),
+        click.option("--dropout", type=float, help="Dropout before the classifier (timm drop_rate)."),
+        click.option("--drop-path", type=float, help="Stochastic depth rate (timm drop_path_rate)."),
+        click.option("--drop-connect", type=float, help="DropConnect rate on the classifier's weights."),
+        click.option("--ema", type=float, help="Decay of the EMA of the weights (Polyak averaging; 0 = off)."),
+        click.option("--patience", type=int, help="Early stopping after N epochs without a better val_acc."),
+        click.option("--class-weights", type=click.Choice(CLASS_WEIGHTS), help="'auto': inverse-frequency loss weights."),
+        click.option("--sampler", type=click.Choice(SAMPLERS), help="'balanced': draw each class equally often."),
+    ]
 
 
 def build_config(data_dir: str, config_file: str | None, **cli_values: Any):
@@ -99,6 +125,75 @@ def _print_summary(summary: dict[str, Any]) -> None:
     uri = summary["mlflow_tracking_uri"]
     if uri.startswith("sqlite:"):
         click.echo(f"Open the UI with:  mlflow ui --backend-store-uri {uri}")
+
+
+@cli.command()
+@click.argument("data_dir", type=click.Path())
+@click.option("--samples", default=20, show_default=True, type=int, help="Training images to overfit.")
+@train_options
+def sanity(data_dir: str, config_file: str | None, samples: int, **options: Any) -> None:
+    """Overfit a few training images (no augmentation, no regularization): should reach ~100% accuracy.
+
+    If it cannot, something is broken (labels, preprocessing, LR) and a full run would waste hours.
+    --epochs defaults to 30 here.
+    """
+    from finetune.babysit import sanity as run_sanity
+
+    epochs = options["epochs"] or 30
+    cfg = build_config(data_dir, config_file, **{**options, "epochs": epochs})
+    r = run_sanity(cfg, samples=samples, epochs=epochs)
+    click.echo(f"initial loss {r['initial_loss']:.3f} (ln {r['classes']} = {r['expected_initial_loss']:.3f}); "
+               f"after {r['epochs']} epochs on {r['samples']} images: loss {r['final_loss']:.4f}, "
+               f"train accuracy {r['train_acc']:.3f}")
+    if r["passed"]:
+        click.echo(f"PASS: the model overfits {r['samples']} images (>= {r['target_acc']:.0%}).")
+    else:
+        click.echo(f"FAIL: train accuracy {r['train_acc']:.1%} < {r['target_acc']:.0%} on {r['samples']} images. "
+                   "Check labels and preprocessing, try another --lr (see `finetune lr-find`) or more --epochs.")
+        sys.exit(1)
+
+
+@cli.command("lr-find")
+@click.argument("data_dir", type=click.Path())
+@click.option("--min-lr", default=1e-6, show_default=True, type=float, help="Start of the LR range.")
+@click.option("--max-lr", default=1.0, show_default=True, type=float, help="End of the LR range.")
+@click.option("--num-training", default=100, show_default=True, type=int, help="Steps of the range test.")
+@train_options
+def lr_find(data_dir: str, config_file: str | None, min_lr: float, max_lr: float, num_training: int,
+            **options: Any) -> None:
+    """Learning-rate range test (Lightning's Tuner.lr_find): saves the loss-vs-LR plot, prints the suggestion."""
+    from finetune.babysit import lr_find as run_lr_find
+
+    cfg = build_config(data_dir, config_file, **options)
+    r = run_lr_find(cfg, min_lr=min_lr, max_lr=max_lr, num_training=num_training)
+    if r["suggested_lr"] is None:
+        click.echo("No suggestion: the loss curve has no clear descent. Look at the plot.")
+    else:
+        click.echo(f"suggested lr: {r['suggested_lr']:.3g}  (use --lr {r['suggested_lr']:.3g})")
+    click.echo(f"plot:       {r['plot']}")
+    click.echo(f"MLflow run: {r['mlflow_run_id']}")
+
+
+@cli.command()
+@click.argument("data_dir", type=click.Path())
+@click.option("--trials", default=10, show_default=True, type=int, help="Optuna trials (each a full training run).")
+@click.option("--lr-range", nargs=2, type=float, default=(1e-5, 1e-1), show_default=True,
+              help="Log-uniform learning-rate range.")
+@click.option("--wd-range", nargs=2, type=float, default=(1e-6, 1e-1), show_default=True,
+              help="Log-uniform weight-decay range.")
+@click.option("--search-augment", is_flag=True, help="Also search the augmentation preset.")
+@train_options
+def sweep(data_dir: str, config_file: str | None, trials: int, lr_range: tuple[float, float],
+          wd_range: tuple[float, float], search_augment: bool, **options: Any) -> None:
+    """Hyperparameter search (Optuna) over LR and weight decay; trials are child runs of one MLflow run."""
+    from finetune.sweep import sweep as run_sweep
+
+    cfg = build_config(data_dir, config_file, **options)
+    r = run_sweep(cfg, trials, tuple(lr_range), tuple(wd_range), search_augment)
+    click.echo(f"best val_acc {r['best_val_acc']:.4f} (trial {r['best_trial']}): "
+               + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["best_params"].items()))
+    click.echo(f"best config: {r['best_config']}  (finetune train DATA_DIR --config {r['best_config']})")
+    click.echo(f"MLflow parent run: {r['mlflow_run_id']}")
 
 
 @cli.command()

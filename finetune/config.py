@@ -17,6 +17,12 @@ from finetune.errors import UserError
 
 SCENARIOS = ("auto", "small-similar", "large-similar", "small-different", "large-different")
 TTA_MODES = ("none", "center", "5crop", "10crop")
+# The training recipe (issue 4). Presets/values are also listed in finetune.augment / finetune.optim.
+AUGMENT_PRESETS = ("none", "light", "standard", "strong")
+OPTIMIZERS = ("sgd", "adagrad", "rmsprop", "adam", "adamw")
+SCHEDULES = ("constant", "step", "exponential", "cosine", "onecycle")
+CLASS_WEIGHTS = ("none", "auto")
+SAMPLERS = ("shuffle", "balanced")
 
 
 @dataclass
@@ -45,6 +51,25 @@ class TrainConfig:
     devices: str = "auto"
     strategy: str = "auto"
     precision: str | None = None
+    # Training recipe: None means "the scenario's default" (finetune.recipe.default_recipe).
+    augment: str | None = None
+    mixup: float | None = None
+    cutmix: float | None = None
+    label_smoothing: float | None = None
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    nesterov: bool = False
+    schedule: str | None = None
+    warmup_epochs: float | None = None
+    step_epochs: int | None = None
+    lr_gamma: float | None = None
+    dropout: float | None = None
+    drop_path: float | None = None
+    drop_connect: float | None = None
+    ema: float | None = None
+    patience: int | None = None
+    class_weights: str = "none"
+    sampler: str = "shuffle"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -100,6 +125,18 @@ def _coerce_types(cfg: TrainConfig) -> None:
             except (TypeError, ValueError):
                 raise UserError(f"Config value {name}={value!r} is not a valid int.") from None
     cfg.devices = str(cfg.devices)
+    optional = {"mixup": float, "cutmix": float, "label_smoothing": float, "warmup_epochs": float,
+                "step_epochs": int, "lr_gamma": float, "dropout": float, "drop_path": float,
+                "drop_connect": float, "ema": float, "patience": int}
+    for name, cast in {**optional, "momentum": float}.items():
+        value = getattr(cfg, name)
+        if value is not None:
+            try:
+                setattr(cfg, name, cast(value))
+            except (TypeError, ValueError):
+                raise UserError(f"Config value {name}={value!r} is not a valid {cast.__name__}.") from None
+    if not isinstance(cfg.nesterov, bool):
+        raise UserError(f"Config value nesterov={cfg.nesterov!r} must be true or false.")
 
 
 def validate_config(cfg: TrainConfig) -> None:
@@ -118,6 +155,40 @@ def validate_config(cfg: TrainConfig) -> None:
         raise UserError(f"num_workers must be >= 0 (got {cfg.num_workers}).")
     _check_choice("scenario", cfg.scenario, SCENARIOS)
     _check_choice("tta", cfg.tta, TTA_MODES)
+    validate_recipe(cfg)
+
+
+def validate_recipe(cfg: TrainConfig) -> None:
+    """The recipe options of issue 4: named choices list the valid ones, numbers their range."""
+    if cfg.augment is not None:
+        _check_choice("augment", cfg.augment, AUGMENT_PRESETS)
+    _check_choice("optimizer", cfg.optimizer, OPTIMIZERS)
+    if cfg.schedule is not None:
+        _check_choice("schedule", cfg.schedule, SCHEDULES)
+    _check_choice("class_weights", cfg.class_weights, CLASS_WEIGHTS)
+    _check_choice("sampler", cfg.sampler, SAMPLERS)
+    if cfg.weight_decay < 0:
+        raise UserError(f"weight_decay must be >= 0 (got {cfg.weight_decay}).")
+    for name in ("mixup", "cutmix", "warmup_epochs"):
+        value = getattr(cfg, name)
+        if value is not None and value < 0:
+            raise UserError(f"{name} must be >= 0 (got {value}).")
+    for name in ("label_smoothing", "dropout", "drop_path", "drop_connect", "momentum"):
+        value = getattr(cfg, name)
+        if value is not None and not 0.0 <= value < 1.0:
+            raise UserError(f"{name} must be in [0, 1) (got {value}).")
+    if cfg.ema is not None and not (cfg.ema == 0.0 or 0.0 < cfg.ema < 1.0):
+        raise UserError(f"ema is the decay of the weight average: 0 (off) or between 0 and 1, e.g. 0.999 "
+                        f"(got {cfg.ema}).")
+    if cfg.lr_gamma is not None and not 0.0 < cfg.lr_gamma <= 1.0:
+        raise UserError(f"lr_gamma must be in (0, 1] (got {cfg.lr_gamma}).")
+    if cfg.step_epochs is not None and cfg.step_epochs < 1:
+        raise UserError(f"step_epochs must be at least 1 (got {cfg.step_epochs}).")
+    if cfg.patience is not None and cfg.patience < 1:
+        raise UserError(f"patience must be at least 1 epoch (got {cfg.patience}).")
+    if (cfg.mixup or cfg.cutmix) and cfg.batch_size % 2:
+        raise UserError(f"mixup/cutmix pair each image with another of the batch: batch_size must be even "
+                        f"(got {cfg.batch_size}).")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

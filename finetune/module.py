@@ -18,26 +18,34 @@ class Classifier(pl.LightningModule):
         num_classes: number of classes (for top-5 and sanity checks).
         optimizer_factory: called with the module, returns the optimizer (or the Lightning dict with
             a scheduler). Keeps optimizer choice and per-group learning rates out of the step logic.
+        class_weights: per-class loss weights (class imbalance).
+        label_smoothing: for hard targets; mixup's soft targets carry their own smoothing.
+        mixup: timm `Mixup` applied to each training batch; the loss then takes its soft targets,
+            accuracy still the hard labels.
     """
 
     def __init__(self, net: nn.Module, num_classes: int, optimizer_factory: Callable[[nn.Module], Any],
-                 class_weights: torch.Tensor | None = None, label_smoothing: float = 0.0):
+                 class_weights: torch.Tensor | None = None, label_smoothing: float = 0.0,
+                 mixup: Callable | None = None):
         super().__init__()
         self.net = net
         self.num_classes = num_classes
         self.optimizer_factory = optimizer_factory
         self.label_smoothing = label_smoothing
+        self.mixup = mixup
         self.register_buffer("class_weights", class_weights, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    def model_step(self, batch, stage: str):
-        x, y = batch
+    def model_step(self, batch, stage: str, target: torch.Tensor | None = None):
+        """Loss and metrics; `target` (soft, from mixup) replaces the hard labels in the loss only."""
+        x, hard = batch
+        target = hard if target is None else target
         logits = self(x)
-        loss = F.cross_entropy(logits, y, weight=self.class_weights,
-                               label_smoothing=self.label_smoothing if stage == "train" else 0.0)
-        hard = y if y.ndim == 1 else y.argmax(dim=1)
+        # cross_entropy takes class indices or probabilities; soft targets already hold their smoothing.
+        smoothing = self.label_smoothing if stage == "train" and target.ndim == 1 else 0.0
+        loss = F.cross_entropy(logits, target, weight=self.class_weights, label_smoothing=smoothing)
         k = min(5, self.num_classes)
         topk = logits.topk(k, dim=1).indices
         acc = (topk[:, 0] == hard).float().mean()
@@ -51,7 +59,15 @@ class Classifier(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         if batch is None:  # every image of the batch failed to decode
             return None
-        return self.model_step(batch, "train")
+        if self.mixup is None:
+            return self.model_step(batch, "train")
+        x, y = batch
+        if x.shape[0] % 2:  # timm's Mixup pairs images, so it needs an even count (a failed decode makes it odd)
+            x, y = x[:-1], y[:-1]
+        if x.shape[0] == 0:
+            return None
+        mixed, soft = self.mixup(x.clone(), y)
+        return self.model_step((mixed, y), "train", target=soft)
 
     def validation_step(self, batch, batch_idx):
         if batch is None:
@@ -68,4 +84,4 @@ class Classifier(pl.LightningModule):
         return self(x).softmax(dim=1)
 
     def configure_optimizers(self):
-        return self.optimizer_factory(self.net)
+        return self.optimizer_factory(self)

@@ -1,25 +1,131 @@
-"""Optimizers for the parameter groups a plan hands over (each group has its own learning rate)."""
+"""Optimizers and learning-rate schedules for the parameter groups a plan hands over.
+
+Each plan group has its own learning rate; the optimizer comes from timm's `create_optimizer_v2`, the
+schedule from `torch.optim.lr_scheduler`, stepped once per iteration (so warmup and cosine/one-cycle
+are smooth, and step/exponential decay lands exactly on epoch boundaries).
+"""
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 import torch
+from timm.optim import create_optimizer_v2
 from torch import nn
+from torch.optim import lr_scheduler
 
-from finetune.config import TrainConfig
+from finetune.config import OPTIMIZERS, SCHEDULES, TrainConfig
+from finetune.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# What each name means in timm's registry: timm's "sgd" is Nesterov SGD, "momentum" is plain
+# momentum SGD; --nesterov picks between them.
+_TIMM_NAMES = {"adagrad": "adagrad", "rmsprop": "rmsprop", "adam": "adam", "adamw": "adamw"}
+WARMUP_START_FACTOR = 0.01
 
 
-def make_optimizer_factory(cfg: TrainConfig, param_groups: list[dict[str, Any]]) -> Callable[[nn.Module], Any]:
+def split_weight_decay(param_groups: list[dict[str, Any]], weight_decay: float) -> list[dict[str, Any]]:
+    """Each plan group split in two: decayed weights, and norms/biases without decay.
+
+    Decaying a norm's scale or a bias does not regularise the function (they set scale and offset,
+    not capacity) and only fights the normalisation, so they get none. Same rule as timm's
+    `param_groups_weight_decay`: 1-d parameters (biases, norm weights) are not decayed. That helper
+    needs a model; the plan hands over groups, so it is applied per group here.
+    """
+    out: list[dict[str, Any]] = []
+    for group in param_groups:
+        params = [p for p in group["params"] if p.requires_grad]
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        extra = {k: v for k, v in group.items() if k not in ("params", "name", "weight_decay")}
+        name = group.get("name", f"group{len(out)}")
+        if decay:
+            out.append({**extra, "params": decay, "name": name, "weight_decay": weight_decay})
+        if no_decay:
+            out.append({**extra, "params": no_decay, "name": f"{name}/no_decay", "weight_decay": 0.0})
+    return out
+
+
+def create_optimizer(cfg: TrainConfig, param_groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """timm optimizer over the plan's groups (their own `lr`), weight decay only where it makes sense."""
+    if cfg.optimizer not in OPTIMIZERS:
+        raise UserError(f"Invalid optimizer {cfg.optimizer!r}. Valid values: {', '.join(OPTIMIZERS)}.")
+    groups = split_weight_decay(param_groups, cfg.weight_decay)
+    if not groups:
+        raise UserError("Nothing to train: every parameter is frozen.")
+    kwargs: dict[str, Any] = {}
+    if cfg.optimizer == "sgd":
+        name = "sgd" if cfg.nesterov else "momentum"
+        kwargs["momentum"] = cfg.momentum
+    elif cfg.optimizer == "rmsprop":
+        name = "rmsprop"
+        kwargs["momentum"] = cfg.momentum
+    else:
+        name = _TIMM_NAMES[cfg.optimizer]
+    if cfg.nesterov and cfg.optimizer != "sgd":
+        raise UserError(f"--nesterov applies to --optimizer sgd only (got {cfg.optimizer}).")
+    # filter_bias_and_bn only acts on a model; the split above already did it for the groups.
+    return create_optimizer_v2(groups, opt=name, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
+
+
+def create_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, schedule: str, warmup_epochs: float,
+                     steps_per_epoch: int, epochs: int) -> lr_scheduler.LRScheduler | None:
+    """A per-iteration schedule (None for constant without warmup)."""
+    if schedule not in SCHEDULES:
+        raise UserError(f"Invalid schedule {schedule!r}. Valid values: {', '.join(SCHEDULES)}.")
+    steps_per_epoch = max(1, int(steps_per_epoch))
+    total = steps_per_epoch * epochs
+    warmup = min(int(round(warmup_epochs * steps_per_epoch)), total - 1)
+    if schedule == "onecycle":
+        # One-cycle has its own warmup (the rising half): --warmup-epochs sets its length (default 30%).
+        pct = warmup / total if warmup > 0 else 0.3
+        momentum = "momentum" in optimizer.defaults or "betas" in optimizer.defaults
+        return lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
+                                       total_steps=total, pct_start=max(pct, 1.0 / total),
+                                       cycle_momentum=momentum and optimizer.defaults.get("momentum", 1) != 0)
+    main_steps = total - warmup
+    if schedule == "constant":
+        main = lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    elif schedule == "step":
+        step_epochs = cfg.step_epochs or max(1, epochs // 3)
+        main = lr_scheduler.StepLR(optimizer, step_size=step_epochs * steps_per_epoch, gamma=cfg.lr_gamma or 0.1)
+    elif schedule == "exponential":
+        # Decay per epoch, applied at the epoch boundary (StepLR with a one-epoch step is exactly that).
+        main = lr_scheduler.StepLR(optimizer, step_size=steps_per_epoch, gamma=cfg.lr_gamma or 0.9)
+    else:  # cosine
+        main = lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, main_steps), eta_min=0.0)
+    if warmup <= 0:
+        return None if schedule == "constant" else main
+    ramp = lr_scheduler.LinearLR(optimizer, start_factor=WARMUP_START_FACTOR, end_factor=1.0, total_iters=warmup)
+    if schedule == "cosine":  # the cosine spans the steps after warmup
+        return lr_scheduler.SequentialLR(optimizer, [ramp, main], milestones=[warmup])
+    # Step/exponential drops stay on epoch boundaries: the ramp multiplies the schedule, not delays it.
+    return lr_scheduler.ChainedScheduler([ramp, main], optimizer=optimizer)
+
+
+def make_optimizer_factory(cfg: TrainConfig, param_groups: list[dict[str, Any]], schedule: str = "constant",
+                           warmup_epochs: float = 0.0) -> Callable[[nn.Module], Any]:
     """A callable for `Classifier(optimizer_factory=...)`: returns what configure_optimizers returns.
 
     Args:
         cfg: the training config (optimizer options).
         param_groups: torch-style groups, each ``{"params": [...], "lr": float, "name": str}``.
+        schedule: one of SCHEDULES (the resolved recipe's).
+        warmup_epochs: linear warmup length, in (fractional) epochs.
     """
 
-    def factory(net: nn.Module) -> Any:
-        groups = [g for g in param_groups if any(p.requires_grad for p in g["params"])]
-        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    def factory(module: nn.Module) -> Any:
+        optimizer = create_optimizer(cfg, param_groups)
+        trainer = getattr(module, "_trainer", None)
+        if trainer is None:  # outside a Trainer (a bare call): no schedule to attach
+            return optimizer
+        epochs = max(1, trainer.max_epochs or 1)
+        steps_per_epoch = max(1, int(trainer.estimated_stepping_batches // epochs))
+        scheduler = create_scheduler(cfg, optimizer, schedule, warmup_epochs, steps_per_epoch, epochs)
+        if scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}
 
     return factory
