@@ -147,7 +147,7 @@ class TrainValGapCallback(pl.Callback):
 
 
 @torch.no_grad()
-def initial_loss(net: torch.nn.Module, loader, device: torch.device | str = "cpu", max_batches: int = 2) -> float:
+def initial_loss(net: torch.nn.Module, loader, device: torch.device | str = "cpu", max_batches: int = 1) -> float:
     """Plain cross-entropy of the untrained model on the first batches (eval mode, no augmentation)."""
     was_training = net.training
     net.eval()
