@@ -153,6 +153,10 @@ def create_backbone(model_name: str, weights: str, num_classes: int, image_size:
                                   pretrained_cfg_overlay=overlay or None, **create_kwargs, **model_kwargs)
     except UserError:
         raise
+    except TypeError as e:  # a create argument this architecture does not take (drop_path_rate, a sidecar kwarg)
+        given = {**create_kwargs, **model_kwargs}
+        raise UserError(f"timm cannot create {model_name!r} with {given}: {str(e).splitlines()[0][:200]}. "
+                        "Leave out the option it does not support (e.g. --drop-path 0 or --dropout 0).") from None
     except RuntimeError as e:
         msg = str(e).splitlines()[0]
         if "size mismatch" in str(e) or "Missing key" in str(e) or "Unexpected key" in str(e):

@@ -281,3 +281,16 @@ def test_example_config_loads_and_documents_the_recipe():
         "optimizer", "momentum", "nesterov", "step_epochs", "lr_gamma", "patience", "class_weights", "sampler"}
     assert recipe_keys <= set(values)
     assert cfg.optimizer == "adamw"
+
+
+def test_model_kwargs_map_to_timm_and_unsupported_ones_are_a_user_error():
+    from finetune.backbone import create_backbone
+    from finetune.recipe import model_kwargs
+
+    recipe = resolve_recipe(TrainConfig(dropout=0.3, drop_path=0.1), "small-similar")
+    assert model_kwargs(recipe) == {"drop_rate": 0.3, "drop_path_rate": 0.1}
+    assert model_kwargs(resolve_recipe(TrainConfig(), "small-similar")) == {}
+    backbone = create_backbone(TINY_MODEL, "none", 2, **model_kwargs(recipe))
+    assert backbone.model.drop_rate == 0.3
+    with pytest.raises(UserError, match="cannot create"):
+        create_backbone(TINY_MODEL, "none", 2, no_such_option=1)
