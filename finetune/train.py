@@ -17,7 +17,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import MLFlowLogger
 
-from finetune import tracking
+from finetune import evaluate, registry, tracking
 from finetune.artifact import ModelSpec, save_model
 from finetune.augment import eval_transform, make_mixup, resize_size, train_transform
 from finetune.backbone import create_backbone
@@ -145,6 +145,7 @@ def train(cfg: TrainConfig, tags: dict[str, str] | None = None) -> dict[str, Any
                      class_names=splits.classes, data_config=data_config, create_kwargs=backbone.create_kwargs,
                      weights_source=backbone.weights_source, default_tta=cfg.tta)
     model_dir = save_model(output / "model", module.net, spec)
+    metrics.update(evaluate.after_training(module.net, spec, splits, cfg, run_id, output))  # TTA + report
     summary = {
         "scenario": "full-finetune",
         "plan": {"frozen": [], "lr": lr, "weight_decay": wd, "epochs": cfg.epochs},
@@ -160,6 +161,7 @@ def train(cfg: TrainConfig, tags: dict[str, str] | None = None) -> dict[str, Any
         "output": str(output.resolve()),
         "wall_time_s": round(time.time() - started, 1),
     }
+    summary.update(registry.publish(run_id, model_dir, summary, cfg.tta, cfg.register, cfg.max_image_pixels))
     tracking.write_json(output / "summary.json", summary)
     c = tracking.client()
     for name, value in metrics.items():

@@ -1,0 +1,211 @@
+"""Evaluation report: top-1/top-5, per-class precision/recall/F1, confusion matrix, top losses.
+
+Runs after training on the val (and test) split with the configured TTA mode, and on its own as
+`finetune evaluate MODEL_URI DATA_DIR` for any logged or registered model. Everything goes to
+`OUTPUT/evaluation/<split>/` and to the MLflow run under `evaluation/<split>/`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+from torch import nn
+
+from finetune import tracking
+from finetune.artifact import ModelSpec
+from finetune.data import FolderSplits, Sample, default_num_workers, scan_folder
+from finetune.errors import UserError
+from finetune.images import ImageError, load_rgb
+from finetune.tta import TTA_VIEWS, is_multi_crop, predict_sources
+
+log = logging.getLogger(__name__)
+
+
+def report(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
+    """Metrics of probabilities ``[N, K]`` against integer labels; rows with NaN (failed images) excluded."""
+    ok = ~np.isnan(probs).any(axis=1)
+    probs, labels = probs[ok], labels[ok]
+    k = len(class_names)
+    pred = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=int)
+    top5 = np.argsort(-probs, axis=1)[:, :min(5, k)] if len(probs) else np.zeros((0, 1), dtype=int)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, pred, labels=list(range(k)), zero_division=0)
+    return {
+        "images": int(len(labels)),
+        "failed_images": int((~ok).sum()),
+        "top1": float((pred == labels).mean()) if len(labels) else float("nan"),
+        "top5": float((top5 == labels[:, None]).any(axis=1).mean()) if len(labels) else float("nan"),
+        "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                             "support": int(support[i])} for i, name in enumerate(class_names)},
+        "macro_f1": float(f1.mean()) if k else float("nan"),
+        "confusion_matrix": confusion_matrix(labels, pred, labels=list(range(k))).tolist(),
+    }
+
+
+def top_losses(probs: np.ndarray, labels: np.ndarray, n: int = 16) -> list[int]:
+    """Indices of the most confidently wrong predictions, highest loss (-log p(true)) first."""
+    ok = ~np.isnan(probs).any(axis=1)
+    wrong = np.flatnonzero(ok & (np.nan_to_num(probs).argmax(axis=1) != labels))
+    loss = -np.log(np.clip(probs[wrong, labels[wrong]], 1e-12, 1.0))
+    return wrong[np.argsort(-loss, kind="stable")][:n].tolist()
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_confusion(cm: list[list[int]], class_names: Sequence[str], path: Path) -> Path:
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    plt = _pyplot()
+    size = max(4.0, 0.5 * len(class_names) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ConfusionMatrixDisplay(np.array(cm), display_labels=list(class_names)).plot(
+        ax=ax, xticks_rotation="vertical", colorbar=False, values_format="d")
+    ax.set_title("Confusion matrix (rows: true, columns: predicted)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_top_losses(paths: Sequence[str], probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
+                    path: Path, n: int = 16) -> Path:
+    plt = _pyplot()
+    worst = top_losses(probs, labels, n)
+    cols = max(1, min(4, len(worst)))
+    rows = max(1, math.ceil(len(worst) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.3 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    if not worst:
+        axes[0, 0].text(0.5, 0.5, "no misclassified images", ha="center", va="center")
+    for ax, i in zip(axes.flat, worst):
+        try:
+            img = load_rgb(paths[i], draft_size=(160, 160))
+            img.thumbnail((160, 160))
+            ax.imshow(img)
+        except (ImageError, OSError):
+            pass
+        pred = int(np.argmax(probs[i]))
+        ax.set_title(f"pred {class_names[pred]} {probs[i, pred]:.2f}\ntrue {class_names[labels[i]]} "
+                     f"{probs[i, labels[i]]:.2f}", fontsize=8)
+    fig.suptitle("Most confidently wrong (top losses)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def evaluate_samples(net: nn.Module, spec: ModelSpec, samples: Sequence[Sample], mode: str, out_dir: Path,
+                     batch_size: int = 32, num_workers: int = 0, max_pixels: int | None = None,
+                     device: str = "cpu", label_map: Sequence[int] | None = None) -> dict[str, Any]:
+    """Predict one split with TTA and write report.json, confusion_matrix.png and top_losses.png."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [s.path for s in samples]
+    labels = np.array([label_map[s.label] if label_map else s.label for s in samples], dtype=int)
+    images_per_batch = max(1, batch_size // TTA_VIEWS[mode])  # keep a forward pass near batch_size crops
+    probs, _ = predict_sources(net, paths, spec.data_config, mode, images_per_batch, num_workers,
+                               max_pixels, device)
+    probs_np = probs.numpy()
+    result = {"tta": mode, **report(probs_np, labels, spec.class_names)}
+    tracking.write_json(out_dir / "report.json", result)
+    plot_confusion(result["confusion_matrix"], spec.class_names, out_dir / "confusion_matrix.png")
+    plot_top_losses(paths, probs_np, labels, spec.class_names, out_dir / "top_losses.png")
+    return result
+
+
+def metric_names(split: str, mode: str) -> tuple[str, str]:
+    suffix = "_tta" if is_multi_crop(mode) else ""
+    return f"{split}_acc{suffix}", f"{split}_acc_top5{suffix}"
+
+
+def evaluate_splits(net: nn.Module, spec: ModelSpec, splits: dict[str, Sequence[Sample]], mode: str,
+                    output: Path, run_id: str | None, **kwargs: Any) -> dict[str, float]:
+    """Evaluate each named split; log metrics and artifacts to `run_id`; return the metrics."""
+    metrics: dict[str, float] = {}
+    for name, samples in splits.items():
+        if not samples:
+            continue
+        result = evaluate_samples(net, spec, samples, mode, output / "evaluation" / name, **kwargs)
+        top1, top5 = metric_names(name, mode)
+        metrics[top1], metrics[top5] = result["top1"], result["top5"]
+        log.info("%s: top-1 %.4f top-5 %.4f (tta %s, %d images)", name, result["top1"], result["top5"], mode,
+                 result["images"])
+        if run_id:
+            tracking.log_artifact(run_id, output / "evaluation" / name, f"evaluation/{name}")
+    if run_id:
+        c = tracking.client()
+        for key, value in metrics.items():
+            if not math.isnan(value):
+                c.log_metric(run_id, key, value)
+    return metrics
+
+
+def after_training(net: nn.Module, spec: ModelSpec, splits: FolderSplits, cfg: Any, run_id: str,
+                   output: Path) -> dict[str, float]:
+    """The report of a finished training run on val (and test); `val_acc_tta` when TTA is multi-crop.
+
+    The Lightning validation already measured the plain centre-crop accuracy (`val_acc`); this adds
+    the TTA numbers and the report files, and never overwrites `val_acc`.
+    """
+    mode = cfg.tta if cfg.tta != "none" else "center"
+    use_gpu = cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    metrics = evaluate_splits(
+        net, spec, {"val": splits.val, "test": splits.test}, mode, Path(output), run_id,
+        batch_size=cfg.batch_size, num_workers=default_num_workers() if cfg.num_workers is None else cfg.num_workers,
+        max_pixels=cfg.max_image_pixels, device="cuda" if use_gpu else "cpu")
+    net.cpu()
+    return {k: v for k, v in metrics.items() if k not in ("val_acc", "val_acc_top5")}
+
+
+def evaluate_model(model_uri: str, data_dir: str, tta: str | None = None, batch_size: int = 32,
+                   num_workers: int | None = None, experiment: str = "finetune-evaluate",
+                   output: str | None = None, max_pixels: int | None = None) -> dict[str, Any]:
+    """`finetune evaluate`: a logged/registered model on a folder, as a new MLflow run."""
+    import mlflow
+
+    tracking.client()
+    try:
+        model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    except Exception as e:  # unknown run, name, alias or version
+        raise UserError(f"Cannot load model {model_uri!r}: {str(e).splitlines()[0][:300]}. Use runs:/RUN_ID/model "
+                        "or models:/NAME@ALIAS (or models:/NAME/VERSION).") from None
+    spec: ModelSpec = model.spec
+    mode = tta or model.default_tta
+    splits = scan_folder(data_dir, max_pixels=max_pixels or model.max_pixels)
+    unknown = sorted(set(splits.classes) - set(spec.class_names))
+    if unknown:
+        raise UserError(f"Class folder(s) {unknown} in {data_dir} are not classes of the model "
+                        f"({', '.join(spec.class_names)}). Remove them or evaluate a matching model.")
+    label_map = [spec.class_names.index(c) for c in splits.classes]
+    parts = ({"val": splits.val, "test": splits.test} if splits.layout == "split-folders"
+             else {"all": splits.train + splits.val})
+    out = Path(output or Path("outputs") / f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}")
+    run = tracking.client().create_run(tracking.ensure_experiment(experiment),
+                                       run_name=f"evaluate-{Path(data_dir).resolve().name}",
+                                       tags={"model_uri": model_uri, "data_dir": str(Path(data_dir).resolve())})
+    run_id = run.info.run_id
+    tracking.log_params(run_id, {"model_uri": model_uri, "data_dir": str(data_dir), "tta": mode})
+    metrics = evaluate_splits(model.net, spec, parts, mode, out, run_id, batch_size=batch_size,
+                              num_workers=default_num_workers() if num_workers is None else num_workers,
+                              max_pixels=max_pixels or model.max_pixels, device=model.device,
+                              label_map=label_map)
+    summary = {"model_uri": model_uri, "data_dir": str(data_dir), "tta": mode, "metrics": metrics,
+               "mlflow_run_id": run_id, "output": str(out.resolve())}
+    tracking.write_json(out / "evaluation.json", summary)
+    tracking.log_artifact(run_id, out / "evaluation.json")
+    tracking.client().set_terminated(run_id, "FINISHED")
+    return summary

@@ -1,0 +1,115 @@
+"""Logging the pyfunc model with a training run, registering it, and moving the `champion` alias.
+
+A registered version gets alias `candidate`; `champion` is set only when the model has none yet,
+and moved later on purpose with `finetune promote NAME VERSION`. Version tags say where the
+version came from (dataset profile, scenario, metrics, training run).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature, infer_signature
+from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+from finetune import tracking
+from finetune.errors import UserError
+from finetune.serving import (DEFAULT_TOP_K, MODEL_CODE, MODEL_DIR_ARTIFACT, example_image_bytes,
+                              format_predictions)
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME_IN_RUN = "model"
+CANDIDATE, CHAMPION = "candidate", "champion"
+_REQUIREMENTS = ("torch", "torchvision", "timm", "mlflow", "pillow", "safetensors", "pandas", "numpy")
+
+
+def signature(class_names: list[str], default_tta: str) -> ModelSignature:
+    inputs = Schema([ColSpec("binary", "image", required=False), ColSpec("string", "path", required=False)])
+    example_out = format_predictions(torch.full((1, len(class_names)), 1.0 / len(class_names)),
+                                     class_names, min(DEFAULT_TOP_K, len(class_names)))
+    outputs = infer_signature(model_output=example_out).outputs
+    params = ParamSchema([ParamSpec("tta", "string", default_tta), ParamSpec("top_k", "long", DEFAULT_TOP_K)])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
+
+
+def _pip_requirements() -> list[str]:
+    """Pinned from this environment: MLflow's inference would import and run the model (slow)."""
+    pins = []
+    for name in _REQUIREMENTS:
+        try:
+            pins.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            pins.append(name)
+    return pins
+
+
+def log_pyfunc(run_id: str, model_dir: str | Path, class_names: list[str], default_tta: str,
+               plan: dict[str, Any] | None, max_image_pixels: int | None = None) -> str:
+    """Log the model as `model` in the run; returns its model URI."""
+    tracking.client()
+    config = {"default_tta": default_tta, "plan": plan or {}}
+    if max_image_pixels:
+        config["max_image_pixels"] = int(max_image_pixels)
+    example = pd.DataFrame({"image": [example_image_bytes()]})
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_NAME_IN_RUN, python_model=MODEL_CODE, artifacts={MODEL_DIR_ARTIFACT: str(model_dir)},
+            model_config=config, signature=signature(class_names, default_tta), input_example=example,
+            pip_requirements=_pip_requirements())
+    return info.model_uri
+
+
+def version_tags(summary: dict[str, Any]) -> dict[str, str]:
+    tags = {"training_run_id": summary["mlflow_run_id"], "scenario": str(summary.get("scenario", "")),
+            "dataset_profile": json.dumps(summary.get("profile") or summary.get("data") or {}, default=str)[:5000]}
+    tags.update({f"metric.{k}": f"{v:.6g}" if isinstance(v, float) else str(v)
+                 for k, v in summary.get("metrics", {}).items()})
+    return tags
+
+
+def register(model_uri: str, name: str, tags: dict[str, str]) -> str:
+    """Register a version, tag it, alias it `candidate` (and `champion` when there is none)."""
+    c = tracking.client()
+    mv = mlflow.register_model(model_uri, name, tags=tags)
+    c.set_registered_model_alias(name, CANDIDATE, mv.version)
+    if CHAMPION not in c.get_registered_model(name).aliases:
+        c.set_registered_model_alias(name, CHAMPION, mv.version)
+        log.info("Registered %s version %s as %s and %s", name, mv.version, CANDIDATE, CHAMPION)
+    else:
+        log.info("Registered %s version %s as %s (champion unchanged)", name, mv.version, CANDIDATE)
+    return str(mv.version)
+
+
+def publish(run_id: str, model_dir: str | Path, summary: dict[str, Any], default_tta: str,
+            register_as: str | None, max_image_pixels: int | None = None) -> dict[str, Any]:
+    """After training: log the pyfunc model; register it when asked. Returns keys for summary.json."""
+    uri = log_pyfunc(run_id, model_dir, summary["classes"], default_tta, summary.get("plan"), max_image_pixels)
+    out: dict[str, Any] = {"model_uri": uri}
+    if register_as:
+        version_ = register(uri, register_as, version_tags({**summary, "mlflow_run_id": run_id}))
+        out["registered_model"] = {"name": register_as, "version": version_}
+    return out
+
+
+def promote(name: str, version_: str) -> None:
+    """Move `champion` to a version; unknown names or versions are a UserError."""
+    c = tracking.client()
+    try:
+        c.get_model_version(name, str(version_))
+    except MlflowException:
+        try:
+            versions = sorted(int(v.version) for v in c.search_model_versions(f"name = '{name}'"))
+        except MlflowException:
+            versions = []
+        hint = f"Versions: {', '.join(map(str, versions))}." if versions else "No such registered model."
+        raise UserError(f"Model {name!r} has no version {version_}. {hint}") from None
+    c.set_registered_model_alias(name, CHAMPION, str(version_))

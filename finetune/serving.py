@@ -1,0 +1,164 @@
+"""The MLflow pyfunc model: image bytes (or allowed paths) in, label + probabilities out.
+
+Logged as *models-from-code* (`finetune/mlflow_model.py` is the model's code), so nothing live is
+pickled: the model carries `model.safetensors` + `model.json` (architecture, data config, class
+names) as artifacts, and its `model_config` carries the default TTA mode, the plan and the pixel
+limit. `load_context` rebuilds the network through `finetune.artifact.load_model`.
+
+Load-time settings (`mlflow.pyfunc.load_model(uri, model_config={...})`, or environment variables
+for `mlflow models serve`):
+
+* ``path_root`` / ``FINETUNE_PATH_ROOT``: the only folder a request's `path` column may read from.
+  Unset: `path` is refused, so a server never reads arbitrary files.
+* ``max_image_pixels`` / ``FINETUNE_MAX_IMAGE_PIXELS``: larger images are refused before decoding.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.pyfunc import PythonModel
+
+from finetune.artifact import load_model
+from finetune.images import DEFAULT_MAX_PIXELS
+from finetune.tta import TTA_VIEWS, CropViews, ViewsDataset, predict_views
+
+log = logging.getLogger(__name__)
+
+MODEL_DIR_ARTIFACT = "model_dir"
+DEFAULT_TOP_K = 3
+
+
+class BadRequest(MlflowException):
+    """A request the client must fix; the scoring server answers it with HTTP 400."""
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def resolve_allowed_path(path: str, root: str | None) -> str:
+    """The real path of `path` if it lies under `root` (symlinks resolved), else BadRequest."""
+    if not root:
+        raise BadRequest("The 'path' column is disabled on this model: send the file's bytes in the 'image' "
+                         "column, or load the model with path_root (FINETUNE_PATH_ROOT) set.")
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(real_root, path))
+    if os.path.commonpath([real, real_root]) != real_root:
+        raise BadRequest(f"path {path!r} is outside the allowed root; only files under the configured "
+                         "path_root can be read.")
+    return real
+
+
+def _as_bytes(value: Any) -> bytes | None:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, str):  # base64 text that no schema decoded for us
+        try:
+            return base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise BadRequest("The 'image' column must hold image bytes (base64-encoded in JSON).") from None
+    raise BadRequest(f"The 'image' column must hold image bytes, not {type(value).__name__}.")
+
+
+class ImageClassifierModel(PythonModel):
+    """pyfunc wrapper around a trained network; see the module docstring for settings."""
+
+    def load_context(self, context) -> None:
+        config = dict(context.model_config or {})
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.net, self.spec = load_model(context.artifacts[MODEL_DIR_ARTIFACT], self.device)
+        self.default_tta = config.get("default_tta") or self.spec.default_tta or "center"
+        self.plan = config.get("plan")
+        self.path_root = config.get("path_root") or os.environ.get("FINETUNE_PATH_ROOT") or None
+        self.max_pixels = int(config.get("max_image_pixels") or os.environ.get("FINETUNE_MAX_IMAGE_PIXELS")
+                              or DEFAULT_MAX_PIXELS)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.spec.class_names)
+
+    def _params(self, params: dict[str, Any] | None) -> tuple[str, int]:
+        params = params or {}
+        tta = params.get("tta") or self.default_tta
+        if tta not in TTA_VIEWS:
+            raise BadRequest(f"Invalid tta {tta!r}. Valid values: {', '.join(TTA_VIEWS)}.")
+        try:
+            top_k = int(params.get("top_k") or DEFAULT_TOP_K)
+        except (TypeError, ValueError):
+            raise BadRequest(f"top_k must be an integer, not {params.get('top_k')!r}.") from None
+        if top_k < 1:
+            raise BadRequest(f"top_k must be at least 1 (got {top_k}).")
+        return tta, min(top_k, len(self.class_names))
+
+    def _sources(self, frame: pd.DataFrame) -> list[bytes | str]:
+        if "image" not in frame.columns and "path" not in frame.columns:
+            raise BadRequest(f"The input needs an 'image' column (image bytes, base64 in JSON) or a 'path' "
+                             f"column; got columns {list(frame.columns)}.")
+        images = frame["image"] if "image" in frame.columns else [None] * len(frame)
+        paths = frame["path"] if "path" in frame.columns else [None] * len(frame)
+        sources: list[bytes | str] = []
+        for row, (image, path) in enumerate(zip(images, paths)):
+            data = _as_bytes(image)
+            if data is not None:
+                sources.append(data)
+            elif isinstance(path, str) and path:
+                sources.append(resolve_allowed_path(path, self.path_root))
+            else:
+                raise BadRequest(f"Row {row} has neither image bytes nor a path.")
+        return sources
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        tta, top_k = self._params(params)
+        if not isinstance(model_input, pd.DataFrame):
+            model_input = pd.DataFrame(model_input)
+        sources = self._sources(model_input)
+        probs = self.predict_proba(sources, tta)
+        return format_predictions(probs, self.class_names, top_k)
+
+    def predict_proba(self, sources: list[bytes | str], tta: str) -> torch.Tensor:
+        """Probabilities ``[N, K]``; any unusable image fails the whole request with its row number."""
+        ds = ViewsDataset(sources, CropViews(self.spec.data_config, tta), self.spec.data_config, self.max_pixels)
+        items = [ds[i] for i in range(len(ds))]
+        bad = [f"row {i}: {err}" for _, i, err in items if err]
+        if bad:
+            raise BadRequest("Unusable image(s): " + "; ".join(bad[:10]))
+        if not items:
+            return torch.empty(0, len(self.class_names))
+        views = torch.stack([v for v, _, _ in items]).to(self.device)
+        return predict_views(self.net, views).cpu()
+
+
+def format_predictions(probs: torch.Tensor, class_names: list[str], top_k: int) -> pd.DataFrame:
+    """One row per image: label, score, the top-k labels/scores and every class probability."""
+    scores, indices = probs.topk(top_k, dim=1) if len(probs) else (probs, probs.long())
+    rows = []
+    for p, s, idx in zip(probs.tolist(), scores.tolist(), indices.tolist()):
+        rows.append({"label": class_names[idx[0]], "score": float(s[0]),
+                     "top_labels": [class_names[i] for i in idx], "top_scores": [float(v) for v in s],
+                     "probabilities": dict(zip(class_names, (float(v) for v in p)))})
+    return pd.DataFrame(rows, columns=["label", "score", "top_labels", "top_scores", "probabilities"])
+
+
+def example_image_bytes(size: int = 8) -> bytes:
+    """A tiny PNG, the model's input example."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), (128, 96, 64)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+MODEL_CODE = str(Path(__file__).with_name("mlflow_model.py"))
