@@ -1,0 +1,283 @@
+"""Batch prediction with a logged or registered model over a folder or a list of image paths.
+
+    python -m serve.batch_predict --model-uri models:/NAME@champion --input DIR_OR_LIST --output preds.csv
+
+One output row per input image: `path`, `label`, `score`, `top{i}_label`/`top{i}_score` and
+`error` (unreadable files get a row with the error filled and no label; they never stop the run).
+Images stream through a DataLoader into Lightning's predict loop; a prediction writer appends each
+batch to a partial CSV next to the output, so memory stays flat, and the output (CSV or Parquet, by
+extension) appears by rename only when everything is done. `--resume` keeps rows already in the
+output or left in partial files by an interrupted run, and predicts only the rest.
+
+Sharded: `--devices N --strategy ddp` runs one process per device; Lightning gives each rank a
+disjoint part of the inputs, each rank writes its own partial file, and rank 0 merges them.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import click
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import BasePredictionWriter, TQDMProgressBar
+
+from finetune.data import default_num_workers, iter_image_files
+from finetune.errors import UserError
+from finetune.tta import TTA_VIEWS, CropViews, ViewsDataset, collate_views, predict_views
+
+log = logging.getLogger("serve.batch_predict")
+
+FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+
+
+def columns(top_k: int) -> list[str]:
+    cols = ["path", "label", "score"]
+    for i in range(1, top_k + 1):
+        cols += [f"top{i}_label", f"top{i}_score"]
+    return cols + ["error"]
+
+
+def list_inputs(source: str | Path) -> list[str]:
+    """Image paths of a folder (recursive, sorted), a CSV with a `path` column, or a text list."""
+    source = Path(source)
+    if source.is_dir():
+        return iter_image_files(source)
+    if not source.is_file():
+        raise UserError(f"Input not found: {source}. Pass a folder of images, a .csv with a 'path' column, "
+                        "or a text file with one path per line.")
+    if source.suffix.lower() == ".csv":
+        import pandas as pd
+
+        frame = pd.read_csv(source, dtype=str, keep_default_na=False)
+        if "path" not in frame.columns:
+            raise UserError(f"{source} has no 'path' column (columns: {', '.join(frame.columns)}).")
+        return [p for p in frame["path"].tolist() if p]
+    lines = source.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def output_format(output: Path) -> str:
+    fmt = FORMATS.get(output.suffix.lower())
+    if fmt is None:
+        raise UserError(f"Output {output} must end in {', '.join(FORMATS)} (CSV or Parquet).")
+    return fmt
+
+
+def partial_files(output: Path) -> list[str]:
+    return sorted(glob.glob(str(output.parent / f".{output.name}.partial*.csv")))
+
+
+def _read_partial(path: str) -> list[list[str]]:
+    """Rows of a partial CSV; a last line cut short by a crash is dropped."""
+    text = Path(path).read_text(encoding="utf-8", errors="surrogateescape")
+    if not text.endswith("\n"):
+        text = text[:text.rfind("\n") + 1]
+    return list(csv.reader(text.splitlines()))
+
+
+def load_done(output: Path, cols: list[str]):
+    """Rows already predicted (the output and any partial files) as a DataFrame, one per path."""
+    import pandas as pd
+
+    frames = []
+    if output.exists():
+        frame = (pd.read_csv(output, dtype=str, keep_default_na=False) if output_format(output) == "csv"
+                 else pd.read_parquet(output).astype(str).replace({"nan": "", "None": ""}))
+        frames.append(frame)
+    for path in partial_files(output):
+        rows = _read_partial(path)
+        if rows:
+            frames.append(pd.DataFrame(rows[1:], columns=rows[0]))
+    for frame in frames:
+        if list(frame.columns) != cols:
+            raise UserError(f"{output} (or its partial file) has columns {list(frame.columns)}, but this run "
+                            f"writes {cols}. Use the same --top-k as before, or drop --resume.")
+    if not frames:
+        return pd.DataFrame(columns=cols)
+    return pd.concat(frames, ignore_index=True).drop_duplicates("path", keep="last")
+
+
+class ViewsPredictor(pl.LightningModule):
+    """Lightning wrapper for predict: crops of a batch of images -> mean softmax per image."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def predict_step(self, batch, batch_idx):
+        views, index, errors = batch
+        return predict_views(self.net, views).float().cpu(), index.cpu(), errors
+
+
+class CsvRowWriter(BasePredictionWriter):
+    """Appends each batch's rows to this rank's partial CSV, flushed, so a crash loses one batch at most."""
+
+    def __init__(self, output: Path, paths: Sequence[str], class_names: list[str], top_k: int):
+        super().__init__(write_interval="batch")
+        self.output, self.paths, self.class_names, self.top_k = output, paths, class_names, top_k
+        self.file = None
+        self.writer = None
+
+    def setup(self, trainer, pl_module, stage=None) -> None:
+        self.path = self.output.parent / f".{self.output.name}.partial.rank{trainer.global_rank}.csv"
+        self.file = open(self.path, "w", newline="", encoding="utf-8", errors="surrogateescape")
+        self.writer = csv.writer(self.file)
+        self.writer.writerow(columns(self.top_k))
+        self.file.flush()
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        probs, index, errors = prediction
+        scores, top = probs.topk(self.top_k, dim=1)
+        for i, err, s, t in zip(index.tolist(), errors, scores.tolist(), top.tolist()):
+            if err:
+                self.writer.writerow([self.paths[i], "", ""] + ["", ""] * self.top_k + [err])
+                continue
+            pairs = [v for j, score in zip(t, s) for v in (self.class_names[j], f"{score:.6g}")]
+            self.writer.writerow([self.paths[i], self.class_names[t[0]], f"{s[0]:.6g}", *pairs, ""])
+        self.file.flush()
+
+    def teardown(self, trainer, pl_module, stage=None) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def _arrow_schema(cols: list[str]):
+    import pyarrow as pa
+
+    return pa.schema([(c, pa.float64() if c == "score" or c.endswith("_score") else pa.string()) for c in cols])
+
+
+def finalize(output: Path, done, cols: list[str], new_parts: list[Path]) -> None:
+    """Write done rows + new partial rows to a temp file, then rename it to the output."""
+    tmp = output.parent / f".{output.name}.tmp"
+    if output_format(output) == "csv":
+        with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+            done.to_csv(f, index=False, columns=cols)
+            for part in new_parts:
+                with open(part, encoding="utf-8", errors="surrogateescape") as src:
+                    next(src, None)  # header
+                    for line in src:
+                        f.write(line)
+    else:
+        import pyarrow as pa
+        import pyarrow.csv as pacsv
+        import pyarrow.parquet as pq
+
+        schema = _arrow_schema(cols)
+        convert = pacsv.ConvertOptions(column_types=schema, strings_can_be_null=False,
+                                       null_values=[""], quoted_strings_can_be_null=False)
+        with pq.ParquetWriter(tmp, schema) as writer:
+            if len(done):
+                frame = done[cols].copy()
+                for c in cols:
+                    if schema.field(c).type == pa.float64():
+                        frame[c] = frame[c].replace("", None).astype(float)
+                writer.write_table(pa.Table.from_pandas(frame, schema=schema, preserve_index=False))
+            for part in new_parts:
+                reader = pacsv.open_csv(part, convert_options=convert)
+                for chunk in reader:
+                    writer.write_batch(chunk)
+    os.replace(tmp, output)
+    for path in partial_files(output):
+        os.remove(path)
+
+
+def predict_to_file(model_uri: str, inputs: str | Sequence[str], output: str | Path, tta: str | None = None,
+                    top_k: int = 3, batch_size: int = 32, num_workers: int | None = None, resume: bool = False,
+                    accelerator: str = "auto", devices: str | int = 1, strategy: str = "auto",
+                    max_pixels: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Predict every input image into `output`; returns counts (total, skipped as done, predicted)."""
+    import mlflow
+
+    from finetune import tracking
+
+    output = Path(output)
+    output_format(output)
+    if not output.parent.is_dir():
+        raise UserError(f"Output folder {output.parent} does not exist.")
+    tracking.client()
+    try:
+        model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    except Exception as e:  # unknown run, name, alias or version
+        raise UserError(f"Cannot load model {model_uri!r}: {str(e).splitlines()[0][:300]}. Use runs:/RUN_ID/model "
+                        "or models:/NAME@ALIAS (or models:/NAME/VERSION).") from None
+    net, spec = model.net.cpu(), model.spec
+    mode = tta or model.default_tta
+    if mode not in TTA_VIEWS:
+        raise UserError(f"Invalid tta {mode!r}. Valid values: {', '.join(TTA_VIEWS)}.")
+    top_k = max(1, min(top_k, len(spec.class_names)))
+    cols = columns(top_k)
+    paths = list_inputs(inputs) if isinstance(inputs, (str, Path)) else list(inputs)
+    if resume:
+        done = load_done(output, cols)
+    else:
+        import pandas as pd
+
+        done = pd.DataFrame(columns=cols)
+    done_paths = set(done["path"])
+    todo = [p for p in paths if p not in done_paths]
+    log.info("%d images, %d already in the output, %d to predict (tta %s)", len(paths), len(paths) - len(todo),
+             len(todo), mode)
+
+    dataset = ViewsDataset(todo, CropViews(spec.data_config, mode), spec.data_config, max_pixels or model.max_pixels)
+    workers = default_num_workers() if num_workers is None else num_workers
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                         collate_fn=collate_views, pin_memory=torch.cuda.is_available(),
+                                         persistent_workers=False)
+    writer = CsvRowWriter(output, todo, spec.class_names, top_k)
+    trainer = pl.Trainer(accelerator=accelerator, devices=devices, strategy=strategy, logger=False,
+                         enable_checkpointing=False, enable_model_summary=False, precision="32-true",
+                         callbacks=[writer, TQDMProgressBar(refresh_rate=1)] if progress else [writer],
+                         enable_progress_bar=progress)
+    if todo:
+        trainer.predict(ViewsPredictor(net), dataloaders=loader, return_predictions=False)
+    trainer.strategy.barrier()
+    if trainer.global_rank == 0:
+        parts = [output.parent / f".{output.name}.partial.rank{r}.csv" for r in range(trainer.world_size)]
+        finalize(output, done, cols, [p for p in parts if p.exists()])
+    return {"total": len(paths), "already_done": len(paths) - len(todo), "predicted": len(todo),
+            "output": str(output), "tta": mode}
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--model-uri", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/model.")
+@click.option("--input", "inputs", required=True, type=click.Path(exists=True),
+              help="A folder (searched recursively), a .csv with a 'path' column, or a text file of paths.")
+@click.option("--output", required=True, type=click.Path(dir_okay=False),
+              help="Output file: .csv or .parquet.")
+@click.option("--tta", type=click.Choice(list(TTA_VIEWS)), help="Test-time crops (default: the model's).")
+@click.option("--top-k", default=3, show_default=True, type=click.IntRange(min=1),
+              help="How many top classes to write per image.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Images per batch.")
+@click.option("--num-workers", type=click.IntRange(min=0), help="Data loader workers (default: cores - 1).")
+@click.option("--resume", is_flag=True, help="Keep rows already in the output (or left by an interrupted "
+              "run) and predict only the other images.")
+@click.option("--max-image-pixels", type=click.IntRange(min=1), help="Refuse images with more pixels than this.")
+@click.option("--accelerator", default="auto", show_default=True, help="Lightning accelerator: auto, cpu, gpu.")
+@click.option("--devices", default="1", show_default=True, help="Devices (processes with --strategy ddp).")
+@click.option("--strategy", default="auto", show_default=True, help="Lightning strategy; ddp shards the inputs.")
+def main(model_uri: str, inputs: str, output: str, tta: str | None, top_k: int, batch_size: int,
+         num_workers: int | None, resume: bool, max_image_pixels: int | None, accelerator: str, devices: str,
+         strategy: str) -> None:
+    """Predict labels for every image of a folder or list into a CSV or Parquet file."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("pytorch_lightning", "lightning", "lightning_fabric", "mlflow", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    result = predict_to_file(model_uri, inputs, output, tta, top_k, batch_size, num_workers, resume,
+                             accelerator, int(devices) if devices.isdigit() else devices, strategy,
+                             max_image_pixels)
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
+        click.echo(f"{result['predicted']} predicted, {result['already_done']} kept from before, "
+                   f"{result['total']} rows in {result['output']}", err=False)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
