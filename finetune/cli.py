@@ -122,6 +122,9 @@ def _print_summary(summary: dict[str, Any]) -> None:
     click.echo(f"summary:    {summary['output']}/summary.json")
     click.echo(f"model:      {summary['model_dir']}")
     click.echo(f"MLflow run: {summary['mlflow_run_id']}  ({summary['mlflow_tracking_uri']})")
+    if summary.get("registered_model"):
+        reg = summary["registered_model"]
+        click.echo(f"registered: models:/{reg['name']}/{reg['version']}")
     uri = summary["mlflow_tracking_uri"]
     if uri.startswith("sqlite:"):
         click.echo(f"Open the UI with:  mlflow ui --backend-store-uri {uri}")
@@ -219,6 +222,45 @@ def demo(workdir: str, model: str, weights: str | None, epochs: int) -> None:
     click.echo(f"[2/2] Fine-tuning on generated shapes with --weights {target.weights} ...")
     summary = run_train(target)
     _print_summary(summary)
+
+
+# --- issue 5: evaluation and registry commands ---------------------------------------------------
+
+
+@cli.command()
+@click.argument("model_uri")
+@click.argument("data_dir", type=click.Path())
+@click.option("--tta", type=click.Choice(TTA_MODES), help="Test-time crops (default: the model's).")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Crops per forward pass (images per batch = this / crops per image).")
+@click.option("--num-workers", type=click.IntRange(min=0), help="Data loader workers (default: cores - 1).")
+@click.option("--experiment", default="finetune-evaluate", show_default=True, help="MLflow experiment.")
+@click.option("--output", help="Output folder (default: outputs/evaluate-<time>).")
+def evaluate(model_uri: str, data_dir: str, tta: str | None, batch_size: int, num_workers: int | None,
+             experiment: str, output: str | None) -> None:
+    """Evaluate MODEL_URI (runs:/ID/model, models:/NAME@ALIAS) on the labelled folder DATA_DIR.
+
+    A folder with train/ and val/ (and test/) is evaluated on val and test; a plain class-folder
+    tree on all its images. Writes report.json, confusion_matrix.png and top_losses.png per split.
+    """
+    from finetune.evaluate import evaluate_model
+
+    summary = evaluate_model(model_uri, data_dir, tta, batch_size, num_workers, experiment, output)
+    for key, value in summary["metrics"].items():
+        click.echo(f"{key} {value:.4f}")
+    click.echo(f"report:     {summary['output']}")
+    click.echo(f"MLflow run: {summary['mlflow_run_id']}")
+
+
+@cli.command()
+@click.argument("name")
+@click.argument("version")
+def promote(name: str, version: str) -> None:
+    """Point the `champion` alias of registered model NAME at VERSION."""
+    from finetune.registry import promote as move_champion
+
+    move_champion(name, version)
+    click.echo(f"{name}@champion -> version {version}")
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
 from finetune import tracking
 from finetune.errors import UserError
+from finetune.images import DEFAULT_MAX_PIXELS
 from finetune.serving import (DEFAULT_TOP_K, MODEL_CODE, MODEL_DIR_ARTIFACT, example_image_bytes,
                               format_predictions)
 
@@ -56,9 +57,9 @@ def log_pyfunc(run_id: str, model_dir: str | Path, class_names: list[str], defau
                plan: dict[str, Any] | None, max_image_pixels: int | None = None) -> str:
     """Log the model as `model` in the run; returns its model URI."""
     tracking.client()
-    config = {"default_tta": default_tta, "plan": plan or {}}
-    if max_image_pixels:
-        config["max_image_pixels"] = int(max_image_pixels)
+    # MLflow lets load-time model_config override only keys logged here, so every setting is present.
+    config = {"default_tta": default_tta, "plan": plan or {}, "path_root": "",
+              "max_image_pixels": int(max_image_pixels or DEFAULT_MAX_PIXELS)}
     example = pd.DataFrame({"image": [example_image_bytes()]})
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(

@@ -83,7 +83,7 @@ class ImageClassifierModel(PythonModel):
         self.default_tta = config.get("default_tta") or self.spec.default_tta or "center"
         self.plan = config.get("plan")
         self.path_root = config.get("path_root") or os.environ.get("FINETUNE_PATH_ROOT") or None
-        self.max_pixels = int(config.get("max_image_pixels") or os.environ.get("FINETUNE_MAX_IMAGE_PIXELS")
+        self.max_pixels = int(os.environ.get("FINETUNE_MAX_IMAGE_PIXELS") or config.get("max_image_pixels")
                               or DEFAULT_MAX_PIXELS)
 
     @property
