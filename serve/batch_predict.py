@@ -203,6 +203,7 @@ def predict_to_file(model_uri: str, inputs: str | Sequence[str], output: str | P
     output_format(output)
     if not output.parent.is_dir():
         raise UserError(f"Output folder {output.parent} does not exist.")
+    paths = list_inputs(inputs) if isinstance(inputs, (str, Path)) else list(inputs)
     tracking.client()
     try:
         model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
@@ -215,7 +216,6 @@ def predict_to_file(model_uri: str, inputs: str | Sequence[str], output: str | P
         raise UserError(f"Invalid tta {mode!r}. Valid values: {', '.join(TTA_VIEWS)}.")
     top_k = max(1, min(top_k, len(spec.class_names)))
     cols = columns(top_k)
-    paths = list_inputs(inputs) if isinstance(inputs, (str, Path)) else list(inputs)
     if resume:
         done = load_done(output, cols)
     else:

@@ -32,9 +32,10 @@ def folder_with_bad_files(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def decode_counter(monkeypatch) -> list[str]:
+    """Paths decoded during the test (the model's logged input example is bytes, not counted)."""
     calls: list[str] = []
     real = finetune.tta.load_rgb
-    monkeypatch.setattr(finetune.tta, "load_rgb", lambda src, *a, **k: calls.append(src) or real(src, *a, **k))
+    monkeypatch.setattr(finetune.tta, "load_rgb", lambda src, *a, **k: (isinstance(src, str) and calls.append(src)) or real(src, *a, **k))
     return calls
 
 
