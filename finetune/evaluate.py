@@ -133,8 +133,8 @@ def metric_names(split: str, mode: str) -> tuple[str, str]:
 
 
 def evaluate_splits(net: nn.Module, spec: ModelSpec, splits: dict[str, Sequence[Sample]], mode: str,
-                    output: Path, run_id: str | None, **kwargs: Any) -> dict[str, float]:
-    """Evaluate each named split; log metrics and artifacts to `run_id`; return the metrics."""
+                    output: Path, run_id: str | None, exclude: Sequence[str] = (), **kwargs: Any) -> dict[str, float]:
+    """Evaluate each named split; log metrics (but `exclude`) and artifacts to `run_id`; return the metrics."""
     metrics: dict[str, float] = {}
     for name, samples in splits.items():
         if not samples:
@@ -146,6 +146,7 @@ def evaluate_splits(net: nn.Module, spec: ModelSpec, splits: dict[str, Sequence[
                  result["images"])
         if run_id:
             tracking.log_artifact(run_id, output / "evaluation" / name, f"evaluation/{name}")
+    metrics = {k: v for k, v in metrics.items() if k not in exclude}
     if run_id:
         c = tracking.client()
         for key, value in metrics.items():
@@ -165,10 +166,11 @@ def after_training(net: nn.Module, spec: ModelSpec, splits: FolderSplits, cfg: A
     use_gpu = cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
     metrics = evaluate_splits(
         net, spec, {"val": splits.val, "test": splits.test}, mode, Path(output), run_id,
+        exclude=("val_acc", "val_acc_top5"),
         batch_size=cfg.batch_size, num_workers=default_num_workers() if cfg.num_workers is None else cfg.num_workers,
         max_pixels=cfg.max_image_pixels, device="cuda" if use_gpu else "cpu")
     net.cpu()
-    return {k: v for k, v in metrics.items() if k not in ("val_acc", "val_acc_top5")}
+    return metrics
 
 
 def evaluate_model(model_uri: str, data_dir: str, tta: str | None = None, batch_size: int = 32,
