@@ -15,7 +15,7 @@ pixel-identical to the eval transform used in validation and serving.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torchvision.transforms as T
@@ -77,7 +77,7 @@ def average_softmax(logits: torch.Tensor, views: int) -> torch.Tensor:
 @torch.no_grad()
 def predict_views(net: nn.Module, views: torch.Tensor) -> torch.Tensor:
     """A batch ``[B, V, 3, H, W]`` -> class probabilities ``[B, K]``: one forward over all B*V crops."""
-    b, v = views.shape[:2]
+    v = views.shape[1]
     logits = net(views.flatten(0, 1))
     return average_softmax(logits, v)
 
@@ -120,8 +120,7 @@ def collate_views(batch):
 
 def predict_sources(net: nn.Module, sources: Sequence[Any], data_config: dict[str, Any], mode: str,
                     batch_size: int = 32, num_workers: int = 0, max_pixels: int | None = None,
-                    device: str | torch.device = "cpu",
-                    progress: Callable | None = None) -> tuple[torch.Tensor, list[str]]:
+                    device: str | torch.device = "cpu") -> tuple[torch.Tensor, list[str]]:
     """Probabilities ``[N, K]`` for N images (rows of failed images are NaN) and one error per image."""
     from torch.utils.data import DataLoader
 
@@ -130,7 +129,7 @@ def predict_sources(net: nn.Module, sources: Sequence[Any], data_config: dict[st
     net = net.to(device).eval()
     out: list[torch.Tensor] = []
     errors: list[str] = []
-    for views, _, errs in (progress(loader) if progress else loader):
+    for views, _, errs in loader:
         probs = predict_views(net, views.to(device)).cpu().clone()
         bad = torch.tensor([bool(e) for e in errs])
         probs[bad] = float("nan")

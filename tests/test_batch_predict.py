@@ -58,7 +58,7 @@ def test_one_row_per_file_with_errors_filled(tmp_path, folder_with_bad_files, su
     good = frame[frame["error"] == ""]
     assert good["label"].isin(["cat", "dog"]).all()
     assert (good["label"] == good["top1_label"]).all()
-    assert ((good["top1_score"].astype(float) >= good["top2_score"].astype(float))).all()
+    assert (good["top1_score"].astype(float) >= good["top2_score"].astype(float)).all()
     assert (good["top1_score"].astype(float) + good["top2_score"].astype(float)).round(4).eq(1.0).all()
     assert not list(tmp_path.glob(".preds*"))  # temp and partial files are gone after the rename
 

@@ -88,7 +88,7 @@ def test_dataset_decodes_once_and_reports_bad_files(tmp_path, monkeypatch):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
     calls = []
-    import finetune.tta as tta
+    from finetune import tta
 
     real = tta.load_rgb
     monkeypatch.setattr(tta, "load_rgb", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
