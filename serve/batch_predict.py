@@ -242,7 +242,8 @@ def predict_to_file(model_uri: str, inputs: str | Sequence[str], output: str | P
     trainer.strategy.barrier()
     if trainer.global_rank == 0:
         parts = [output.parent / f".{output.name}.partial.rank{r}.csv" for r in range(trainer.world_size)]
-        finalize(output, done, cols, [p for p in parts if p.exists()])
+        # Partial files of earlier runs are already in `done`; only this run's are new.
+        finalize(output, done, cols, [p for p in parts if p.exists()] if todo else [])
     return {"total": len(paths), "already_done": len(paths) - len(todo), "predicted": len(todo),
             "output": str(output), "tta": mode}
 

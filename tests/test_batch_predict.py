@@ -102,6 +102,13 @@ def test_resume_picks_up_the_partial_file_of_an_interrupted_run(tmp_path, decode
     frame = pd.read_csv(out, keep_default_na=False)
     assert sorted(frame["path"]) == sorted(r[0] for r in rows[1:]) and not partial.exists()
 
+    # Everything done, a stale partial file around: nothing is predicted and no row is doubled.
+    partial.write_text("\n".join(lines) + "\n")
+    decode_counter.clear()
+    again = predict_to_file(uri, images, out, top_k=1, num_workers=0, resume=True, progress=False)
+    assert again["predicted"] == 0 and decode_counter == []
+    assert len(pd.read_csv(out)) == 6 and not partial.exists()
+
 
 def test_list_inputs_from_csv_and_text(tmp_path):
     (tmp_path / "list.csv").write_text("path,comment\na.png,x\nb.jpg,y\n")
