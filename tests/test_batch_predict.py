@@ -149,3 +149,12 @@ def test_ddp_shards_rows_without_duplicates(tmp_path, isolated_mlflow):
     assert proc.returncode == 0, proc.stderr[-3000:]
     frame = pd.read_csv(out, keep_default_na=False)
     assert sorted(frame["path"]) == sorted(str(p) for p in images.rglob("*.png"))
+
+
+def test_help_and_unknown_model(tmp_path):
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0 and "--resume" in result.output and "--tta" in result.output
+    images = make_folder(tmp_path / "images", per_class=2)
+    result = CliRunner().invoke(main, ["--model-uri", "models:/absent@champion", "--input", str(images),
+                                       "--output", str(tmp_path / "p.csv")])
+    assert result.exit_code == 2 and "Cannot load model" in result.output

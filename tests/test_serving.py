@@ -136,3 +136,16 @@ def test_evaluate_command_reports_val_and_test(tmp_path, isolated_mlflow):
     make_folder(data / "val", classes=("cat", "dog", "bird"), per_class=2)
     result = CliRunner().invoke(cli, ["evaluate", uri, str(data / "val")])
     assert result.exit_code == 2 and "['bird']" in result.output
+
+
+def test_evaluate_and_promote_help_and_bad_arguments(tmp_path):
+    runner = CliRunner()
+    for command, argument in (("evaluate", "MODEL_URI DATA_DIR"), ("promote", "NAME VERSION")):
+        result = runner.invoke(cli, [command, "--help"])
+        assert result.exit_code == 0 and argument in result.output
+    result = runner.invoke(cli, ["evaluate", "runs:/0123456789abcdef/model", str(make_folder(tmp_path / "d"))])
+    assert result.exit_code == 2 and "Cannot load model" in result.output
+    result = runner.invoke(cli, ["evaluate", "models:/x@champion", str(tmp_path), "--tta", "3crop"])
+    assert result.exit_code == 2 and "10crop" in result.output
+    result = runner.invoke(cli, ["promote", "nothing-registered", "1"])
+    assert result.exit_code == 2 and "has no version 1" in result.output
