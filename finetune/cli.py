@@ -61,6 +61,7 @@ def train_options(f):
         click.option("--output", help="Output folder (default: outputs/<run name>)."),
         click.option("--accelerator", help="auto, cpu, gpu, ... (Lightning)."),
         click.option("--devices", help="Number of devices or 'auto' (Lightning)."),
+        click.option("--num-nodes", type=int, help="Machines in a multi-node DDP run (Lightning; default 1)."),
         click.option("--strategy", help="Lightning strategy: auto, ddp, ..."),
         click.option("--precision", help="Lightning precision (default: bf16-mixed on GPU, 32-true on CPU)."),
         *recipe_options(),
@@ -102,13 +103,35 @@ def build_config(data_dir: str, config_file: str | None, **cli_values: Any):
 @cli.command()
 @click.argument("data_dir", type=click.Path())
 @train_options
-def train(data_dir: str, config_file: str | None, **options: Any) -> None:
+@click.option("--resume", "resume_run", metavar="RUN_ID|last",
+              help="Continue an interrupted run from its last checkpoint, into the same MLflow run.")
+def train(data_dir: str, config_file: str | None, resume_run: str | None, **options: Any) -> None:
     """Fine-tune a pretrained timm backbone on DATA_DIR (one subfolder per class, or train/ and val/)."""
     from finetune.train import train as run_train
 
     cfg = build_config(data_dir, config_file, **options)
-    summary = run_train(cfg)
-    _print_summary(summary)
+    point = None
+    if resume_run:
+        from finetune import resume, tracking
+
+        tracking.check_reachable()
+        point = resume.locate(resume_run, cfg.experiment)
+        cfg = resume.resume_config(point, data_dir, {**(load_yaml(config_file) if config_file else {}), **options})
+    summary = run_train(cfg, resume_from=point)
+    if summary is not None:  # None on the extra ranks of a multi-process run
+        _print_summary(summary)
+
+
+@cli.command()
+@click.argument("output", type=click.Path(exists=True, file_okay=False))
+def upload(output: str) -> None:
+    """Send to MLflow what a run could not log while the store was unreachable (OUTPUT/mlflow_pending.json)."""
+    from finetune.tracking import check_reachable, upload_pending
+
+    check_reachable()
+    done = upload_pending(output)
+    click.echo(f"Uploaded {done['metrics']} metric point(s) and {', '.join(done['steps']) or 'nothing else'} "
+               f"to MLflow run {done['run_id']}.")
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -125,6 +148,10 @@ def _print_summary(summary: dict[str, Any]) -> None:
     if summary.get("registered_model"):
         reg = summary["registered_model"]
         click.echo(f"registered: models:/{reg['name']}/{reg['version']}")
+    if summary.get("mlflow_pending"):
+        click.echo(f"MLflow was unreachable; not yet logged: {summary['mlflow_pending']}. "
+                   f"Send it later with:  finetune upload {summary['output']}")
+        return
     uri = summary["mlflow_tracking_uri"]
     if uri.startswith("sqlite:"):
         click.echo(f"Open the UI with:  mlflow ui --backend-store-uri {uri}")

@@ -49,6 +49,7 @@ class TrainConfig:
     output: str | None = None
     accelerator: str = "auto"
     devices: str = "auto"
+    num_nodes: int = 1
     strategy: str = "auto"
     precision: str | None = None
     # Training recipe: None means "the scenario's default" (finetune.recipe.default_recipe).
@@ -109,7 +110,7 @@ def resolve_config(file_values: dict[str, Any], cli_values: dict[str, Any]) -> T
 
 def _coerce_types(cfg: TrainConfig) -> None:
     """YAML gives strings for things like 1e-3 written oddly; cast to the declared types."""
-    casts = {"epochs": int, "batch_size": int, "seed": int, "max_image_pixels": int,
+    casts = {"epochs": int, "batch_size": int, "seed": int, "max_image_pixels": int, "num_nodes": int,
              "lr": float, "weight_decay": float, "val_fraction": float}
     for name, cast in casts.items():
         value = getattr(cfg, name)
@@ -151,6 +152,8 @@ def validate_config(cfg: TrainConfig) -> None:
         raise UserError(f"lr must be positive (got {cfg.lr}).")
     if cfg.image_size is not None and cfg.image_size < 16:
         raise UserError(f"image_size must be at least 16 pixels (got {cfg.image_size}).")
+    if cfg.num_nodes < 1:
+        raise UserError(f"num_nodes must be at least 1 (got {cfg.num_nodes}).")
     if cfg.num_workers is not None and cfg.num_workers < 0:
         raise UserError(f"num_workers must be >= 0 (got {cfg.num_workers}).")
     _check_choice("scenario", cfg.scenario, SCENARIOS)

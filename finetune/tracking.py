@@ -107,3 +107,169 @@ def write_json(path: str | Path, data: Any) -> Path:
         f.write("\n")
     os.replace(tmp, path)
     return path
+
+
+# --- Reliability: fail fast when the store is unreachable, keep working when it goes away mid-run ---
+
+REACHABILITY_TIMEOUT_S = 5.0
+PENDING_FILE = "mlflow_pending.json"
+
+
+def check_reachable(uri: str | None = None, timeout: float = REACHABILITY_TIMEOUT_S) -> None:
+    """Fail in seconds, not minutes, when an HTTP tracking server does not answer.
+
+    MLflow's own client retries a refused connection for minutes (MLFLOW_HTTP_REQUEST_MAX_RETRIES);
+    one short request without retries tells a typo or a stopped server apart before any work is done.
+    Any HTTP answer counts as reachable (auth and paths are MLflow's business, not ours).
+    """
+    uri = uri or tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout)
+    except requests.RequestException as e:
+        reason = type(e).__name__ if not str(e) else f"{type(e).__name__}: {str(e).splitlines()[0][:150]}"
+        raise UserError(f"Cannot reach the MLflow tracking server at {uri} ({reason}). Start the server or "
+                        "fix MLFLOW_TRACKING_URI (unset it to use ./mlruns).") from None
+    # Once it answered, a store that goes away later should fail a call in seconds, not hang a
+    # finished training for minutes; the user's own settings win.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
+def _describe(e: BaseException) -> str:
+    first = str(e).splitlines()[0][:200] if str(e) else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+class PendingLog:
+    """What could not be sent to MLflow, kept in OUTPUT/mlflow_pending.json for `finetune upload`."""
+
+    def __init__(self, output: str | Path, run_id: str | None):
+        self.path = Path(output) / PENDING_FILE
+        self.run_id = run_id
+        self.metrics: list[dict[str, Any]] = []
+        self.steps: list[str] = []  # artifacts and status changes still to do, in order
+        self.error: str | None = None
+
+    def failed(self, what: str, e: BaseException) -> None:
+        if self.error is None:
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "MLflow store %s unreachable (%s); training goes on, results are kept in %s",
+                tracking_uri(), _describe(e), self.path.parent)
+        self.error = _describe(e)
+
+    def add_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.metrics.extend({"key": k, "value": float(v), "step": int(step)} for k, v in metrics.items())
+        self.save()
+
+    def save(self) -> None:
+        if self.error is not None:
+            write_json(self.path, {"run_id": self.run_id, "tracking_uri": tracking_uri(), "error": self.error,
+                                   "metrics": self.metrics, "finish": self.steps})
+
+    @property
+    def active(self) -> bool:
+        return self.error is not None
+
+
+def upload_pending(output: str | Path) -> dict[str, Any]:
+    """Send what a run could not log (metrics, artifacts, final status) once the store is back."""
+    output = Path(output)
+    path = output / PENDING_FILE
+    if not path.is_file():
+        raise UserError(f"Nothing to upload: {path} does not exist (the run was logged completely).")
+    pending = json.loads(path.read_text())
+    run_id = pending["run_id"]
+    c = client()
+    try:
+        c.get_run(run_id)
+    except Exception as e:
+        raise UserError(f"Cannot reach MLflow run {run_id} at {tracking_uri()} ({_describe(e)}). The store must "
+                        "be reachable, and MLFLOW_TRACKING_URI the one the run was created in.") from None
+    metrics = [mlflow.entities.Metric(m["key"], m["value"], 0, m["step"]) for m in pending["metrics"]]
+    for i in range(0, len(metrics), 500):
+        c.log_batch(run_id, metrics=metrics[i:i + 500])
+    summary = json.loads((output / "summary.json").read_text()) if (output / "summary.json").is_file() else {}
+    for step in pending.get("finish", []):
+        if step == "final_metrics":
+            for name, value in summary.get("metrics", {}).items():
+                c.log_metric(run_id, f"final_{name}", value)
+        elif step == "model_files":
+            log_artifact(run_id, output / "model", "model_files")
+        elif step == "summary":
+            log_artifact(run_id, output / "summary.json")
+        elif step == "terminate":
+            c.set_terminated(run_id, "FINISHED")
+    path.unlink()
+    return {"run_id": run_id, "metrics": len(metrics), "steps": pending.get("finish", [])}
+
+
+FINISH_STEPS = ("final_metrics", "model_files", "summary", "terminate")
+
+
+def finish_run(run_id: str, output: Path, metrics: dict[str, float], pending: PendingLog) -> bool:
+    """Log the final metrics and artifacts; what fails is kept in `pending` for `finetune upload`.
+
+    Returns:
+        True when everything reached MLflow.
+    """
+    steps = list(FINISH_STEPS)
+    if not pending.active:
+        try:
+            c = client()
+            for step in FINISH_STEPS:
+                if step == "final_metrics":
+                    for name, value in metrics.items():
+                        c.log_metric(run_id, f"final_{name}", value)
+                elif step == "model_files":
+                    log_artifact(run_id, output / "model", "model_files")
+                elif step == "summary":
+                    log_artifact(run_id, output / "summary.json")
+                else:
+                    c.set_terminated(run_id, "FINISHED")
+                steps.pop(0)
+        except Exception as e:
+            pending.failed(steps[0], e)
+    if not pending.active:
+        return True
+    pending.steps = steps
+    pending.save()
+    return False
+
+
+def _rank_zero_only(fn):
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+    return rank_zero_only(fn)
+
+
+def resilient_logger(experiment: str, run_id: str | None, pending: PendingLog):
+    """Lightning's MLFlowLogger, except that a store going away mid-run does not end the training:
+    metrics that cannot be sent are kept in OUTPUT/mlflow_pending.json."""
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    class ResilientMLFlowLogger(MLFlowLogger):
+        @_rank_zero_only
+        def log_metrics(self, metrics, step=None) -> None:
+            if not pending.active:
+                try:
+                    return super().log_metrics(metrics, step)
+                except Exception as e:
+                    pending.failed("metrics", e)
+            pending.add_metrics(dict(metrics), step or 0)
+
+        @_rank_zero_only
+        def finalize(self, status: str = "success") -> None:
+            if pending.active:
+                return
+            try:
+                super().finalize(status)
+            except Exception as e:
+                pending.failed("finalize", e)
+
+    return ResilientMLFlowLogger(experiment_name=experiment, tracking_uri=tracking_uri(), run_id=run_id)

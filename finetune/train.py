@@ -15,9 +15,9 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
-from pytorch_lightning.loggers import MLFlowLogger
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from finetune import evaluate, registry, tracking
+from finetune import distributed, evaluate, preflight, registry, resume, tracking
 from finetune.artifact import ModelSpec, save_model
 from finetune.augment import eval_transform, make_mixup, resize_size, train_transform
 from finetune.backbone import create_backbone
@@ -61,15 +61,22 @@ def recipe_scenario(cfg: TrainConfig) -> str:
     return "large-similar" if cfg.scenario == "auto" else cfg.scenario
 
 
-def train(cfg: TrainConfig, tags: dict[str, str] | None = None) -> dict[str, Any]:
+def train(cfg: TrainConfig, tags: dict[str, str] | None = None,
+          resume_from: resume.ResumePoint | None = None) -> dict[str, Any] | None:
     """Fine-tune and return the summary (also written to OUTPUT/summary.json).
 
     Args:
         cfg: the resolved config.
         tags: extra MLflow run tags (a sweep sets ``mlflow.parentRunId`` to nest its trials).
+        resume_from: continue this run from its last checkpoint, logging into the same MLflow run.
+
+    Returns:
+        The summary on global rank 0; None on the other ranks of a multi-process run.
     """
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     started = time.time()
+    rank_zero = distributed.is_global_zero()
+    preflight.check(cfg, _devices(cfg.devices), cfg.precision or default_precision(cfg.accelerator))
     splits = scan_folder(cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_image_pixels)
     if cfg.batch_size > len(splits.train):
         raise UserError(f"batch_size {cfg.batch_size} is larger than the training split "
@@ -79,22 +86,30 @@ def train(cfg: TrainConfig, tags: dict[str, str] | None = None) -> dict[str, Any
     init_head(backbone.model, recipe.drop_connect)
     run_name = run_name_for(cfg)
     output = Path(cfg.output or Path("outputs") / run_name)
+    shared_run_id, shared_output = distributed.shared_run()
+    if resume_from is not None:
+        output = resume_from.output
+    elif shared_output is not None:
+        output = shared_output
     output.mkdir(parents=True, exist_ok=True)
 
-    experiment_id = tracking.ensure_experiment(cfg.experiment)
-    run = tracking.client().create_run(experiment_id, run_name=run_name, tags=tags)
-    run_id = run.info.run_id
-    log.info("MLflow run %s (experiment %r) at %s", run_id, cfg.experiment, tracking.tracking_uri())
-    tracking.log_params(run_id, {"config": {k: v for k, v in cfg.to_dict().items() if k != "extra"},
-                                 "model": backbone.model_name, "weights_source": backbone.weights_source,
-                                 "data": dataset_params(splits), "data_config": backbone.data_config,
-                                 "recipe": recipe.to_dict()})
-    tracking.log_dict(run_id, cfg.to_dict(), "config.json")
-    tracking.log_dict(run_id, {"classes": splits.classes}, "classes.json")
-    tracking.log_dict(run_id, {"count": len(splits.skipped),
-                               "files": [{"path": s.path, "reason": s.reason} for s in splits.skipped]},
-                      "skipped_files.json")
-    tracking.write_json(output / "config.json", cfg.to_dict())
+    if not rank_zero:
+        run_id = shared_run_id
+    elif resume_from is not None:
+        run_id = resume_from.run_id
+        tracking.client().update_run(run_id, status="RUNNING")
+        log.info("Resuming MLflow run %s from %s (%d epoch(s) done)", run_id, resume_from.checkpoint,
+                 resume_from.epochs_done)
+    else:
+        experiment_id = tracking.ensure_experiment(cfg.experiment)
+        run = tracking.client().create_run(experiment_id, run_name=run_name, tags={
+            **(tags or {}), resume.OUTPUT_TAG: str(output.resolve()),
+            resume.DATA_TAG: str(Path(cfg.data_dir).resolve())})
+        run_id = run.info.run_id
+        log.info("MLflow run %s (experiment %r) at %s", run_id, cfg.experiment, tracking.tracking_uri())
+    if rank_zero:
+        distributed.share_run(run_id, output)
+        _log_run_inputs(cfg, run_id, backbone, splits, output, recipe)
 
     data_config = backbone.data_config
     size = resize_size(data_config)
@@ -102,7 +117,8 @@ def train(cfg: TrainConfig, tags: dict[str, str] | None = None) -> dict[str, Any
         splits, train_transform(data_config, recipe.augment), eval_transform(data_config),
         batch_size=cfg.batch_size, num_workers=cfg.num_workers, max_pixels=cfg.max_image_pixels,
         draft_size=(size, size),
-        sampler_factory=balanced_sampler_factory(len(splits.classes)) if cfg.sampler == "balanced" else None)
+        sampler_factory=balanced_sampler_factory(len(splits.classes)) if cfg.sampler == "balanced"
+        else lambda samples: resume.EpochShuffle(samples, cfg.seed))
     lr, wd = cfg.lr, cfg.weight_decay
     param_groups = [{"params": list(backbone.model.parameters()), "lr": lr, "name": "all"}]
     module = Classifier(
@@ -113,32 +129,54 @@ def train(cfg: TrainConfig, tags: dict[str, str] | None = None) -> dict[str, Any
         label_smoothing=recipe.label_smoothing,
         mixup=make_mixup(recipe.mixup, recipe.cutmix, recipe.label_smoothing, len(splits.classes)))
 
-    checkpoint = ModelCheckpoint(dirpath=output / "checkpoints", filename="best", monitor="val_acc", mode="max",
-                                 save_last=True, save_weights_only=False)
-    logger = MLFlowLogger(experiment_name=cfg.experiment, tracking_uri=tracking.tracking_uri(), run_id=run_id)
+    checkpoint = ModelCheckpoint(dirpath=resume.checkpoint_dir(output), filename="best", monitor="val_acc",
+                                 mode="max", save_weights_only=False)
+    on_interrupt = resume.SaveOnInterrupt(resume.checkpoint_dir(output) / resume.LAST_CHECKPOINT)
+    rank_sync = distributed.RankSyncCheck()
+    pending = tracking.PendingLog(output, run_id)
+    logger = tracking.resilient_logger(cfg.experiment, run_id, pending)
     trainer = pl.Trainer(
         max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=_devices(cfg.devices), strategy=cfg.strategy,
+        num_nodes=cfg.num_nodes,
         precision=cfg.precision or default_precision(cfg.accelerator), logger=logger,
-        callbacks=[checkpoint, TQDMProgressBar(refresh_rate=1),
+        # Any callback with state_dict/load_state_dict (EMA, unfreezing, ...) is saved in the checkpoints
+        # and restored on --resume by Lightning; its state must be tensors and plain data (weights_only).
+        callbacks=[checkpoint, resume.epoch_checkpoint(output), resume.RngState(), on_interrupt, rank_sync,
+                   TQDMProgressBar(refresh_rate=1),
                    *recipe_callbacks(cfg, recipe, len(splits.classes), checkpoint, output)],
         default_root_dir=output, log_every_n_steps=1, num_sanity_val_steps=0, enable_model_summary=False)
-    _babysit_initial_loss(module, datamodule, len(splits.classes), run_id)
+    if rank_zero and resume_from is None:
+        _babysit_initial_loss(module, datamodule, len(splits.classes), run_id)
     try:
-        trainer.fit(module, datamodule=datamodule)
+        # weights_only: a checkpoint holding pickled code is refused, not run.
+        trainer.fit(module, datamodule=datamodule, weights_only=True,
+                    ckpt_path=str(resume_from.checkpoint) if resume_from else None)
     except UserError:  # divergence: the run is marked failed, the message says which checkpoint is good
-        tracking.client().set_terminated(run_id, "FAILED")
+        if rank_zero:
+            tracking.client().set_terminated(run_id, "FAILED")
         raise
+    except (SIGTERMException, SystemExit):
+        if on_interrupt.interrupted is None:
+            raise
+        if rank_zero:
+            try:
+                tracking.client().set_terminated(run_id, "KILLED")
+            except Exception:  # the hint below matters more than the status
+                pass
+        raise resume.Interrupted(f"Training interrupted in epoch {trainer.current_epoch + 1}; checkpoint saved "
+                                 f"to {on_interrupt.path}. Continue with: {resume.resume_hint(cfg, run_id)}") from None
+    if not trainer.is_global_zero:
+        return None  # rank 0 evaluates, writes and logs
 
-    best_path = checkpoint.best_model_path or checkpoint.last_model_path
-    state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
-    module.load_state_dict(state)
+    best_path = checkpoint.best_model_path or str(resume.checkpoint_dir(output) / resume.LAST_CHECKPOINT)
+    best = resume.load_checkpoint(best_path)
+    module.load_state_dict(best["state_dict"])
     # A logger-less trainer: the final numbers go to MLflow as final_*, not as an extra epoch point.
     evaluator = pl.Trainer(accelerator=cfg.accelerator, devices=1, logger=False, enable_checkpointing=False,
                            enable_model_summary=False, precision=trainer.precision)
     val_metrics = evaluator.validate(module, datamodule=datamodule, verbose=False)[0]
     metrics = {"val_acc": float(val_metrics["val_acc"]), "val_loss": float(val_metrics["val_loss"]),
-               "val_acc_top5": float(val_metrics["val_acc_top5"]), "best_epoch": int(torch.load(
-                   best_path, map_location="cpu", weights_only=True)["epoch"])}
+               "val_acc_top5": float(val_metrics["val_acc_top5"]), "best_epoch": int(best["epoch"])}
     metrics = _keep_better_of_raw_and_ema(module, evaluator, datamodule, trainer, metrics)
 
     spec = ModelSpec(architecture=backbone.model_name.split(".")[0], num_classes=len(splits.classes),
@@ -161,15 +199,18 @@ def train(cfg: TrainConfig, tags: dict[str, str] | None = None) -> dict[str, Any
         "output": str(output.resolve()),
         "wall_time_s": round(time.time() - started, 1),
     }
+    if trainer.world_size > 1:
+        summary["ddp"] = rank_sync.report(trainer.world_size)
+    if resume_from is not None:
+        summary["resumed_from_epoch"] = resume_from.epochs_done
     summary.update(registry.publish(run_id, model_dir, summary, cfg.tta, cfg.register, cfg.max_image_pixels))
     tracking.write_json(output / "summary.json", summary)
-    c = tracking.client()
-    for name, value in metrics.items():
-        if isinstance(value, (int, float)):
-            c.log_metric(run_id, f"final_{name}", value)
-    tracking.log_artifact(run_id, model_dir, "model_files")
-    tracking.log_artifact(run_id, output / "summary.json")
-    c.set_terminated(run_id, "FINISHED")
+    # Everything a user needs is on disk now; MLflow going away here must not lose it.
+    numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    if not tracking.finish_run(run_id, output, numeric, pending):
+        summary["mlflow_pending"] = str(pending.path)
+        log.warning("MLflow was unreachable (%s): the model and summary are in %s. Once the store is back, "
+                    "send the rest with:  finetune upload %s", pending.error, output, output)
     return summary
 
 
@@ -209,3 +250,16 @@ def _devices(devices: str) -> Any:
         return int(devices)
     except ValueError:
         return devices  # "0,1" style lists are understood by Lightning
+
+
+def _log_run_inputs(cfg: TrainConfig, run_id: str, backbone, splits: FolderSplits, output: Path, recipe) -> None:
+    tracking.log_params(run_id, {"config": {k: v for k, v in cfg.to_dict().items() if k != "extra"},
+                                 "model": backbone.model_name, "weights_source": backbone.weights_source,
+                                 "data": dataset_params(splits), "data_config": backbone.data_config,
+                                 "recipe": recipe.to_dict()})
+    tracking.log_dict(run_id, cfg.to_dict(), "config.json")
+    tracking.log_dict(run_id, {"classes": splits.classes}, "classes.json")
+    tracking.log_dict(run_id, {"count": len(splits.skipped),
+                               "files": [{"path": s.path, "reason": s.reason} for s in splits.skipped]},
+                      "skipped_files.json")
+    tracking.write_json(output / "config.json", cfg.to_dict())

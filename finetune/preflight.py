@@ -1,0 +1,37 @@
+"""Checks that run before any work: a wrong option fails in seconds, not after the data scan,
+the model build or an MLflow run was made."""
+
+from __future__ import annotations
+
+import warnings
+
+from finetune import distributed, tracking
+from finetune.backbone import check_model_name
+from finetune.config import TrainConfig
+from finetune.errors import UserError
+
+
+def check(cfg: TrainConfig, devices, precision: str) -> None:
+    """Raise UserError for an unknown model, Lightning options it would refuse, or an unreachable store."""
+    check_model_name(cfg.model)
+    check_lightning_options(cfg.accelerator, devices, cfg.strategy, precision, cfg.num_nodes)
+    if distributed.is_global_zero():
+        tracking.check_reachable()
+
+
+def check_lightning_options(accelerator: str, devices, strategy: str, precision: str, num_nodes: int = 1) -> None:
+    """Let Lightning itself judge accelerator/devices/strategy/precision: building a Trainer is cheap
+    and launches nothing (DDP processes start only in `fit`)."""
+    import pytorch_lightning as pl
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pl.Trainer(accelerator=accelerator, devices=devices, strategy=strategy, precision=precision,
+                       num_nodes=num_nodes,
+                       logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                       enable_model_summary=False)
+    except Exception as e:  # MisconfigurationException, ValueError, ...: Lightning names the valid values
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"Invalid --accelerator/--devices/--strategy/--precision "
+                        f"({accelerator}/{devices}/{strategy}/{precision}): {first}") from None
