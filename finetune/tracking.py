@@ -198,7 +198,8 @@ def upload_pending(output: str | Path) -> dict[str, Any]:
     for step in pending.get("finish", []):
         if step == "final_metrics":
             for name, value in summary.get("metrics", {}).items():
-                c.log_metric(run_id, f"final_{name}", value)
+                if isinstance(value, (int, float)):
+                    c.log_metric(run_id, f"final_{name}", value)
         elif step == "model_files":
             log_artifact(run_id, output / "model", "model_files")
         elif step == "summary":
