@@ -144,23 +144,30 @@ def evaluate_splits(net: nn.Module, spec: ModelSpec, splits: dict[str, Sequence[
         metrics[top1], metrics[top5] = result["top1"], result["top5"]
         log.info("%s: top-1 %.4f top-5 %.4f (tta %s, %d images)", name, result["top1"], result["top5"], mode,
                  result["images"])
-        if run_id:
-            tracking.log_artifact(run_id, output / "evaluation" / name, f"evaluation/{name}")
     metrics = {k: v for k, v in metrics.items() if k not in exclude}
     if run_id:
-        c = tracking.client()
-        for key, value in metrics.items():
-            if not math.isnan(value):
-                c.log_metric(run_id, key, value)
+        log_evaluation(run_id, output, metrics)
     return metrics
 
 
-def after_training(net: nn.Module, spec: ModelSpec, splits: FolderSplits, cfg: Any, run_id: str,
+def log_evaluation(run_id: str, output: Path, metrics: dict[str, float]) -> None:
+    """Send the report files (OUTPUT/evaluation/<split>/) and metrics of `evaluate_splits` to a run."""
+    reports = Path(output) / "evaluation"
+    for folder in sorted(p for p in reports.iterdir() if p.is_dir()) if reports.is_dir() else []:
+        tracking.log_artifact(run_id, folder, f"evaluation/{folder.name}")
+    c = tracking.client()
+    for key, value in metrics.items():
+        if not math.isnan(value):
+            c.log_metric(run_id, key, value)
+
+
+def after_training(net: nn.Module, spec: ModelSpec, splits: FolderSplits, cfg: Any, run_id: str | None,
                    output: Path) -> dict[str, float]:
     """The report of a finished training run on val (and test); `val_acc_tta` when TTA is multi-crop.
 
     The Lightning validation already measured the plain centre-crop accuracy (`val_acc`); this adds
-    the TTA numbers and the report files, and never overwrites `val_acc`.
+    the TTA numbers and the report files, and never overwrites `val_acc`. With `run_id` None nothing is
+    sent to MLflow (the caller sends it with `log_evaluation`).
     """
     mode = cfg.tta if cfg.tta != "none" else "center"
     use_gpu = cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()

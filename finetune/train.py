@@ -183,7 +183,9 @@ def train(cfg: TrainConfig, tags: dict[str, str] | None = None,
                      class_names=splits.classes, data_config=data_config, create_kwargs=backbone.create_kwargs,
                      weights_source=backbone.weights_source, default_tta=cfg.tta)
     model_dir = save_model(output / "model", module.net, spec)
-    metrics.update(evaluate.after_training(module.net, spec, splits, cfg, run_id, output))  # TTA + report
+    # TTA + report, computed and written locally first; sent to MLflow below with the other results.
+    eval_metrics = evaluate.after_training(module.net, spec, splits, cfg, None, output)
+    metrics.update(eval_metrics)
     summary = {
         "scenario": "full-finetune",
         "plan": {"frozen": [], "lr": lr, "weight_decay": wd, "epochs": cfg.epochs},
@@ -203,8 +205,20 @@ def train(cfg: TrainConfig, tags: dict[str, str] | None = None,
         summary["ddp"] = rank_sync.report(trainer.world_size)
     if resume_from is not None:
         summary["resumed_from_epoch"] = resume_from.epochs_done
-    summary.update(registry.publish(run_id, model_dir, summary, cfg.tta, cfg.register, cfg.max_image_pixels))
     tracking.write_json(output / "summary.json", summary)
+    if not pending.active:
+        try:  # the report, the pyfunc model and the registry version
+            evaluate.log_evaluation(run_id, output, eval_metrics)
+            summary.update(registry.publish(run_id, model_dir, summary, cfg.tta, cfg.register,
+                                            cfg.max_image_pixels))
+            tracking.write_json(output / "summary.json", summary)
+        except UserError:
+            raise
+        except Exception as e:  # the store went away after training: keep going, nothing is lost locally
+            pending.failed("publish", e)
+    if pending.active:
+        log.warning("MLflow was unreachable: the pyfunc model was not logged%s. The trained model is in %s.",
+                    f" nor registered as {cfg.register!r}" if cfg.register else "", model_dir)
     # Everything a user needs is on disk now; MLflow going away here must not lose it.
     numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     if not tracking.finish_run(run_id, output, numeric, pending):
