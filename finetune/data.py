@@ -248,13 +248,11 @@ def skip_none_collate(batch):
     return default_collate(batch)
 
 
-def default_num_workers() -> int:
-    """Leave one core to the main process, which runs the model."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return max(0, min(8, cores - 1))
+def default_num_workers(accelerator: str = "auto") -> int:
+    """Loader workers for this machine: see `finetune.runtime.split_cores`."""
+    from finetune import runtime
+
+    return runtime.split_cores(runtime.available_cores(), runtime.uses_gpu(accelerator)).workers
 
 
 class FolderDataModule(pl.LightningDataModule):

@@ -18,7 +18,7 @@ import torch
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from torch import nn
 
-from finetune import tracking
+from finetune import runtime, tracking
 from finetune.artifact import ModelSpec
 from finetune.data import FolderSplits, Sample, default_num_workers, scan_folder
 from finetune.errors import UserError
@@ -186,6 +186,7 @@ def evaluate_model(model_uri: str, data_dir: str, tta: str | None = None, batch_
     """`finetune evaluate`: a logged/registered model on a folder, as a new MLflow run."""
     import mlflow
 
+    runtime.configure("auto", num_workers)  # torch threads vs loader workers on the cores
     tracking.client()
     try:
         model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()

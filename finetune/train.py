@@ -17,7 +17,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from finetune import distributed, evaluate, preflight, registry, resume, tracking
+from finetune import distributed, evaluate, preflight, registry, resume, runtime, tracking
 from finetune.artifact import ModelSpec, save_model
 from finetune.augment import eval_transform, make_mixup, resize_size, train_transform
 from finetune.backbone import create_backbone
@@ -77,6 +77,7 @@ def train(cfg: TrainConfig, tags: dict[str, str] | None = None,
     started = time.time()
     rank_zero = distributed.is_global_zero()
     preflight.check(cfg, _devices(cfg.devices), cfg.precision or default_precision(cfg.accelerator))
+    runtime.configure(cfg.accelerator, cfg.num_workers)  # torch threads vs loader workers on the cores
     splits = scan_folder(cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_image_pixels)
     if cfg.batch_size > len(splits.train):
         raise UserError(f"batch_size {cfg.batch_size} is larger than the training split "

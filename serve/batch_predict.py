@@ -190,6 +190,16 @@ def finalize(output: Path, done, cols: list[str], new_parts: list[Path]) -> None
         os.remove(path)
 
 
+def prediction_loader(paths: Sequence[str], data_config: dict[str, Any], mode: str, batch_size: int,
+                      num_workers: int | None, max_pixels: int | None) -> torch.utils.data.DataLoader:
+    """Images -> batches of ``(views [B, V, 3, H, W], index, errors)``, each file decoded once."""
+    dataset = ViewsDataset(paths, CropViews(data_config, mode), data_config, max_pixels)
+    workers = default_num_workers() if num_workers is None else num_workers
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                       collate_fn=collate_views, pin_memory=torch.cuda.is_available(),
+                                       persistent_workers=False)
+
+
 def predict_to_file(model_uri: str, inputs: str | Sequence[str], output: str | Path, tta: str | None = None,
                     top_k: int = 3, batch_size: int = 32, num_workers: int | None = None, resume: bool = False,
                     accelerator: str = "auto", devices: str | int = 1, strategy: str = "auto",
@@ -199,6 +209,9 @@ def predict_to_file(model_uri: str, inputs: str | Sequence[str], output: str | P
 
     from finetune import tracking
 
+    from finetune import runtime
+
+    runtime.configure(accelerator, num_workers)  # torch threads vs loader workers on the cores
     output = Path(output)
     output_format(output)
     if not output.parent.is_dir():
@@ -227,11 +240,7 @@ def predict_to_file(model_uri: str, inputs: str | Sequence[str], output: str | P
     log.info("%d images, %d already in the output, %d to predict (tta %s)", len(paths), len(paths) - len(todo),
              len(todo), mode)
 
-    dataset = ViewsDataset(todo, CropViews(spec.data_config, mode), spec.data_config, max_pixels or model.max_pixels)
-    workers = default_num_workers() if num_workers is None else num_workers
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                                         collate_fn=collate_views, pin_memory=torch.cuda.is_available(),
-                                         persistent_workers=False)
+    loader = prediction_loader(todo, spec.data_config, mode, batch_size, num_workers, max_pixels or model.max_pixels)
     writer = CsvRowWriter(output, todo, spec.class_names, top_k)
     trainer = pl.Trainer(accelerator=accelerator, devices=devices, strategy=strategy, logger=False,
                          enable_checkpointing=False, enable_model_summary=False, precision="32-true",
@@ -258,7 +267,7 @@ def predict_to_file(model_uri: str, inputs: str | Sequence[str], output: str | P
 @click.option("--top-k", default=3, show_default=True, type=click.IntRange(min=1),
               help="How many top classes to write per image.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Images per batch.")
-@click.option("--num-workers", type=click.IntRange(min=0), help="Data loader workers (default: cores - 1).")
+@click.option("--num-workers", type=click.IntRange(min=0), help="Data loader workers (default: from the cores, see README Performance).")
 @click.option("--resume", is_flag=True, help="Keep rows already in the output (or left by an interrupted "
               "run) and predict only the other images.")
 @click.option("--max-image-pixels", type=click.IntRange(min=1), help="Refuse images with more pixels than this.")
