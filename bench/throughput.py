@@ -72,12 +72,12 @@ class BatchClock(pl.Callback):
         self._stamp(batch)
 
     def images_per_s(self) -> float:
-        steady = self.stamps[self.warmup:]
-        if len(steady) < 2:
+        # From the end of the last warm-up batch to the end of the last batch.
+        if len(self.stamps) <= self.warmup:
             raise SystemExit(f"only {len(self.stamps)} batches for warm-up {self.warmup}: use more images or "
                              "a smaller --warmup")
-        images = sum(n for _, n in steady[1:])
-        return images / (steady[-1][0] - steady[0][0])
+        images = sum(n for _, n in self.stamps[self.warmup:])
+        return images / (self.stamps[-1][0] - self.stamps[self.warmup - 1][0])
 
 
 def _synced_clock(device: torch.device) -> float:
@@ -183,7 +183,7 @@ def main() -> None:
     parser.add_argument("--precision", default="32-true", help="32-true, bf16-mixed, 16-mixed")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (bare and finetune)")
-    parser.add_argument("--warmup", type=int, default=1, help="batches not timed at the start of each measurement")
+    parser.add_argument("--warmup", type=int, default=1, choices=range(1, 100), metavar="N", help="batches not timed at the start of each measurement")
     parser.add_argument("--train-batches", type=int, default=6, help="train batches per measurement (incl. warm-up)")
     parser.add_argument("--predict-images", type=int, default=96, help="images per predict measurement")
     parser.add_argument("--repeats", type=int, default=3)
@@ -285,6 +285,9 @@ def main() -> None:
         table.append({"what": name, "images_per_s": round(value, 2), "ratio": round(ratio, 3) if ratio else "",
                       "vs": ref or "", "runs": " ".join(f"{v:.1f}" for v in rows[name])})
         print(f"{name:<46}{value:9.1f}{'' if ratio is None else f'{ratio:8.2f}':>8}  {ref or ''}")
+    if "finetune predict 10crop (per crop)" in med and "bare forward" in med:
+        print(f"10crop per crop vs bare forward at batch {args.batch_size}: "
+              f"{med['finetune predict 10crop (per crop)'] / med['bare forward']:.2f}")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     csv_path = out / f"throughput-{args.model}-{args.image_size}-{stamp}.csv"
     with open(csv_path, "w", newline="") as f:
