@@ -183,7 +183,8 @@ def main() -> None:
     parser.add_argument("--precision", default="32-true", help="32-true, bf16-mixed, 16-mixed")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (bare and finetune)")
-    parser.add_argument("--warmup", type=int, default=1, choices=range(1, 100), metavar="N", help="batches not timed at the start of each measurement")
+    parser.add_argument("--warmup", type=int, default=1, choices=range(1, 100), metavar="N",
+                        help="batches not timed at the start of each measurement")
     parser.add_argument("--train-batches", type=int, default=6, help="train batches per measurement (incl. warm-up)")
     parser.add_argument("--predict-images", type=int, default=96, help="images per predict measurement")
     parser.add_argument("--repeats", type=int, default=3)

@@ -54,7 +54,7 @@ def train_options(f):
         click.option("--seed", type=int, help="Random seed (split, init, augmentation)."),
         click.option("--tta", type=click.Choice(TTA_MODES), help="Test-time crops for evaluation."),
         click.option("--max-image-pixels", type=int, help="Refuse images with more pixels than this."),
-        click.option("--num-workers", type=int, help="Data loader workers (default: from the cores, see README Performance)."),
+        click.option("--num-workers", type=int, help="Data loader workers (default: from the cores)."),
         click.option("--experiment", help="MLflow experiment name."),
         click.option("--run-name", help="MLflow run name (default: model-data-time)."),
         click.option("--register", help="Register the model under this name in the MLflow registry."),
@@ -260,7 +260,7 @@ def demo(workdir: str, model: str, weights: str | None, epochs: int) -> None:
 @click.option("--tta", type=click.Choice(TTA_MODES), help="Test-time crops (default: the model's).")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
               help="Crops per forward pass (images per batch = this / crops per image).")
-@click.option("--num-workers", type=click.IntRange(min=0), help="Data loader workers (default: from the cores, see README Performance).")
+@click.option("--num-workers", type=click.IntRange(min=0), help="Data loader workers (default: from the cores).")
 @click.option("--experiment", default="finetune-evaluate", show_default=True, help="MLflow experiment.")
 @click.option("--output", help="Output folder (default: outputs/evaluate-<time>).")
 def evaluate(model_uri: str, data_dir: str, tta: str | None, batch_size: int, num_workers: int | None,

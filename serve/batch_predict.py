@@ -267,7 +267,7 @@ def predict_to_file(model_uri: str, inputs: str | Sequence[str], output: str | P
 @click.option("--top-k", default=3, show_default=True, type=click.IntRange(min=1),
               help="How many top classes to write per image.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Images per batch.")
-@click.option("--num-workers", type=click.IntRange(min=0), help="Data loader workers (default: from the cores, see README Performance).")
+@click.option("--num-workers", type=click.IntRange(min=0), help="Data loader workers (default: from the cores).")
 @click.option("--resume", is_flag=True, help="Keep rows already in the output (or left by an interrupted "
               "run) and predict only the other images.")
 @click.option("--max-image-pixels", type=click.IntRange(min=1), help="Refuse images with more pixels than this.")
