@@ -70,14 +70,14 @@ def test_average_is_over_softmax_not_logits():
     assert not torch.allclose(probs[0], logits[:2].mean(0).softmax(-1))  # the tempting wrong answer
 
 
-def test_predict_views_runs_one_batch_and_keeps_images_apart():
+def test_predict_views_forwards_batch_sized_chunks_and_keeps_images_apart():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 4))
     seen = []
     net.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
     views = torch.randn(3, 10, 3, 32, 32)
     probs = predict_views(net, views)
-    assert seen == [30]  # all crops of all images in one forward pass
+    assert seen == [3] * 10  # 30 crops, as many per forward as images per batch
     for b in range(3):
         assert torch.allclose(probs[b], net(views[b]).softmax(-1).mean(0), atol=1e-6)
 
