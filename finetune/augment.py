@@ -23,7 +23,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "standard": dict(scale=(0.25, 1.0), hflip=0.5, color_jitter=0.3, lighting=0.1),
     # + RandAugment and random erasing: for larger datasets and long schedules.
     "strong": dict(scale=(0.08, 1.0), hflip=0.5, color_jitter=0.4, lighting=0.1,
-                   auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, re_mode="pixel"),
+                   auto_augment="rand-m9-mstd0.5", re_prob=0.25, re_mode="pixel"),
 }
 
 # Principal components of ImageNet's RGB pixel covariance (Krizhevsky et al. 2012, as published with
