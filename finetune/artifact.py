@@ -30,6 +30,9 @@ class ModelSpec:
     weights_source: str = ""
     scenario: str = ""
     default_tta: str = "center"
+    # None: the timm model with its own classifier. An int i: the model cut after feature_info
+    # stage i, pooled, and a linear head (finetune.heads.StageClassifier; small-different plans).
+    head_stage: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -40,8 +43,13 @@ class ModelSpec:
 
 def build_network(spec: ModelSpec) -> nn.Module:
     """The network of a spec, with random weights (load_model fills them in)."""
-    return timm.create_model(spec.architecture, pretrained=False, num_classes=spec.num_classes,
-                             **spec.create_kwargs)
+    model = timm.create_model(spec.architecture, pretrained=False, num_classes=spec.num_classes,
+                              **spec.create_kwargs)
+    if spec.head_stage is not None:
+        from finetune.heads import StageClassifier
+
+        return StageClassifier(model, spec.head_stage, spec.num_classes)
+    return model
 
 
 def save_model(directory: str | Path, net: nn.Module, spec: ModelSpec) -> Path:

@@ -44,6 +44,11 @@ def train_options(f):
         click.option("--weights", help="'hub' (download timm's pretrained weights), 'none', or a local "
                      ".safetensors/.pth/.bin file (a sidecar <file>.json is honoured)."),
         click.option("--scenario", type=click.Choice(SCENARIOS), help="Fine-tuning scenario; auto measures it."),
+        click.option("--freeze-groups", type=int, help="Override: freeze the first N layer groups (0 trains all; "
+                     "`finetune plan` lists the groups). Fine-tuning scenarios only."),
+        click.option("--backbone-lr-mult", type=float, help="Override: backbone LR as a multiple of the head's."),
+        click.option("--aug-views", type=int, help="Augmented views per image in the feature cache (frozen-"
+                     "backbone scenarios)."),
         click.option("--epochs", type=int, help="Training epochs."),
         click.option("--batch-size", type=int, help="Images per batch."),
         click.option("--image-size", type=int, help="Input size (default: the model's pretrained size)."),
@@ -134,6 +139,27 @@ def upload(output: str) -> None:
                f"to MLflow run {done['run_id']}.")
 
 
+@cli.command()
+@click.argument("data_dir", type=click.Path())
+@train_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the report.")
+def plan(data_dir: str, config_file: str | None, as_json: bool, **options: Any) -> None:
+    """Measure DATA_DIR and show the fine-tuning plan, without training.
+
+    Profiles the data, runs the pretrained backbone once over the training images (cached for
+    `train`), measures how similar they are to the pretraining data, and prints the scenario of the
+    four-scenario table, the reasons, and the plan (frozen layer groups, learning rates, epochs).
+    """
+    from finetune.scenarios import describe, plan_folder
+
+    cfg = build_config(data_dir, config_file, **options)
+    decision, groups = plan_folder(cfg)
+    if as_json:
+        click.echo(json.dumps({**decision.to_dict(), "layer_groups": groups}, default=str))
+    else:
+        click.echo(describe(decision, groups))
+
+
 def _print_summary(summary: dict[str, Any]) -> None:
     m = summary["metrics"]
     if summary.get("skipped_files"):
@@ -141,7 +167,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
         first = ", ".join(summary["skipped_files"][:3])
         click.echo(f"\nSkipped {n} unreadable file(s) (listed in skipped_files.json of the run): {first}"
                    + (" ..." if n > 3 else ""))
-    click.echo(f"\nval_acc {m['val_acc']:.4f}  val_loss {m['val_loss']:.4f}  (best epoch {m.get('best_epoch')})")
+    click.echo(f"\nscenario {summary['scenario']}" + (f" ({summary['plan']['source']})" if "source" in summary["plan"] else ""))
+    click.echo(f"val_acc {m['val_acc']:.4f}  val_loss {m['val_loss']:.4f}  (best epoch {m.get('best_epoch')})")
     click.echo(f"summary:    {summary['output']}/summary.json")
     click.echo(f"model:      {summary['model_dir']}")
     click.echo(f"MLflow run: {summary['mlflow_run_id']}  ({summary['mlflow_tracking_uri']})")

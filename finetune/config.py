@@ -33,6 +33,10 @@ class TrainConfig:
     model: str = "resnet50.a1_in1k"
     weights: str = "hub"
     scenario: str = "auto"
+    # Overrides of the scenario's plan (None: the plan's own value; see configs/<scenario>.yaml).
+    freeze_groups: int | None = None
+    backbone_lr_mult: float | None = None
+    aug_views: int | None = None
     epochs: int = 10
     batch_size: int = 32
     image_size: int | None = None
@@ -118,13 +122,18 @@ def _coerce_types(cfg: TrainConfig) -> None:
             setattr(cfg, name, cast(value))
         except (TypeError, ValueError):
             raise UserError(f"Config value {name}={value!r} is not a valid {cast.__name__}.") from None
-    for name in ("image_size", "num_workers"):
+    for name in ("image_size", "num_workers", "freeze_groups", "aug_views"):
         value = getattr(cfg, name)
         if value is not None:
             try:
                 setattr(cfg, name, int(value))
             except (TypeError, ValueError):
                 raise UserError(f"Config value {name}={value!r} is not a valid int.") from None
+    if cfg.backbone_lr_mult is not None:
+        try:
+            cfg.backbone_lr_mult = float(cfg.backbone_lr_mult)
+        except (TypeError, ValueError):
+            raise UserError(f"Config value backbone_lr_mult={cfg.backbone_lr_mult!r} is not a valid float.") from None
     cfg.devices = str(cfg.devices)
     optional = {"mixup": float, "cutmix": float, "label_smoothing": float, "warmup_epochs": float,
                 "step_epochs": int, "lr_gamma": float, "dropout": float, "drop_path": float,
@@ -156,6 +165,12 @@ def validate_config(cfg: TrainConfig) -> None:
         raise UserError(f"num_nodes must be at least 1 (got {cfg.num_nodes}).")
     if cfg.num_workers is not None and cfg.num_workers < 0:
         raise UserError(f"num_workers must be >= 0 (got {cfg.num_workers}).")
+    if cfg.freeze_groups is not None and cfg.freeze_groups < 0:
+        raise UserError(f"freeze_groups must be >= 0 (got {cfg.freeze_groups}).")
+    if cfg.backbone_lr_mult is not None and cfg.backbone_lr_mult < 0:
+        raise UserError(f"backbone_lr_mult must be >= 0 (got {cfg.backbone_lr_mult}).")
+    if cfg.aug_views is not None and cfg.aug_views < 0:
+        raise UserError(f"aug_views must be >= 0 (got {cfg.aug_views}).")
     _check_choice("scenario", cfg.scenario, SCENARIOS)
     _check_choice("tta", cfg.tta, TTA_MODES)
     validate_recipe(cfg)

@@ -111,15 +111,22 @@ def plot_top_losses(paths: Sequence[str], probs: np.ndarray, labels: np.ndarray,
 
 def evaluate_samples(net: nn.Module, spec: ModelSpec, samples: Sequence[Sample], mode: str, out_dir: Path,
                      batch_size: int = 32, num_workers: int = 0, max_pixels: int | None = None,
-                     device: str = "cpu", label_map: Sequence[int] | None = None) -> dict[str, Any]:
-    """Predict one split with TTA and write report.json, confusion_matrix.png and top_losses.png."""
+                     device: str = "cpu", label_map: Sequence[int] | None = None,
+                     probs: np.ndarray | None = None) -> dict[str, Any]:
+    """Predict one split with TTA and write report.json, confusion_matrix.png and top_losses.png.
+
+    `probs` ([N, K], NaN rows for failed images): predictions already made with exactly this
+    preprocessing (a frozen-backbone plan's head on its cached centre-crop features), used instead
+    of running the network again.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [s.path for s in samples]
     labels = np.array([label_map[s.label] if label_map else s.label for s in samples], dtype=int)
-    images_per_batch = max(1, batch_size // TTA_VIEWS[mode])  # keep a forward pass near batch_size crops
-    probs, _ = predict_sources(net, paths, spec.data_config, mode, images_per_batch, num_workers,
-                               max_pixels, device)
-    probs_np = probs.numpy()
+    if probs is None:
+        images_per_batch = max(1, batch_size // TTA_VIEWS[mode])  # keep a forward pass near batch_size crops
+        probs = predict_sources(net, paths, spec.data_config, mode, images_per_batch, num_workers,
+                                max_pixels, device)[0].numpy()
+    probs_np = np.asarray(probs)
     result = {"tta": mode, **report(probs_np, labels, spec.class_names)}
     tracking.write_json(out_dir / "report.json", result)
     plot_confusion(result["confusion_matrix"], spec.class_names, out_dir / "confusion_matrix.png")
@@ -133,13 +140,15 @@ def metric_names(split: str, mode: str) -> tuple[str, str]:
 
 
 def evaluate_splits(net: nn.Module, spec: ModelSpec, splits: dict[str, Sequence[Sample]], mode: str,
-                    output: Path, run_id: str | None, exclude: Sequence[str] = (), **kwargs: Any) -> dict[str, float]:
+                    output: Path, run_id: str | None, exclude: Sequence[str] = (),
+                    precomputed: dict[str, np.ndarray] | None = None, **kwargs: Any) -> dict[str, float]:
     """Evaluate each named split; log metrics (but `exclude`) and artifacts to `run_id`; return the metrics."""
     metrics: dict[str, float] = {}
     for name, samples in splits.items():
         if not samples:
             continue
-        result = evaluate_samples(net, spec, samples, mode, output / "evaluation" / name, **kwargs)
+        result = evaluate_samples(net, spec, samples, mode, output / "evaluation" / name,
+                                  probs=(precomputed or {}).get(name), **kwargs)
         top1, top5 = metric_names(name, mode)
         metrics[top1], metrics[top5] = result["top1"], result["top5"]
         log.info("%s: top-1 %.4f top-5 %.4f (tta %s, %d images)", name, result["top1"], result["top5"], mode,
@@ -162,18 +171,19 @@ def log_evaluation(run_id: str, output: Path, metrics: dict[str, float]) -> None
 
 
 def after_training(net: nn.Module, spec: ModelSpec, splits: FolderSplits, cfg: Any, run_id: str | None,
-                   output: Path) -> dict[str, float]:
+                   output: Path, center_probs: dict[str, np.ndarray] | None = None) -> dict[str, float]:
     """The report of a finished training run on val (and test); `val_acc_tta` when TTA is multi-crop.
 
     The Lightning validation already measured the plain centre-crop accuracy (`val_acc`); this adds
-    the TTA numbers and the report files, and never overwrites `val_acc`. With `run_id` None nothing is
-    sent to MLflow (the caller sends it with `log_evaluation`).
+    the TTA numbers and the report files, and never overwrites `val_acc`. `center_probs` (split ->
+    probabilities from cached centre-crop features) spares a network pass when the mode is centre.
+    With `run_id` None nothing is sent to MLflow (the caller sends it with `log_evaluation`).
     """
     mode = cfg.tta if cfg.tta != "none" else "center"
     use_gpu = cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
     metrics = evaluate_splits(
         net, spec, {"val": splits.val, "test": splits.test}, mode, Path(output), run_id,
-        exclude=("val_acc", "val_acc_top5"),
+        exclude=("val_acc", "val_acc_top5"), precomputed=center_probs if mode == "center" else None,
         batch_size=cfg.batch_size, num_workers=default_num_workers() if cfg.num_workers is None else cfg.num_workers,
         max_pixels=cfg.max_image_pixels, device="cuda" if use_gpu else "cpu")
     net.cpu()

@@ -32,17 +32,19 @@ def split_weight_decay(param_groups: list[dict[str, Any]], weight_decay: float) 
     Decaying a norm's scale or a bias does not regularise the function (they set scale and offset,
     not capacity) and only fights the normalisation, so they get none. Same rule as timm's
     `param_groups_weight_decay`: 1-d parameters (biases, norm weights) are not decayed. That helper
-    needs a model; the plan hands over groups, so it is applied per group here.
+    needs a model; the plan hands over groups, so it is applied per group here. A group that
+    carries its own ``weight_decay`` keeps it (the linear-head search trains one head per value).
     """
     out: list[dict[str, Any]] = []
     for group in param_groups:
+        group_decay = group.get("weight_decay", weight_decay)
         params = [p for p in group["params"] if p.requires_grad]
         decay = [p for p in params if p.ndim > 1]
         no_decay = [p for p in params if p.ndim <= 1]
         extra = {k: v for k, v in group.items() if k not in ("params", "name", "weight_decay")}
         name = group.get("name", f"group{len(out)}")
         if decay:
-            out.append({**extra, "params": decay, "name": name, "weight_decay": weight_decay})
+            out.append({**extra, "params": decay, "name": name, "weight_decay": group_decay})
         if no_decay:
             out.append({**extra, "params": no_decay, "name": f"{name}/no_decay", "weight_decay": 0.0})
     return out

@@ -1,0 +1,377 @@
+"""Pooled features of a frozen pretrained backbone, extracted once and cached on disk.
+
+One pass of the backbone (eval mode) over a list of images stores, per image, the globally pooled
+output of every stage timm reports in `feature_info` (via `forward_intermediates`) plus the final
+pre-logits features (what the classifier sees). The same pass records the pretrained source
+classifier's logits and the input statistics of every BatchNorm layer: the inputs of the domain
+similarity measure. Everything that only needs a frozen backbone -- the similarity probe, the
+linear heads of the small-data plans, the head warm-up of the large-data plans -- reads this cache
+instead of running the backbone again.
+
+The cache key covers the architecture, a hash of the weights actually loaded, the preprocessing,
+and every file's path, size and modification time: change any of them and the entry is rebuilt;
+change none and a second run does no extraction. Arrays are written batch by batch into
+memory-mapped `.npy` files, so memory stays bounded for large datasets, and an entry only becomes
+visible (atomic rename) once it is complete.
+
+Augmented views ("augmentation cache"): for frozen-backbone plans, `views=K` extracts K augmented
+views of every image once (deterministic per image and view); training then samples one view per
+image each epoch, so augmentation costs no backbone forward per epoch either.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from finetune.augment import eval_transform, resize_size, train_transform
+from finetune.backbone import Backbone
+from finetune.data import Sample, default_num_workers
+from finetune.images import ImageError, display_path, load_rgb
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "FINETUNE_CACHE_DIR"
+FORMAT_VERSION = 1
+FINAL = "final"
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    """A place features can be taken from: a `feature_info` stage, or the final pre-logits."""
+
+    key: str  # "stage<i>" or "final"
+    index: int | None  # index into feature_info / forward_intermediates; None for final
+    module: str  # timm module name, for people
+    channels: int
+    reduction: int
+
+
+def feature_stages(model: nn.Module) -> list[StageInfo]:
+    """The stages of a timm model, shallow to deep, ending with the final pre-logits features."""
+    infos = getattr(model, "feature_info", None) or []
+    stages = [StageInfo(f"stage{i}", i, str(f.get("module", i)), int(f["num_chs"]), int(f.get("reduction", 0)))
+              for i, f in enumerate(infos)]
+    width = int(getattr(model, "head_hidden_size", 0) or getattr(model, "num_features", 0))
+    stages.append(StageInfo(FINAL, None, "pre_logits", width, stages[-1].reduction if stages else 0))
+    return stages
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.cwd() / ".cache" / "finetune" / "features")
+
+
+@dataclass
+class FeatureSet:
+    """Cached features of a list of images. Arrays are memory-mapped, shape [views, images, channels]."""
+
+    stages: list[StageInfo]
+    arrays: dict[str, np.ndarray]
+    labels: np.ndarray
+    valid: np.ndarray  # False where the image could not be decoded at extraction time
+    paths: list[str]
+    directory: Path
+    extracted: bool  # True when this call ran the backbone, False when it was read from the cache
+    seconds: float  # wall time of the extraction (0 when read from the cache)
+    logits: np.ndarray | None = None  # source classifier logits [images, source classes], clean view
+    bn_stats: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+
+    @property
+    def views(self) -> int:
+        return int(self.arrays[FINAL].shape[0])
+
+    def stage(self, key: str) -> StageInfo:
+        for s in self.stages:
+            if s.key == key:
+                return s
+        raise KeyError(f"no stage {key!r}; stages: {[s.key for s in self.stages]}")
+
+    def matrix(self, key: str, view: int = 0, only_valid: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(features [n, C] as float32, labels [n]) of one view of one stage."""
+        x = np.asarray(self.arrays[key][view], dtype=np.float32)
+        if only_valid:
+            return x[self.valid], self.labels[self.valid]
+        return x, self.labels
+
+
+# --- cache key -----------------------------------------------------------------------------------
+
+def weights_fingerprint(backbone: Backbone) -> str:
+    """Hash of the weights that shape the features (everything but the new classifier)."""
+    model = backbone.model
+    head = model.get_classifier()
+    head_ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
+    h = hashlib.blake2b(digest_size=16)
+    tensors = {**{n: p for n, p in model.named_parameters() if id(p) not in head_ids},
+               **dict(model.named_buffers())}
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    for name, t in sorted((backbone.source_head or {}).items()):
+        h.update(f"source_head.{name}".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def files_fingerprint(samples: Sequence[Sample]) -> str:
+    """Hash of every file's real path, label, size and modification time, in order.
+
+    Real paths: `../data/x.jpg`, `/abs/data/x.jpg` and a symlink to it are the same image.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    for s in samples:
+        try:
+            st = os.stat(s.path)
+            stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        except OSError:
+            stamp = "missing"
+        h.update(f"{os.fsencode(os.path.realpath(s.path)).hex()}|{s.label}|{stamp}\n".encode())
+    return h.hexdigest()
+
+
+def cache_key(backbone: Backbone, samples: Sequence[Sample], transform: Callable, views: int, seed: int) -> dict[str, Any]:
+    return {
+        "format": FORMAT_VERSION,
+        "timm": timm.__version__,
+        "model": backbone.model_name,
+        "create_kwargs": backbone.create_kwargs,
+        "weights": weights_fingerprint(backbone),
+        "transform": repr(transform),
+        "views": views,
+        "seed": seed if views > 0 else None,
+        "files": files_fingerprint(samples),
+        "n": len(samples),
+    }
+
+
+def _key_digest(key: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+# --- extraction ----------------------------------------------------------------------------------
+
+class _ViewDataset(Dataset):
+    """(image tensor, index, ok) per (view, sample); augmented views are seeded per image and view."""
+
+    def __init__(self, samples: Sequence[Sample], transform: Callable, views: int, seed: int,
+                 max_pixels: int | None, draft_size: tuple[int, int] | None, augmented: bool,
+                 input_size: Sequence[int]):
+        self.samples = list(samples)
+        self.transform = transform
+        self.views = views
+        self.seed = seed
+        self.max_pixels = max_pixels
+        self.draft_size = draft_size
+        self.augmented = augmented
+        self.input_size = tuple(input_size)
+
+    def __len__(self) -> int:
+        return len(self.samples) * self.views
+
+    def __getitem__(self, index: int):
+        view, i = divmod(index, len(self.samples))
+        sample = self.samples[i]
+        try:
+            img = load_rgb(sample.path, self.max_pixels, self.draft_size)
+        except (ImageError, OSError) as e:
+            log.warning("Skipping %s in feature extraction: %s", display_path(sample.path), e)
+            return torch.zeros(self.input_size), index, False
+        if self.augmented:  # the same augmented view every time this (image, view) is extracted
+            item_seed = (self.seed * 1_000_003 + view * 100_003 + i) % (2**31)
+            random.seed(item_seed)
+            torch.manual_seed(item_seed)
+        return self.transform(img), index, True
+
+
+class _BatchNormStats:
+    """Per-channel mean and variance of the input of every BatchNorm layer, over all images."""
+
+    def __init__(self, model: nn.Module):
+        self.sums: dict[str, list[torch.Tensor | int]] = {}
+        self.handles = []
+        for name, module in model.named_modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+                self.handles.append(module.register_forward_hook(self._hook(name)))
+                self.sums[name] = [0, 0, 0]
+
+    def _hook(self, name: str):
+        def hook(module, inputs, output):
+            x = inputs[0].detach()
+            dims = [d for d in range(x.ndim) if d != 1]
+            var, mean = torch.var_mean(x.float(), dim=dims, correction=0)  # one fused pass per batch
+            n = x.numel() // x.shape[1]
+            acc = self.sums[name]  # running sums of n*mean and n*E[x^2], in double
+            acc[0] = acc[0] + mean.double() * n
+            acc[1] = acc[1] + (var.double() + mean.double() ** 2) * n
+            acc[2] += n
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def result(self, model: nn.Module) -> dict[str, dict[str, np.ndarray]]:
+        modules = dict(model.named_modules())
+        out = {}
+        for name, (s, ss, n) in self.sums.items():
+            if not n:
+                continue
+            mean = s / n
+            var = (ss / n - mean * mean).clamp_min(0)
+            m = modules[name]
+            out[name] = {"mean": mean.float().cpu().numpy(), "var": var.float().cpu().numpy(),
+                         "running_mean": m.running_mean.detach().float().cpu().numpy(),
+                         "running_var": m.running_var.detach().float().cpu().numpy()}
+        return out
+
+
+def _source_logits(pooled: torch.Tensor, head: dict[str, torch.Tensor]) -> torch.Tensor:
+    weight = head["weight"].to(pooled)
+    weight = weight.reshape(weight.shape[0], -1)  # a 1x1 conv classifier is a linear layer
+    bias = head.get("bias")
+    return F.linear(pooled, weight, bias.to(pooled) if bias is not None else None)
+
+
+@torch.inference_mode()
+def forward_stages(model: nn.Module, x: torch.Tensor, stages: Sequence[StageInfo]) -> dict[str, torch.Tensor]:
+    """Globally pooled features of each stage for a batch (the model must be in eval mode)."""
+    indices = [s.index for s in stages if s.index is not None]
+    if indices:
+        final, inters = model.forward_intermediates(x, indices=indices)
+    else:
+        final, inters = model.forward_features(x), []
+    out = {s.key: t.float().mean(dim=(2, 3)) for s, t in zip([s for s in stages if s.index is not None], inters)}
+    out[FINAL] = model.forward_head(final, pre_logits=True).float().flatten(1)
+    return out
+
+
+def _extract(backbone: Backbone, samples: Sequence[Sample], transform: Callable, views: int, seed: int,
+             augmented: bool, directory: Path, batch_size: int, num_workers: int, max_pixels: int | None,
+             device: torch.device, with_stats: bool) -> None:
+    model = backbone.model
+    was_training = model.training
+    model.eval().to(device)
+    stages = feature_stages(model)
+    n = len(samples)
+    arrays = {s.key: np.lib.format.open_memmap(directory / f"{s.key}.npy", mode="w+", dtype=np.float32,
+                                               shape=(views, n, s.channels)) for s in stages}
+    valid = np.ones(n, dtype=bool)
+    head = backbone.source_head if with_stats else None
+    logits = None
+    if head is not None:
+        logits = np.lib.format.open_memmap(directory / "logits.npy", mode="w+", dtype=np.float32,
+                                           shape=(n, backbone.source_num_classes))
+    bn = _BatchNormStats(model) if with_stats else None
+    size = resize_size(backbone.data_config)
+    ds = _ViewDataset(samples, transform, views, seed, max_pixels, (size, size), augmented,
+                      backbone.data_config["input_size"])
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    try:
+        for x, index, ok in loader:
+            index = index.numpy()
+            ok = ok.numpy().astype(bool)
+            feats = forward_stages(model, x.to(device), stages)
+            view, row = np.divmod(index, n)
+            for key, t in feats.items():
+                arrays[key][view, row] = t.cpu().numpy()
+            valid[row[~ok]] = False
+            if logits is not None:
+                logits[row] = _source_logits(feats[FINAL], head).cpu().numpy()
+    finally:
+        if bn is not None:
+            bn.remove()
+        model.train(was_training)
+    for a in arrays.values():
+        a.flush()
+    if logits is not None:
+        logits.flush()
+    np.save(directory / "labels.npy", np.array([s.label for s in samples], dtype=np.int64))
+    np.save(directory / "valid.npy", valid)
+    if bn is not None:
+        stats = bn.result(model)
+        np.savez(directory / "bn_stats.npz", **{f"{layer}|{k}": v for layer, d in stats.items() for k, v in d.items()})
+    meta = {"stages": [s.__dict__ for s in stages], "paths": [display_path(s.path) for s in samples]}
+    (directory / "meta.json").write_text(json.dumps(meta))
+
+
+def _load(directory: Path, extracted: bool, seconds: float) -> FeatureSet:
+    meta = json.loads((directory / "meta.json").read_text())
+    stages = [StageInfo(**s) for s in meta["stages"]]
+    arrays = {s.key: np.load(directory / f"{s.key}.npy", mmap_mode="r") for s in stages}
+    logits = np.load(directory / "logits.npy", mmap_mode="r") if (directory / "logits.npy").exists() else None
+    bn: dict[str, dict[str, np.ndarray]] = {}
+    if (directory / "bn_stats.npz").exists():
+        with np.load(directory / "bn_stats.npz") as z:
+            for k in z.files:
+                layer, stat = k.rsplit("|", 1)
+                bn.setdefault(layer, {})[stat] = z[k]
+    return FeatureSet(stages, arrays, np.load(directory / "labels.npy"), np.load(directory / "valid.npy"),
+                      meta["paths"], directory, extracted, seconds, logits, bn)
+
+
+def extraction_device(accelerator: str = "auto") -> torch.device:
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def cached_features(backbone: Backbone, samples: Sequence[Sample], *, views: int = 0, aug_preset: str = "light",
+                    seed: int = 0, batch_size: int = 32, num_workers: int | None = None,
+                    max_pixels: int | None = None, cache_dir: str | Path | None = None,
+                    device: torch.device | None = None) -> FeatureSet:
+    """Features of `samples`, from the cache when the same images went through the same backbone.
+
+    Args:
+        backbone: the pretrained backbone (its classifier is ignored; the source head, when kept,
+            gives the source logits).
+        samples: the images, in order; labels are stored alongside.
+        views: 0 for the clean view (eval preprocessing, with source logits and BatchNorm input
+            statistics); K > 0 for K augmented views (training preset `aug_preset`).
+        seed: seed of the augmented views.
+    """
+    augmented = views > 0
+    n_views = views if augmented else 1
+    transform = (train_transform(backbone.data_config, aug_preset) if augmented
+                 else eval_transform(backbone.data_config))
+    key = cache_key(backbone, samples, transform, views, seed)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    directory = root / _key_digest(key)
+    if (directory / "meta.json").is_file():
+        log.info("Features of %d images read from cache %s", len(samples), directory)
+        return _load(directory, extracted=False, seconds=0.0)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".partial-"))
+    started = time.perf_counter()
+    try:
+        _extract(backbone, samples, transform, n_views, seed, augmented, tmp, batch_size,
+                 default_num_workers() if num_workers is None else num_workers, max_pixels,
+                 device or torch.device("cpu"), with_stats=not augmented)
+        (tmp / "key.json").write_text(json.dumps(key, indent=1, default=str))
+        try:
+            os.replace(tmp, directory)
+        except OSError:  # another process finished the same entry first: theirs is as good
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    seconds = time.perf_counter() - started
+    log.info("Extracted features of %d images x %d view(s) in %.1fs -> %s", len(samples), n_views, seconds, directory)
+    return _load(directory, extracted=True, seconds=seconds)

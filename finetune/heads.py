@@ -1,0 +1,214 @@
+"""Linear heads on frozen features: the network for a head on an earlier stage, and training a head
+on cached features (the small-data plans, and the head warm-up of the large-data plans).
+
+The head trains on standardised features (better conditioned), then the standardisation is folded
+into the linear layer, so the saved network takes raw backbone features like any timm classifier.
+Several weight-decay candidates train side by side in one pass over the data (one Lightning fit);
+the one with the best validation accuracy (then loss) at its best epoch is kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+log = logging.getLogger(__name__)
+
+
+class StageClassifier(nn.Module):
+    """A timm model cut after one stage, its pooled features, and a linear classifier.
+
+    The trunk is pruned with timm's `prune_intermediate_layers`, so the later stages are neither
+    run nor saved; features come from `forward_intermediates`, exactly as the feature cache got them.
+    """
+
+    def __init__(self, model: nn.Module, stage_index: int, num_classes: int):
+        super().__init__()
+        channels = int(model.feature_info[stage_index]["num_chs"])
+        model.prune_intermediate_layers(indices=[stage_index], prune_head=True)
+        self.trunk = model
+        self.stage_index = stage_index
+        self.head = nn.Linear(channels, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.trunk.forward_intermediates(x, indices=[self.stage_index], intermediates_only=True)[-1]
+        return feats.mean(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x))
+
+
+def load_linear(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """Copy a trained linear head into a classifier layer (Linear, or a 1x1 conv classifier)."""
+    with torch.no_grad():
+        layer.weight.copy_(weight.reshape(layer.weight.shape))
+        layer.bias.copy_(bias)
+
+
+# --- training on cached features -----------------------------------------------------------------
+
+class _FeatureViews(Dataset):
+    """Rows of one or more views [V, N, C]; each access picks one view at random (train) or view 0.
+
+    Batches are fetched whole (`__getitems__`): one fancy-indexing read per batch and view instead
+    of one Python call per image, so an epoch over cached features costs next to nothing.
+    """
+
+    def __init__(self, views: Sequence[np.ndarray], labels: np.ndarray, rows: np.ndarray, mean: np.ndarray,
+                 std: np.ndarray, random_view: bool, generator: torch.Generator | None = None):
+        self.views = [(v, k) for v in views for k in range(v.shape[0])]
+        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        self.rows = np.asarray(rows)
+        self.mean = torch.from_numpy(mean)
+        self.std = torch.from_numpy(std)
+        self.random_view = random_view
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        x, y = self.__getitems__([i])
+        return x[0], y[0]
+
+    def __getitems__(self, indices: list[int]):
+        rows = self.rows[np.asarray(indices)]
+        if self.random_view and len(self.views) > 1:
+            choice = torch.randint(len(self.views), (len(rows),), generator=self.generator).numpy()
+        else:
+            choice = np.zeros(len(rows), dtype=np.int64)
+        x = torch.empty(len(rows), self.mean.numel())
+        for v in np.unique(choice):
+            array, k = self.views[int(v)]
+            picked = np.flatnonzero(choice == v)
+            order = np.argsort(rows[picked])  # memmaps read fastest in file order
+            x[picked[order]] = torch.from_numpy(np.asarray(array[k, rows[picked[order]]], dtype=np.float32))
+        return (x - self.mean) / self.std, self.labels[rows]
+
+
+def _batch_as_is(batch):
+    return batch
+
+
+class HeadSearch(pl.LightningModule):
+    """One linear head per weight-decay candidate, trained side by side on the same batches."""
+
+    def __init__(self, in_features: int, num_classes: int, weight_decays: Sequence[float],
+                 optimizer_factory: Callable[[list[dict[str, Any]], nn.Module], Any]):
+        super().__init__()
+        self.weight_decays = [float(w) for w in weight_decays]
+        self.heads = nn.ModuleList(nn.Linear(in_features, num_classes) for _ in self.weight_decays)
+        for h in self.heads:  # zero init: every candidate starts from "no opinion"
+            nn.init.zeros_(h.weight)
+            nn.init.zeros_(h.bias)
+        self.optimizer_factory = optimizer_factory
+        self.best: list[dict[str, Any]] = [{"acc": -1.0, "loss": float("inf"), "epoch": -1, "state": None}
+                                           for _ in self.weight_decays]
+        self._val: list[list[float]] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        losses = torch.stack([F.cross_entropy(h(x), y) for h in self.heads])
+        acc = (self.heads[0](x).argmax(1) == y).float().mean()
+        self.log("train_loss", losses.min(), on_step=False, on_epoch=True, batch_size=len(y))
+        self.log("train_acc", acc, on_step=False, on_epoch=True, batch_size=len(y))
+        return losses.sum()
+
+    def on_validation_epoch_start(self) -> None:
+        self._val = [[0.0, 0.0, 0.0] for _ in self.heads]  # loss sum, correct, count
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        for i, h in enumerate(self.heads):
+            logits = h(x)
+            self._val[i][0] += float(F.cross_entropy(logits, y, reduction="sum"))
+            self._val[i][1] += float((logits.argmax(1) == y).sum())
+            self._val[i][2] += len(y)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        results = []
+        for i, (loss_sum, correct, n) in enumerate(self._val):
+            acc, loss = correct / max(n, 1), loss_sum / max(n, 1)
+            results.append((acc, loss))
+            self.log(f"val_acc_wd{i}", acc)
+            b = self.best[i]
+            if (acc, -loss) > (b["acc"], -b["loss"]):
+                self.best[i] = {"acc": acc, "loss": loss, "epoch": self.current_epoch,
+                                "state": copy.deepcopy(self.heads[i].state_dict())}
+        acc, loss = max(results, key=lambda r: (r[0], -r[1]))
+        self.log("val_acc", acc, prog_bar=True)
+        self.log("val_loss", loss, prog_bar=True)
+
+    def configure_optimizers(self):
+        groups = [{"params": list(h.parameters()), "weight_decay": wd, "name": f"head wd={wd:g}"}
+                  for h, wd in zip(self.heads, self.weight_decays)]
+        return self.optimizer_factory(groups, self)
+
+
+@dataclass
+class HeadResult:
+    weight: torch.Tensor  # [classes, features], for raw (unstandardised) features
+    bias: torch.Tensor
+    weight_decay: float
+    val_acc: float
+    val_loss: float
+    best_epoch: int
+    candidates: list[dict[str, float]] = field(default_factory=list)
+
+
+def fit_linear_head(train_views: Sequence[np.ndarray], train_labels: np.ndarray, train_valid: np.ndarray,
+                    val_features: np.ndarray, val_labels: np.ndarray, val_valid: np.ndarray, num_classes: int,
+                    weight_decays: Sequence[float], epochs: int, batch_size: int,
+                    optimizer_factory: Callable[[list[dict[str, Any]], nn.Module], Any], seed: int = 0,
+                    logger: Any = False, accelerator: str = "cpu") -> HeadResult:
+    """Train a linear head on cached features; choose the weight decay on the validation split.
+
+    Args:
+        train_views: arrays [V, N, C] of training features (clean view and augmented views); each
+            epoch every image contributes one view picked at random.
+        val_features: array [1, M, C] (clean view).
+        optimizer_factory: (param groups, module) -> optimizer; each group carries its own
+            weight_decay and gets its LR from the factory.
+    """
+    clean = np.asarray(train_views[0][0], dtype=np.float64)[train_valid]
+    mean = clean.mean(axis=0).astype(np.float32)
+    std = clean.std(axis=0).astype(np.float32)
+    std = np.where(std > 1e-6, std, 1.0).astype(np.float32)  # dead channels: any scale will do
+    train_rows = np.flatnonzero(train_valid)
+    val_rows = np.flatnonzero(val_valid)
+    generator = torch.Generator().manual_seed(seed)
+    train_ds = _FeatureViews(train_views, train_labels, train_rows, mean, std, random_view=True, generator=generator)
+    train_loader = DataLoader(train_ds, batch_size=min(batch_size, len(train_rows)), shuffle=True,
+                              generator=generator, collate_fn=_batch_as_is)
+    val_loader = DataLoader(_FeatureViews([val_features], val_labels, val_rows, mean, std, random_view=False),
+                            batch_size=max(batch_size, 512), collate_fn=_batch_as_is)
+    module = HeadSearch(clean.shape[1], num_classes, weight_decays, optimizer_factory)
+    trainer = pl.Trainer(max_epochs=epochs, accelerator=accelerator, devices=1, logger=logger,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, log_every_n_steps=1, deterministic=False)
+    trainer.fit(module, train_loader, val_loader)
+    best_i = max(range(len(module.best)), key=lambda i: (module.best[i]["acc"], -module.best[i]["loss"]))
+    best = module.best[best_i]
+    w = best["state"]["weight"].detach().float()
+    b = best["state"]["bias"].detach().float()
+    # Fold the standardisation in: W (x - m) / s + b == (W / s) x + (b - W m / s).
+    s_t, m_t = torch.from_numpy(std), torch.from_numpy(mean)
+    weight = w / s_t
+    bias = b - (w * (m_t / s_t)).sum(dim=1)
+    candidates = [{"weight_decay": wd, "val_acc": round(r["acc"], 4), "val_loss": round(r["loss"], 4),
+                   "best_epoch": r["epoch"]} for wd, r in zip(module.weight_decays, module.best)]
+    log.info("Linear head: weight decay %g chosen on val (acc %.4f); candidates %s",
+             module.weight_decays[best_i], best["acc"], candidates)
+    return HeadResult(weight, bias, module.weight_decays[best_i], best["acc"], best["loss"], best["epoch"],
+                      candidates)

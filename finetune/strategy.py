@@ -1,0 +1,266 @@
+"""The four-scenario decision: (dataset profile, measured similarity, thresholds) -> Plan.
+
+|              | similar domain                            | different domain                              |
+|--------------|-------------------------------------------|-----------------------------------------------|
+| little data  | small-similar: linear head on the final   | small-different: linear head on the best      |
+|              | features of the frozen backbone           | earlier stage's features (measured)           |
+| lots of data | large-similar: head warm-up, then the top | large-different: all layers, higher backbone  |
+|              | stages with a lower backbone LR           | LR, longer schedule                           |
+
+Pure functions of plain numbers: no torch, no model. The thresholds come from
+`configs/strategy.yaml` and each scenario's defaults from `configs/<scenario>.yaml`; both are read
+here, with unknown keys an error. Which concrete parameter groups a plan freezes is resolved
+against the model's own timm `group_matcher` by `finetune.freezing`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from finetune.errors import UserError
+
+SCENARIO_NAMES = ("small-similar", "large-similar", "small-different", "large-different")
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+FINAL = "final"
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Where the cells of the table begin (configs/strategy.yaml says what they were calibrated on)."""
+
+    large_min_images: int = 1000  # training images needed for "a lot of data" ...
+    large_min_per_class: float = 100  # ... and per class (median)
+    similar_min_score: float = 0.62  # similarity score at and above which the domain counts as similar
+    similarity_weights: dict[str, float] = field(default_factory=lambda: {
+        "probe": 0.5, "depth": 1.0, "source_confidence": 1.0, "bn_match": 0.5})
+    probe_folds: int = 5
+    probe_alpha: float = 100.0  # ridge penalty of the probe (standardised features)
+    probe_max_images: int = 4000  # the probe uses a stratified subset of at most this many images
+
+
+@dataclass(frozen=True)
+class ScenarioDefaults:
+    """What a scenario does, before measured numbers and user overrides refine it."""
+
+    train_on_features: bool  # linear head on cached frozen features, no backbone forward per epoch
+    head_stage: str  # "final" or "best-earlier" (resolved to a measured stage)
+    trainable_fraction: float  # share of the backbone's layer groups, from the top, that learn
+    backbone_lr_mult: float  # LR of the top trainable backbone group, relative to the head's
+    layer_decay: float  # each group further down learns this factor slower
+    warmup_epochs: int  # head-only epochs on cached features before the network is fine-tuned
+    epochs_scale: float  # epochs = ceil(--epochs * epochs_scale)
+    unfreeze_at: int = 0  # network epoch at which the trainable backbone groups start learning
+    weight_decay_grid: tuple[float, ...] = (0.0,)  # candidates for the head, chosen on the val split
+    aug_views: int = 0  # augmented views per image in the feature cache (feature plans)
+    augment: str = "light"  # training augmentation preset (network plans)
+
+
+@dataclass
+class Plan:
+    """How to fine-tune, with the reasons. Serialisable as JSON (summary.json, MLflow)."""
+
+    scenario: str
+    source: str  # "measured" or "forced"
+    size: str  # "small" or "large"
+    domain: str  # "similar" or "different"
+    train_on_features: bool
+    head_stage: str  # stage key whose pooled features feed the head ("final" or "stage<i>")
+    trainable_fraction: float
+    freeze_groups: int | None  # explicit number of frozen layer groups (user override), else None
+    backbone_lr_mult: float
+    layer_decay: float
+    bn_policy: str
+    warmup_epochs: int
+    epochs: int
+    unfreeze_at: int
+    weight_decay_grid: list[float]
+    aug_views: int
+    augment: str
+    reasons: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- configuration files -------------------------------------------------------------------------
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"Strategy config not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a mapping of key: value.")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def _build(cls, data: Mapping[str, Any], path: Path):
+    valid = [f.name for f in fields(cls)]
+    unknown = sorted(set(data) - set(valid))
+    if unknown:
+        raise UserError(f"Unknown key(s) in {path}: {', '.join(unknown)}. Valid keys: {', '.join(valid)}.")
+    try:
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items()})
+    except TypeError as e:
+        raise UserError(f"{path}: {e}") from None
+
+
+def load_thresholds(path: str | Path | None = None) -> Thresholds:
+    path = Path(path) if path else CONFIG_DIR / "strategy.yaml"
+    data = _read_yaml(path)
+    t = _build(Thresholds, data, path)
+    return Thresholds(**{**asdict(t), "similarity_weights": dict(t.similarity_weights)})
+
+
+def load_scenario_defaults(scenario: str, config_dir: str | Path | None = None) -> ScenarioDefaults:
+    if scenario not in SCENARIO_NAMES:
+        raise UserError(f"Invalid scenario {scenario!r}. Valid values: auto, {', '.join(SCENARIO_NAMES)}.")
+    path = Path(config_dir or CONFIG_DIR) / f"{scenario}.yaml"
+    return _build(ScenarioDefaults, _read_yaml(path), path)
+
+
+# --- the decision --------------------------------------------------------------------------------
+
+def classify_size(n_train: int, per_class_median: float, t: Thresholds) -> tuple[str, str]:
+    """("small" | "large", reason)."""
+    large = n_train >= t.large_min_images and per_class_median >= t.large_min_per_class
+    cmp_n = ">=" if n_train >= t.large_min_images else "<"
+    cmp_c = ">=" if per_class_median >= t.large_min_per_class else "<"
+    reason = (f"{'a lot of' if large else 'little'} data: {n_train} training images ({cmp_n} {t.large_min_images}), "
+              f"median {per_class_median:g} per class ({cmp_c} {t.large_min_per_class:g})")
+    return ("large" if large else "small"), reason
+
+
+def classify_domain(score: float, components: Mapping[str, float], t: Thresholds) -> tuple[str, str]:
+    """("similar" | "different", reason)."""
+    similar = score >= t.similar_min_score
+    parts = ", ".join(f"{k} {v:.2f}" for k, v in components.items())
+    reason = (f"{'similar' if similar else 'different'} domain: similarity {score:.2f} "
+              f"({'>=' if similar else '<'} {t.similar_min_score:.2f}; {parts})")
+    return ("similar" if similar else "different"), reason
+
+
+def decide(profile: Mapping[str, Any], similarity: Mapping[str, Any], thresholds: Thresholds,
+           defaults: Mapping[str, ScenarioDefaults], *, base_epochs: int, forced: str = "auto",
+           freeze_groups: int | None = None, backbone_lr_mult: float | None = None,
+           aug_views: int | None = None, pretrained: bool = True) -> Plan:
+    """Choose the scenario and its plan.
+
+    Args:
+        profile: the dataset profile (``n_train``, ``per_class_median`` are used).
+        similarity: the measured similarity (``score``, ``components``, ``best_stage``,
+            ``best_earlier_stage``, and ``probes`` as dicts with ``key`` and ``normalized``).
+        thresholds: from configs/strategy.yaml.
+        defaults: scenario name -> its defaults (configs/<scenario>.yaml).
+        base_epochs: the user's --epochs.
+        forced: "auto" to decide from the measurements, else a scenario name.
+        freeze_groups, backbone_lr_mult, aug_views: user overrides (None: the scenario's default).
+        pretrained: False for a randomly initialised backbone: nothing to keep, so every layer learns.
+    """
+    size, size_reason = classify_size(int(profile["n_train"]), float(profile["per_class_median"]), thresholds)
+    domain, domain_reason = classify_domain(float(similarity["score"]), similarity["components"], thresholds)
+    measured = f"{size}-{domain}"
+    if forced == "auto" and not pretrained:
+        scenario, source = "large-different", "measured"
+        reasons = [f"no pretrained weights (random init): there are no features to keep, so every layer "
+                   f"learns, whatever the data ({size_reason})"]
+    elif forced == "auto":
+        scenario, source = measured, "measured"
+        reasons = [size_reason, domain_reason]
+    else:
+        if forced not in SCENARIO_NAMES:
+            raise UserError(f"Invalid scenario {forced!r}. Valid values: auto, {', '.join(SCENARIO_NAMES)}.")
+        scenario, source = forced, "forced"
+        reasons = [f"scenario {forced} forced by the user (the measurements say {measured}: "
+                   f"{size_reason}; {domain_reason})"]
+    d = defaults[scenario]
+    size, domain = scenario.split("-")
+
+    head_stage = FINAL
+    if d.train_on_features:
+        head_stage, stage_reason = _head_stage(d.head_stage, similarity)
+        reasons.append(stage_reason)
+    if freeze_groups is not None and d.train_on_features:
+        raise UserError(f"--freeze-groups applies to fine-tuning plans (large-similar, large-different); "
+                        f"{scenario} trains a linear head on frozen features. Force a large-* scenario "
+                        "with --scenario to fine-tune layers.")
+    if backbone_lr_mult is not None and backbone_lr_mult < 0:
+        raise UserError(f"backbone_lr_mult must be >= 0 (got {backbone_lr_mult}).")
+    if aug_views is not None and aug_views < 0:
+        raise UserError(f"aug_views must be >= 0 (got {aug_views}).")
+    # From random init the "longer schedule" of large-different is not about domain shift: keep --epochs.
+    scale = d.epochs_scale if (pretrained or forced != "auto") else 1.0
+    epochs = max(1, math.ceil(base_epochs * scale))
+    lr_mult = d.backbone_lr_mult if backbone_lr_mult is None else float(backbone_lr_mult)
+    layer_decay, warmup = float(d.layer_decay), int(d.warmup_epochs)
+    if not pretrained and forced == "auto":
+        # Random features: nothing to protect with lower LRs, nothing for a warm-up to build on.
+        lr_mult = 1.0 if backbone_lr_mult is None else lr_mult
+        layer_decay, warmup = 1.0, 0
+    views = d.aug_views if aug_views is None else int(aug_views)
+
+    if d.train_on_features:
+        reasons.append(f"backbone frozen (BatchNorm in eval mode): a linear head trains for {epochs} epochs on "
+                       "cached features, no backbone forward per epoch; weight decay chosen on the validation "
+                       f"split from {list(d.weight_decay_grid)}"
+                       + (f"; {views} augmented view(s) per image cached" if views else ""))
+    else:
+        if freeze_groups is not None:
+            train_what = f"all but the first {freeze_groups} layer group(s) (user override)"
+        elif d.trainable_fraction >= 1:
+            train_what = "all layer groups"
+        else:
+            train_what = f"the top {d.trainable_fraction:.0%} of the layer groups"
+        warm = (f"head warm-up for {warmup} epochs on cached features with the backbone frozen, then "
+                if warmup else "")
+        reasons.append(f"{warm}fine-tune {train_what} for {epochs} epochs; backbone LR x{lr_mult:g} of the "
+                       f"head's, x{layer_decay:g} per group further down; frozen groups keep BatchNorm "
+                       "running statistics (eval mode)")
+        if scenario == "large-different" and pretrained:
+            reasons.append("different domain with enough data: the features must move, so a higher backbone LR "
+                           f"than the similar case and a longer schedule ({d.epochs_scale:g} x --epochs)")
+    return Plan(
+        scenario=scenario, source=source, size=size, domain=domain,
+        train_on_features=d.train_on_features, head_stage=head_stage,
+        trainable_fraction=0.0 if d.train_on_features else float(d.trainable_fraction),
+        freeze_groups=freeze_groups, backbone_lr_mult=lr_mult, layer_decay=layer_decay,
+        bn_policy="frozen layer groups in eval mode (running statistics kept); trainable groups in train mode",
+        warmup_epochs=0 if d.train_on_features else warmup, epochs=epochs,
+        unfreeze_at=int(d.unfreeze_at), weight_decay_grid=[float(w) for w in d.weight_decay_grid],
+        aug_views=views if d.train_on_features else 0, augment=d.augment, reasons=reasons)
+
+
+def _head_stage(rule: str, similarity: Mapping[str, Any]) -> tuple[str, str]:
+    scores = {p["key"]: p["normalized"] for p in similarity.get("probes", [])}
+    if rule == FINAL:
+        return FINAL, f"head on the final pooled features (probe {scores.get(FINAL, float('nan')):.2f})"
+    if rule != "best-earlier":
+        raise UserError(f"Invalid head_stage rule {rule!r} in a scenario config. Valid: final, best-earlier.")
+    best, earlier = similarity["best_stage"], similarity["best_earlier_stage"]
+    if best == FINAL:
+        # Measured, not assumed: when no earlier stage beats the final features, use them.
+        return FINAL, (f"head on the final features: they probe best ({scores.get(FINAL, 0):.2f}; best earlier "
+                       f"stage {earlier} {scores.get(earlier, 0):.2f})")
+    return best, (f"head on {best}, the stage whose features probe best ({scores.get(best, 0):.2f} vs final "
+                  f"{scores.get(FINAL, 0):.2f})")
+
+
+def resolve_frozen_count(plan: Plan, n_backbone_groups: int) -> int:
+    """How many layer groups, from the bottom, stay frozen (the head group always trains)."""
+    if plan.train_on_features:
+        return n_backbone_groups
+    if plan.freeze_groups is not None:
+        if not 0 <= plan.freeze_groups <= n_backbone_groups:
+            raise UserError(f"--freeze-groups {plan.freeze_groups} is out of range: this model has "
+                            f"{n_backbone_groups} backbone layer groups (0 trains all, "
+                            f"{n_backbone_groups} freezes the whole backbone). `finetune plan` lists them.")
+        return plan.freeze_groups
+    trainable = math.ceil(plan.trainable_fraction * n_backbone_groups - 1e-9)
+    return n_backbone_groups - min(n_backbone_groups, max(0, trainable))

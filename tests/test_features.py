@@ -1,0 +1,165 @@
+"""Feature cache (reuse, invalidation), cached-feature heads == full-model predictions, stage-head
+artifacts, and the dataset profile."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from finetune.artifact import ModelSpec, load_model, save_model
+from finetune.augment import eval_transform, resize_size
+from finetune.backbone import create_backbone
+from finetune.data import scan_folder
+from finetune.features import FINAL, cached_features, feature_stages
+from finetune.heads import StageClassifier, load_linear
+from finetune.images import load_rgb
+from finetune.profile import profile_splits
+from tests.conftest import make_folder
+
+FAMILIES = ["test_resnet", "test_efficientnet", "test_convnext", "test_vit"]
+
+
+def _backbone(model: str, num_classes: int = 2, size: int = 32):
+    torch.manual_seed(0)
+    return create_backbone(model, "none", num_classes, image_size=size)
+
+
+def _images(backbone, samples) -> torch.Tensor:
+    """The images as the model sees them: the eval preprocessing, same JPEG draft as the cache."""
+    size = resize_size(backbone.data_config)
+    t = eval_transform(backbone.data_config)
+    return torch.stack([t(load_rgb(s.path, None, (size, size))) for s in samples])
+
+
+def test_cache_is_reused_and_invalidated_when_a_file_changes(image_folder: Path, tmp_path: Path):
+    splits = scan_folder(image_folder)
+    bb = _backbone("test_resnet")
+    kwargs = dict(batch_size=4, num_workers=0, cache_dir=tmp_path / "cache")
+    first = cached_features(bb, splits.train, **kwargs)
+    assert first.extracted and first.seconds > 0
+    assert set(first.arrays) == {s.key for s in feature_stages(bb.model)}
+    assert first.arrays[FINAL].shape == (1, len(splits.train), bb.model.num_features)
+    assert isinstance(first.arrays[FINAL], np.memmap)  # on disk, not in memory
+
+    second = cached_features(bb, splits.train, **kwargs)
+    assert not second.extracted and second.directory == first.directory
+    np.testing.assert_array_equal(second.arrays[FINAL], first.arrays[FINAL])
+
+    changed = splits.train[0].path
+    Image.new("RGB", (50, 50), (0, 255, 255)).save(changed)
+    stat = os.stat(changed)
+    os.utime(changed, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    third = cached_features(bb, splits.train, **kwargs)
+    assert third.extracted and third.directory != first.directory
+    assert not np.allclose(third.arrays[FINAL][0, 0], first.arrays[FINAL][0, 0])
+    np.testing.assert_allclose(third.arrays[FINAL][0, 1:], first.arrays[FINAL][0, 1:], atol=1e-5)
+
+    # Other weights are another entry too.
+    other = _backbone("test_resnet")
+    with torch.no_grad():
+        next(other.model.parameters()).add_(1.0)
+    assert cached_features(other, splits.train, **kwargs).extracted
+
+
+def _noise_folder(root: Path, per_class: int = 4) -> Path:
+    """Textured images (a solid colour looks the same under every crop and flip)."""
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def test_augmented_views_are_cached_and_reproducible(tmp_path: Path):
+    splits = scan_folder(_noise_folder(tmp_path / "data"))
+    bb = _backbone("test_resnet")
+    kwargs = dict(batch_size=4, num_workers=0, cache_dir=tmp_path / "cache", seed=3)
+    aug = cached_features(bb, splits.train, views=3, **kwargs)
+    assert aug.arrays[FINAL].shape[:2] == (3, len(splits.train))
+    assert not np.allclose(aug.arrays[FINAL][0], aug.arrays[FINAL][1])  # the views differ
+    again = cached_features(bb, splits.train, views=3, cache_dir=tmp_path / "other", batch_size=2,
+                            num_workers=0, seed=3)
+    np.testing.assert_allclose(again.arrays[FINAL], aug.arrays[FINAL], atol=1e-5)  # same seed, same views
+    assert not cached_features(bb, splits.train, views=3, **kwargs).extracted
+
+
+@pytest.mark.parametrize("model", FAMILIES)
+def test_cached_feature_heads_match_the_full_network(model: str, tmp_path: Path):
+    data = make_folder(tmp_path / "data", classes=("a", "b", "c"), per_class=3)
+    splits = scan_folder(data)
+    bb = _backbone(model, num_classes=3)
+    feats = cached_features(bb, splits.train, batch_size=4, num_workers=0, cache_dir=tmp_path / "cache")
+    x = _images(bb, splits.train)
+    torch.manual_seed(1)
+    for stage in [s for s in feats.stages if s.key in ("stage1", FINAL)]:
+        weight, bias = torch.randn(3, stage.channels), torch.randn(3)
+        expected = F.linear(torch.from_numpy(feats.matrix(stage.key)[0]), weight, bias)
+        if stage.key == FINAL:
+            net = bb.model
+            load_linear(net.get_classifier(), weight, bias)
+        else:
+            net = StageClassifier(_backbone(model, num_classes=3).model, stage.index, 3)
+            load_linear(net.head, weight, bias)
+        with torch.no_grad():
+            got = net.eval()(x)
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_stage_head_artifact_round_trip(tmp_path: Path):
+    bb = _backbone("test_efficientnet", num_classes=4)
+    net = StageClassifier(bb.model, 2, 4).eval()
+    n_full = sum(p.numel() for p in _backbone("test_efficientnet", 4).model.parameters())
+    assert sum(p.numel() for p in net.parameters()) < n_full  # the later stages were pruned away
+    spec = ModelSpec(architecture="test_efficientnet", num_classes=4, class_names=list("abcd"),
+                     data_config=bb.data_config, scenario="small-different", head_stage=2)
+    save_model(tmp_path / "model", net, spec)
+    loaded, loaded_spec = load_model(tmp_path / "model")
+    assert loaded_spec.head_stage == 2 and isinstance(loaded, StageClassifier)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), net(x))
+
+
+def test_profile_from_scan_info(tmp_path: Path):
+    data = make_folder(tmp_path / "data", classes=("a", "b", "c"), per_class=6, size=40)
+    for i in range(4):  # grayscale images in class c, and one extra in class a
+        Image.new("L", (40, 60), 128).save(data / "c" / f"gray_{i}.png")
+    Image.new("RGB", (40, 40)).save(data / "a" / "extra.png")
+    splits = scan_folder(data, val_fraction=0.25)
+    p = profile_splits(splits)
+    assert p.n_classes == 3 and p.n_train == len(splits.train) and p.n_val == len(splits.val)
+    counts = sorted(sum(1 for s in splits.train if s.label == k) for k in range(3))
+    assert (p.per_class_min, p.per_class_max) == (counts[0], counts[-1])
+    assert p.imbalance_ratio == pytest.approx(counts[-1] / counts[0], rel=1e-3)
+    gray_train = sum(1 for s in splits.train if s.info.mode == "L")
+    assert gray_train > 0 and p.grayscale_share == pytest.approx(gray_train / p.n_train, abs=1e-4)
+    assert 40 <= p.median_width <= 48
+
+
+def test_cached_center_probs_match_the_network_prediction(tmp_path: Path):
+    """The after-training report of a feature plan reads cached features instead of running the
+    network: the probabilities must be the ones the network gives through the TTA code path."""
+    from types import SimpleNamespace
+
+    from finetune.config import TrainConfig
+    from finetune.scenarios import cached_center_probs
+    from finetune.tta import predict_sources
+
+    data = make_folder(tmp_path / "data", classes=("a", "b", "c"), per_class=4)
+    splits = scan_folder(data)
+    bb = _backbone("test_resnet", num_classes=3)
+    torch.manual_seed(2)
+    load_linear(bb.model.get_classifier(), torch.randn(3, bb.model.num_features), torch.randn(3))
+    cfg = TrainConfig(batch_size=4, num_workers=0)
+    probs = cached_center_probs(cfg, bb, splits, SimpleNamespace(head_stage=FINAL), bb.model)["val"]
+    net_probs, _ = predict_sources(bb.model.eval(), [s.path for s in splits.val], bb.data_config, "center", 4, 0,
+                                   None, "cpu")
+    np.testing.assert_allclose(probs, net_probs.numpy(), atol=1e-5)

@@ -1,0 +1,72 @@
+"""`finetune plan` and the plan in `finetune train`, through the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+from safetensors.torch import save_file
+
+from finetune.artifact import load_model
+from finetune.cli import cli
+from tests.conftest import TINY_MODEL, tiny_train_args
+
+
+@pytest.fixture
+def weights_file(tmp_path: Path) -> Path:
+    """A 'pretrained' test_resnet with a 10-class source head, as a local weights file."""
+    torch.manual_seed(0)
+    model = timm.create_model(TINY_MODEL, num_classes=10)
+    path = tmp_path / "weights" / "tiny.safetensors"
+    path.parent.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def _plan_args(data: Path, weights: Path, *extra: str) -> list[str]:
+    return ["plan", str(data), "--model", TINY_MODEL, "--weights", str(weights), "--image-size", "32",
+            "--num-workers", "0", "--batch-size", "4", *extra]
+
+
+def test_plan_json_and_report(image_folder: Path, weights_file: Path):
+    runner = CliRunner()
+    result = runner.invoke(cli, _plan_args(image_folder, weights_file, "--json"))
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output.strip().splitlines()[-1])
+    assert out["scenario"] in ("small-similar", "small-different")  # 12 training images: little data
+    assert out["plan"]["scenario"] == out["scenario"] and out["plan"]["reasons"]
+    assert out["profile"]["n_train"] == 12 and out["profile"]["n_classes"] == 2
+    sim = out["similarity"]
+    assert 0.0 <= sim["score"] <= 1.0
+    assert {"probe", "depth", "source_confidence", "bn_match"} <= set(sim["components"])
+    assert [p["key"] for p in sim["probes"]][-1] == "final"
+    assert [g["name"] for g in out["layer_groups"]][-1] == "fc"
+    assert out["timings"]["features_cached"] is False
+
+    report = runner.invoke(cli, _plan_args(image_folder, weights_file))
+    assert report.exit_code == 0, report.output
+    for heading in ("Dataset profile", "Domain similarity", f"Scenario  {out['scenario']}", "Layer groups"):
+        assert heading in report.output
+    # The second run read the features from the cache.
+    again = runner.invoke(cli, _plan_args(image_folder, weights_file, "--json"))
+    assert json.loads(again.output.strip().splitlines()[-1])["timings"]["features_cached"] is True
+
+
+def test_plan_forced_scenario_and_overrides(image_folder: Path, weights_file: Path):
+    runner = CliRunner()
+    result = runner.invoke(cli, _plan_args(image_folder, weights_file, "--json", "--scenario", "large-similar",
+                                           "--freeze-groups", "3", "--backbone-lr-mult", "0.2"))
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output.strip().splitlines()[-1])
+    assert out["scenario"] == "large-similar" and out["plan"]["source"] == "forced"
+    assert [g["frozen"] for g in out["groups"]] == [True, True, True, False, False, False]
+    assert out["groups"][-2]["lr"] == pytest.approx(1e-3 * 0.2)
+
+    bad = runner.invoke(cli, _plan_args(image_folder, weights_file, "--scenario", "small-similar",
+                                        "--freeze-groups", "1"))
+    assert bad.exit_code == 2 and "--freeze-groups applies to fine-tuning plans" in bad.output

@@ -1,0 +1,142 @@
+"""The four-scenario decision as a table, its config files, and the similarity arithmetic."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from finetune.errors import UserError
+from finetune.similarity import bn_shift, source_confidence
+from finetune.strategy import (SCENARIO_NAMES, Thresholds, decide, load_scenario_defaults, load_thresholds,
+                               resolve_frozen_count)
+
+T = Thresholds(large_min_images=1000, large_min_per_class=100, similar_min_score=0.6)
+DEFAULTS = {name: load_scenario_defaults(name) for name in SCENARIO_NAMES}
+
+
+def profile(n_train: int, per_class: float) -> dict:
+    return {"n_train": n_train, "per_class_median": per_class}
+
+
+def similarity(score: float, best: str = "final", best_earlier: str = "stage3") -> dict:
+    probes = [{"key": "stage3", "normalized": 0.7}, {"key": "stage4", "normalized": 0.8},
+              {"key": "final", "normalized": 0.75 if best != "final" else 0.9}]
+    return {"score": score, "components": {"probe": score}, "best_stage": best, "best_earlier_stage": best_earlier,
+            "probes": probes}
+
+
+@pytest.mark.parametrize("n_train, per_class, score, expected", [
+    (245, 122, 0.93, "small-similar"),      # hymenoptera-like
+    (3068, 220, 0.80, "large-similar"),     # clothing-like
+    (2176, 435, 0.40, "large-different"),   # omniglot-like
+    (300, 30, 0.40, "small-different"),
+    (999, 500, 0.90, "small-similar"),      # just below the image count
+    (1000, 100, 0.60, "large-similar"),     # exactly on both thresholds
+    (5000, 5, 0.90, "small-similar"),       # many images but few per class: still little data
+    (5000, 99.5, 0.59, "small-different"),
+])
+def test_decision_table(n_train, per_class, score, expected):
+    plan = decide(profile(n_train, per_class), similarity(score), T, DEFAULTS, base_epochs=10)
+    assert plan.scenario == expected
+    assert plan.source == "measured"
+    assert plan.train_on_features == expected.startswith("small")
+    assert len(plan.reasons) >= 3
+    assert str(n_train) in plan.reasons[0] and f"{score:.2f}" in plan.reasons[1]
+
+
+@pytest.mark.parametrize("scenario, on_features, fraction, lr_mult, epochs, warmup", [
+    ("small-similar", True, 0.0, 0.0, 10, 0),
+    ("small-different", True, 0.0, 0.0, 10, 0),
+    ("large-similar", False, 0.5, 0.1, 10, 10),
+    ("large-different", False, 1.0, 0.5, 15, 10),
+])
+def test_each_scenario_plan(scenario, on_features, fraction, lr_mult, epochs, warmup):
+    plan = decide(profile(245, 122), similarity(0.9), T, DEFAULTS, base_epochs=10, forced=scenario)
+    assert plan.scenario == scenario and plan.source == "forced"
+    assert "small-similar" in plan.reasons[0]  # the measured cell is still reported
+    assert (plan.train_on_features, plan.trainable_fraction, plan.backbone_lr_mult) == (on_features, fraction, lr_mult)
+    assert (plan.epochs, plan.warmup_epochs) == (epochs, warmup)
+
+
+def test_large_different_learns_faster_and_longer_than_large_similar():
+    sim = decide(profile(3000, 300), similarity(0.9), T, DEFAULTS, base_epochs=10)
+    diff = decide(profile(3000, 300), similarity(0.1), T, DEFAULTS, base_epochs=10)
+    assert (sim.scenario, diff.scenario) == ("large-similar", "large-different")
+    assert diff.backbone_lr_mult > sim.backbone_lr_mult
+    assert diff.epochs > sim.epochs
+    assert diff.trainable_fraction > sim.trainable_fraction
+
+
+@pytest.mark.parametrize("best, expected_stage", [("stage4", "stage4"), ("final", "final")])
+def test_small_different_head_stage_is_measured(best, expected_stage):
+    plan = decide(profile(200, 40), similarity(0.2, best=best), T, DEFAULTS, base_epochs=5)
+    assert plan.scenario == "small-different"
+    assert plan.head_stage == expected_stage
+    small_similar = decide(profile(200, 40), similarity(0.9, best=best), T, DEFAULTS, base_epochs=5)
+    assert small_similar.head_stage == "final"  # the similar case always uses the top features
+
+
+def test_random_init_trains_every_layer():
+    plan = decide(profile(100, 50), similarity(0.9), T, DEFAULTS, base_epochs=3, pretrained=False)
+    assert plan.scenario == "large-different" and plan.trainable_fraction == 1.0
+    assert plan.epochs == 3  # --epochs as given: no "longer schedule" for a domain shift that was not measured
+    # Random features: one LR for all, no warm-up of a head on them.
+    assert (plan.backbone_lr_mult, plan.layer_decay, plan.warmup_epochs) == (1.0, 1.0, 0)
+    assert "no pretrained weights" in plan.reasons[0]
+
+
+def test_overrides():
+    plan = decide(profile(3000, 300), similarity(0.9), T, DEFAULTS, base_epochs=4, freeze_groups=2,
+                  backbone_lr_mult=0.3)
+    assert plan.freeze_groups == 2 and plan.backbone_lr_mult == 0.3
+    assert resolve_frozen_count(plan, 8) == 2
+    plan = decide(profile(200, 40), similarity(0.9), T, DEFAULTS, base_epochs=4, aug_views=3)
+    assert plan.aug_views == 3
+    with pytest.raises(UserError, match="--freeze-groups applies to fine-tuning plans"):
+        decide(profile(200, 40), similarity(0.9), T, DEFAULTS, base_epochs=4, freeze_groups=1)
+    with pytest.raises(UserError, match="Invalid scenario"):
+        decide(profile(200, 40), similarity(0.9), T, DEFAULTS, base_epochs=4, forced="medium-similar")
+
+
+@pytest.mark.parametrize("fraction, n_groups, frozen", [(0.5, 8, 4), (0.5, 5, 2), (1.0, 6, 0), (0.1, 6, 5),
+                                                        (0.0, 6, 6)])
+def test_resolve_frozen_count(fraction, n_groups, frozen):
+    plan = decide(profile(3000, 300), similarity(0.9), T, DEFAULTS, base_epochs=1)
+    plan.trainable_fraction = fraction
+    assert resolve_frozen_count(plan, n_groups) == frozen
+    plan.freeze_groups = n_groups + 1
+    with pytest.raises(UserError, match="out of range"):
+        resolve_frozen_count(plan, n_groups)
+
+
+def test_shipped_configs_load_and_bad_keys_are_named(tmp_path: Path):
+    t = load_thresholds()
+    assert t.large_min_images > 0 and 0 < t.similar_min_score < 1
+    assert set(t.similarity_weights) <= {"probe", "depth", "source_confidence", "bn_match"}
+    bad = tmp_path / "strategy.yaml"
+    bad.write_text("large_min_images: 10\nsimilar_threshold: 0.5\n")
+    with pytest.raises(UserError, match="similar_threshold.*Valid keys"):
+        load_thresholds(bad)
+    (tmp_path / "small-similar.yaml").write_text("train_on_features: true\nepochs: 3\n")
+    with pytest.raises(UserError, match="Unknown key.*epochs"):
+        load_scenario_defaults("small-similar", tmp_path)
+
+
+def test_source_confidence_separates_sure_from_unsure():
+    sure = np.zeros((4, 1000))
+    sure[:, 7] = 20.0
+    unsure = np.zeros((4, 1000))
+    s, u = source_confidence(sure), source_confidence(unsure)
+    assert s["source_top1_prob"] > 0.99 and s["source_entropy"] < 0.01
+    assert math.isclose(u["source_entropy"], 1.0) and math.isclose(u["source_top1_prob"], 1e-3)
+
+
+def test_bn_shift_is_zero_for_matching_statistics_and_grows_with_shift():
+    rm, rv = np.array([0.0, 1.0]), np.array([1.0, 4.0])
+    same = {"l": {"mean": rm, "var": rv, "running_mean": rm, "running_var": rv}}
+    moved = {"l": {"mean": rm + 2 * np.sqrt(rv), "var": rv, "running_mean": rm, "running_var": rv}}
+    assert bn_shift(same) == pytest.approx(0.0, abs=1e-6)
+    assert bn_shift(moved) == pytest.approx(2.0, rel=1e-3)
