@@ -260,7 +260,7 @@ def sweep(data_dir: str, config_file: str | None, trials: int, lr_range: tuple[f
 @click.option("--weights", default=None, help="'hub' or a file to skip the offline pretraining step.")
 @click.option("--epochs", default=5, show_default=True, type=int, help="Fine-tuning epochs.")
 def demo(workdir: str, model: str, weights: str | None, epochs: int) -> None:
-    """Run the whole workflow offline on generated images (about a minute on 2 CPU cores)."""
+    """Run the whole workflow offline on generated images (a few minutes on 2 CPU cores)."""
     from finetune.demo import demo_configs, export_weights, make_image_folder
     from finetune.train import train as run_train
 

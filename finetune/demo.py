@@ -1,4 +1,4 @@
-"""`finetune demo`: the whole workflow offline, on generated images, in about a minute on 2 CPU cores.
+"""`finetune demo`: the whole workflow offline, on generated images, in a few minutes on 2 CPU cores.
 
 To get a pretrained backbone without the network, it first pretrains a small timm model on a
 generated *source* task (textures) and saves it as a weights file with a sidecar JSON; then it
