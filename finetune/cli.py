@@ -167,7 +167,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
         first = ", ".join(summary["skipped_files"][:3])
         click.echo(f"\nSkipped {n} unreadable file(s) (listed in skipped_files.json of the run): {first}"
                    + (" ..." if n > 3 else ""))
-    click.echo(f"\nscenario {summary['scenario']}" + (f" ({summary['plan']['source']})" if "source" in summary["plan"] else ""))
+    click.echo(f"\nscenario {summary['scenario']} ({summary['plan']['source']})")
     click.echo(f"val_acc {m['val_acc']:.4f}  val_loss {m['val_loss']:.4f}  (best epoch {m.get('best_epoch')})")
     click.echo(f"summary:    {summary['output']}/summary.json")
     click.echo(f"model:      {summary['model_dir']}")

@@ -10,6 +10,7 @@ and bench/scenarios.py.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
@@ -122,7 +123,9 @@ def head_network(backbone: Backbone, plan: Plan, num_classes: int) -> nn.Module:
     if plan.head_stage == FINAL:
         return backbone.model
     stage_index = int(plan.head_stage.removeprefix("stage"))
-    return StageClassifier(backbone.model, stage_index, num_classes)
+    # A copy: StageClassifier prunes the later stages in place, and the backbone still serves the
+    # feature cache (its weights are part of the cache key).
+    return StageClassifier(copy.deepcopy(backbone.model), stage_index, num_classes)
 
 
 def fit_on_features(cfg: TrainConfig, decision: Decision, backbone: Backbone, splits: FolderSplits,

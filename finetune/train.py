@@ -5,29 +5,32 @@ The CLI only parses options into a TrainConfig and calls this; tests call it dir
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from finetune import distributed, evaluate, preflight, registry, resume, runtime, tracking
+from finetune import distributed, evaluate, preflight, registry, resume, runtime, scenarios, tracking
 from finetune.artifact import ModelSpec, save_model
 from finetune.augment import eval_transform, make_mixup, resize_size, train_transform
-from finetune.backbone import create_backbone
+from finetune.backbone import Backbone, create_backbone
 from finetune.callbacks import EMACallback, check_initial_loss, initial_loss, recipe_callbacks
 from finetune.config import TrainConfig
 from finetune.data import FolderDataModule, FolderSplits, scan_folder
 from finetune.errors import UserError
 from finetune.module import Classifier
+from finetune.features import FINAL
 from finetune.optim import make_optimizer_factory
-from finetune.recipe import balanced_sampler_factory, class_weights, init_head, model_kwargs, resolve_recipe
+from finetune.recipe import Recipe, balanced_sampler_factory, class_weights, init_head, model_kwargs, resolve_recipe
+from finetune.strategy import Plan
 
 log = logging.getLogger(__name__)
 
@@ -53,22 +56,24 @@ def run_name_for(cfg: TrainConfig) -> str:
 
 
 def recipe_scenario(cfg: TrainConfig) -> str:
-    """The scenario whose default recipe applies.
+    """The scenario whose default recipe applies in commands that do not measure (sanity, lr-find).
 
-    Until the plan (strategy issue) measures the scenario, `auto` trains the full network, which is
-    the large-similar cell of the table, so it gets that cell's recipe.
+    `train` measures the scenario and uses the plan's; without a measurement `auto` trains the full
+    network, which is the large-similar cell of the table, so it gets that cell's recipe.
     """
     return "large-similar" if cfg.scenario == "auto" else cfg.scenario
 
 
 def train(cfg: TrainConfig, tags: dict[str, str] | None = None,
-          resume_from: resume.ResumePoint | None = None) -> dict[str, Any] | None:
+          resume_from: resume.ResumePoint | None = None,
+          plan_override: Callable[[Plan], Plan] | None = None) -> dict[str, Any] | None:
     """Fine-tune and return the summary (also written to OUTPUT/summary.json).
 
     Args:
         cfg: the resolved config.
         tags: extra MLflow run tags (a sweep sets ``mlflow.parentRunId`` to nest its trials).
         resume_from: continue this run from its last checkpoint, logging into the same MLflow run.
+        plan_override: adjusts the decided plan before it runs (bench baselines, tests).
 
     Returns:
         The summary on global rank 0; None on the other ranks of a multi-process run.
@@ -77,18 +82,32 @@ def train(cfg: TrainConfig, tags: dict[str, str] | None = None,
     started = time.time()
     rank_zero = distributed.is_global_zero()
     preflight.check(cfg, _devices(cfg.devices), cfg.precision or default_precision(cfg.accelerator))
-    overrides = [k for k in ("freeze_groups", "backbone_lr_mult", "aug_views") if getattr(cfg, k) is not None]
-    if overrides:  # `finetune plan` honours them; training does not execute plans yet (issue 3)
-        raise UserError(f"{', '.join('--' + k.replace('_', '-') for k in overrides)} only shape `finetune plan` "
-                        "for now: `finetune train` does not yet execute the measured plan. Remove the option.")
     runtime.configure(cfg.accelerator, cfg.num_workers)  # torch threads vs loader workers on the cores
     splits = scan_folder(cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_image_pixels)
     if cfg.batch_size > len(splits.train):
         raise UserError(f"batch_size {cfg.batch_size} is larger than the training split "
                         f"({len(splits.train)} images). Use --batch-size {len(splits.train)} or less.")
-    recipe = resolve_recipe(cfg, recipe_scenario(cfg))
-    backbone = create_backbone(cfg.model, cfg.weights, len(splits.classes), cfg.image_size, **model_kwargs(recipe))
+    # Measure and decide first: the plan's scenario picks the recipe. The source head is kept for the
+    # similarity measure (how sure the pretrained classifier is).
+    backbone = create_backbone(cfg.model, cfg.weights, len(splits.classes), cfg.image_size, keep_source_head=True)
+    decision = scenarios.measure_and_decide(cfg, splits, backbone)
+    if plan_override is not None:
+        decision = scenarios.with_plan(decision, plan_override(decision.plan), backbone.model, cfg.lr)
+    plan = decision.plan
+    log.info("Scenario %s (%s): %s", plan.scenario, plan.source, "; ".join(plan.reasons))
+    # The recipe follows the plan's scenario; from random init (no domain to measure) or for a bench
+    # baseline that is no scenario, the unmeasured default applies.
+    measured_domain = plan.source == "forced" or backbone.weights_source != "none"
+    recipe = resolve_recipe(cfg, plan.scenario if plan.scenario in scenarios.SCENARIO_NAMES and measured_domain
+                            else recipe_scenario(cfg))
+    if model_kwargs(recipe) and not plan.train_on_features:
+        # Dropout / stochastic depth are create-time options: rebuild the (measured) backbone with them.
+        backbone = create_backbone(cfg.model, cfg.weights, len(splits.classes), cfg.image_size,
+                                   keep_source_head=True, **model_kwargs(recipe))  # same weights: same cache
+        decision = scenarios.with_plan(decision, plan, backbone.model, cfg.lr)
     init_head(backbone.model, recipe.drop_connect)
+    if plan.train_on_features and not rank_zero:
+        return None  # a head on cached features is trained by one process
     run_name = run_name_for(cfg)
     output = Path(cfg.output or Path("outputs") / run_name)
     shared_run_id, shared_output = distributed.shared_run()
@@ -115,85 +134,37 @@ def train(cfg: TrainConfig, tags: dict[str, str] | None = None,
     if rank_zero:
         distributed.share_run(run_id, output)
         _log_run_inputs(cfg, run_id, backbone, splits, output, recipe)
+        tracking.log_params(run_id, decision.params())
+        tracking.log_dict(run_id, decision.to_dict(), "plan.json")
 
-    data_config = backbone.data_config
-    size = resize_size(data_config)
-    datamodule = FolderDataModule(
-        splits, train_transform(data_config, recipe.augment), eval_transform(data_config),
-        batch_size=cfg.batch_size, num_workers=cfg.num_workers, max_pixels=cfg.max_image_pixels,
-        draft_size=(size, size),
-        sampler_factory=balanced_sampler_factory(len(splits.classes)) if cfg.sampler == "balanced"
-        else lambda samples: resume.EpochShuffle(samples, cfg.seed))
-    lr, wd = cfg.lr, cfg.weight_decay
-    param_groups = [{"params": list(backbone.model.parameters()), "lr": lr, "name": "all"}]
-    module = Classifier(
-        backbone.model, len(splits.classes),
-        make_optimizer_factory(cfg, param_groups, recipe.schedule, recipe.warmup_epochs),
-        class_weights=class_weights([s.label for s in splits.train], len(splits.classes))
-        if cfg.class_weights == "auto" else None,
-        label_smoothing=recipe.label_smoothing,
-        mixup=make_mixup(recipe.mixup, recipe.cutmix, recipe.label_smoothing, len(splits.classes)))
-
-    checkpoint = ModelCheckpoint(dirpath=resume.checkpoint_dir(output), filename="best", monitor="val_acc",
-                                 mode="max", save_weights_only=False)
-    on_interrupt = resume.SaveOnInterrupt(resume.checkpoint_dir(output) / resume.LAST_CHECKPOINT)
-    rank_sync = distributed.RankSyncCheck()
     pending = tracking.PendingLog(output, run_id)
     logger = tracking.resilient_logger(cfg.experiment, run_id, pending)
-    trainer = pl.Trainer(
-        max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=_devices(cfg.devices), strategy=cfg.strategy,
-        num_nodes=cfg.num_nodes,
-        precision=cfg.precision or default_precision(cfg.accelerator), logger=logger,
-        # Any callback with state_dict/load_state_dict (EMA, unfreezing, ...) is saved in the checkpoints
-        # and restored on --resume by Lightning; its state must be tensors and plain data (weights_only).
-        callbacks=[checkpoint, resume.epoch_checkpoint(output), resume.RngState(), on_interrupt, rank_sync,
-                   TQDMProgressBar(refresh_rate=1),
-                   *recipe_callbacks(cfg, recipe, len(splits.classes), checkpoint, output)],
-        default_root_dir=output, log_every_n_steps=1, num_sanity_val_steps=0, enable_model_summary=False)
-    if rank_zero and resume_from is None:
-        _babysit_initial_loss(module, datamodule, len(splits.classes), run_id)
-    try:
-        # weights_only: a checkpoint holding pickled code is refused, not run.
-        trainer.fit(module, datamodule=datamodule, weights_only=True,
-                    ckpt_path=str(resume_from.checkpoint) if resume_from else None)
-    except UserError:  # divergence: the run is marked failed, the message says which checkpoint is good
-        if rank_zero:
-            tracking.client().set_terminated(run_id, "FAILED")
-        raise
-    except (SIGTERMException, SystemExit):
-        if on_interrupt.interrupted is None:
-            raise
-        if rank_zero:
-            try:
-                tracking.client().set_terminated(run_id, "KILLED")
-            except Exception:  # the hint below matters more than the status
-                pass
-        raise resume.Interrupted(f"Training interrupted in epoch {trainer.current_epoch + 1}; checkpoint saved "
-                                 f"to {on_interrupt.path}. Continue with: {resume.resume_hint(cfg, run_id)}") from None
-    if not trainer.is_global_zero:
-        return None  # rank 0 evaluates, writes and logs
+    trainer = None
+    if plan.train_on_features:
+        net, metrics, plan_report = scenarios.fit_on_features(cfg, decision, backbone, splits, logger)
+    else:
+        fitted = _fit_network(cfg, decision, recipe, backbone, splits, output, run_id, resume_from, logger)
+        if fitted is None:
+            return None  # rank 0 evaluates, writes and logs
+        net, metrics, plan_report, trainer, rank_sync = fitted
 
-    best_path = checkpoint.best_model_path or str(resume.checkpoint_dir(output) / resume.LAST_CHECKPOINT)
-    best = resume.load_checkpoint(best_path)
-    module.load_state_dict(best["state_dict"])
-    # A logger-less trainer: the final numbers go to MLflow as final_*, not as an extra epoch point.
-    evaluator = pl.Trainer(accelerator=cfg.accelerator, devices=1, logger=False, enable_checkpointing=False,
-                           enable_model_summary=False, precision=trainer.precision)
-    val_metrics = evaluator.validate(module, datamodule=datamodule, verbose=False)[0]
-    metrics = {"val_acc": float(val_metrics["val_acc"]), "val_loss": float(val_metrics["val_loss"]),
-               "val_acc_top5": float(val_metrics["val_acc_top5"]), "best_epoch": int(best["epoch"])}
-    metrics = _keep_better_of_raw_and_ema(module, evaluator, datamodule, trainer, metrics)
-
+    data_config = backbone.data_config
+    head_stage = None if plan.head_stage == FINAL else int(plan.head_stage.removeprefix("stage"))
     spec = ModelSpec(architecture=backbone.model_name.split(".")[0], num_classes=len(splits.classes),
                      class_names=splits.classes, data_config=data_config, create_kwargs=backbone.create_kwargs,
-                     weights_source=backbone.weights_source, default_tta=cfg.tta)
-    model_dir = save_model(output / "model", module.net, spec)
+                     weights_source=backbone.weights_source, scenario=plan.scenario, default_tta=cfg.tta,
+                     head_stage=head_stage)
+    model_dir = save_model(output / "model", net, spec)
+    center_probs = (scenarios.cached_center_probs(cfg, backbone, splits, plan, net)
+                    if plan.train_on_features else None)  # a frozen backbone's val features are cached
     # TTA + report, computed and written locally first; sent to MLflow below with the other results.
-    eval_metrics = evaluate.after_training(module.net, spec, splits, cfg, None, output)
+    eval_metrics = evaluate.after_training(net, spec, splits, cfg, None, output, center_probs)
     metrics.update(eval_metrics)
     summary = {
-        "scenario": "full-finetune",
-        "plan": {"frozen": [], "lr": lr, "weight_decay": wd, "epochs": cfg.epochs},
+        "scenario": plan.scenario,
+        "plan": {**plan.to_dict(), "groups": [dataclasses.asdict(g) for g in decision.groups], **plan_report},
+        "profile": decision.profile.to_dict(),
+        "similarity": decision.similarity.to_dict(),
         "recipe": recipe.to_dict(),
         "metrics": metrics,
         "mlflow_run_id": run_id,
@@ -206,7 +177,7 @@ def train(cfg: TrainConfig, tags: dict[str, str] | None = None,
         "output": str(output.resolve()),
         "wall_time_s": round(time.time() - started, 1),
     }
-    if trainer.world_size > 1:
+    if trainer is not None and trainer.world_size > 1:
         summary["ddp"] = rank_sync.report(trainer.world_size)
     if resume_from is not None:
         summary["resumed_from_epoch"] = resume_from.epochs_done
@@ -231,6 +202,82 @@ def train(cfg: TrainConfig, tags: dict[str, str] | None = None,
         log.warning("MLflow was unreachable (%s): the model and summary are in %s. Once the store is back, "
                     "send the rest with:  finetune upload %s", pending.error, output, output)
     return summary
+
+
+def _fit_network(cfg: TrainConfig, decision: scenarios.Decision, recipe: Recipe, backbone: Backbone,
+                 splits: FolderSplits, output: Path, run_id: str, resume_from: resume.ResumePoint | None,
+                 logger: Any):
+    """The fine-tuning plans: train (part of) the network with Lightning; the best checkpoint wins.
+
+    Returns (network, metrics, plan report, trainer, rank-sync check), or None on ranks other than 0.
+    """
+    plan = decision.plan
+    data_config = backbone.data_config
+    size = resize_size(data_config)
+    datamodule = FolderDataModule(
+        splits, train_transform(data_config, recipe.augment), eval_transform(data_config),
+        batch_size=cfg.batch_size, num_workers=cfg.num_workers, max_pixels=cfg.max_image_pixels,
+        draft_size=(size, size),
+        sampler_factory=balanced_sampler_factory(len(splits.classes)) if cfg.sampler == "balanced"
+        else lambda samples: resume.EpochShuffle(samples, cfg.seed))
+    param_groups, plan_callbacks, report = scenarios.prepare_network(cfg, decision, backbone, splits)
+    module = Classifier(
+        backbone.model, len(splits.classes),
+        make_optimizer_factory(cfg, param_groups, recipe.schedule, recipe.warmup_epochs),
+        class_weights=class_weights([s.label for s in splits.train], len(splits.classes))
+        if cfg.class_weights == "auto" else None,
+        label_smoothing=recipe.label_smoothing,
+        mixup=make_mixup(recipe.mixup, recipe.cutmix, recipe.label_smoothing, len(splits.classes)))
+
+    checkpoint = ModelCheckpoint(dirpath=resume.checkpoint_dir(output), filename="best", monitor="val_acc",
+                                 mode="max", save_weights_only=False)
+    on_interrupt = resume.SaveOnInterrupt(resume.checkpoint_dir(output) / resume.LAST_CHECKPOINT)
+    rank_sync = distributed.RankSyncCheck()
+    trainer = pl.Trainer(
+        max_epochs=plan.epochs, accelerator=cfg.accelerator, devices=_devices(cfg.devices), strategy=cfg.strategy,
+        num_nodes=cfg.num_nodes,
+        precision=cfg.precision or default_precision(cfg.accelerator), logger=logger,
+        # Any callback with state_dict/load_state_dict (EMA, unfreezing, ...) is saved in the checkpoints
+        # and restored on --resume by Lightning; its state must be tensors and plain data (weights_only).
+        callbacks=[checkpoint, resume.epoch_checkpoint(output), resume.RngState(), on_interrupt, rank_sync,
+                   TQDMProgressBar(refresh_rate=1), *plan_callbacks,
+                   *recipe_callbacks(cfg, recipe, len(splits.classes), checkpoint, output)],
+        default_root_dir=output, log_every_n_steps=1, num_sanity_val_steps=0, enable_model_summary=False)
+    # A warmed-up head is not fresh: its loss is rightly below ln(C).
+    if distributed.is_global_zero() and resume_from is None and not plan.warmup_epochs:
+        _babysit_initial_loss(module, datamodule, len(splits.classes), run_id)
+    try:
+        # weights_only: a checkpoint holding pickled code is refused, not run.
+        trainer.fit(module, datamodule=datamodule, weights_only=True,
+                    ckpt_path=str(resume_from.checkpoint) if resume_from else None)
+    except UserError:  # divergence: the run is marked failed, the message says which checkpoint is good
+        if distributed.is_global_zero():
+            tracking.client().set_terminated(run_id, "FAILED")
+        raise
+    except (SIGTERMException, SystemExit):
+        if on_interrupt.interrupted is None:
+            raise
+        if distributed.is_global_zero():
+            try:
+                tracking.client().set_terminated(run_id, "KILLED")
+            except Exception:  # the hint below matters more than the status
+                pass
+        raise resume.Interrupted(f"Training interrupted in epoch {trainer.current_epoch + 1}; checkpoint saved "
+                                 f"to {on_interrupt.path}. Continue with: {resume.resume_hint(cfg, run_id)}") from None
+    if not trainer.is_global_zero:
+        return None
+
+    best_path = checkpoint.best_model_path or str(resume.checkpoint_dir(output) / resume.LAST_CHECKPOINT)
+    best = resume.load_checkpoint(best_path)
+    module.load_state_dict(best["state_dict"])
+    # A logger-less trainer: the final numbers go to MLflow as final_*, not as an extra epoch point.
+    evaluator = pl.Trainer(accelerator=cfg.accelerator, devices=1, logger=False, enable_checkpointing=False,
+                           enable_model_summary=False, precision=trainer.precision)
+    val_metrics = evaluator.validate(module, datamodule=datamodule, verbose=False)[0]
+    metrics = {"val_acc": float(val_metrics["val_acc"]), "val_loss": float(val_metrics["val_loss"]),
+               "val_acc_top5": float(val_metrics["val_acc_top5"]), "best_epoch": int(best["epoch"])}
+    metrics = _keep_better_of_raw_and_ema(module, evaluator, datamodule, trainer, metrics)
+    return module.net, metrics, report, trainer, rank_sync
 
 
 def _babysit_initial_loss(module: Classifier, datamodule: FolderDataModule, num_classes: int, run_id: str) -> None:

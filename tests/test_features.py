@@ -163,3 +163,19 @@ def test_cached_center_probs_match_the_network_prediction(tmp_path: Path):
     net_probs, _ = predict_sources(bb.model.eval(), [s.path for s in splits.val], bb.data_config, "center", 4, 0,
                                    None, "cpu")
     np.testing.assert_allclose(probs, net_probs.numpy(), atol=1e-5)
+
+
+def test_a_stage_head_network_leaves_the_backbone_whole(tmp_path: Path):
+    """The small-different network is cut after a stage; the backbone must stay whole, or the feature
+    cache (keyed by its weights) misses and re-extracts with a pruned model."""
+    from types import SimpleNamespace
+
+    from finetune.features import weights_fingerprint
+    from finetune.scenarios import head_network
+
+    bb = _backbone("test_efficientnet", num_classes=3)
+    before = weights_fingerprint(bb)
+    net = head_network(bb, SimpleNamespace(head_stage="stage2"), 3)
+    assert isinstance(net, StageClassifier)
+    assert weights_fingerprint(bb) == before
+    assert bb.model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 3)

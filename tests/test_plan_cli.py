@@ -70,3 +70,32 @@ def test_plan_forced_scenario_and_overrides(image_folder: Path, weights_file: Pa
     bad = runner.invoke(cli, _plan_args(image_folder, weights_file, "--scenario", "small-similar",
                                         "--freeze-groups", "1"))
     assert bad.exit_code == 2 and "--freeze-groups applies to fine-tuning plans" in bad.output
+
+
+@pytest.mark.parametrize("scenario", ["small-similar", "small-different", "large-similar"])
+def test_train_runs_the_plan_and_reports_it(image_folder: Path, weights_file: Path, tmp_path: Path,
+                                            isolated_mlflow: str, scenario: str):
+    out = tmp_path / "out"
+    args = tiny_train_args(image_folder, out, "--scenario", scenario)
+    args[args.index("--weights") + 1] = str(weights_file)
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["scenario"] == scenario and summary["plan"]["scenario"] == scenario
+    assert summary["plan"]["reasons"] and "similarity" in summary and "profile" in summary
+    net, spec = load_model(out / "model")
+    assert spec.scenario == scenario
+    head_stage = summary["plan"]["head_stage"]
+    assert spec.head_stage == (None if head_stage == "final" else int(head_stage.removeprefix("stage")))
+    with torch.no_grad():
+        assert net(torch.randn(2, 3, 32, 32)).shape == (2, 2)
+    if scenario.startswith("small"):
+        assert summary["plan"]["weight_decay"] in summary["plan"]["weight_decay_grid"]
+    else:
+        assert "warmup" in summary["plan"]
+        assert sum(g["frozen"] for g in summary["plan"]["groups"]) == 2  # top 50% of 5 groups (rounded up) learn
+
+    run = MlflowClient(isolated_mlflow).get_run(summary["mlflow_run_id"])
+    assert run.data.params["scenario"] == scenario
+    assert "similarity.score" in run.data.params and "profile.n_train" in run.data.params
+    assert "plan.json" in {a.path for a in MlflowClient(isolated_mlflow).list_artifacts(run.info.run_id)}

@@ -44,7 +44,7 @@ def test_train_register_load_by_alias_predicts_like_the_in_process_model(image_f
     assert tags["training_run_id"] == summary["mlflow_run_id"]
     assert tags["scenario"] == summary["scenario"]
     assert float(tags["metric.val_acc"]) == pytest.approx(summary["metrics"]["val_acc"], abs=1e-5)
-    assert json.loads(tags["dataset_profile"])["train"] == summary["data"]["train"]
+    assert json.loads(tags["dataset_profile"])["n_train"] == summary["data"]["train"]  # the measured DatasetProfile
     run = client.get_run(summary["mlflow_run_id"])
     assert run.data.metrics["val_acc_tta"] == pytest.approx(summary["metrics"]["val_acc_tta"])
     report_files = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation/val")}
