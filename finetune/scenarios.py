@@ -10,9 +10,11 @@ and bench/scenarios.py.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,8 +76,29 @@ def train_features(cfg: TrainConfig, backbone: Backbone, splits: FolderSplits, l
     return cached_features(backbone, samples, **_feature_kwargs(cfg))
 
 
+@contextlib.contextmanager
+def preserved_rng():
+    """Run a block without moving the random generators (torch, numpy, random).
+
+    Whether features come from the cache or are extracted (a DataLoader draws a seed from torch's
+    generator even with no workers) must not change what a seeded run does afterwards.
+    """
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
 def measure_and_decide(cfg: TrainConfig, splits: FolderSplits, backbone: Backbone) -> Decision:
     """Profile, measure the similarity on (cached) features, and decide the plan."""
+    with preserved_rng():
+        return _measure_and_decide(cfg, splits, backbone)
+
+
+def _measure_and_decide(cfg: TrainConfig, splits: FolderSplits, backbone: Backbone) -> Decision:
     thresholds = load_thresholds()
     defaults = {name: load_scenario_defaults(name) for name in SCENARIO_NAMES}
     profile = profile_splits(splits)
@@ -180,7 +203,8 @@ def prepare_network(cfg: TrainConfig, decision: Decision, backbone: Backbone, sp
     info: dict[str, Any] = {}
     if plan.warmup_epochs:
         started = time.perf_counter()
-        result = _head_on_features(cfg, backbone, splits, plan, FINAL, plan.warmup_epochs, 0, False)
+        with preserved_rng():  # cached or not, the fine-tuning that follows starts from the same RNG state
+            result = _head_on_features(cfg, backbone, splits, plan, FINAL, plan.warmup_epochs, 0, False)
         load_linear(backbone.model.get_classifier(), result.weight, result.bias)
         info["warmup"] = {"val_acc": result.val_acc, "weight_decay": result.weight_decay,
                           "seconds": round(time.perf_counter() - started, 2)}

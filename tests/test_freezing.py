@@ -86,7 +86,7 @@ def test_network_plans_freeze_what_they_say(model_name: str, scenario: str, over
         assert any(not torch.equal(params[n].detach(), before[n]) for n in g.param_names), f"{g.name} did not learn"
     modules = dict(model.named_modules())
     for m in [modules[name] for g in learning for name in g.bn_modules]:
-        # Learning BN layers average over the last epoch's batches: 2 training steps of 8 images.
+        # Learning BN layers average over all batches since they started learning: 2 training steps.
         assert m.momentum is None and int(m.num_batches_tracked) == 2
 
 
@@ -116,7 +116,7 @@ def test_delayed_unfreeze_waits_then_learns_and_restores_its_state():
     assert not torch.equal(params["fc.weight"].detach(), before["fc.weight"])  # the head did learn
 
     _fit(model, param_groups, callback, epochs=2)  # a fresh fit: epochs 0 and 1
-    assert callback.state_dict() == {"unfrozen": [1]}
+    assert callback.state_dict() == {"unfrozen": [1], "bn_reset": [0, 1]}
     assert any(not torch.equal(dict(model.named_parameters())[n].detach(), before[n]) for n in names)
 
     restored = FreezeCallback([], callback.waiting)
