@@ -142,6 +142,8 @@ def apply_plan(model: nn.Module, settings: list[GroupSetting]) -> tuple[list[dic
         # One LR for everything that learns (from random init, or a naive baseline): one group.
         param_groups = [{"params": [p for g in param_groups for p in g["params"]], "lr": param_groups[0]["lr"],
                          "name": "all"}]
+        if not frozen_bn:  # nothing pretrained is kept apart: plain BatchNorm, as any full training
+            learning_bn = {}
     n_frozen = sum(1 for s in settings if s.frozen)
     log.info("Layer groups: %d frozen, %d learning (%d waiting for a later epoch)", n_frozen,
              len(settings) - n_frozen, sum(1 for s in settings if s.starts_at > 0))
