@@ -87,15 +87,25 @@ def config_keys() -> list[str]:
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file into a dict of known keys (dashes in keys are accepted)."""
+    return read_yaml_mapping(path, "Config file")
+
+
+def read_yaml_mapping(path: str | Path, label: str) -> dict[str, Any]:
+    """A YAML file holding `key: value` pairs, keys with dashes turned into underscores.
+
+    Args:
+        path: the file.
+        label: what the file is, for the error messages ("Config file", "Strategy config").
+    """
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"Config file not found: {path}")
+        raise UserError(f"{label} not found: {path}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise UserError(f"Config file {path} is not valid YAML: {e}") from None
+        raise UserError(f"{label} {path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
-        raise UserError(f"Config file {path} must hold a mapping of option: value, not {type(data).__name__}.")
+        raise UserError(f"{label} {path} must hold a mapping of option: value, not {type(data).__name__}.")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 

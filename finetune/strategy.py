@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
 
+from finetune.config import read_yaml_mapping
 from finetune.errors import UserError
 
 SCENARIO_NAMES = ("small-similar", "large-similar", "small-different", "large-different")
@@ -89,18 +89,6 @@ class Plan:
 
 # --- configuration files -------------------------------------------------------------------------
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise UserError(f"Strategy config not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{path} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} must hold a mapping of key: value.")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
-
-
 def _build(cls, data: Mapping[str, Any], path: Path):
     valid = [f.name for f in fields(cls)]
     unknown = sorted(set(data) - set(valid))
@@ -114,7 +102,7 @@ def _build(cls, data: Mapping[str, Any], path: Path):
 
 def load_thresholds(path: str | Path | None = None) -> Thresholds:
     path = Path(path) if path else CONFIG_DIR / "strategy.yaml"
-    data = _read_yaml(path)
+    data = read_yaml_mapping(path, "Strategy config")
     t = _build(Thresholds, data, path)
     return Thresholds(**{**asdict(t), "similarity_weights": dict(t.similarity_weights)})
 
@@ -123,7 +111,7 @@ def load_scenario_defaults(scenario: str, config_dir: str | Path | None = None) 
     if scenario not in SCENARIO_NAMES:
         raise UserError(f"Invalid scenario {scenario!r}. Valid values: auto, {', '.join(SCENARIO_NAMES)}.")
     path = Path(config_dir or CONFIG_DIR) / f"{scenario}.yaml"
-    return _build(ScenarioDefaults, _read_yaml(path), path)
+    return _build(ScenarioDefaults, read_yaml_mapping(path, "Strategy config"), path)
 
 
 # --- the decision --------------------------------------------------------------------------------
