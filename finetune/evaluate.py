@@ -194,15 +194,10 @@ def evaluate_model(model_uri: str, data_dir: str, tta: str | None = None, batch_
                    num_workers: int | None = None, experiment: str = "finetune-evaluate",
                    output: str | None = None, max_pixels: int | None = None) -> dict[str, Any]:
     """`finetune evaluate`: a logged/registered model on a folder, as a new MLflow run."""
-    import mlflow
+    from finetune.serving import load_logged_model
 
     runtime.configure("auto", num_workers)  # torch threads vs loader workers on the cores
-    tracking.client()
-    try:
-        model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
-    except Exception as e:  # unknown run, name, alias or version
-        raise UserError(f"Cannot load model {model_uri!r}: {str(e).splitlines()[0][:300]}. Use runs:/RUN_ID/model "
-                        "or models:/NAME@ALIAS (or models:/NAME/VERSION).") from None
+    model = load_logged_model(model_uri)
     spec: ModelSpec = model.spec
     mode = tta or model.default_tta
     splits = scan_folder(data_dir, max_pixels=max_pixels or model.max_pixels)

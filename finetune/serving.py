@@ -141,6 +141,21 @@ class ImageClassifierModel(PythonModel):
         return predict_views(self.net, views).cpu()
 
 
+def load_logged_model(model_uri: str) -> "ImageClassifierModel":
+    """The finetune model behind a logged or registered MLflow model URI; a UserError when there is none."""
+    import mlflow
+
+    from finetune import tracking
+    from finetune.errors import UserError
+
+    tracking.client()
+    try:
+        return mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    except Exception as e:  # unknown run, name, alias or version
+        raise UserError(f"Cannot load model {model_uri!r}: {str(e).splitlines()[0][:300]}. Use runs:/RUN_ID/model "
+                        "or models:/NAME@ALIAS (or models:/NAME/VERSION).") from None
+
+
 def format_predictions(probs: torch.Tensor, class_names: list[str], top_k: int) -> pd.DataFrame:
     """One row per image: label, score, the top-k labels/scores and every class probability."""
     scores, indices = probs.topk(top_k, dim=1) if len(probs) else (probs, probs.long())

@@ -205,11 +205,8 @@ def predict_to_file(model_uri: str, inputs: str | Sequence[str], output: str | P
                     accelerator: str = "auto", devices: str | int = 1, strategy: str = "auto",
                     max_pixels: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Predict every input image into `output`; returns counts (total, skipped as done, predicted)."""
-    import mlflow
-
-    from finetune import tracking
-
     from finetune import runtime
+    from finetune.serving import load_logged_model
 
     runtime.configure(accelerator, num_workers)  # torch threads vs loader workers on the cores
     output = Path(output)
@@ -217,12 +214,7 @@ def predict_to_file(model_uri: str, inputs: str | Sequence[str], output: str | P
     if not output.parent.is_dir():
         raise UserError(f"Output folder {output.parent} does not exist.")
     paths = list_inputs(inputs) if isinstance(inputs, (str, Path)) else list(inputs)
-    tracking.client()
-    try:
-        model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
-    except Exception as e:  # unknown run, name, alias or version
-        raise UserError(f"Cannot load model {model_uri!r}: {str(e).splitlines()[0][:300]}. Use runs:/RUN_ID/model "
-                        "or models:/NAME@ALIAS (or models:/NAME/VERSION).") from None
+    model = load_logged_model(model_uri)
     net, spec = model.net.cpu(), model.spec
     mode = tta or model.default_tta
     if mode not in TTA_VIEWS:
