@@ -42,6 +42,8 @@ from finetune.strategy import SCENARIO_NAMES, Plan  # noqa: E402
 SHARED = ROOT.parent / "shared"
 DEFAULT_WEIGHTS = SHARED / "weights" / "mobilenetv2_100.coral_in1k.safetensors"
 PLANS = (*SCENARIO_NAMES, "naive")
+# Not a plan: large-similar with --augment none --ema 0, the recipe's own baseline (issue 4).
+EXTRA = ("large-similar-plain",)
 FIELDS = ["dataset", "n_train", "n_val", "classes", "per_class_median", "grayscale_share", "train_cap", "val_cap",
           "similarity", "probe", "depth", "source_confidence", "bn_match", "best_stage", "auto", "plan",
           "is_auto", "epochs", "val_acc", "time_s", "extract_s"]
@@ -69,7 +71,7 @@ def capped_folder(data_dir: Path, max_train: int | None, max_val: int | None, se
     splits = scan_folder(data_dir, seed=seed)
     cap_t = max_train if max_train and len(splits.train) > max_train else None
     cap_v = max_val if max_val and len(splits.val) > max_val else None
-    if cap_t is None and cap_v is None and splits.layout == "split-folders":
+    if cap_t is None and cap_v is None:  # train() splits the folder the same way (same seed)
         return data_dir, None, None
     root = workdir / data_dir.name
     link_subset(stratified_subset(splits.train, cap_t) if cap_t else splits.train, splits.classes, root / "train")
@@ -102,10 +104,10 @@ def bench_dataset(data_dir: Path, args: argparse.Namespace, workdir: Path, write
         # The naive baseline also gets a plain recipe: light augmentation, constant LR, nothing else.
         plain = dict(augment="light", mixup=0.0, cutmix=0.0, label_smoothing=0.0, schedule="constant",
                      warmup_epochs=0.0, dropout=0.0, drop_path=0.0, drop_connect=0.0, ema=0.0)
+        overrides = plain if name == "naive" else dict(augment="none", ema=0.0) if name in EXTRA else {}
+        scenario = {"naive": "large-different", "large-similar-plain": "large-similar"}.get(name, name)
         cfg = TrainConfig(data_dir=str(folder), epochs=epochs, output=str(workdir / "runs" / f"{data_dir.name}-{name}"),
-                          run_name=f"bench-{data_dir.name}-{name}",
-                          scenario="large-different" if name == "naive" else name, **base,
-                          **(plain if name == "naive" else {}))
+                          run_name=f"bench-{data_dir.name}-{name}", scenario=scenario, **base, **overrides)
         t0 = time.perf_counter()
         summary = train(cfg, plan_override=(lambda plan: naive(plan, args.epochs)) if name == "naive" else None)
         row = {"dataset": data_dir.name, "n_train": p.n_train, "n_val": p.n_val, "classes": p.n_classes,
@@ -128,14 +130,15 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         by_ds.setdefault(r["dataset"], []).append(r)
     head = f"{'dataset':<12} {'train':>6} {'val':>5} {'cls':>4} {'cap':>9} {'sim':>5} {'auto':<16}"
-    head += "".join(f" {p[:15]:>15}" for p in PLANS) + "  auto-best"
+    shown = PLANS + tuple(p for p in EXTRA if any(r["plan"] == p for r in rows))
+    head += "".join(f" {p[:15]:>15}" for p in shown) + "  auto-best"
     print("\nval accuracy (time s)\n" + head)
     for ds, rs in by_ds.items():
         r0 = rs[0]
         accs = {r["plan"]: r for r in rs}
         cells = "".join(f" {accs[p]['val_acc']:>7.3f} ({accs[p]['time_s']:>5.0f})" if p in accs else f" {'-':>15}"
-                        for p in PLANS)
-        best = max(r["val_acc"] for r in rs)
+                        for p in shown)
+        best = max(r["val_acc"] for r in rs if r["plan"] in PLANS)
         auto = accs.get(r0["auto"])
         gap = f"{(auto['val_acc'] - best) * 100:+.1f} pt" if auto else "-"
         cap = f"{r0['train_cap'] or 'all'}/{r0['val_cap'] or 'all'}"
@@ -156,7 +159,8 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=None)
     parser.add_argument("--max-train", type=int, default=None, help="cap training images per dataset (stratified)")
     parser.add_argument("--max-val", type=int, default=None, help="cap validation images per dataset (stratified)")
-    parser.add_argument("--plans", nargs="+", default=list(PLANS), choices=PLANS)
+    parser.add_argument("--plans", nargs="+", default=list(PLANS), choices=PLANS + EXTRA,
+                        help="large-similar-plain: large-similar with --augment none --ema 0 (the recipe's baseline)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scenarios.csv")
     args = parser.parse_args()
