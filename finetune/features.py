@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from finetune.augment import eval_transform, resize_size, train_transform
 from finetune.backbone import Backbone
@@ -284,8 +285,10 @@ def _extract(backbone: Backbone, samples: Sequence[Sample], transform: Callable,
                       backbone.data_config["input_size"])
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
+    what = f"{n} images" + (f" x {views} augmented views" if augmented else "")
     try:
-        for x, index, ok in loader:
+        # Minutes to hours on a CPU for a large folder: show progress (once per cache entry).
+        for x, index, ok in tqdm(loader, desc=f"Extracting features of {what}", unit="batch", dynamic_ncols=True):
             index = index.numpy()
             ok = ok.numpy().astype(bool)
             feats = forward_stages(model, x.to(device), stages)
