@@ -258,22 +258,24 @@ def sweep(data_dir: str, config_file: str | None, trials: int, lr_range: tuple[f
               help="Where the generated data, weights and outputs go.")
 @click.option("--model", default="mobilenetv3_small_100", show_default=True, help="timm model for the demo.")
 @click.option("--weights", default=None, help="'hub' or a file to skip the offline pretraining step.")
-@click.option("--epochs", default=5, show_default=True, type=int, help="Fine-tuning epochs.")
-def demo(workdir: str, model: str, weights: str | None, epochs: int) -> None:
+@click.option("--epochs", default=5, show_default=True, type=click.IntRange(min=1), help="Fine-tuning epochs.")
+@click.option("--pretrain-epochs", default=10, show_default=True, type=click.IntRange(min=1),
+              help="Epochs of the offline pretraining step.")
+def demo(workdir: str, model: str, weights: str | None, epochs: int, pretrain_epochs: int) -> None:
     """Run the whole workflow offline on generated images (a few minutes on 2 CPU cores)."""
     from finetune.demo import demo_configs, export_weights, make_image_folder
     from finetune.train import train as run_train
 
     root = Path(workdir)
-    make_image_folder(root / "target-shapes", "shapes", per_class=40, seed=1)
-    pretrain, target = demo_configs(root, model, weights, epochs)
+    make_image_folder(root / "target-outlines", "outlines", per_class=40, seed=1)
+    pretrain, target = demo_configs(root, model, weights, epochs, pretrain_epochs)
     if pretrain is not None:
-        make_image_folder(root / "source-textures", "textures", per_class=60, seed=0)
-        click.echo(f"[1/2] Pretraining {model} from scratch on generated textures (stands in for ImageNet)...")
+        make_image_folder(root / "source-shapes", "shapes", per_class=100, seed=0)
+        click.echo(f"[1/2] Pretraining {model} from scratch on generated filled shapes (stands in for ImageNet)...")
         summary = run_train(pretrain)
         export_weights(Path(summary["model_dir"]), Path(target.weights))
         click.echo(f"      saved pretrained weights to {target.weights} (+ sidecar .json)")
-    click.echo(f"[2/2] Fine-tuning on generated shapes with --weights {target.weights} ...")
+    click.echo(f"[2/2] Fine-tuning on generated outlined shapes with --weights {target.weights} ...")
     summary = run_train(target)
     _print_summary(summary)
 

@@ -12,7 +12,7 @@ from finetune.cli import cli
 
 def test_demo_pretrains_then_finetunes_from_the_saved_file(tmp_path: Path):
     workdir = tmp_path / "demo"
-    result = CliRunner().invoke(cli, ["demo", "--workdir", str(workdir), "--epochs", "1"])
+    result = CliRunner().invoke(cli, ["demo", "--workdir", str(workdir), "--epochs", "1", "--pretrain-epochs", "1"])
     assert result.exit_code == 0, result.output
     weights = workdir / "weights" / "mobilenetv3_small_100.demo.safetensors"
     assert weights.is_file() and weights.with_suffix(".json").is_file()
