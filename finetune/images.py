@@ -51,7 +51,11 @@ def _open(source: str | os.PathLike | bytes, max_pixels: int | None) -> Image.Im
             img = Image.open(source)
     except ImageError:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except OSError as e:
+        if e.errno is not None:  # the path itself: missing, a folder, no permission (Pillow's own have none)
+            raise ImageError(f"cannot read file ({e.strerror})") from None
+        raise ImageError(f"not a readable image ({type(e).__name__}: {e})") from None
+    except (ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ImageError(f"not a readable image ({type(e).__name__}: {e})") from None
     limit = max_pixels or DEFAULT_MAX_PIXELS
     if img.width * img.height > limit:
@@ -96,7 +100,7 @@ def load_rgb(source: str | os.PathLike | bytes, max_pixels: int | None = None,
             result stays at least this large; a big speed-up for large photos and small models.
 
     Raises:
-        ImageError: the file is empty, not an image, truncated, or too large.
+        ImageError: the file is missing, unreadable, empty, not an image, truncated, or too large.
     """
     img = _open(source, max_pixels)
     try:

@@ -4,6 +4,9 @@
 
 One output row per input image: `path`, `label`, `score`, `top{i}_label`/`top{i}_score` and
 `error` (unreadable files get a row with the error filled and no label; they never stop the run).
+`path` is the image's path as found in the folder or list. Outputs are valid UTF-8 whatever the
+file names: a byte of a name that is not UTF-8 is written as `\\xNN` (`row_path`), so every file
+keeps a row of its own and CSV and Parquet hold the same text.
 Images stream through a DataLoader into Lightning's predict loop; a prediction writer appends each
 batch to a partial CSV next to the output, so memory stays flat, and the output (CSV or Parquet, by
 extension) appears by rename only when everything is done. `--resume` keeps rows already in the
@@ -44,6 +47,16 @@ def columns(top_k: int) -> list[str]:
     return cols + ["error"]
 
 
+def row_path(path: str) -> str:
+    """The `path` of a row: the path itself, with each byte that is not UTF-8 written as `\\xNN`.
+
+    Undecodable bytes of a file name come from the OS as surrogates, which neither a UTF-8 CSV nor
+    Parquet can hold. Unlike `display_path` (U+FFFD) this keeps two such names apart, so rows and
+    `--resume` still match one file each.
+    """
+    return os.fsencode(path).decode("utf-8", errors="backslashreplace")
+
+
 def list_inputs(source: str | Path) -> list[str]:
     """Image paths of a folder (recursive, sorted), a CSV with a `path` column, or a text list."""
     source = Path(source)
@@ -55,7 +68,8 @@ def list_inputs(source: str | Path) -> list[str]:
     if source.suffix.lower() == ".csv":
         import pandas as pd
 
-        frame = pd.read_csv(source, dtype=str, keep_default_na=False)
+        # object, not str: pandas' Arrow strings cannot hold a non-UTF-8 name (a surrogate).
+        frame = pd.read_csv(source, dtype=object, keep_default_na=False, encoding_errors="surrogateescape")
         if "path" not in frame.columns:
             raise UserError(f"{source} has no 'path' column (columns: {', '.join(frame.columns)}).")
         return [p for p in frame["path"].tolist() if p]
@@ -136,11 +150,13 @@ class CsvRowWriter(BasePredictionWriter):
         probs, index, errors = prediction
         scores, top = probs.topk(self.top_k, dim=1)
         for i, err, s, t in zip(index.tolist(), errors, scores.tolist(), top.tolist()):
+            path = row_path(self.paths[i])
             if err:
-                self.writer.writerow([self.paths[i], "", ""] + ["", ""] * self.top_k + [err])
+                # An error may quote the path, so it gets the same treatment.
+                self.writer.writerow([path, "", ""] + ["", ""] * self.top_k + [row_path(err)])
                 continue
             pairs = [v for j, score in zip(t, s) for v in (self.class_names[j], f"{score:.6g}")]
-            self.writer.writerow([self.paths[i], self.class_names[t[0]], f"{s[0]:.6g}", *pairs, ""])
+            self.writer.writerow([path, self.class_names[t[0]], f"{s[0]:.6g}", *pairs, ""])
         self.file.flush()
 
     def teardown(self, trainer, pl_module, stage=None) -> None:
@@ -228,7 +244,7 @@ def predict_to_file(model_uri: str, inputs: str | Sequence[str], output: str | P
 
         done = pd.DataFrame(columns=cols)
     done_paths = set(done["path"])
-    todo = [p for p in paths if p not in done_paths]
+    todo = [p for p in paths if row_path(p) not in done_paths]
     log.info("%d images, %d already in the output, %d to predict (tta %s)", len(paths), len(paths) - len(todo),
              len(todo), mode)
 

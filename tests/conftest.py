@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -67,3 +69,26 @@ def shared_dir() -> Path:
 def tiny_train_args(data: Path, out: Path, *extra: str) -> list[str]:
     return ["train", str(data), "--model", TINY_MODEL, "--weights", "none", "--epochs", "1",
             "--batch-size", "4", "--image-size", "32", "--num-workers", "0", "--output", str(out), *extra]
+
+
+def run_bounded(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """Run a command (text output captured) in a process group of its own, all of it killed after `timeout`.
+
+    Lightning's ddp launches the other ranks as children of rank 0: a plain `subprocess.run(timeout=)`
+    would kill rank 0 only and leave a rank waiting on gloo (30 minutes by default) on the CI's cores.
+    """
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)  # EOF only when every rank has exited
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(cmd[1:3])} did not finish within its limit of {timeout:g}s\n"
+                    f"{out[-2000:]}\n{err[-3000:]}")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # a rank left behind by a failed rank 0
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
