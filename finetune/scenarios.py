@@ -209,7 +209,7 @@ def prepare_network(cfg: TrainConfig, decision: Decision, backbone: Backbone, sp
         info["warmup"] = {"val_acc": result.val_acc, "weight_decay": result.weight_decay,
                           "seconds": round(time.perf_counter() - started, 2)}
         log.info("Head warm-up on cached features: val acc %.4f", result.val_acc)
-    param_groups, callback = apply_plan(backbone.model, decision.groups)
+    param_groups, callback = apply_plan(backbone.model, decision.groups, plan.bn_policy)
     return param_groups, [callback], info
 
 
@@ -263,7 +263,9 @@ def describe(decision: Decision, groups: list[dict[str, Any]]) -> str:
               f"  head on        {plan.head_stage}" + ("  (cached features)" if plan.train_on_features else ""),
               f"  epochs         {plan.epochs}" + (f" after {plan.warmup_epochs} head warm-up epochs on cached features"
                                                    if plan.warmup_epochs else ""),
-              f"  BatchNorm      {plan.bn_policy}"]
+              f"  BatchNorm      " + ("eval mode everywhere: pretrained running statistics kept, BatchNorm "
+                                       "weights learn where their group learns" if plan.bn_policy == "eval"
+                                       else "train mode where layers learn (plain BatchNorm)")]
     if plan.train_on_features:
         lines.append(f"  weight decay   chosen on val from {plan.weight_decay_grid}")
         if plan.aug_views:

@@ -74,7 +74,7 @@ class Plan:
     freeze_groups: int | None  # explicit number of frozen layer groups (user override), else None
     backbone_lr_mult: float
     layer_decay: float
-    bn_policy: str
+    bn_policy: str  # "eval": every BatchNorm keeps its pretrained statistics; "train": plain BatchNorm
     warmup_epochs: int
     epochs: int
     unfreeze_at: int
@@ -209,8 +209,10 @@ def decide(profile: Mapping[str, Any], similarity: Mapping[str, Any], thresholds
         warm = (f"head warm-up for {warmup} epochs on cached features with the backbone frozen, then "
                 if warmup else "")
         reasons.append(f"{warm}fine-tune {train_what} for {epochs} epochs; backbone LR x{lr_mult:g} of the "
-                       f"head's, x{layer_decay:g} per group further down; frozen groups keep BatchNorm "
-                       "running statistics (eval mode)")
+                       f"head's, x{layer_decay:g} per group further down; "
+                       + ("BatchNorm in eval mode everywhere (pretrained statistics kept: the network computes "
+                          "what the head was warmed up on; only BatchNorm weights learn)" if pretrained else
+                          "plain BatchNorm (random init: no statistics to keep)"))
         if scenario == "large-different" and pretrained:
             reasons.append("different domain with enough data: the features must move, so a higher backbone LR "
                            f"than the similar case and a longer schedule ({d.epochs_scale:g} x --epochs)")
@@ -219,7 +221,7 @@ def decide(profile: Mapping[str, Any], similarity: Mapping[str, Any], thresholds
         train_on_features=d.train_on_features, head_stage=head_stage,
         trainable_fraction=0.0 if d.train_on_features else float(d.trainable_fraction),
         freeze_groups=freeze_groups, backbone_lr_mult=lr_mult, layer_decay=layer_decay,
-        bn_policy="frozen layer groups in eval mode (running statistics kept); trainable groups in train mode",
+        bn_policy="eval" if pretrained else "train",
         warmup_epochs=0 if d.train_on_features else warmup, epochs=epochs,
         unfreeze_at=int(d.unfreeze_at), weight_decay_grid=[float(w) for w in d.weight_decay_grid],
         aug_views=views if d.train_on_features else 0, augment=d.augment, reasons=reasons)

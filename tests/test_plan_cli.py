@@ -37,7 +37,7 @@ def test_plan_json_and_report(image_folder: Path, weights_file: Path):
     runner = CliRunner()
     result = runner.invoke(cli, _plan_args(image_folder, weights_file, "--json"))
     assert result.exit_code == 0, result.output
-    out = json.loads(result.output.strip().splitlines()[-1])
+    out = json.loads(result.stdout)
     assert out["scenario"] in ("small-similar", "small-different")  # 12 training images: little data
     assert out["plan"]["scenario"] == out["scenario"] and out["plan"]["reasons"]
     assert out["profile"]["n_train"] == 12 and out["profile"]["n_classes"] == 2
@@ -54,7 +54,7 @@ def test_plan_json_and_report(image_folder: Path, weights_file: Path):
         assert heading in report.output
     # The second run read the features from the cache.
     again = runner.invoke(cli, _plan_args(image_folder, weights_file, "--json"))
-    assert json.loads(again.output.strip().splitlines()[-1])["timings"]["features_cached"] is True
+    assert json.loads(again.stdout)["timings"]["features_cached"] is True
 
 
 def test_plan_forced_scenario_and_overrides(image_folder: Path, weights_file: Path):
@@ -62,7 +62,7 @@ def test_plan_forced_scenario_and_overrides(image_folder: Path, weights_file: Pa
     result = runner.invoke(cli, _plan_args(image_folder, weights_file, "--json", "--scenario", "large-similar",
                                            "--freeze-groups", "3", "--backbone-lr-mult", "0.2"))
     assert result.exit_code == 0, result.output
-    out = json.loads(result.output.strip().splitlines()[-1])
+    out = json.loads(result.stdout)
     assert out["scenario"] == "large-similar" and out["plan"]["source"] == "forced"
     assert [g["frozen"] for g in out["groups"]] == [True, True, True, False, False, False]
     assert out["groups"][-2]["lr"] == pytest.approx(1e-3 * 0.2)
