@@ -168,7 +168,9 @@ def _print_summary(summary: dict[str, Any]) -> None:
         click.echo(f"\nSkipped {n} unreadable file(s) (listed in skipped_files.json of the run): {first}"
                    + (" ..." if n > 3 else ""))
     click.echo(f"\nscenario {summary['scenario']} ({summary['plan']['source']})")
-    click.echo(f"val_acc {m['val_acc']:.4f}  val_loss {m['val_loss']:.4f}  (best epoch {m.get('best_epoch')})")
+    kept = (f"warmed-up head kept: fine-tuning reached {m['val_acc_finetuned']:.4f}" if m.get("weights") == "warmup"
+            else f"best epoch {m.get('best_epoch')}" + (", EMA weights" if m.get("weights") == "ema" else ""))
+    click.echo(f"val_acc {m['val_acc']:.4f}  val_loss {m['val_loss']:.4f}  ({kept})")
     click.echo(f"summary:    {summary['output']}/summary.json")
     click.echo(f"model:      {summary['model_dir']}")
     click.echo(f"MLflow run: {summary['mlflow_run_id']}  ({summary['mlflow_tracking_uri']})")

@@ -46,16 +46,19 @@ _BASE = dict(mixup=0.0, cutmix=0.0, label_smoothing=0.0, schedule="cosine", warm
              dropout=0.0, drop_path=0.0, drop_connect=0.0, ema=0.0)
 
 # Little data: gentle augmentation only; the backbone is (mostly) frozen, so there is little to
-# regularize and a weight average of a linear head buys nothing. Much data: more augmentation,
-# label smoothing, stochastic depth and an EMA of the weights, since the whole network moves; a
-# different domain moves it further and for longer, so it gets the strong preset and mixup.
+# regularize and a weight average of a linear head buys nothing. Much data: label smoothing,
+# stochastic depth and an EMA of the weights, since the network moves; a different domain moves all
+# of it, so head dropout and more stochastic depth too. Not by default: RandAugment (`strong`) and
+# mixup/cutmix, which pay off over schedules of tens of epochs. Measured on omniglot (large-different,
+# 2 epochs at 128 px after the head warm-up): strong + mixup 0.2 + cutmix 1.0 ended at 0.66 val
+# accuracy, light without mixing at 0.84.
 DEFAULT_RECIPES: dict[str, dict[str, Any]] = {
     "small-similar": {**_BASE, "augment": "light"},
     "small-different": {**_BASE, "augment": "light"},
     "large-similar": {**_BASE, "augment": "standard", "label_smoothing": 0.1, "warmup_epochs": 0.5,
                       "drop_path": 0.05, "ema": 0.999},
-    "large-different": {**_BASE, "augment": "strong", "mixup": 0.2, "cutmix": 1.0, "label_smoothing": 0.1,
-                        "warmup_epochs": 1.0, "dropout": 0.2, "drop_path": 0.1, "ema": 0.9998},
+    "large-different": {**_BASE, "augment": "light", "label_smoothing": 0.1, "warmup_epochs": 1.0,
+                        "dropout": 0.2, "drop_path": 0.1, "ema": 0.9998},
 }
 
 

@@ -36,3 +36,45 @@ def test_train_end_to_end_logs_run(image_folder: Path, tmp_path: Path, isolated_
     assert {"config.json", "classes.json", "skipped_files.json", "summary.json", "model_files"} <= artifacts
     model_files = {a.path for a in client.list_artifacts(run.info.run_id, "model_files")}
     assert {"model_files/model.safetensors", "model_files/model.json"} <= model_files
+
+
+def test_large_plan_validates_the_warmed_up_head_beside_the_fine_tuned_network(image_folder: Path, tmp_path: Path,
+                                                                               isolated_mlflow: str):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, tiny_train_args(image_folder, out, "--scenario", "large-similar"))
+    assert result.exit_code == 0, result.output
+    m = json.loads((out / "summary.json").read_text())["metrics"]
+    assert m["val_acc"] == max(m["val_acc_finetuned"], m["val_acc_warmup"])
+    assert (m["weights"] == "warmup") == (m["val_acc_warmup"] > m["val_acc_finetuned"])
+
+
+class _StubEvaluator:
+    """validate() scores the network by its single weight: a stand-in for real validation."""
+
+    def validate(self, module, datamodule=None, verbose=False):
+        w = float(module.net.weight.sum())
+        return [{"val_acc": w, "val_loss": 1.0 - w, "val_acc_top5": 1.0}]
+
+
+def test_warmed_up_head_is_kept_only_when_it_validates_better():
+    import torch
+    from torch import nn
+
+    from finetune.train import _keep_warmup_if_better
+
+    class Holder(nn.Module):
+        def __init__(self, value: float):
+            super().__init__()
+            self.net = nn.Linear(1, 1, bias=False)
+            nn.init.constant_(self.net.weight, value)
+
+    for tuned, warm in ((0.5, 0.75), (0.75, 0.5)):  # exact in float32
+        module = Holder(tuned)
+        warm_state = {"weight": torch.full((1, 1), warm)}
+        metrics = _keep_warmup_if_better(module, _StubEvaluator(), None, warm_state,
+                                         {"val_acc": tuned, "val_loss": 0.1, "val_acc_top5": 1.0, "weights": "raw"})
+        kept = max(tuned, warm)
+        assert float(module.net.weight) == kept  # the network left in place is the one reported
+        assert metrics["val_acc"] == kept and metrics["val_acc_finetuned"] == tuned
+        assert metrics["val_acc_warmup"] == warm
+        assert metrics["weights"] == ("warmup" if warm > tuned else "raw")
