@@ -25,10 +25,11 @@ REPO = Path(__file__).resolve().parents[1]
 def test_ddp_two_cpu_processes_train_and_log_once(tmp_path: Path, isolated_mlflow: str):
     data = make_folder(tmp_path / "data", per_class=8)
     out = tmp_path / "out"
-    # large-similar: frozen layer groups and a head warm-up before the top groups learn, the path where
-    # ranks can drift apart (freezing.py); from random init it costs no more than full fine-tuning.
+    # large-similar with 2 frozen groups: frozen layer groups and a head warm-up before the rest learn,
+    # the path where ranks can drift apart (freezing.py); from random init it costs no more than full
+    # fine-tuning.
     args = tiny_train_args(data, out, "--epochs", "2", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
-                           "--experiment", "ddp", "--scenario", "large-similar")
+                           "--experiment", "ddp", "--scenario", "large-similar", "--freeze-groups", "2")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = run_bounded([sys.executable, "-m", "finetune.cli", *args], timeout=300, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
