@@ -242,7 +242,7 @@ def _fit_network(cfg: TrainConfig, decision: scenarios.Decision, recipe: Recipe,
         precision=cfg.precision or default_precision(cfg.accelerator), logger=logger,
         # Any callback with state_dict/load_state_dict (EMA, unfreezing, ...) is saved in the checkpoints
         # and restored on --resume by Lightning; its state must be tensors and plain data (weights_only).
-        callbacks=[checkpoint, resume.epoch_checkpoint(output), resume.RngState(), on_interrupt, rank_sync,
+        callbacks=[checkpoint, resume.epoch_checkpoint(output), resume.RngState(cfg.seed), on_interrupt, rank_sync,
                    TQDMProgressBar(refresh_rate=1), *plan_callbacks,
                    *recipe_callbacks(cfg, recipe, len(splits.classes), checkpoint, output)],
         default_root_dir=output, log_every_n_steps=1, num_sanity_val_steps=0, enable_model_summary=False)
