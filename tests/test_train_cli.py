@@ -52,7 +52,7 @@ class _StubEvaluator:
     """validate() scores the network by its single weight: a stand-in for real validation."""
 
     def validate(self, module, datamodule=None, verbose=False):
-        w = float(module.net.weight.sum())
+        w = float(module.net.weight.detach().sum())
         return [{"val_acc": w, "val_loss": 1.0 - w, "val_acc_top5": 1.0}]
 
 
