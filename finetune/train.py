@@ -294,6 +294,19 @@ def _babysit_initial_loss(module: Classifier, datamodule: FolderDataModule, num_
         log.warning(warning)
 
 
+def _try_weights(module: Classifier, evaluator: pl.Trainer, datamodule: FolderDataModule,
+                 state: dict[str, torch.Tensor], val_acc: float) -> tuple[dict[str, float], bool]:
+    """Validate `state` in place of the module's weights: keep it when it beats `val_acc`, else put the
+    weights back. Returns its validation metrics and whether it was kept."""
+    current = {k: v.clone() for k, v in module.net.state_dict().items()}
+    module.net.load_state_dict(state)
+    candidate = {k: float(v) for k, v in evaluator.validate(module, datamodule=datamodule, verbose=False)[0].items()}
+    if candidate["val_acc"] > val_acc:
+        return candidate, True
+    module.net.load_state_dict(current)
+    return candidate, False
+
+
 def _keep_better_of_raw_and_ema(module: Classifier, evaluator: pl.Trainer, datamodule: FolderDataModule,
                                 trainer: pl.Trainer, metrics: dict[str, Any]) -> dict[str, Any]:
     """With --ema: validate the best EMA weights too, and keep (in `module`) whichever is better."""
@@ -301,16 +314,13 @@ def _keep_better_of_raw_and_ema(module: Classifier, evaluator: pl.Trainer, datam
     metrics = {**metrics, "weights": "raw"}
     if ema is None or not ema.best_path.is_file():
         return metrics
-    raw_state = {k: v.clone() for k, v in module.net.state_dict().items()}
-    module.net.load_state_dict(torch.load(ema.best_path, map_location="cpu", weights_only=True)["state_dict"])
-    ema_metrics = evaluator.validate(module, datamodule=datamodule, verbose=False)[0]
-    metrics["val_acc_raw"] = metrics["val_acc"]
-    metrics["val_acc_ema"] = float(ema_metrics["val_acc"])
-    if metrics["val_acc_ema"] > metrics["val_acc"]:
+    state = torch.load(ema.best_path, map_location="cpu", weights_only=True)["state_dict"]
+    ema_metrics, kept = _try_weights(module, evaluator, datamodule, state, metrics["val_acc"])
+    metrics = {**metrics, "val_acc_raw": metrics["val_acc"], "val_acc_ema": ema_metrics["val_acc"]}
+    if kept:
         log.info("EMA weights validate better (%.4f > %.4f): keeping them", metrics["val_acc_ema"], metrics["val_acc"])
-        return {**metrics, "val_acc": metrics["val_acc_ema"], "val_loss": float(ema_metrics["val_loss"]),
-                "val_acc_top5": float(ema_metrics["val_acc_top5"]), "weights": "ema"}
-    module.net.load_state_dict(raw_state)
+        return {**metrics, "val_acc": ema_metrics["val_acc"], "val_loss": ema_metrics["val_loss"],
+                "val_acc_top5": ema_metrics["val_acc_top5"], "weights": "ema"}
     return metrics
 
 
@@ -319,17 +329,14 @@ def _keep_warmup_if_better(module: Classifier, evaluator: pl.Trainer, datamodule
     """Validate the network as it was after the head warm-up (pretrained backbone + warmed-up head)
     and keep it when fine-tuning did not beat it: a short schedule can leave the moved features
     behind the frozen ones (omniglot at 128 px, 2 epochs: 0.84 fine-tuned vs 0.875 warmed up)."""
-    tuned_state = {k: v.clone() for k, v in module.net.state_dict().items()}
-    module.net.load_state_dict(warm_state)
-    warm = evaluator.validate(module, datamodule=datamodule, verbose=False)[0]
-    metrics = {**metrics, "val_acc_finetuned": metrics["val_acc"], "val_acc_warmup": float(warm["val_acc"])}
-    if metrics["val_acc_warmup"] > metrics["val_acc"]:
+    warm, kept = _try_weights(module, evaluator, datamodule, warm_state, metrics["val_acc"])
+    metrics = {**metrics, "val_acc_finetuned": metrics["val_acc"], "val_acc_warmup": warm["val_acc"]}
+    if kept:
         log.warning("Fine-tuning did not beat the warmed-up head on val (%.4f <= %.4f): keeping the pretrained "
                     "backbone with the warmed-up head. More --epochs, or a lower --lr, may let fine-tuning win.",
                     metrics["val_acc"], metrics["val_acc_warmup"])
-        return {**metrics, "val_acc": metrics["val_acc_warmup"], "val_loss": float(warm["val_loss"]),
-                "val_acc_top5": float(warm["val_acc_top5"]), "weights": "warmup", "best_epoch": -1}
-    module.net.load_state_dict(tuned_state)
+        return {**metrics, "val_acc": warm["val_acc"], "val_loss": warm["val_loss"],
+                "val_acc_top5": warm["val_acc_top5"], "weights": "warmup", "best_epoch": -1}
     return metrics
 
 
