@@ -31,7 +31,7 @@ import torch
 from timm.models._manipulate import group_with_matcher
 from torch import nn
 
-from finetune.strategy import Plan, resolve_frozen_count
+from finetune.strategy import BN_POLICIES, Plan, resolve_frozen_count
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +112,6 @@ def plan_groups(model: nn.Module, plan: Plan, head_lr: float) -> list[GroupSetti
     return settings
 
 
-BN_POLICIES = ("eval", "train")
-
-
 def apply_plan(model: nn.Module, settings: list[GroupSetting],
                bn_policy: str = "eval") -> tuple[list[dict[str, Any]], "FreezeCallback"]:
     """Set requires_grad, build the optimizer's param groups, and the callback that enforces the rest.
@@ -126,7 +123,7 @@ def apply_plan(model: nn.Module, settings: list[GroupSetting],
     Returns torch-style groups ``{"params", "lr", "name"}`` for `make_optimizer_factory`.
     """
     if bn_policy not in BN_POLICIES:
-        raise ValueError(f"bn_policy must be one of {BN_POLICIES}, got {bn_policy!r}")
+        raise ValueError(f"bn_policy must be one of {tuple(BN_POLICIES)}, got {bn_policy!r}")
     groups = layer_groups(model)
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
@@ -153,9 +150,8 @@ def apply_plan(model: nn.Module, settings: list[GroupSetting],
         param_groups = [{"params": [p for g in param_groups for p in g["params"]], "lr": param_groups[0]["lr"],
                          "name": "all"}]
     n_frozen = sum(1 for s in settings if s.frozen)
-    log.info("Layer groups: %d frozen, %d learning (%d waiting for a later epoch); BatchNorm %s", n_frozen,
-             len(settings) - n_frozen, sum(1 for s in settings if s.starts_at > 0),
-             "in eval mode (pretrained statistics)" if bn_policy == "eval" else "in train mode where layers learn")
+    log.info("Layer groups: %d frozen, %d learning (%d waiting for a later epoch); %s", n_frozen,
+             len(settings) - n_frozen, sum(1 for s in settings if s.starts_at > 0), BN_POLICIES[bn_policy])
     return param_groups, FreezeCallback(eval_bn, waiting)
 
 

@@ -33,7 +33,7 @@ from finetune.heads import HeadResult, StageClassifier, fit_linear_head, load_li
 from finetune.optim import make_optimizer_factory
 from finetune.profile import DatasetProfile, profile_splits, stratified_subset
 from finetune.similarity import Similarity, measure
-from finetune.strategy import SCENARIO_NAMES, Plan, decide, load_scenario_defaults, load_thresholds
+from finetune.strategy import BN_POLICIES, SCENARIO_NAMES, Plan, decide, load_scenario_defaults, load_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -263,9 +263,7 @@ def describe(decision: Decision, groups: list[dict[str, Any]]) -> str:
               f"  head on        {plan.head_stage}" + ("  (cached features)" if plan.train_on_features else ""),
               f"  epochs         {plan.epochs}" + (f" after {plan.warmup_epochs} head warm-up epochs on cached features"
                                                    if plan.warmup_epochs else ""),
-              f"  BatchNorm      " + ("eval mode everywhere: pretrained running statistics kept, BatchNorm "
-                                       "weights learn where their group learns" if plan.bn_policy == "eval"
-                                       else "train mode where layers learn (plain BatchNorm)")]
+              f"  BatchNorm      {BN_POLICIES[plan.bn_policy]}"]
     if plan.train_on_features:
         lines.append(f"  weight decay   chosen on val from {plan.weight_decay_grid}")
         if plan.aug_views:

@@ -25,6 +25,12 @@ from finetune.config import read_yaml_mapping
 from finetune.errors import UserError
 
 SCENARIO_NAMES = ("small-similar", "large-similar", "small-different", "large-different")
+# What each BatchNorm policy of a fine-tuning plan does (Plan.bn_policy; executed by freezing.apply_plan).
+BN_POLICIES = {
+    "eval": "BatchNorm in eval mode everywhere (pretrained running statistics kept: the network computes what "
+            "the head was warmed up on; BatchNorm weights learn where their group learns)",
+    "train": "plain BatchNorm where layers learn (random init: no statistics to keep)",
+}
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 FINAL = "final"
 
@@ -193,6 +199,7 @@ def decide(profile: Mapping[str, Any], similarity: Mapping[str, Any], thresholds
         lr_mult = 1.0 if backbone_lr_mult is None else lr_mult
         layer_decay, warmup = 1.0, 0
     views = d.aug_views if aug_views is None else int(aug_views)
+    bn_policy = "eval" if pretrained else "train"
 
     if d.train_on_features:
         reasons.append(f"backbone frozen (BatchNorm in eval mode): a linear head trains for {epochs} epochs on "
@@ -209,10 +216,7 @@ def decide(profile: Mapping[str, Any], similarity: Mapping[str, Any], thresholds
         warm = (f"head warm-up for {warmup} epochs on cached features with the backbone frozen, then "
                 if warmup else "")
         reasons.append(f"{warm}fine-tune {train_what} for {epochs} epochs; backbone LR x{lr_mult:g} of the "
-                       f"head's, x{layer_decay:g} per group further down; "
-                       + ("BatchNorm in eval mode everywhere (pretrained statistics kept: the network computes "
-                          "what the head was warmed up on; only BatchNorm weights learn)" if pretrained else
-                          "plain BatchNorm (random init: no statistics to keep)"))
+                       f"head's, x{layer_decay:g} per group further down; {BN_POLICIES[bn_policy]}")
         if scenario == "large-different" and pretrained:
             reasons.append("different domain with enough data: the features must move, so a higher backbone LR "
                            f"than the similar case and a longer schedule ({d.epochs_scale:g} x --epochs)")
@@ -221,7 +225,7 @@ def decide(profile: Mapping[str, Any], similarity: Mapping[str, Any], thresholds
         train_on_features=d.train_on_features, head_stage=head_stage,
         trainable_fraction=0.0 if d.train_on_features else float(d.trainable_fraction),
         freeze_groups=freeze_groups, backbone_lr_mult=lr_mult, layer_decay=layer_decay,
-        bn_policy="eval" if pretrained else "train",
+        bn_policy=bn_policy,
         warmup_epochs=0 if d.train_on_features else warmup, epochs=epochs,
         unfreeze_at=int(d.unfreeze_at), weight_decay_grid=[float(w) for w in d.weight_decay_grid],
         aug_views=views if d.train_on_features else 0, augment=d.augment, reasons=reasons)
