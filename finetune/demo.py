@@ -39,9 +39,9 @@ def _background(rng: random.Random, size: int, clutter: int) -> Image.Image:
 def _polygon(cx: float, cy: float, r: float, corners: int, angle: float, inner: float = 1.0) -> list[tuple[float, float]]:
     """Corners of a regular polygon (or, with inner < 1, a star: every other corner pulled inwards)."""
     n = corners * (2 if inner < 1.0 else 1)
-    return [(cx + r * (inner if k % 2 and inner < 1.0 else 1.0) * math.cos(angle + 2 * math.pi * k / n),
-             cy + r * (inner if k % 2 and inner < 1.0 else 1.0) * math.sin(angle + 2 * math.pi * k / n))
-            for k in range(n)]
+    radii = [r * (inner if k % 2 else 1.0) for k in range(n)]  # inner == 1: every corner at r
+    return [(cx + rk * math.cos(angle + 2 * math.pi * k / n), cy + rk * math.sin(angle + 2 * math.pi * k / n))
+            for k, rk in enumerate(radii)]
 
 
 def _shape(name: str, rng: random.Random, size: int, filled: bool = True) -> Image.Image:
