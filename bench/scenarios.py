@@ -34,6 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from finetune import runtime  # noqa: E402
 from finetune.config import TrainConfig  # noqa: E402
 from finetune.data import Sample, scan_folder  # noqa: E402
 from finetune.profile import stratified_subset  # noqa: E402
@@ -95,7 +96,7 @@ def bench_dataset(data_dir: Path, args: argparse.Namespace, workdir: Path, write
     bb = create_backbone(args.model, str(args.weights), len(splits.classes), args.image_size, keep_source_head=True)
     started = time.perf_counter()
     for part in (splits.train, splits.val):
-        cached_features(bb, part, batch_size=args.batch_size, num_workers=args.num_workers)
+        cached_features(bb, part, batch_size=args.batch_size, rt=runtime.resolve(workers=args.num_workers))
     extract_s = time.perf_counter() - started
 
     rows = []

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import finetune.train  # noqa: E402,F401  (imports out of the timed region)
+from finetune import runtime  # noqa: E402
 from finetune.backbone import create_backbone  # noqa: E402
 from finetune.config import TrainConfig  # noqa: E402
 from finetune.data import scan_folder  # noqa: E402
@@ -50,8 +51,8 @@ def main() -> None:
         bb = create_backbone(args.model, str(args.weights), len(splits.classes), keep_source_head=True)
         t0 = time.perf_counter()
         for part in (splits.train, splits.val):
-            cached_features(bb, part, batch_size=args.batch_size, num_workers=args.num_workers,
-                            cache_dir=tmp / "extract-only")
+            cached_features(bb, part, batch_size=args.batch_size, cache_dir=tmp / "extract-only",
+                            rt=runtime.resolve(workers=args.num_workers))
         extract = time.perf_counter() - t0
         n = len(splits.train) + len(splits.val)
         print(f"one extraction pass: {n} images in {extract:.1f}s ({n / extract:.1f} img/s)", flush=True)

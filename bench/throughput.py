@@ -130,7 +130,7 @@ def finetune_train(args, cfg, splits, data_config, net, device, out: Path) -> fl
     recipe = resolve_recipe(cfg, args.scenario)
     size = resize_size(data_config)
     dm = FolderDataModule(splits, train_transform(data_config, recipe.augment), eval_transform(data_config),
-                          batch_size=args.batch_size, num_workers=args.num_workers,
+                          batch_size=args.batch_size, num_workers=args.rt.workers, pin_memory=args.rt.pin_memory,
                           max_pixels=cfg.max_image_pixels, draft_size=(size, size))
     module = Classifier(net, len(splits.classes),
                         make_optimizer_factory(cfg, [{"params": list(net.parameters()), "lr": cfg.lr, "name": "all"}],
@@ -151,7 +151,7 @@ def finetune_train(args, cfg, splits, data_config, net, device, out: Path) -> fl
 
 
 def finetune_predict(args, net, data_config, paths, mode, device, out: Path) -> float:
-    loader = prediction_loader(paths, data_config, mode, args.batch_size, args.num_workers, None)
+    loader = prediction_loader(paths, data_config, mode, args.batch_size, args.rt, None)
     clock = BatchClock(args.warmup)
     writer = CsvRowWriter(out / f"preds-{mode}.csv", paths, ["c0", "c1"], 1)
     trainer = pl.Trainer(logger=False, callbacks=[writer, clock], **trainer_kwargs(args, device))
@@ -165,8 +165,8 @@ def finetune_features(args, backbone, splits, device, out: Path) -> float | None
     except ImportError:
         return None
     samples = splits.val[:args.predict_images]
-    fs = cached_features(backbone, samples, batch_size=args.batch_size, num_workers=args.num_workers,
-                         cache_dir=tempfile.mkdtemp(dir=out), device=device)
+    fs = cached_features(backbone, samples, batch_size=args.batch_size, cache_dir=tempfile.mkdtemp(dir=out),
+                         rt=args.rt)
     return len(samples) / fs.seconds
 
 
@@ -197,10 +197,10 @@ def main() -> None:
     for noisy in ("pytorch_lightning", "lightning", "lightning_fabric", "mlflow", "alembic"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
-    device = torch.device("cuda" if args.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-                          else "cpu")
-    split = runtime.configure(args.accelerator, args.num_workers, args.threads)
-    threads, args.num_workers = split.threads, split.workers
+    args.rt = runtime.configure(args.accelerator, precision=args.precision, workers=args.num_workers,
+                                threads=args.threads)
+    device = args.rt.device
+    threads, args.num_workers = args.rt.threads, args.rt.workers
     only = set(args.only.split(","))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

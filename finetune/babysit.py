@@ -18,7 +18,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from finetune import tracking
+from finetune import runtime, tracking
 from finetune.augment import eval_transform, resize_size, train_transform
 from finetune.backbone import Backbone, create_backbone
 from finetune.callbacks import initial_loss
@@ -28,7 +28,7 @@ from finetune.errors import UserError
 from finetune.module import Classifier
 from finetune.optim import make_optimizer_factory
 from finetune.recipe import init_head, model_kwargs, resolve_recipe
-from finetune.train import default_precision, recipe_scenario
+from finetune.train import recipe_scenario
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ SANITY_TARGET_ACC = 0.99
 
 
 def _setup(cfg: TrainConfig, splits: FolderSplits, augment: str, regularize: bool,
-           batch_size: int) -> tuple[Backbone, FolderDataModule, Classifier]:
+           batch_size: int, rt: runtime.Runtime) -> tuple[Backbone, FolderDataModule, Classifier]:
     recipe = resolve_recipe(cfg, recipe_scenario(cfg))
     kwargs = model_kwargs(recipe) if regularize else {}
     backbone = create_backbone(cfg.model, cfg.weights, len(splits.classes), cfg.image_size, **kwargs)
@@ -44,7 +44,7 @@ def _setup(cfg: TrainConfig, splits: FolderSplits, augment: str, regularize: boo
     data_config = backbone.data_config
     size = resize_size(data_config)
     datamodule = FolderDataModule(splits, train_transform(data_config, augment), eval_transform(data_config),
-                                  batch_size=batch_size, num_workers=cfg.num_workers,
+                                  batch_size=batch_size, num_workers=rt.workers, pin_memory=rt.pin_memory,
                                   max_pixels=cfg.max_image_pixels, draft_size=(size, size))
     groups = [{"params": list(backbone.model.parameters()), "lr": cfg.lr, "name": "all"}]
     factory = make_optimizer_factory(cfg, groups, "constant", 0.0)
@@ -53,10 +53,15 @@ def _setup(cfg: TrainConfig, splits: FolderSplits, augment: str, regularize: boo
     return backbone, datamodule, module
 
 
-def _trainer(cfg: TrainConfig, **kwargs: Any) -> pl.Trainer:
-    return pl.Trainer(accelerator=cfg.accelerator, devices=1, logger=False, enable_checkpointing=False,
-                      enable_model_summary=False, num_sanity_val_steps=0,
-                      precision=cfg.precision or default_precision(cfg.accelerator), **kwargs)
+def _runtime(cfg: TrainConfig) -> runtime.Runtime:
+    """One process on one device (these checks never run under DDP)."""
+    return runtime.configure(cfg.accelerator, 1, "auto", cfg.precision, cfg.num_workers)
+
+
+def _trainer(rt: runtime.Runtime, **kwargs: Any) -> pl.Trainer:
+    return pl.Trainer(accelerator=rt.accelerator, devices=rt.lightning_devices, logger=False,
+                      enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
+                      precision=rt.precision, **kwargs)
 
 
 def small_subset(samples: list[Sample], n: int) -> list[Sample]:
@@ -88,11 +93,12 @@ def sanity(cfg: TrainConfig, samples: int = 20, epochs: int | None = None) -> di
     tiny = replace(splits, train=subset, val=subset, test=[])
     no_reg = replace(cfg, weight_decay=0.0)
     batch = min(cfg.batch_size, len(subset))
-    _, datamodule, module = _setup(no_reg, tiny, "none", regularize=False, batch_size=batch)
-    start_loss = initial_loss(module.net, datamodule.val_dataloader())
+    rt = _runtime(cfg)
+    _, datamodule, module = _setup(no_reg, tiny, "none", regularize=False, batch_size=batch, rt=rt)
+    start_loss = initial_loss(module.net, datamodule.val_dataloader(), rt)
     epochs = epochs or 30
     started = time.time()
-    trainer = _trainer(cfg, max_epochs=epochs, enable_progress_bar=False, log_every_n_steps=1)
+    trainer = _trainer(rt, max_epochs=epochs, enable_progress_bar=False, log_every_n_steps=1)
     trainer.fit(module, datamodule=datamodule)
     final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     acc = float(final["val_acc"])
@@ -117,10 +123,12 @@ def lr_find(cfg: TrainConfig, min_lr: float = 1e-6, max_lr: float = 1.0, num_tra
     if cfg.batch_size > len(splits.train):
         raise UserError(f"batch_size {cfg.batch_size} is larger than the training split "
                         f"({len(splits.train)} images). Use --batch-size {len(splits.train)} or less.")
-    backbone, datamodule, module = _setup(cfg, splits, recipe.augment, regularize=True, batch_size=cfg.batch_size)
+    rt = _runtime(cfg)
+    backbone, datamodule, module = _setup(cfg, splits, recipe.augment, regularize=True, batch_size=cfg.batch_size,
+                                          rt=rt)
     output = Path(cfg.output or Path("outputs") / f"lr-find-{time.strftime('%Y%m%d-%H%M%S')}")
     output.mkdir(parents=True, exist_ok=True)
-    trainer = _trainer(cfg, max_epochs=max(1, math.ceil(num_training / max(1, len(splits.train) // cfg.batch_size))),
+    trainer = _trainer(rt, max_epochs=max(1, math.ceil(num_training / max(1, len(splits.train) // cfg.batch_size))),
                        default_root_dir=output)
     finder = Tuner(trainer).lr_find(module, datamodule=datamodule, min_lr=min_lr, max_lr=max_lr,
                                     num_training=num_training, update_attr=False)

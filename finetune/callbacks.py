@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from timm.utils import ModelEmaV3
 
+from finetune import runtime
 from finetune.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,8 @@ class EMACallback(pl.Callback):
         if batch is None or self.ema is None or trainer.sanity_checking:
             return
         x, y = batch
-        logits = self.ema.module(x).float()
+        with trainer.precision_plugin.forward_context():  # the precision the raw weights validate in
+            logits = self.ema.module(x).float()
         self._correct += (logits.argmax(dim=1) == y).sum()
         self._loss += F.cross_entropy(logits, y, reduction="sum")
         self._count += y.numel()
@@ -147,23 +149,21 @@ class TrainValGapCallback(pl.Callback):
 
 
 @torch.no_grad()
-def initial_loss(net: torch.nn.Module, loader, device: torch.device | str = "cpu", max_batches: int = 1) -> float:
-    """Plain cross-entropy of the untrained model on the first batches (eval mode, no augmentation)."""
-    was_training = net.training
-    net.eval()
+def initial_loss(net: torch.nn.Module, loader, rt: runtime.Runtime | None = None, max_batches: int = 1) -> float:
+    """Plain cross-entropy of the untrained model on the first batches (eval mode, no augmentation), on
+    `rt`'s device and precision (the CPU when not given); the model is left where and as it was."""
+    rt = rt or runtime.cpu()
     total, count = 0.0, 0
-    try:
+    with runtime.evaluating_on(net, rt.device), rt.autocast():
         for i, batch in enumerate(loader):
             if i >= max_batches:
                 break
             if batch is None:
                 continue
             x, y = batch
-            logits = net(x.to(device)).float()
-            total += float(F.cross_entropy(logits, y.to(device), reduction="sum"))
+            logits = net(x.to(rt.device)).float()
+            total += float(F.cross_entropy(logits, y.to(rt.device), reduction="sum"))
             count += y.numel()
-    finally:
-        net.train(was_training)
     return total / max(count, 1)
 
 

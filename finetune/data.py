@@ -248,23 +248,18 @@ def skip_none_collate(batch):
     return default_collate(batch)
 
 
-def default_num_workers(accelerator: str = "auto") -> int:
-    """Loader workers for this machine: see `finetune.runtime.split_cores`."""
-    from finetune import runtime
-
-    return runtime.split_cores(runtime.available_cores(), runtime.uses_gpu(accelerator)).workers
-
-
 class FolderDataModule(pl.LightningDataModule):
     def __init__(self, splits: FolderSplits, train_transform: Callable, eval_transform: Callable,
-                 batch_size: int = 32, num_workers: int | None = None, max_pixels: int | None = None,
-                 draft_size: tuple[int, int] | None = None, sampler_factory: Callable | None = None):
+                 batch_size: int = 32, num_workers: int = 0, max_pixels: int | None = None,
+                 draft_size: tuple[int, int] | None = None, sampler_factory: Callable | None = None,
+                 pin_memory: bool = False):
         super().__init__()
         self.splits = splits
         self.train_transform = train_transform
         self.eval_transform = eval_transform
         self.batch_size = batch_size
-        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.num_workers = num_workers  # from finetune.runtime, like pin_memory
+        self.pin_memory = pin_memory
         self.max_pixels = max_pixels
         self.draft_size = draft_size
         self.sampler_factory = sampler_factory
@@ -279,7 +274,7 @@ class FolderDataModule(pl.LightningDataModule):
             sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=skip_none_collate,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
             drop_last=train and len(ds) > self.batch_size,
         )

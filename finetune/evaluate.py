@@ -20,7 +20,7 @@ from torch import nn
 
 from finetune import runtime, tracking
 from finetune.artifact import ModelSpec
-from finetune.data import FolderSplits, Sample, default_num_workers, scan_folder
+from finetune.data import FolderSplits, Sample, scan_folder
 from finetune.errors import UserError
 from finetune.images import ImageError, load_rgb
 from finetune.tta import TTA_VIEWS, is_multi_crop, predict_sources
@@ -110,9 +110,8 @@ def plot_top_losses(paths: Sequence[str], probs: np.ndarray, labels: np.ndarray,
 
 
 def evaluate_samples(net: nn.Module, spec: ModelSpec, samples: Sequence[Sample], mode: str, out_dir: Path,
-                     batch_size: int = 32, num_workers: int = 0, max_pixels: int | None = None,
-                     device: str = "cpu", label_map: Sequence[int] | None = None,
-                     probs: np.ndarray | None = None) -> dict[str, Any]:
+                     batch_size: int = 32, max_pixels: int | None = None, rt: runtime.Runtime | None = None,
+                     label_map: Sequence[int] | None = None, probs: np.ndarray | None = None) -> dict[str, Any]:
     """Predict one split with TTA and write report.json, confusion_matrix.png and top_losses.png.
 
     `probs` ([N, K], NaN rows for failed images): predictions already made with exactly this
@@ -124,8 +123,7 @@ def evaluate_samples(net: nn.Module, spec: ModelSpec, samples: Sequence[Sample],
     labels = np.array([label_map[s.label] if label_map else s.label for s in samples], dtype=int)
     if probs is None:
         images_per_batch = max(1, batch_size // TTA_VIEWS[mode])  # keep a forward pass near batch_size crops
-        probs = predict_sources(net, paths, spec.data_config, mode, images_per_batch, num_workers,
-                                max_pixels, device)[0].numpy()
+        probs = predict_sources(net, paths, spec.data_config, mode, images_per_batch, max_pixels, rt)[0].numpy()
     probs_np = np.asarray(probs)
     result = {"tta": mode, **report(probs_np, labels, spec.class_names)}
     tracking.write_json(out_dir / "report.json", result)
@@ -171,7 +169,8 @@ def log_evaluation(run_id: str, output: Path, metrics: dict[str, float]) -> None
 
 
 def after_training(net: nn.Module, spec: ModelSpec, splits: FolderSplits, cfg: Any, run_id: str | None,
-                   output: Path, center_probs: dict[str, np.ndarray] | None = None) -> dict[str, float]:
+                   output: Path, rt: runtime.Runtime, center_probs: dict[str, np.ndarray] | None = None
+                   ) -> dict[str, float]:
     """The report of a finished training run on val (and test); `val_acc_tta` when TTA is multi-crop.
 
     The Lightning validation already measured the plain centre-crop accuracy (`val_acc`); this adds
@@ -180,14 +179,10 @@ def after_training(net: nn.Module, spec: ModelSpec, splits: FolderSplits, cfg: A
     With `run_id` None nothing is sent to MLflow (the caller sends it with `log_evaluation`).
     """
     mode = cfg.tta if cfg.tta != "none" else "center"
-    use_gpu = cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    metrics = evaluate_splits(
+    return evaluate_splits(
         net, spec, {"val": splits.val, "test": splits.test}, mode, Path(output), run_id,
         exclude=("val_acc", "val_acc_top5"), precomputed=center_probs if mode == "center" else None,
-        batch_size=cfg.batch_size, num_workers=default_num_workers() if cfg.num_workers is None else cfg.num_workers,
-        max_pixels=cfg.max_image_pixels, device="cuda" if use_gpu else "cpu")
-    net.cpu()
-    return metrics
+        batch_size=cfg.batch_size, max_pixels=cfg.max_image_pixels, rt=rt)
 
 
 def evaluate_model(model_uri: str, data_dir: str, tta: str | None = None, batch_size: int = 32,
@@ -196,7 +191,7 @@ def evaluate_model(model_uri: str, data_dir: str, tta: str | None = None, batch_
     """`finetune evaluate`: a logged/registered model on a folder, as a new MLflow run."""
     from finetune.serving import load_logged_model
 
-    runtime.configure("auto", num_workers)  # torch threads vs loader workers on the cores
+    rt = runtime.configure(workers=num_workers)  # device, precision, torch threads vs loader workers
     model = load_logged_model(model_uri)
     spec: ModelSpec = model.spec
     mode = tta or model.default_tta
@@ -215,9 +210,7 @@ def evaluate_model(model_uri: str, data_dir: str, tta: str | None = None, batch_
     run_id = run.info.run_id
     tracking.log_params(run_id, {"model_uri": model_uri, "data_dir": str(data_dir), "tta": mode})
     metrics = evaluate_splits(model.net, spec, parts, mode, out, run_id, batch_size=batch_size,
-                              num_workers=default_num_workers() if num_workers is None else num_workers,
-                              max_pixels=max_pixels or model.max_pixels, device=model.device,
-                              label_map=label_map)
+                              max_pixels=max_pixels or model.max_pixels, rt=rt, label_map=label_map)
     summary = {"model_uri": model_uri, "data_dir": str(data_dir), "tta": mode, "metrics": metrics,
                "mlflow_run_id": run_id, "output": str(out.resolve())}
     tracking.write_json(out / "evaluation.json", summary)

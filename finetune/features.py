@@ -41,9 +41,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from finetune import runtime
 from finetune.augment import eval_transform, resize_size, train_transform
 from finetune.backbone import Backbone
-from finetune.data import Sample, default_num_workers
+from finetune.data import Sample
 from finetune.images import ImageError, display_path, load_rgb
 
 log = logging.getLogger(__name__)
@@ -264,11 +265,9 @@ def forward_stages(model: nn.Module, x: torch.Tensor, stages: Sequence[StageInfo
 
 
 def _extract(backbone: Backbone, samples: Sequence[Sample], transform: Callable, views: int, seed: int,
-             augmented: bool, directory: Path, batch_size: int, num_workers: int, max_pixels: int | None,
-             device: torch.device, with_stats: bool) -> None:
+             augmented: bool, directory: Path, batch_size: int, rt: runtime.Runtime, max_pixels: int | None,
+             with_stats: bool) -> None:
     model = backbone.model
-    was_training = model.training
-    model.eval().to(device)
     stages = feature_stages(model)
     n = len(samples)
     arrays = {s.key: np.lib.format.open_memmap(directory / f"{s.key}.npy", mode="w+", dtype=np.float32,
@@ -279,29 +278,29 @@ def _extract(backbone: Backbone, samples: Sequence[Sample], transform: Callable,
     if head is not None:
         logits = np.lib.format.open_memmap(directory / "logits.npy", mode="w+", dtype=np.float32,
                                            shape=(n, backbone.source_num_classes))
-    bn = _BatchNormStats(model) if with_stats else None
     size = resize_size(backbone.data_config)
     ds = _ViewDataset(samples, transform, views, seed, max_pixels, (size, size), augmented,
                       backbone.data_config["input_size"])
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda")
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, **rt.loader_kwargs())
     what = f"{n} images" + (f" x {views} augmented views" if augmented else "")
+    bn = _BatchNormStats(model) if with_stats else None
     try:
         # Minutes to hours on a CPU for a large folder: show progress (once per cache entry).
-        for x, index, ok in tqdm(loader, desc=f"Extracting features of {what}", unit="batch", dynamic_ncols=True):
-            index = index.numpy()
-            ok = ok.numpy().astype(bool)
-            feats = forward_stages(model, x.to(device), stages)
-            view, row = np.divmod(index, n)
-            for key, t in feats.items():
-                arrays[key][view, row] = t.cpu().numpy()
-            valid[row[~ok]] = False
-            if logits is not None:
-                logits[row] = _source_logits(feats[FINAL], head).cpu().numpy()
+        with runtime.evaluating_on(model, rt.device), rt.autocast():
+            for x, index, ok in tqdm(loader, desc=f"Extracting features of {what}", unit="batch",
+                                     dynamic_ncols=True):
+                index = index.numpy()
+                ok = ok.numpy().astype(bool)
+                feats = forward_stages(model, x.to(rt.device, non_blocking=True), stages)
+                view, row = np.divmod(index, n)
+                for key, t in feats.items():
+                    arrays[key][view, row] = t.cpu().numpy()
+                valid[row[~ok]] = False
+                if logits is not None:
+                    logits[row] = _source_logits(feats[FINAL], head).float().cpu().numpy()
     finally:
         if bn is not None:
             bn.remove()
-        model.train(was_training)
     for a in arrays.values():
         a.flush()
     if logits is not None:
@@ -330,16 +329,9 @@ def _load(directory: Path, extracted: bool, seconds: float) -> FeatureSet:
                       meta["paths"], directory, extracted, seconds, logits, bn)
 
 
-def extraction_device(accelerator: str = "auto") -> torch.device:
-    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
 def cached_features(backbone: Backbone, samples: Sequence[Sample], *, views: int = 0, aug_preset: str = "light",
-                    seed: int = 0, batch_size: int = 32, num_workers: int | None = None,
-                    max_pixels: int | None = None, cache_dir: str | Path | None = None,
-                    device: torch.device | None = None) -> FeatureSet:
+                    seed: int = 0, batch_size: int = 32, max_pixels: int | None = None,
+                    cache_dir: str | Path | None = None, rt: runtime.Runtime | None = None) -> FeatureSet:
     """Features of `samples`, from the cache when the same images went through the same backbone.
 
     Args:
@@ -349,6 +341,8 @@ def cached_features(backbone: Backbone, samples: Sequence[Sample], *, views: int
         views: 0 for the clean view (eval preprocessing, with source logits and BatchNorm input
             statistics); K > 0 for K augmented views (training preset `aug_preset`).
         seed: seed of the augmented views.
+        rt: where the backbone runs (device, precision, loader workers); this process's CPU threads
+            and no workers when not given.
     """
     augmented = views > 0
     n_views = views if augmented else 1
@@ -364,9 +358,8 @@ def cached_features(backbone: Backbone, samples: Sequence[Sample], *, views: int
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".partial-"))
     started = time.perf_counter()
     try:
-        _extract(backbone, samples, transform, n_views, seed, augmented, tmp, batch_size,
-                 default_num_workers() if num_workers is None else num_workers, max_pixels,
-                 device or torch.device("cpu"), with_stats=not augmented)
+        _extract(backbone, samples, transform, n_views, seed, augmented, tmp, batch_size, rt or runtime.cpu(),
+                 max_pixels, with_stats=not augmented)
         (tmp / "key.json").write_text(json.dumps(key, indent=1, default=str))
         try:
             os.replace(tmp, directory)

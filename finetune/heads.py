@@ -9,7 +9,6 @@ the one with the best validation accuracy (then loss) at its best epoch is kept.
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -20,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+
+from finetune import runtime
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +145,9 @@ class HeadSearch(pl.LightningModule):
             self.log(f"val_acc_wd{i}", acc)
             b = self.best[i]
             if (acc, -loss) > (b["acc"], -b["loss"]):
+                # Kept on the CPU: the head trains wherever Lightning put it, the result is folded on the CPU.
                 self.best[i] = {"acc": acc, "loss": loss, "epoch": self.current_epoch,
-                                "state": copy.deepcopy(self.heads[i].state_dict())}
+                                "state": {k: v.detach().cpu().clone() for k, v in self.heads[i].state_dict().items()}}
         acc, loss = max(results, key=lambda r: (r[0], -r[1]))
         self.log("val_acc", acc, prog_bar=True)
         self.log("val_loss", loss, prog_bar=True)
@@ -171,7 +173,7 @@ def fit_linear_head(train_views: Sequence[np.ndarray], train_labels: np.ndarray,
                     val_features: np.ndarray, val_labels: np.ndarray, val_valid: np.ndarray, num_classes: int,
                     weight_decays: Sequence[float], epochs: int, batch_size: int,
                     optimizer_factory: Callable[[list[dict[str, Any]], nn.Module], Any], seed: int = 0,
-                    logger: Any = False, accelerator: str = "cpu") -> HeadResult:
+                    logger: Any = False, rt: runtime.Runtime | None = None) -> HeadResult:
     """Train a linear head on cached features; choose the weight decay on the validation split.
 
     Args:
@@ -180,7 +182,10 @@ def fit_linear_head(train_views: Sequence[np.ndarray], train_labels: np.ndarray,
         val_features: array [1, M, C] (clean view).
         optimizer_factory: (param groups, module) -> optimizer; each group carries its own
             weight_decay and gets its LR from the factory.
+        rt: where the heads train (this process's own device); the CPU when not given. The returned
+            weights are CPU tensors either way.
     """
+    rt = rt or runtime.cpu()
     clean = np.asarray(train_views[0][0], dtype=np.float64)[train_valid]
     mean = clean.mean(axis=0).astype(np.float32)
     std = clean.std(axis=0).astype(np.float32)
@@ -198,7 +203,7 @@ def fit_linear_head(train_views: Sequence[np.ndarray], train_labels: np.ndarray,
     val_loader = DataLoader(_FeatureViews([val_features], val_labels, val_rows, mean, std, random_view=False),
                             batch_size=max(batch_size, 512), collate_fn=_batch_as_is)
     module = HeadSearch(clean.shape[1], num_classes, weight_decays, optimizer_factory)
-    trainer = pl.Trainer(max_epochs=epochs, accelerator=accelerator, devices=1, logger=logger,
+    trainer = pl.Trainer(max_epochs=epochs, accelerator=rt.accelerator, devices=rt.lightning_devices, logger=logger,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, log_every_n_steps=1, deterministic=False)
     trainer.fit(module, train_loader, val_loader)

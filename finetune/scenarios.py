@@ -27,7 +27,8 @@ from torch import nn
 from finetune.backbone import Backbone
 from finetune.config import TrainConfig
 from finetune.data import FolderSplits
-from finetune.features import FINAL, FeatureSet, cached_features, extraction_device
+from finetune import runtime
+from finetune.features import FINAL, FeatureSet, cached_features
 from finetune.freezing import GroupSetting, apply_plan, layer_groups, plan_groups
 from finetune.heads import HeadResult, StageClassifier, fit_linear_head, load_linear
 from finetune.optim import make_optimizer_factory
@@ -66,14 +67,19 @@ class Decision:
                          "epochs": p.epochs, "warmup_epochs": p.warmup_epochs, "aug_views": p.aug_views}}
 
 
-def _feature_kwargs(cfg: TrainConfig) -> dict[str, Any]:
-    return dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, max_pixels=cfg.max_image_pixels,
-                device=extraction_device(cfg.accelerator))
+def process_runtime(cfg: TrainConfig) -> runtime.Runtime:
+    """This process's runtime for `cfg` (`train` passes the one it configured)."""
+    return runtime.resolve(cfg.accelerator, cfg.devices, cfg.strategy, cfg.precision, cfg.num_workers)
 
 
-def train_features(cfg: TrainConfig, backbone: Backbone, splits: FolderSplits, limit: int | None = None) -> FeatureSet:
+def _feature_kwargs(cfg: TrainConfig, rt: runtime.Runtime | None) -> dict[str, Any]:
+    return dict(batch_size=cfg.batch_size, max_pixels=cfg.max_image_pixels, rt=rt or process_runtime(cfg))
+
+
+def train_features(cfg: TrainConfig, backbone: Backbone, splits: FolderSplits, limit: int | None = None,
+                   rt: runtime.Runtime | None = None) -> FeatureSet:
     samples = splits.train if limit is None else stratified_subset(splits.train, limit)
-    return cached_features(backbone, samples, **_feature_kwargs(cfg))
+    return cached_features(backbone, samples, **_feature_kwargs(cfg, rt))
 
 
 @contextlib.contextmanager
@@ -84,7 +90,8 @@ def preserved_rng():
     generator even with no workers) must not change what a seeded run does afterwards.
     """
     py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []):
+    # This process's own GPU only: under DDP every rank has one, and touching the others' creates contexts there.
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_initialized() else []):
         try:
             yield
         finally:
@@ -92,18 +99,20 @@ def preserved_rng():
             np.random.set_state(np_state)
 
 
-def measure_and_decide(cfg: TrainConfig, splits: FolderSplits, backbone: Backbone) -> Decision:
+def measure_and_decide(cfg: TrainConfig, splits: FolderSplits, backbone: Backbone,
+                       rt: runtime.Runtime | None = None) -> Decision:
     """Profile, measure the similarity on (cached) features, and decide the plan."""
     with preserved_rng():
-        return _measure_and_decide(cfg, splits, backbone)
+        return _measure_and_decide(cfg, splits, backbone, rt)
 
 
-def _measure_and_decide(cfg: TrainConfig, splits: FolderSplits, backbone: Backbone) -> Decision:
+def _measure_and_decide(cfg: TrainConfig, splits: FolderSplits, backbone: Backbone,
+                        rt: runtime.Runtime | None) -> Decision:
     thresholds = load_thresholds()
     defaults = {name: load_scenario_defaults(name) for name in SCENARIO_NAMES}
     profile = profile_splits(splits)
     started = time.perf_counter()
-    feats = train_features(cfg, backbone, splits, thresholds.probe_max_images)
+    feats = train_features(cfg, backbone, splits, thresholds.probe_max_images, rt)
     extracted = time.perf_counter() - started
     similarity = measure(feats, thresholds.similarity_weights, thresholds.probe_folds, thresholds.probe_alpha)
     probed = time.perf_counter() - started - extracted
@@ -123,8 +132,8 @@ def with_plan(decision: Decision, plan: Plan, model: nn.Module, head_lr: float) 
 # --- execution -----------------------------------------------------------------------------------
 
 def _head_on_features(cfg: TrainConfig, backbone: Backbone, splits: FolderSplits, plan: Plan, stage: str,
-                      epochs: int, aug_views: int, logger: Any) -> HeadResult:
-    kwargs = _feature_kwargs(cfg)
+                      epochs: int, aug_views: int, logger: Any, rt: runtime.Runtime | None) -> HeadResult:
+    kwargs = _feature_kwargs(cfg, rt)
     train = cached_features(backbone, splits.train, **kwargs)
     views = [train.arrays[stage]]
     if aug_views:
@@ -137,8 +146,7 @@ def _head_on_features(cfg: TrainConfig, backbone: Backbone, splits: FolderSplits
 
     return fit_linear_head(views, train.labels, train.valid, val.arrays[stage], val.labels, val.valid,
                            len(splits.classes), plan.weight_decay_grid, epochs, cfg.batch_size, factory,
-                           seed=cfg.seed, logger=logger,
-                           accelerator="gpu" if extraction_device(cfg.accelerator).type == "cuda" else "cpu")
+                           seed=cfg.seed, logger=logger, rt=kwargs["rt"])
 
 
 def head_network(backbone: Backbone, plan: Plan, num_classes: int) -> nn.Module:
@@ -152,30 +160,32 @@ def head_network(backbone: Backbone, plan: Plan, num_classes: int) -> nn.Module:
 
 
 def fit_on_features(cfg: TrainConfig, decision: Decision, backbone: Backbone, splits: FolderSplits,
-                    logger: Any = False) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+                    logger: Any = False, rt: runtime.Runtime | None = None
+                    ) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
     """Small-data plans: train the linear head on cached features.
 
     Returns the network to save (with the trained head), the validation metrics, and what to report.
     """
     plan = decision.plan
-    result = _head_on_features(cfg, backbone, splits, plan, plan.head_stage, plan.epochs, plan.aug_views, logger)
+    result = _head_on_features(cfg, backbone, splits, plan, plan.head_stage, plan.epochs, plan.aug_views, logger, rt)
     net = head_network(backbone, plan, len(splits.classes))
     classifier = net.head if isinstance(net, StageClassifier) else net.get_classifier()
     load_linear(classifier, result.weight, result.bias)
-    val = cached_features(backbone, splits.val, **_feature_kwargs(cfg))
+    val = cached_features(backbone, splits.val, **_feature_kwargs(cfg, rt))
     metrics = feature_metrics(val, plan.head_stage, result.weight, result.bias)
     metrics["best_epoch"] = result.best_epoch
     return net.eval(), metrics, {"weight_decay": result.weight_decay, "head_search": result.candidates}
 
 
 def cached_center_probs(cfg: TrainConfig, backbone: Backbone, splits: FolderSplits, plan: Plan,
-                        net: nn.Module) -> dict[str, np.ndarray]:
+                        net: nn.Module, rt: runtime.Runtime | None = None) -> dict[str, np.ndarray]:
     """Validation probabilities of a feature plan's head on its cached centre-crop features (NaN rows
     for images that failed to decode): the after-training report needs no network pass for them."""
-    val = cached_features(backbone, splits.val, **_feature_kwargs(cfg))
+    val = cached_features(backbone, splits.val, **_feature_kwargs(cfg, rt))
     classifier = net.head if isinstance(net, StageClassifier) else net.get_classifier()
-    with torch.no_grad():
-        logits = classifier(torch.from_numpy(np.asarray(val.arrays[plan.head_stage][0], dtype=np.float32)))
+    x = torch.from_numpy(np.asarray(val.arrays[plan.head_stage][0], dtype=np.float32))
+    with torch.no_grad():  # on the head's own device, wherever that is; the result on the CPU
+        logits = classifier(x.to(runtime.module_device(classifier))).float().cpu()
     probs = logits.softmax(dim=1).numpy().astype(np.float64)
     probs[~val.valid] = np.nan
     return {"val": probs}
@@ -193,8 +203,8 @@ def feature_metrics(features: FeatureSet, stage: str, weight: torch.Tensor, bias
             "val_acc_top5": float((top == target[:, None]).any(dim=1).float().mean())}
 
 
-def prepare_network(cfg: TrainConfig, decision: Decision, backbone: Backbone, splits: FolderSplits
-                    ) -> tuple[list[dict[str, Any]], list[Any], dict[str, Any]]:
+def prepare_network(cfg: TrainConfig, decision: Decision, backbone: Backbone, splits: FolderSplits,
+                    rt: runtime.Runtime | None = None) -> tuple[list[dict[str, Any]], list[Any], dict[str, Any]]:
     """Large-data plans: warm the head up on cached features, then freeze/unfreeze groups.
 
     Returns the optimizer's param groups, the Lightning callbacks, and what to report.
@@ -204,7 +214,7 @@ def prepare_network(cfg: TrainConfig, decision: Decision, backbone: Backbone, sp
     if plan.warmup_epochs:
         started = time.perf_counter()
         with preserved_rng():  # cached or not, the fine-tuning that follows starts from the same RNG state
-            result = _head_on_features(cfg, backbone, splits, plan, FINAL, plan.warmup_epochs, 0, False)
+            result = _head_on_features(cfg, backbone, splits, plan, FINAL, plan.warmup_epochs, 0, False, rt)
         load_linear(backbone.model.get_classifier(), result.weight, result.bias)
         info["warmup"] = {"val_acc": result.val_acc, "weight_decay": result.weight_decay,
                           "seconds": round(time.perf_counter() - started, 2)}

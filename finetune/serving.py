@@ -30,6 +30,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
+from finetune import runtime
 from finetune.artifact import load_model
 from finetune.images import DEFAULT_MAX_PIXELS
 from finetune.tta import TTA_VIEWS, CropViews, ViewsDataset, predict_views
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 MODEL_DIR_ARTIFACT = "model_dir"
 DEFAULT_TOP_K = 3
+DEFAULT_BATCH_SIZE = 32  # images per forward pass (model_config "batch_size")
 
 
 class BadRequest(MlflowException):
@@ -78,8 +80,9 @@ class ImageClassifierModel(PythonModel):
 
     def load_context(self, context) -> None:
         config = dict(context.model_config or {})
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.net, self.spec = load_model(context.artifacts[MODEL_DIR_ARTIFACT], self.device)
+        self.runtime = runtime.resolve()  # this process's GPU when it has one, with training's precision
+        self.net, self.spec = load_model(context.artifacts[MODEL_DIR_ARTIFACT], self.runtime.device)
+        self.batch_size = int(config.get("batch_size") or DEFAULT_BATCH_SIZE)
         self.default_tta = config.get("default_tta") or self.spec.default_tta or "center"
         self.plan = config.get("plan")
         self.path_root = config.get("path_root") or os.environ.get("FINETUNE_PATH_ROOT") or None
@@ -137,8 +140,15 @@ class ImageClassifierModel(PythonModel):
             raise BadRequest("Unusable image(s): " + "; ".join(bad[:10]))
         if not items:
             return torch.empty(0, len(self.class_names))
-        views = torch.stack([v for v, _, _ in items]).to(self.device)
-        return predict_views(self.net, views).cpu()
+        views = torch.stack([v for v, _, _ in items])
+        # A request can hold any number of images: forward them batch_size at a time (bounded memory).
+        with torch.no_grad(), self.runtime.autocast():
+            return torch.cat([predict_views(self.net, chunk.to(self.runtime.device)).float().cpu()
+                              for chunk in views.split(self.batch_size)])
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
 
 
 def load_logged_model(model_uri: str) -> "ImageClassifierModel":

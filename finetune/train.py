@@ -38,14 +38,6 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*is smaller than the logging interval.*")
 
 
-def default_precision(accelerator: str) -> str:
-    """bf16 mixed precision on a GPU that supports it, full precision on CPU."""
-    use_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    if use_gpu and torch.cuda.is_bf16_supported():
-        return "bf16-mixed"
-    return "16-mixed" if use_gpu else "32-true"
-
-
 def dataset_params(splits: FolderSplits) -> dict[str, Any]:
     return {"layout": splits.layout, **splits.counts()}
 
@@ -81,8 +73,9 @@ def train(cfg: TrainConfig, tags: dict[str, str] | None = None,
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     started = time.time()
     rank_zero = distributed.is_global_zero()
-    preflight.check(cfg, _devices(cfg.devices), cfg.precision or default_precision(cfg.accelerator))
-    runtime.configure(cfg.accelerator, cfg.num_workers)  # torch threads vs loader workers on the cores
+    # Device (this rank's own GPU), precision, torch threads vs loader workers: decided once, used everywhere.
+    rt = runtime.configure(cfg.accelerator, _devices(cfg.devices), cfg.strategy, cfg.precision, cfg.num_workers)
+    preflight.check(cfg, _devices(cfg.devices), rt.precision)
     splits = scan_folder(cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_image_pixels)
     if cfg.batch_size > len(splits.train):
         raise UserError(f"batch_size {cfg.batch_size} is larger than the training split "
@@ -90,7 +83,7 @@ def train(cfg: TrainConfig, tags: dict[str, str] | None = None,
     # Measure and decide first: the plan's scenario picks the recipe. The source head is kept for the
     # similarity measure (how sure the pretrained classifier is).
     backbone = create_backbone(cfg.model, cfg.weights, len(splits.classes), cfg.image_size, keep_source_head=True)
-    decision = scenarios.measure_and_decide(cfg, splits, backbone)
+    decision = scenarios.measure_and_decide(cfg, splits, backbone, rt)
     if plan_override is not None:
         decision = scenarios.with_plan(decision, plan_override(decision.plan), backbone.model, cfg.lr)
     plan = decision.plan
@@ -141,9 +134,9 @@ def train(cfg: TrainConfig, tags: dict[str, str] | None = None,
     logger = tracking.resilient_logger(cfg.experiment, run_id, pending)
     trainer = None
     if plan.train_on_features:
-        net, metrics, plan_report = scenarios.fit_on_features(cfg, decision, backbone, splits, logger)
+        net, metrics, plan_report = scenarios.fit_on_features(cfg, decision, backbone, splits, logger, rt)
     else:
-        fitted = _fit_network(cfg, decision, recipe, backbone, splits, output, run_id, resume_from, logger)
+        fitted = _fit_network(cfg, decision, recipe, backbone, splits, output, run_id, resume_from, logger, rt)
         if fitted is None:
             return None  # rank 0 evaluates, writes and logs
         net, metrics, plan_report, trainer, rank_sync = fitted
@@ -155,10 +148,10 @@ def train(cfg: TrainConfig, tags: dict[str, str] | None = None,
                      weights_source=backbone.weights_source, scenario=plan.scenario, default_tta=cfg.tta,
                      head_stage=head_stage)
     model_dir = save_model(output / "model", net, spec)
-    center_probs = (scenarios.cached_center_probs(cfg, backbone, splits, plan, net)
+    center_probs = (scenarios.cached_center_probs(cfg, backbone, splits, plan, net, rt)
                     if plan.train_on_features else None)  # a frozen backbone's val features are cached
     # TTA + report, computed and written locally first; sent to MLflow below with the other results.
-    eval_metrics = evaluate.after_training(net, spec, splits, cfg, None, output, center_probs)
+    eval_metrics = evaluate.after_training(net, spec, splits, cfg, None, output, rt, center_probs)
     metrics.update(eval_metrics)
     summary = {
         "scenario": plan.scenario,
@@ -206,7 +199,7 @@ def train(cfg: TrainConfig, tags: dict[str, str] | None = None,
 
 def _fit_network(cfg: TrainConfig, decision: scenarios.Decision, recipe: Recipe, backbone: Backbone,
                  splits: FolderSplits, output: Path, run_id: str, resume_from: resume.ResumePoint | None,
-                 logger: Any):
+                 logger: Any, rt: runtime.Runtime):
     """The fine-tuning plans: train (part of) the network with Lightning; the best checkpoint wins.
 
     Returns (network, metrics, plan report, trainer, rank-sync check), or None on ranks other than 0.
@@ -216,11 +209,11 @@ def _fit_network(cfg: TrainConfig, decision: scenarios.Decision, recipe: Recipe,
     size = resize_size(data_config)
     datamodule = FolderDataModule(
         splits, train_transform(data_config, recipe.augment), eval_transform(data_config),
-        batch_size=cfg.batch_size, num_workers=cfg.num_workers, max_pixels=cfg.max_image_pixels,
-        draft_size=(size, size),
+        batch_size=cfg.batch_size, num_workers=rt.workers, pin_memory=rt.pin_memory,
+        max_pixels=cfg.max_image_pixels, draft_size=(size, size),
         sampler_factory=balanced_sampler_factory(len(splits.classes)) if cfg.sampler == "balanced"
         else lambda samples: resume.EpochShuffle(samples, cfg.seed))
-    param_groups, plan_callbacks, report = scenarios.prepare_network(cfg, decision, backbone, splits)
+    param_groups, plan_callbacks, report = scenarios.prepare_network(cfg, decision, backbone, splits, rt)
     module = Classifier(
         backbone.model, len(splits.classes),
         make_optimizer_factory(cfg, param_groups, recipe.schedule, recipe.warmup_epochs),
@@ -239,7 +232,7 @@ def _fit_network(cfg: TrainConfig, decision: scenarios.Decision, recipe: Recipe,
     trainer = pl.Trainer(
         max_epochs=plan.epochs, accelerator=cfg.accelerator, devices=_devices(cfg.devices), strategy=cfg.strategy,
         num_nodes=cfg.num_nodes,
-        precision=cfg.precision or default_precision(cfg.accelerator), logger=logger,
+        precision=rt.precision, logger=logger,
         # Any callback with state_dict/load_state_dict (EMA, unfreezing, ...) is saved in the checkpoints
         # and restored on --resume by Lightning; its state must be tensors and plain data (weights_only).
         callbacks=[checkpoint, resume.epoch_checkpoint(output), resume.RngState(cfg.seed), on_interrupt, rank_sync,
@@ -248,7 +241,7 @@ def _fit_network(cfg: TrainConfig, decision: scenarios.Decision, recipe: Recipe,
         default_root_dir=output, log_every_n_steps=1, num_sanity_val_steps=0, enable_model_summary=False)
     # A warmed-up head is not fresh: its loss is rightly below ln(C).
     if distributed.is_global_zero() and resume_from is None and not plan.warmup_epochs:
-        _babysit_initial_loss(module, datamodule, len(splits.classes), run_id)
+        _babysit_initial_loss(module, datamodule, len(splits.classes), run_id, rt)
     try:
         # weights_only: a checkpoint holding pickled code is refused, not run.
         trainer.fit(module, datamodule=datamodule, weights_only=True,
@@ -274,8 +267,8 @@ def _fit_network(cfg: TrainConfig, decision: scenarios.Decision, recipe: Recipe,
     best = resume.load_checkpoint(best_path)
     module.load_state_dict(best["state_dict"])
     # A logger-less trainer: the final numbers go to MLflow as final_*, not as an extra epoch point.
-    evaluator = pl.Trainer(accelerator=cfg.accelerator, devices=1, logger=False, enable_checkpointing=False,
-                           enable_model_summary=False, precision=trainer.precision)
+    evaluator = pl.Trainer(accelerator=rt.accelerator, devices=rt.lightning_devices, logger=False,
+                           enable_checkpointing=False, enable_model_summary=False, precision=rt.precision)
     val_metrics = evaluator.validate(module, datamodule=datamodule, verbose=False)[0]
     metrics = {"val_acc": float(val_metrics["val_acc"]), "val_loss": float(val_metrics["val_loss"]),
                "val_acc_top5": float(val_metrics["val_acc_top5"]), "best_epoch": int(best["epoch"])}
@@ -285,9 +278,10 @@ def _fit_network(cfg: TrainConfig, decision: scenarios.Decision, recipe: Recipe,
     return module.net, metrics, report, trainer, rank_sync
 
 
-def _babysit_initial_loss(module: Classifier, datamodule: FolderDataModule, num_classes: int, run_id: str) -> None:
+def _babysit_initial_loss(module: Classifier, datamodule: FolderDataModule, num_classes: int, run_id: str,
+                          rt: runtime.Runtime) -> None:
     """Before training: a fresh head should start at a loss of about ln(C); warn with numbers if not."""
-    loss = initial_loss(module.net, datamodule.val_dataloader())
+    loss = initial_loss(module.net, datamodule.val_dataloader(), rt)
     tracking.client().log_metric(run_id, "initial_loss", loss)
     warning = check_initial_loss(loss, num_classes)
     if warning:

@@ -24,6 +24,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
+from finetune import runtime
 from finetune.augment import eval_transform, resize_size
 from finetune.errors import UserError
 from finetune.images import ImageError, display_path, load_rgb
@@ -125,21 +126,25 @@ def collate_views(batch):
 
 
 def predict_sources(net: nn.Module, sources: Sequence[Any], data_config: dict[str, Any], mode: str,
-                    batch_size: int = 32, num_workers: int = 0, max_pixels: int | None = None,
-                    device: str | torch.device = "cpu") -> tuple[torch.Tensor, list[str]]:
-    """Probabilities ``[N, K]`` for N images (rows of failed images are NaN) and one error per image."""
+                    batch_size: int = 32, max_pixels: int | None = None,
+                    rt: runtime.Runtime | None = None) -> tuple[torch.Tensor, list[str]]:
+    """Probabilities ``[N, K]`` (CPU) for N images (rows of failed images are NaN) and one error per image.
+
+    The network runs on `rt`'s device and precision (the CPU when not given) and is left where it was.
+    """
     from torch.utils.data import DataLoader
 
+    rt = rt or runtime.cpu()
     ds = ViewsDataset(sources, CropViews(data_config, mode), data_config, max_pixels)
-    loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_views)
-    net = net.to(device).eval()
+    loader = DataLoader(ds, batch_size=batch_size, collate_fn=collate_views, **rt.loader_kwargs())
     out: list[torch.Tensor] = []
     errors: list[str] = []
-    for views, _, errs in loader:
-        probs = predict_views(net, views.to(device)).cpu().clone()
-        bad = torch.tensor([bool(e) for e in errs])
-        probs[bad] = float("nan")
-        out.append(probs)
-        errors.extend(errs)
+    with runtime.evaluating_on(net, rt.device), rt.autocast():
+        for views, _, errs in loader:
+            probs = predict_views(net, views.to(rt.device, non_blocking=True)).cpu().clone()
+            bad = torch.tensor([bool(e) for e in errs])
+            probs[bad] = float("nan")
+            out.append(probs)
+            errors.extend(errs)
     return torch.cat(out) if out else torch.empty(0, 0), errors
 

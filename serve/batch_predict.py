@@ -31,7 +31,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import BasePredictionWriter, TQDMProgressBar
 
-from finetune.data import default_num_workers, iter_image_files
+from finetune import runtime
+from finetune.data import iter_image_files
 from finetune.errors import UserError
 from finetune.tta import TTA_VIEWS, CropViews, ViewsDataset, collate_views, predict_views
 
@@ -207,13 +208,11 @@ def finalize(output: Path, done, cols: list[str], new_parts: list[Path]) -> None
 
 
 def prediction_loader(paths: Sequence[str], data_config: dict[str, Any], mode: str, batch_size: int,
-                      num_workers: int | None, max_pixels: int | None) -> torch.utils.data.DataLoader:
+                      rt: runtime.Runtime, max_pixels: int | None) -> torch.utils.data.DataLoader:
     """Images -> batches of ``(views [B, V, 3, H, W], index, errors)``, each file decoded once."""
     dataset = ViewsDataset(paths, CropViews(data_config, mode), data_config, max_pixels)
-    workers = default_num_workers() if num_workers is None else num_workers
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                                       collate_fn=collate_views, pin_memory=torch.cuda.is_available(),
-                                       persistent_workers=False)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate_views,
+                                       persistent_workers=False, **rt.loader_kwargs())
 
 
 def predict_to_file(model_uri: str, inputs: str | Sequence[str], output: str | Path, tta: str | None = None,
@@ -221,10 +220,10 @@ def predict_to_file(model_uri: str, inputs: str | Sequence[str], output: str | P
                     accelerator: str = "auto", devices: str | int = 1, strategy: str = "auto",
                     max_pixels: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Predict every input image into `output`; returns counts (total, skipped as done, predicted)."""
-    from finetune import runtime
     from finetune.serving import load_logged_model
 
-    runtime.configure(accelerator, num_workers)  # torch threads vs loader workers on the cores
+    # Device, precision (training's), torch threads vs loader workers: one decision for this process.
+    rt = runtime.configure(accelerator, devices, strategy, workers=num_workers)
     output = Path(output)
     output_format(output)
     if not output.parent.is_dir():
@@ -248,10 +247,10 @@ def predict_to_file(model_uri: str, inputs: str | Sequence[str], output: str | P
     log.info("%d images, %d already in the output, %d to predict (tta %s)", len(paths), len(paths) - len(todo),
              len(todo), mode)
 
-    loader = prediction_loader(todo, spec.data_config, mode, batch_size, num_workers, max_pixels or model.max_pixels)
+    loader = prediction_loader(todo, spec.data_config, mode, batch_size, rt, max_pixels or model.max_pixels)
     writer = CsvRowWriter(output, todo, spec.class_names, top_k)
     trainer = pl.Trainer(accelerator=accelerator, devices=devices, strategy=strategy, logger=False,
-                         enable_checkpointing=False, enable_model_summary=False, precision="32-true",
+                         enable_checkpointing=False, enable_model_summary=False, precision=rt.precision,
                          callbacks=[writer, TQDMProgressBar(refresh_rate=1)] if progress else [writer],
                          enable_progress_bar=progress)
     if todo:

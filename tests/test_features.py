@@ -41,7 +41,7 @@ def _images(backbone, samples) -> torch.Tensor:
 def test_cache_is_reused_and_invalidated_when_a_file_changes(image_folder: Path, tmp_path: Path):
     splits = scan_folder(image_folder)
     bb = _backbone("test_resnet")
-    kwargs = dict(batch_size=4, num_workers=0, cache_dir=tmp_path / "cache")
+    kwargs = dict(batch_size=4, cache_dir=tmp_path / "cache")
     first = cached_features(bb, splits.train, **kwargs)
     assert first.extracted and first.seconds > 0
     assert set(first.arrays) == {s.key for s in feature_stages(bb.model)}
@@ -81,12 +81,12 @@ def _noise_folder(root: Path, per_class: int = 4) -> Path:
 def test_augmented_views_are_cached_and_reproducible(tmp_path: Path):
     splits = scan_folder(_noise_folder(tmp_path / "data"))
     bb = _backbone("test_resnet")
-    kwargs = dict(batch_size=4, num_workers=0, cache_dir=tmp_path / "cache", seed=3)
+    kwargs = dict(batch_size=4, cache_dir=tmp_path / "cache", seed=3)
     aug = cached_features(bb, splits.train, views=3, **kwargs)
     assert aug.arrays[FINAL].shape[:2] == (3, len(splits.train))
     assert not np.allclose(aug.arrays[FINAL][0], aug.arrays[FINAL][1])  # the views differ
     again = cached_features(bb, splits.train, views=3, cache_dir=tmp_path / "other", batch_size=2,
-                            num_workers=0, seed=3)
+                            seed=3)
     np.testing.assert_allclose(again.arrays[FINAL], aug.arrays[FINAL], atol=1e-5)  # same seed, same views
     assert not cached_features(bb, splits.train, views=3, **kwargs).extracted
 
@@ -96,7 +96,7 @@ def test_cached_feature_heads_match_the_full_network(model: str, tmp_path: Path)
     data = make_folder(tmp_path / "data", classes=("a", "b", "c"), per_class=3)
     splits = scan_folder(data)
     bb = _backbone(model, num_classes=3)
-    feats = cached_features(bb, splits.train, batch_size=4, num_workers=0, cache_dir=tmp_path / "cache")
+    feats = cached_features(bb, splits.train, batch_size=4, cache_dir=tmp_path / "cache")
     x = _images(bb, splits.train)
     torch.manual_seed(1)
     for stage in [s for s in feats.stages if s.key in ("stage1", FINAL)]:
@@ -160,8 +160,7 @@ def test_cached_center_probs_match_the_network_prediction(tmp_path: Path):
     load_linear(bb.model.get_classifier(), torch.randn(3, bb.model.num_features), torch.randn(3))
     cfg = TrainConfig(batch_size=4, num_workers=0)
     probs = cached_center_probs(cfg, bb, splits, SimpleNamespace(head_stage=FINAL), bb.model)["val"]
-    net_probs, _ = predict_sources(bb.model.eval(), [s.path for s in splits.val], bb.data_config, "center", 4, 0,
-                                   None, "cpu")
+    net_probs, _ = predict_sources(bb.model.eval(), [s.path for s in splits.val], bb.data_config, "center", 4)
     np.testing.assert_allclose(probs, net_probs.numpy(), atol=1e-5)
 
 
