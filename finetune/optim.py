@@ -11,7 +11,7 @@ import logging
 from typing import Any, Callable
 
 import torch
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from torch import nn
 from torch.optim import lr_scheduler
 
@@ -26,35 +26,56 @@ _TIMM_NAMES = {"adagrad": "adagrad", "rmsprop": "rmsprop", "adam": "adam", "adam
 WARMUP_START_FACTOR = 0.01
 
 
-def split_weight_decay(param_groups: list[dict[str, Any]], weight_decay: float) -> list[dict[str, Any]]:
-    """Each plan group split in two: decayed weights, and norms/biases without decay.
+def no_weight_decay_params(model: nn.Module) -> set[int]:
+    """Ids of the trainable parameters timm would not decay: biases and norm weights (1-d), and what
+    each timm model lists in its own `no_weight_decay()` (a ViT's `pos_embed`, `cls_token`, ...).
 
-    Decaying a norm's scale or a bias does not regularise the function (they set scale and offset,
-    not capacity) and only fights the normalisation, so they get none. Same rule as timm's
-    `param_groups_weight_decay`: 1-d parameters (biases, norm weights) are not decayed. That helper
-    needs a model; the plan hands over groups, so it is applied per group here. A group that
-    carries its own ``weight_decay`` keeps it (the linear-head search trains one head per value).
+    timm's `param_groups_weight_decay` decides; the names a model lists are prefixed with where that
+    model sits (inside a LightningModule, a stage classifier's trunk).
+    """
+    names: set[str] = set()
+    for prefix, m in model.named_modules():
+        listed = getattr(m, "no_weight_decay", None)
+        if callable(listed) and not isinstance(m, type):
+            names |= {f"{prefix}.{n}" if prefix else n for n in listed()}
+    groups = param_groups_weight_decay(model, weight_decay=1.0, no_weight_decay_list=names)
+    return {id(p) for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
+
+
+def split_weight_decay(param_groups: list[dict[str, Any]], weight_decay: float,
+                       no_decay: set[int] = frozenset()) -> list[dict[str, Any]]:
+    """Each plan group split in two: decayed weights, and the parameters in `no_decay` (see
+    `no_weight_decay_params`) plus any 1-d parameter, without decay.
+
+    Decaying a norm's scale, a bias or a position embedding does not regularise the function and
+    only fights the normalisation (or the learned positions), so they get none. The plan hands over
+    groups with their own LRs, so timm's model-level decision is applied per group here. A group
+    that carries its own ``weight_decay`` keeps it (the linear-head search trains one head per value).
     """
     out: list[dict[str, Any]] = []
     for group in param_groups:
         group_decay = group.get("weight_decay", weight_decay)
         params = [p for p in group["params"] if p.requires_grad]
-        decay = [p for p in params if p.ndim > 1]
-        no_decay = [p for p in params if p.ndim <= 1]
+        skip = [p for p in params if p.ndim <= 1 or id(p) in no_decay]
+        skip_ids = {id(p) for p in skip}
+        decay = [p for p in params if id(p) not in skip_ids]
         extra = {k: v for k, v in group.items() if k not in ("params", "name", "weight_decay")}
         name = group.get("name", f"group{len(out)}")
         if decay:
             out.append({**extra, "params": decay, "name": name, "weight_decay": group_decay})
-        if no_decay:
-            out.append({**extra, "params": no_decay, "name": f"{name}/no_decay", "weight_decay": 0.0})
+        if skip:
+            out.append({**extra, "params": skip, "name": f"{name}/no_decay", "weight_decay": 0.0})
     return out
 
 
-def create_optimizer(cfg: TrainConfig, param_groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-    """timm optimizer over the plan's groups (their own `lr`), weight decay only where it makes sense."""
+def create_optimizer(cfg: TrainConfig, param_groups: list[dict[str, Any]],
+                     model: nn.Module | None = None) -> torch.optim.Optimizer:
+    """timm optimizer over the plan's groups (their own `lr`), weight decay only where it makes sense
+    (`model`: the module the groups come from, whose `no_weight_decay()` names are honoured)."""
     if cfg.optimizer not in OPTIMIZERS:
         raise UserError(f"Invalid optimizer {cfg.optimizer!r}. Valid values: {', '.join(OPTIMIZERS)}.")
-    groups = split_weight_decay(param_groups, cfg.weight_decay)
+    groups = split_weight_decay(param_groups, cfg.weight_decay,
+                                no_weight_decay_params(model) if model is not None else frozenset())
     if not groups:
         raise UserError("Nothing to train: every parameter is frozen.")
     kwargs: dict[str, Any] = {}
@@ -119,7 +140,7 @@ def make_optimizer_factory(cfg: TrainConfig, param_groups: list[dict[str, Any]],
     """
 
     def factory(module: nn.Module) -> Any:
-        optimizer = create_optimizer(cfg, param_groups)
+        optimizer = create_optimizer(cfg, param_groups, module)
         trainer = getattr(module, "_trainer", None)
         if trainer is None:  # outside a Trainer (a bare call): no schedule to attach
             return optimizer

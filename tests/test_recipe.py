@@ -145,6 +145,20 @@ def test_no_weight_decay_on_norms_and_biases():
         id(net[0].bias), id(net[1].weight), id(net[1].bias), id(net[3].bias)}
 
 
+def test_vit_position_embedding_and_class_token_get_no_weight_decay():
+    """timm's own `no_weight_decay()` names (a ViT's pos_embed, cls_token) are honoured, through the
+    Lightning module that wraps the model, not just the 1-d rule (which decayed both)."""
+    net = timm.create_model("test_vit", pretrained=False, num_classes=2)
+    assert {"pos_embed", "cls_token"} <= set(net.no_weight_decay())
+    groups = [{"params": list(net.parameters()), "lr": 1e-3, "name": "all"}]
+    module = Classifier(net, 2, make_optimizer_factory(TrainConfig(weight_decay=0.05), groups))
+    opt = module.configure_optimizers()
+    decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert decay_of[id(net.pos_embed)] == 0.0 and decay_of[id(net.cls_token)] == 0.0
+    assert decay_of[id(net.patch_embed.proj.weight)] == 0.05  # a real weight matrix keeps its decay
+    assert len(decay_of) == sum(1 for _ in net.parameters())  # nothing lost or duplicated
+
+
 @pytest.mark.parametrize("name, cls", [("sgd", torch.optim.SGD), ("adagrad", torch.optim.Adagrad),
                                        ("rmsprop", torch.optim.RMSprop), ("adam", torch.optim.Adam),
                                        ("adamw", torch.optim.AdamW)])
