@@ -28,7 +28,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from timm.models._manipulate import group_with_matcher
+from timm.models import group_parameters
 from torch import nn
 
 from finetune.strategy import BN_POLICIES, Plan, resolve_frozen_count
@@ -59,14 +59,25 @@ def _group_name(names: list[str]) -> str:
     return "+".join(parts[:4]) + ("+..." if len(parts) > 4 else "")
 
 
+def _bn_group_key(name: str, module: nn.Module, to_group: dict[str, int]) -> str | None:
+    """The parameter whose group a BatchNorm layer belongs to: its own weight, or (no affine
+    parameters) the first parameter of the closest enclosing module that has one."""
+    if f"{name}.weight" in to_group:
+        return f"{name}.weight"
+    prefix = name
+    while prefix:
+        prefix = prefix.rpartition(".")[0]
+        owned = [n for n in to_group if n.startswith(f"{prefix}.") or not prefix]
+        if owned:
+            return owned[0]
+    return None
+
+
 def layer_groups(model: nn.Module) -> list[LayerGroup]:
     """The model's coarse layer groups, bottom to top, with their parameters and BatchNorm layers."""
-    matcher = model.group_matcher(coarse=True)
-    bn_names = {name: f"{name}.running_mean" for name, m in model.named_modules()
+    to_group = group_parameters(model, model.group_matcher(coarse=True), reverse=True)  # param name -> group
+    bn_names = {name: _bn_group_key(name, m, to_group) for name, m in model.named_modules()
                 if isinstance(m, nn.modules.batchnorm._BatchNorm)}
-    names = [n for n, _ in model.named_parameters()] + list(bn_names.values())
-    # Grouping parameter names and BN buffer names together keeps one numbering for both.
-    to_group = group_with_matcher(((n, None) for n in names), matcher, reverse=True)
     head = model.get_classifier()
     head_ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
     head_names = {n for n, p in model.named_parameters() if id(p) in head_ids}
@@ -74,8 +85,9 @@ def layer_groups(model: nn.Module) -> list[LayerGroup]:
     groups = [LayerGroup(i, "", [], [], False) for i in range(n_groups)]
     for n, p in model.named_parameters():
         groups[to_group[n]].param_names.append(n)
-    for module_name, buffer_name in bn_names.items():
-        groups[to_group[buffer_name]].bn_modules.append(module_name)
+    for module_name, key in bn_names.items():
+        if key is not None:
+            groups[to_group[key]].bn_modules.append(module_name)
     groups = [g for g in groups if g.param_names]
     for i, g in enumerate(groups):
         g.index = i
