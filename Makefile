@@ -4,7 +4,7 @@ SHELL := /bin/bash
 UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow test-all env clean bench
+.PHONY: demo test test-slow test-all test-gpu gpu-wheels env clean bench
 
 $(UV):
 	python3 -m pip install --user --quiet uv || python3 -m pip install --quiet uv || \
@@ -24,6 +24,17 @@ test-slow: env
 
 test-all: env
 	$(UV) run --frozen pytest $(PYTEST_ARGS)
+
+# GPU smoke tests (tests/test_gpu.py); skipped with "CUDA not available" on a machine without CUDA.
+# They are in `make test` too (skipped there without CUDA). On the offline GPU machine without uv:
+# bench/gpu_check.sh.
+test-gpu: env
+	$(UV) run --frozen pytest -m gpu $(PYTEST_ARGS)
+
+# The wheels the offline GPU machine lacks (MLflow and the part of its tree not there), at uv.lock's
+# versions, into .whl/ (git-ignored) for bench/gpu_check.sh; prints each size and the total.
+gpu-wheels:
+	python3 bench/gpu_wheels.py
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -1,0 +1,288 @@
+"""GPU throughput of finetune's pipelines vs the bare model on the same GPU, as ratios from one run.
+
+    python3 bench/gpu_throughput.py                     # resnet50 @224, random weights file, 640 JPEGs
+    python3 bench/gpu_throughput.py --model convnext_tiny --batch-size 128
+
+Made for the offline GPU machine (bench/gpu_check.sh calls it): nothing is downloaded. The model is
+created with RANDOM weights by timm, saved to a safetensors file and loaded back through finetune's
+`--weights PATH` code path (same compute as pretrained weights); the images are JPEGs of about 500 px
+that this script writes (`--images`, 4 classes), decoded and resized by the pipelines like real photos.
+
+Rows (median of `--repeats`, interleaved so a change of load hits every row alike; img/s):
+
+* train: finetune's training pipeline (FolderDataModule with the recipe's augmentation and loader
+  workers, Classifier in a pl.Trainer with the recipe's callbacks and MLflow logging; bench/throughput.py's
+  `finetune_train`, here over several epochs with the first one untimed) vs a bare timm + torch loop
+  (forward, cross-entropy, backward, AdamW step) on preloaded GPU tensors. Both at `--batch-size`, the
+  image size and finetune's precision for training on this device (bf16-mixed on a GPU with bf16).
+* predict center / predict 10crop: serve.batch_predict's loader, predict loop and CSV writer (decode, resize,
+  crops, CSV writer) vs a bare eval forward under no_grad on preloaded tensors, both in float32, the
+  precision batch prediction runs in. 10crop counts crops and is compared with a bare forward at 10x
+  the batch (the crops of one batch go through the network together).
+* feature extraction: finetune.features.cached_features, cold cache (every stage pooled, source
+  logits, BatchNorm statistics, written to memory-mapped files), whole call including the loader's
+  start, vs the bare float32 forward at `--batch-size`.
+
+Prints one table and saves it as CSV under `--out` (default bench/results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # feature extraction's progress bar; tqdm reads it when imported
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/throughput.py, the CPU version
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repository (finetune, serve)
+
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*is smaller than the logging interval.*")
+warnings.filterwarnings("ignore", ".*special characters in metric name.*")
+
+
+def make_jpegs(root: Path, n: int, classes: int = 4, seed: int = 0) -> Path:
+    """`n` photo-sized JPEGs (about 500 x 375, quality 90) in `classes` class folders."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        c = i % classes
+        folder = root / f"class{c}"
+        folder.mkdir(parents=True, exist_ok=True)
+        w, h = int(rng.integers(460, 540)), int(rng.integers(340, 420))
+        small = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)  # smooth texture, like a photo's
+        img = Image.fromarray(small).resize((w, h), Image.BILINEAR)
+        draw = ImageDraw.Draw(img)
+        for _ in range(4):
+            x, y = int(rng.integers(0, w - 60)), int(rng.integers(0, h - 60))
+            size = int(rng.integers(40, 160))
+            color = tuple(int(v) for v in rng.integers(0, 256, 3))
+            (draw.ellipse if c % 2 else draw.rectangle)([x, y, x + size, y + size], fill=color)
+        img.save(folder / f"img{i:05d}.jpg", quality=90)
+    return root
+
+
+def random_weights_file(model: str, path: Path) -> Path:
+    """A randomly initialised timm model saved as safetensors: `--weights PATH` without a download."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    net = timm.create_model(model, pretrained=False)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    return path
+
+
+def finetune_train_epochs(args, cfg, splits, data_config, net, device, out: Path) -> float:
+    """bench/throughput.py's finetune_train over `--train-epochs` epochs; the first epoch is not timed."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    import throughput as cpu
+    from finetune import tracking
+    from finetune.augment import eval_transform, resize_size, train_transform
+    from finetune.callbacks import recipe_callbacks
+    from finetune.data import FolderDataModule
+    from finetune.module import Classifier
+    from finetune.optim import make_optimizer_factory
+    from finetune.recipe import resolve_recipe
+
+    recipe = resolve_recipe(cfg, args.scenario)
+    size = resize_size(data_config)
+    dm = FolderDataModule(splits, train_transform(data_config, recipe.augment), eval_transform(data_config),
+                          batch_size=args.batch_size, num_workers=args.num_workers,
+                          max_pixels=cfg.max_image_pixels, draft_size=(size, size))
+    module = Classifier(net, len(splits.classes),
+                        make_optimizer_factory(cfg, [{"params": list(net.parameters()), "lr": cfg.lr, "name": "all"}],
+                                               recipe.schedule, recipe.warmup_epochs),
+                        label_smoothing=recipe.label_smoothing)
+    experiment_id = tracking.ensure_experiment("bench-gpu-throughput")
+    run_id = tracking.client().create_run(experiment_id, run_name="gpu-throughput").info.run_id
+    logger = MLFlowLogger(experiment_name="bench-gpu-throughput", tracking_uri=tracking.tracking_uri(), run_id=run_id)
+    per_epoch = len(dm.train_dataloader())
+    clock = cpu.BatchClock(per_epoch)  # the whole first epoch (workers starting, cuDNN autotune) is warm-up
+    trainer = pl.Trainer(max_epochs=args.train_epochs, limit_val_batches=0, logger=logger,
+                         callbacks=[clock, *recipe_callbacks(cfg, recipe, len(splits.classes), None, out)],
+                         default_root_dir=out, **{**cpu.trainer_kwargs(args, device), "precision": args.train_precision})
+    trainer.fit(module, datamodule=dm)
+    tracking.client().set_terminated(run_id, "FINISHED")
+    return clock.images_per_s()
+
+
+def finetune_predict(args, net, data_config, paths, classes, mode, device, out: Path) -> float:
+    """bench/throughput.py's finetune_predict with the model's class names (it assumes two)."""
+    import pytorch_lightning as pl
+
+    import throughput as cpu
+    from serve.batch_predict import CsvRowWriter, ViewsPredictor, prediction_loader
+
+    loader = prediction_loader(paths, data_config, mode, args.batch_size, args.num_workers, None)
+    clock = cpu.BatchClock(args.warmup)
+    writer = CsvRowWriter(out / f"preds-{mode}.csv", paths, list(classes), 1)
+    trainer = pl.Trainer(logger=False, callbacks=[writer, clock], **cpu.trainer_kwargs(args, device))
+    trainer.predict(ViewsPredictor(net), dataloaders=loader, return_predictions=False)
+    return clock.images_per_s()
+
+
+def finetune_features(args, backbone, samples, device, out: Path) -> float:
+    from finetune.features import cached_features
+
+    fs = cached_features(backbone, samples, batch_size=args.batch_size, num_workers=args.num_workers,
+                         cache_dir=tempfile.mkdtemp(dir=out), device=device)
+    assert fs.extracted, "expected a cold cache"
+    return len(samples) / fs.seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet50", help="timm architecture (random weights, saved to a file)")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--images", type=int, default=640, help="generated JPEGs (80%% train, 20%% val)")
+    parser.add_argument("--train-epochs", type=int, default=3, help="finetune train epochs (the first untimed)")
+    parser.add_argument("--bare-batches", type=int, default=24, help="batches per bare measurement")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed batches at the start of bare/predict rows")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--scenario", default="large-similar", help="whose recipe (augmentation, callbacks) trains")
+    parser.add_argument("--num-workers", type=int, default=None, help="default: finetune's choice from the cores")
+    parser.add_argument("--workdir", default=None, help="images, weights, MLflow store (default: a temp folder)")
+    parser.add_argument("--out", default="bench/results", help="folder for the CSV")
+    parser.add_argument("--allow-cpu", action="store_true", help="run without CUDA (to test this script)")
+    args = parser.parse_args()
+
+    if not torch.cuda.is_available() and not args.allow_cpu:
+        print("CUDA not available: GPU throughput not measured (--allow-cpu runs it on the CPU).")
+        return
+    logging.basicConfig(level=logging.WARNING)
+    for noisy in ("pytorch_lightning", "pytorch_lightning.utilities.rank_zero", "lightning", "lightning_fabric",
+                  "lightning.pytorch.utilities.rank_zero", "mlflow", "alembic", "finetune"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+    import throughput as cpu
+    from finetune import runtime
+    from finetune.augment import eval_transform, resize_size
+    from finetune.backbone import create_backbone
+    from finetune.config import TrainConfig
+    from finetune.data import scan_folder
+    from finetune.images import load_rgb
+    from finetune.recipe import init_head
+    from finetune.train import default_precision
+    from finetune.tta import CropViews
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args.train_precision = default_precision("auto")  # what `finetune train` uses on this device
+    args.precision = "32-true"  # what batch prediction and feature extraction use
+    split = runtime.configure("auto", args.num_workers)
+    args.num_workers = split.workers
+    torch.backends.cudnn.benchmark = False  # Lightning's default; the bare loops run with the same setting
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="gpu-throughput-"))
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work.resolve()}/mlflow.db")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
+    data = work / "images"
+    if not data.is_dir():
+        make_jpegs(data, args.images)
+    weights = work / f"{args.model}.random.safetensors"
+    if not weights.is_file():
+        random_weights_file(args.model, weights)
+    print(f"setup: {args.images} JPEGs and {weights.name} in {time.perf_counter() - started:.1f}s ({work})",
+          flush=True)
+
+    cfg = TrainConfig(data_dir=str(data), model=args.model, weights=str(weights), batch_size=args.batch_size,
+                      image_size=args.image_size, scenario=args.scenario)
+    splits = scan_folder(data)
+    backbone = create_backbone(args.model, str(weights), len(splits.classes), args.image_size,
+                               keep_source_head=True)
+    init_head(backbone.model)
+    data_config = backbone.data_config
+    size = resize_size(data_config)
+    samples = splits.train + splits.val
+    paths = [s.path for s in samples]
+
+    # Preprocessed once, on the GPU: the bare rows pay for the model only.
+    prep = eval_transform(data_config)
+    imgs = [prep(load_rgb(p, draft_size=(size, size))) for p in paths[:args.batch_size * 4]]
+    pool = torch.stack(imgs)
+    n_classes = len(splits.classes)
+
+    def batches(batch: int, count: int) -> list[torch.Tensor]:
+        idx = torch.arange(batch * count) % len(pool)
+        return [pool[idx[i * batch:(i + 1) * batch]].to(device) for i in range(count)]
+
+    train_batches = batches(args.batch_size, args.bare_batches)
+    train_labels = [torch.randint(0, n_classes, (args.batch_size,), device=device) for _ in train_batches]
+    fwd_batches = batches(args.batch_size, args.bare_batches)
+    crop_batches = batches(args.batch_size * 10, max(args.warmup + 2, args.bare_batches // 4))
+
+    bare_net = copy.deepcopy(backbone.model).to(device)
+    ft_net = copy.deepcopy(backbone.model)
+    ft_net_predict = copy.deepcopy(backbone.model).eval()
+    measures = [
+        ("bare train", lambda: cpu.bare_train(bare_net, train_batches, train_labels, cfg, device,
+                                              args.train_precision, args.warmup)),
+        ("train", lambda: finetune_train_epochs(args, cfg, splits, data_config, ft_net, device, work)),
+        ("bare forward", lambda: cpu.bare_forward(bare_net, fwd_batches, device, args.precision, args.warmup)),
+        ("bare forward 10x", lambda: cpu.bare_forward(bare_net, crop_batches, device, args.precision, args.warmup)),
+        ("predict center", lambda: finetune_predict(args, ft_net_predict, data_config, paths, splits.classes,
+                                                    "center", device, work)),
+        ("predict 10crop", lambda: finetune_predict(args, ft_net_predict, data_config, paths, splits.classes,
+                                                    "10crop", device, work)),
+        ("feature extraction", lambda: finetune_features(args, backbone, samples, device, work)),
+    ]
+    rows: dict[str, list[float]] = {}
+    for r in range(args.repeats):
+        for name, fn in measures:
+            value = fn()
+            rows.setdefault(name, []).append(value)
+            print(f"  repeat {r + 1}: {name:<20}{value:9.1f} img/s", flush=True)
+    med = {name: statistics.median(v) for name, v in rows.items()}
+
+    table = [  # row, finetune, bare reference, precision, what is counted
+        ("train", "train", "bare train", args.train_precision, "images"),
+        ("predict center", "predict center", "bare forward", args.precision, "images"),
+        ("predict 10crop", "predict 10crop", "bare forward 10x", args.precision, "crops (bare at 10x batch)"),
+        ("feature extraction", "feature extraction", "bare forward", args.precision, "images, cold cache, whole call"),
+    ]
+    gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU"
+    header = (f"{args.model} (random weights file) @{args.image_size}, batch {args.batch_size}, {gpu}, "
+              f"{args.images} generated JPEGs ~500 px, loader workers {args.num_workers}, "
+              f"torch {torch.__version__}, median of {args.repeats}")
+    print()
+    print(header)
+    print(f"| {'what':<18} | {'finetune img/s':>14} | {'bare img/s':>10} | {'ratio':>5} | precision  | counted")
+    print(f"|{'-' * 20}|{'-' * 16}|{'-' * 12}|{'-' * 7}|------------|--------")
+    out_rows = []
+    for label, ft, bare, precision, counted in table:
+        ratio = med[ft] / med[bare]
+        print(f"| {label:<18} | {med[ft]:14.1f} | {med[bare]:10.1f} | {ratio:5.2f} | {precision:<10} | {counted}")
+        out_rows.append({"what": label, "finetune_img_s": round(med[ft], 1), "bare_img_s": round(med[bare], 1),
+                         "ratio": round(ratio, 3), "precision": precision, "counted": counted,
+                         "finetune_runs": " ".join(f"{v:.1f}" for v in rows[ft]),
+                         "bare_runs": " ".join(f"{v:.1f}" for v in rows[bare]), "setup": header})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / f"gpu-throughput-{args.model}-{args.image_size}-{time.strftime('%Y%m%d-%H%M%S')}.csv"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(out_rows[0]))
+        w.writeheader()
+        w.writerows(out_rows)
+    print(f"saved {csv_path} (total {time.perf_counter() - started:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()
