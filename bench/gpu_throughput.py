@@ -16,12 +16,13 @@ Rows (median of `--repeats`, interleaved so a change of load hits every row alik
   (forward, cross-entropy, backward, AdamW step) on preloaded GPU tensors. Both at `--batch-size`, the
   image size and finetune's precision for training on this device (bf16-mixed on a GPU with bf16).
 * predict center / predict 10crop: serve.batch_predict's loader, predict loop and CSV writer (decode, resize,
-  crops, CSV writer) vs a bare eval forward under no_grad on preloaded tensors, both in float32, the
-  precision batch prediction runs in. 10crop counts crops and is compared with a bare forward at 10x
-  the batch (the crops of one batch go through the network together).
+  crops, CSV writer) vs a bare eval forward under no_grad on preloaded tensors, both in the precision
+  batch prediction runs in (training's, from finetune.runtime: bf16-mixed on a GPU with native bf16).
+  10crop counts crops and is compared with a bare forward at 10x the batch (the crops of one batch go
+  through the network together).
 * feature extraction: finetune.features.cached_features, cold cache (every stage pooled, source
   logits, BatchNorm statistics, written to memory-mapped files), whole call including the loader's
-  start, vs the bare float32 forward at `--batch-size`.
+  start, vs the bare forward at `--batch-size` in the same precision.
 
 Prints one table and saves it as CSV under `--out` (default bench/results/).
 """
@@ -103,7 +104,7 @@ def finetune_train_epochs(args, cfg, splits, data_config, net, device, out: Path
     recipe = resolve_recipe(cfg, args.scenario)
     size = resize_size(data_config)
     dm = FolderDataModule(splits, train_transform(data_config, recipe.augment), eval_transform(data_config),
-                          batch_size=args.batch_size, num_workers=args.num_workers,
+                          batch_size=args.batch_size, num_workers=args.rt.workers, pin_memory=args.rt.pin_memory,
                           max_pixels=cfg.max_image_pixels, draft_size=(size, size))
     module = Classifier(net, len(splits.classes),
                         make_optimizer_factory(cfg, [{"params": list(net.parameters()), "lr": cfg.lr, "name": "all"}],
@@ -129,7 +130,7 @@ def finetune_predict(args, net, data_config, paths, classes, mode, device, out: 
     import throughput as cpu
     from serve.batch_predict import CsvRowWriter, ViewsPredictor, prediction_loader
 
-    loader = prediction_loader(paths, data_config, mode, args.batch_size, args.num_workers, None)
+    loader = prediction_loader(paths, data_config, mode, args.batch_size, args.rt, None)
     clock = cpu.BatchClock(args.warmup)
     writer = CsvRowWriter(out / f"preds-{mode}.csv", paths, list(classes), 1)
     trainer = pl.Trainer(logger=False, callbacks=[writer, clock], **cpu.trainer_kwargs(args, device))
@@ -140,8 +141,8 @@ def finetune_predict(args, net, data_config, paths, classes, mode, device, out: 
 def finetune_features(args, backbone, samples, device, out: Path) -> float:
     from finetune.features import cached_features
 
-    fs = cached_features(backbone, samples, batch_size=args.batch_size, num_workers=args.num_workers,
-                         cache_dir=tempfile.mkdtemp(dir=out), device=device)
+    fs = cached_features(backbone, samples, batch_size=args.batch_size, cache_dir=tempfile.mkdtemp(dir=out),
+                         rt=args.rt)
     assert fs.extracted, "expected a cold cache"
     return len(samples) / fs.seconds
 
@@ -179,14 +180,14 @@ def main() -> None:
     from finetune.data import scan_folder
     from finetune.images import load_rgb
     from finetune.recipe import init_head
-    from finetune.train import default_precision
     from finetune.tta import CropViews
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    args.train_precision = default_precision("auto")  # what `finetune train` uses on this device
-    args.precision = "32-true"  # what batch prediction and feature extraction use
-    split = runtime.configure("auto", args.num_workers)
-    args.num_workers = split.workers
+    # The product's own decision for this process: device, precision (training's, also used by batch
+    # prediction and feature extraction), loader workers.
+    args.rt = runtime.configure(workers=args.num_workers)
+    device = args.rt.device
+    args.train_precision = args.precision = args.rt.precision
+    args.num_workers = args.rt.workers
     torch.backends.cudnn.benchmark = False  # Lightning's default; the bare loops run with the same setting
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="gpu-throughput-"))
