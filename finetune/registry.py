@@ -19,6 +19,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature, infer_signature
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+from packaging.version import Version
 
 from finetune import tracking
 from finetune.errors import UserError
@@ -43,11 +44,13 @@ def signature(class_names: list[str], default_tta: str) -> ModelSignature:
 
 
 def _pip_requirements() -> list[str]:
-    """Pinned from this environment: MLflow's inference would import and run the model (slow)."""
+    """Pinned from this environment, as MLflow pins: the public version, without a local label
+    (`torch==2.5.1`, not `2.5.1+cpu`, which no package index serves). Without pins MLflow's
+    inference would import and run the model (slow)."""
     pins = []
     for name in _REQUIREMENTS:
         try:
-            pins.append(f"{name}=={version(name)}")
+            pins.append(f"{name}=={Version(version(name)).public}")
         except PackageNotFoundError:
             pins.append(name)
     return pins

@@ -149,3 +149,12 @@ def test_evaluate_and_promote_help_and_bad_arguments(tmp_path):
     assert result.exit_code == 2 and "10crop" in result.output
     result = runner.invoke(cli, ["promote", "nothing-registered", "1"])
     assert result.exit_code == 2 and "has no version 1" in result.output
+
+
+def test_pip_requirements_drop_local_version_labels(monkeypatch):
+    """A `+cpu` / `+cu121` build pins the public version, which PyPI can install (as MLflow does)."""
+    monkeypatch.setattr(registry, "version", lambda name: {"torch": "2.5.1+cpu", "torchvision": "0.20.1+cu121"}
+                        .get(name, "1.0.0"))
+    pins = registry._pip_requirements()
+    assert "torch==2.5.1" in pins and "torchvision==0.20.1" in pins and "timm==1.0.0" in pins
+    assert not any("+" in p for p in pins)
