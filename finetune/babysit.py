@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 
 from finetune import runtime, tracking
 from finetune.augment import eval_transform, resize_size, train_transform

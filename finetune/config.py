@@ -6,7 +6,6 @@ unknown keys are an error naming the valid ones. The resolved config is saved wi
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -222,7 +221,3 @@ def validate_recipe(cfg: TrainConfig) -> None:
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise UserError(f"Invalid {name} {value!r}. Valid values: {', '.join(choices)}.")
-
-
-def replace(cfg: TrainConfig, **changes: Any) -> TrainConfig:
-    return dataclasses.replace(cfg, **changes)

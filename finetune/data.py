@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import pytorch_lightning as pl
-import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from finetune.errors import UserError

@@ -8,15 +8,8 @@ Frozen groups get ``requires_grad=False`` once, before training, and stay out of
 their BatchNorm layers are kept in eval mode (running statistics unchanged) by `FreezeCallback`, and
 so are those of pretrained groups that learn (see `FreezeCallback` for why).
 
-Delayed unfreezing and DDP: flipping ``requires_grad`` in the middle of training lets DDP ranks
-drift apart (Lightning issue #20340: DDP registers its gradient hooks for the parameters that
-require grad when it wraps the model, so parameters unfrozen later are never all-reduced). So a
-group that is to start learning at a later epoch requires grad from the start, is in the optimizer
-from the start (with its own LR), takes part in DDP's all-reduce like any other, and until its
-epoch `FreezeCallback` drops its (already all-reduced, so identical on every rank) gradients just
-before the optimizer step and keeps its BatchNorm in eval mode. Every rank does the same thing at
-the same step, nothing is re-wrapped, and the optimizer never changes shape, which also keeps
-checkpoints and resume simple. The cost is the backward pass through the waiting groups.
+Groups are frozen before training and never change during it: flipping ``requires_grad`` in the
+middle of training lets DDP ranks drift apart (Lightning issue #20340).
 """
 
 from __future__ import annotations
@@ -27,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from timm.models import group_parameters
 from torch import nn
 
@@ -105,11 +97,10 @@ class GroupSetting:
     index: int
     lr: float
     frozen: bool  # never learns in this run
-    starts_at: int  # epoch at which it starts learning (0 = from the start)
 
 
 def plan_groups(model: nn.Module, plan: Plan, head_lr: float) -> list[GroupSetting]:
-    """Resolve the plan against the model: frozen or not, LR and start epoch of every group."""
+    """Resolve the plan against the model: frozen or not, and the LR of every group."""
     groups = layer_groups(model)
     backbone = [g for g in groups if not g.is_head]
     n_frozen = resolve_frozen_count(plan, len(backbone))
@@ -118,9 +109,8 @@ def plan_groups(model: nn.Module, plan: Plan, head_lr: float) -> list[GroupSetti
         depth_from_top = len(backbone) - 1 - g.index
         lr = head_lr * plan.backbone_lr_mult * plan.layer_decay ** depth_from_top
         frozen = g.index < n_frozen or lr <= 0
-        settings.append(GroupSetting(g.name, g.index, 0.0 if frozen else lr, frozen,
-                                     0 if frozen else plan.unfreeze_at))
-    settings += [GroupSetting(g.name, g.index, head_lr, False, 0) for g in groups if g.is_head]
+        settings.append(GroupSetting(g.name, g.index, 0.0 if frozen else lr, frozen))
+    settings += [GroupSetting(g.name, g.index, head_lr, False) for g in groups if g.is_head]
     return settings
 
 
@@ -141,83 +131,39 @@ def apply_plan(model: nn.Module, settings: list[GroupSetting],
     modules = dict(model.named_modules())
     param_groups: list[dict[str, Any]] = []
     eval_bn: list[nn.Module] = []
-    waiting: dict[int, tuple[list[nn.Parameter], list[nn.Module]]] = {}
     for g, s in zip(groups, settings):
         assert g.index == s.index
         group_params = [params[n] for n in g.param_names]
-        bns = [modules[m] for m in g.bn_modules]
         for p in group_params:
             p.requires_grad_(not s.frozen)
         if s.frozen or bn_policy == "eval":
-            eval_bn.extend(bns)
-        if s.frozen:
-            continue
-        param_groups.append({"params": group_params, "lr": s.lr, "name": g.name})
-        if s.starts_at > 0:
-            waiting.setdefault(s.starts_at, ([], []))
-            waiting[s.starts_at][0].extend(group_params)
-            waiting[s.starts_at][1].extend(bns)
-    if len({(g["lr"], s.starts_at) for g, s in zip(param_groups, [s for s in settings if not s.frozen])}) == 1:
+            eval_bn.extend(modules[m] for m in g.bn_modules)
+        if not s.frozen:
+            param_groups.append({"params": group_params, "lr": s.lr, "name": g.name})
+    if len({g["lr"] for g in param_groups}) == 1:
         # One LR for everything that learns (from random init, or a naive baseline): one group.
         param_groups = [{"params": [p for g in param_groups for p in g["params"]], "lr": param_groups[0]["lr"],
                          "name": "all"}]
     n_frozen = sum(1 for s in settings if s.frozen)
-    log.info("Layer groups: %d frozen, %d learning (%d waiting for a later epoch); %s", n_frozen,
-             len(settings) - n_frozen, sum(1 for s in settings if s.starts_at > 0), BN_POLICIES[bn_policy])
-    return param_groups, FreezeCallback(eval_bn, waiting)
+    log.info("Layer groups: %d frozen, %d learning; %s", n_frozen, len(settings) - n_frozen, BN_POLICIES[bn_policy])
+    return param_groups, FreezeCallback(eval_bn)
 
 
 class FreezeCallback(pl.Callback):
-    """Keeps frozen layers frozen and BatchNorm in its policy's mode; no update for groups still waiting.
+    """Keeps BatchNorm layers in their policy's mode: Lightning switches the whole module to train
+    mode at the start of training and after every validation, so the policy is re-applied at the
+    start of every training batch (a few dozen `.eval()` calls).
 
-    Lightning switches the whole module to train mode at the start of training and after every
-    validation, so the BatchNorm policy is re-applied at the start of every training batch (a few
-    dozen `.eval()` calls). Its state (the epochs already unfrozen) goes into checkpoints, so a
-    resumed run continues with the same groups learning.
-
-    Why pretrained BatchNorm stays in eval mode even where layers learn (the advice of Keras'
-    transfer-learning guide): the head is warmed up on features computed in eval mode, and in train
-    mode the same network computes different features (batch statistics instead of the pretrained
-    ones). On omniglot, whose statistics are far from the pretraining photos', train-mode BatchNorm
-    turned a warmed-up head at 0.87 val accuracy into a training loss of 16.7 and 0.18 val accuracy
-    (chance 0.2) in the first epoch, and clothing's large-similar run ended at 0.72 against 0.84 for
-    its head alone. In eval mode the first step computes exactly what the head was fitted to.
+    Why pretrained BatchNorm stays in eval mode even where layers learn (Keras' transfer-learning
+    advice): the head is warmed up on features computed in eval mode, and in train mode the same
+    network computes different features (batch statistics instead of the pretrained ones). In eval
+    mode the first step computes exactly what the head was fitted to (docs/decisions.md).
     """
 
-    def __init__(self, eval_bn: list[nn.Module], waiting: dict[int, tuple[list[nn.Parameter], list[nn.Module]]]):
+    def __init__(self, eval_bn: list[nn.Module]):
         self.eval_bn = eval_bn
-        self.waiting = waiting
-        self.unfrozen: list[int] = []
-
-    def _still_waiting(self, epoch: int):
-        for start, (params, bns) in self.waiting.items():
-            if start > epoch and start not in self.unfrozen:
-                yield start, params, bns
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for start in sorted(self.waiting):
-            if start <= trainer.current_epoch and start not in self.unfrozen:
-                self.unfrozen.append(start)
-                log.info("Epoch %d: %d more parameter tensors start learning", trainer.current_epoch,
-                         len(self.waiting[start][0]))
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         for m in self.eval_bn:
             m.eval()
-        for _, _, bns in self._still_waiting(trainer.current_epoch):
-            for m in bns:
-                m.eval()
-
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                                 optimizer: torch.optim.Optimizer) -> None:
-        # Gradients were all-reduced in backward, so every rank drops the same ones: no drift.
-        for _, params, _ in self._still_waiting(trainer.current_epoch):
-            for p in params:
-                p.grad = None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"unfrozen": list(self.unfrozen)}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.unfrozen = list(state_dict.get("unfrozen", []))

@@ -9,7 +9,6 @@ callbacks (EMA, divergence, train/val gap) in `finetune.callbacks`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Sequence
 
@@ -163,8 +162,3 @@ def balanced_sampler_factory(num_classes: int):
         return WeightedRandomSampler(weights.double(), num_samples=len(labels), replacement=True)
 
     return factory
-
-
-def expected_initial_loss(num_classes: int) -> float:
-    """Cross-entropy of a uniform prediction: what a fresh, well-initialised head starts at."""
-    return math.log(num_classes)

@@ -278,14 +278,14 @@ def describe(decision: Decision, groups: list[dict[str, Any]]) -> str:
         lines.append(f"  weight decay   chosen on val from {plan.weight_decay_grid}")
         if plan.aug_views:
             lines.append(f"  aug views      {plan.aug_views} per image ({plan.augment})")
-    lines += ["", f"Layer groups (timm group_matcher; --freeze-groups N freezes the first N)",
+    lines += ["", "Layer groups (timm group_matcher; --freeze-groups N freezes the first N)",
               f"  {'#':>3}  {'group':<34} {'params':>10}  {'state':<8} {'lr':>9}"]
     settings = {g.index: g for g in decision.groups}
     for g in groups:
         st = settings.get(g["index"])
         if st is None:
             continue
-        state = "frozen" if st.frozen else (f"from ep {st.starts_at}" if st.starts_at else "learns")
+        state = "frozen" if st.frozen else "learns"
         lr = "" if st.frozen else f"{st.lr:.2e}"
         lines.append(f"  {g['index']:>3}  {g['name'][:34]:<34} {g['params']:>10,}  {state:<8} {lr:>9}")
     return "\n".join(lines)

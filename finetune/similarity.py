@@ -64,9 +64,6 @@ class Similarity:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def probe(self, key: str) -> StageProbe:
-        return next(p for p in self.probes if p.key == key)
-
 
 def probe_stage(x: np.ndarray, y: np.ndarray, folds: int = 5, alpha: float = 100.0, seed: int = 0) -> float:
     """Cross-validated balanced accuracy of a linear probe on standardised features.

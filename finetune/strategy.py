@@ -60,7 +60,6 @@ class ScenarioDefaults:
     layer_decay: float  # each group further down learns this factor slower
     warmup_epochs: int  # head-only epochs on cached features before the network is fine-tuned
     epochs_scale: float  # epochs = ceil(--epochs * epochs_scale)
-    unfreeze_at: int = 0  # network epoch at which the trainable backbone groups start learning
     weight_decay_grid: tuple[float, ...] = (0.0,)  # candidates for the head, chosen on the val split
     aug_views: int = 0  # augmented views per image in the feature cache (feature plans)
     augment: str = "light"  # training augmentation preset (network plans)
@@ -83,7 +82,6 @@ class Plan:
     bn_policy: str  # "eval": every BatchNorm keeps its pretrained statistics; "train": plain BatchNorm
     warmup_epochs: int
     epochs: int
-    unfreeze_at: int
     weight_decay_grid: list[float]
     aug_views: int
     augment: str
@@ -227,7 +225,7 @@ def decide(profile: Mapping[str, Any], similarity: Mapping[str, Any], thresholds
         freeze_groups=freeze_groups, backbone_lr_mult=lr_mult, layer_decay=layer_decay,
         bn_policy=bn_policy,
         warmup_epochs=0 if d.train_on_features else warmup, epochs=epochs,
-        unfreeze_at=int(d.unfreeze_at), weight_decay_grid=[float(w) for w in d.weight_decay_grid],
+        weight_decay_grid=[float(w) for w in d.weight_decay_grid],
         aug_views=views if d.train_on_features else 0, augment=d.augment, reasons=reasons)
 
 

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 TINY_MODEL = "test_resnet"  # timm's ~0.5M-parameter test net; random weights unless a file is given
 
 
@@ -57,13 +56,6 @@ def isolated_mlflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _empty_mlfl
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
     return uri
-
-
-@pytest.fixture
-def shared_dir() -> Path:
-    if not SHARED.is_dir():
-        pytest.skip("../shared is not present")
-    return SHARED
 
 
 def tiny_train_args(data: Path, out: Path, *extra: str) -> list[str]:

@@ -90,37 +90,3 @@ def test_network_plans_freeze_what_they_say(model_name: str, scenario: str, over
     assert moved == (set() if bn_policy == "eval" else learning_bn)
     if learning_bn:  # BatchNorm weights learn with their group, whatever the policy
         assert any(not torch.equal(params[f"{m}.weight"].detach(), before[f"{m}.weight"]) for m in learning_bn)
-
-
-def test_delayed_unfreeze_waits_then_learns_and_restores_its_state():
-    torch.manual_seed(0)
-    model = create_backbone("test_resnet", "none", 3, image_size=32).model
-    plan = _plan("large-similar")
-    plan.unfreeze_at = 1
-    settings = plan_groups(model, plan, head_lr=1e-2)
-    waiting = [s for s in settings if s.starts_at == 1]
-    assert waiting and all(not s.frozen for s in waiting)
-    groups = {g.index: g for g in layer_groups(model)}
-    names = [n for s in waiting for n in groups[s.index].param_names]
-    bns = [m for s in waiting for m in groups[s.index].bn_modules]
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    bn_before = _bn_stats(model)
-
-    param_groups, callback = apply_plan(model, settings, "train")
-    # Waiting groups require grad from the start (DDP registers them once) and sit in the optimizer.
-    assert all(dict(model.named_parameters())[n].requires_grad for n in names)
-    _fit(model, param_groups, callback, epochs=1)
-    params = dict(model.named_parameters())
-    for n in names:
-        assert torch.equal(params[n].detach(), before[n]), f"{n} learned before its epoch"
-    for m in bns:
-        assert torch.equal(_bn_stats(model)[f"{m}.running_mean"], bn_before[f"{m}.running_mean"])
-    assert not torch.equal(params["fc.weight"].detach(), before["fc.weight"])  # the head did learn
-
-    _fit(model, param_groups, callback, epochs=2)  # a fresh fit: epochs 0 and 1
-    assert callback.state_dict() == {"unfrozen": [1]}
-    assert any(not torch.equal(dict(model.named_parameters())[n].detach(), before[n]) for n in names)
-
-    restored = FreezeCallback([], callback.waiting)
-    restored.load_state_dict(callback.state_dict())
-    assert restored.unfrozen == [1]
