@@ -97,7 +97,7 @@ def sanity(cfg: TrainConfig, samples: int = 20, epochs: int | None = None) -> di
     start_loss = initial_loss(module.net, datamodule.val_dataloader(), rt)
     epochs = epochs or 30
     started = time.time()
-    trainer = _trainer(rt, max_epochs=epochs, enable_progress_bar=False, log_every_n_steps=1)
+    trainer = _trainer(rt, max_epochs=epochs, log_every_n_steps=1)  # minutes on a CPU: show progress
     trainer.fit(module, datamodule=datamodule)
     final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     acc = float(final["val_acc"])

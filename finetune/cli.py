@@ -10,18 +10,11 @@ from typing import Any
 
 import click
 
+from finetune import console
 from finetune.config import (AUGMENT_PRESETS, CLASS_WEIGHTS, OPTIMIZERS, SAMPLERS, SCENARIOS, SCHEDULES,
                              TTA_MODES, load_yaml, resolve_config)
 
 log = logging.getLogger("finetune")
-
-
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("finetune").setLevel(logging.INFO)
-    for noisy in ("pytorch_lightning", "lightning", "lightning_fabric", "timm", "mlflow", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -32,7 +25,7 @@ def cli(verbose: bool) -> None:
     Point `finetune train` at a folder of images (one subfolder per class) and a timm backbone.
     Runs are tracked in MLflow (MLFLOW_TRACKING_URI, else ./mlruns).
     """
-    _setup_logging(verbose)
+    console.setup(verbose)
 
 
 def train_options(f):
@@ -160,30 +153,47 @@ def plan(data_dir: str, config_file: str | None, as_json: bool, **options: Any) 
         click.echo(describe(decision, groups))
 
 
+def _plan_line(plan: dict[str, Any]) -> str:
+    if plan.get("train_on_features"):
+        where = "final features" if plan["head_stage"] == "final" else f"{plan['head_stage']} features"
+        return f"linear head on cached {where}, {plan['epochs']} epochs (backbone frozen)"
+    groups = plan.get("groups") or []
+    frozen = sum(1 for g in groups if g.get("frozen"))
+    warmup = f" after {plan['warmup_epochs']} head warm-up epochs" if plan.get("warmup_epochs") else ""
+    return f"fine-tune {len(groups) - frozen} of {len(groups)} layer groups, {plan['epochs']} epochs{warmup}"
+
+
 def _print_summary(summary: dict[str, Any]) -> None:
-    m = summary["metrics"]
+    """The end of `train`: the scenario and why, the plan, the numbers, and where everything is."""
+    m, plan = summary["metrics"], summary["plan"]
+    lines = [""]
     if summary.get("skipped_files"):
         n = len(summary["skipped_files"])
         first = ", ".join(summary["skipped_files"][:3])
-        click.echo(f"\nSkipped {n} unreadable file(s) (listed in skipped_files.json of the run): {first}"
-                   + (" ..." if n > 3 else ""))
-    click.echo(f"\nscenario {summary['scenario']} ({summary['plan']['source']})")
+        lines += [f"Skipped {n} unreadable file(s) (skipped_files.json of the run): {first}" + (" ..." if n > 3 else ""),
+                  ""]
+    lines.append(f"Scenario:   {summary['scenario']} ({plan['source']})")
+    lines += [f"  - {reason}" for reason in plan.get("reasons", [])]
+    lines.append(f"Plan:       {_plan_line(plan)}")
     kept = (f"warmed-up head kept: fine-tuning reached {m['val_acc_finetuned']:.4f}" if m.get("weights") == "warmup"
             else f"best epoch {m.get('best_epoch')}" + (", EMA weights" if m.get("weights") == "ema" else ""))
-    click.echo(f"val_acc {m['val_acc']:.4f}  val_loss {m['val_loss']:.4f}  ({kept})")
-    click.echo(f"summary:    {summary['output']}/summary.json")
-    click.echo(f"model:      {summary['model_dir']}")
-    click.echo(f"MLflow run: {summary['mlflow_run_id']}  ({summary['mlflow_tracking_uri']})")
+    lines.append(f"Val:        accuracy {m['val_acc']:.4f}, loss {m['val_loss']:.4f} ({kept})")
+    extra = [f"{k} {v:.4f}" for k, v in m.items()
+             if (k.endswith("_tta") or k.startswith("test_acc")) and "top5" not in k]
+    if extra:
+        lines.append(f"            {', '.join(extra)}")
+    lines += [f"Model:      {summary['model_dir']}",
+              f"Summary:    {summary['output']}/summary.json",
+              f"MLflow run: {summary['mlflow_run_id']}  ({summary['mlflow_tracking_uri']})"]
     if summary.get("registered_model"):
         reg = summary["registered_model"]
-        click.echo(f"registered: models:/{reg['name']}/{reg['version']}")
+        lines.append(f"Registered: models:/{reg['name']}/{reg['version']}")
     if summary.get("mlflow_pending"):
-        click.echo(f"MLflow was unreachable; not yet logged: {summary['mlflow_pending']}. "
-                   f"Send it later with:  finetune upload {summary['output']}")
-        return
-    uri = summary["mlflow_tracking_uri"]
-    if uri.startswith("sqlite:"):
-        click.echo(f"Open the UI with:  mlflow ui --backend-store-uri {uri}")
+        lines.append(f"MLflow was unreachable; not yet logged: {summary['mlflow_pending']}. "
+                     f"Send it later with:  finetune upload {summary['output']}")
+    elif summary["mlflow_tracking_uri"].startswith("sqlite:"):
+        lines.append(f"Open the UI with:  mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']}")
+    click.echo("\n".join(lines))
 
 
 @cli.command()

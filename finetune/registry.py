@@ -7,6 +7,8 @@ version came from (dataset profile, scenario, metrics, training run).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 from importlib.metadata import PackageNotFoundError, version
@@ -83,7 +85,8 @@ def version_tags(summary: dict[str, Any]) -> dict[str, str]:
 def register(model_uri: str, name: str, tags: dict[str, str]) -> str:
     """Register a version, tag it, alias it `candidate` (and `champion` when there is none)."""
     c = tracking.client()
-    mv = mlflow.register_model(model_uri, name, tags=tags)
+    with contextlib.redirect_stderr(io.StringIO()):  # MLflow prints its own "Successfully registered" lines
+        mv = mlflow.register_model(model_uri, name, tags=tags)
     c.set_registered_model_alias(name, CANDIDATE, mv.version)
     if CHAMPION not in c.get_registered_model(name).aliases:
         c.set_registered_model_alias(name, CHAMPION, mv.version)

@@ -31,7 +31,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import BasePredictionWriter, TQDMProgressBar
 
-from finetune import runtime
+from finetune import console, runtime
 from finetune.data import iter_image_files
 from finetune.errors import UserError
 from finetune.tta import TTA_VIEWS, CropViews, ViewsDataset, collate_views, predict_views
@@ -285,9 +285,7 @@ def main(model_uri: str, inputs: str, output: str, tta: str | None, top_k: int, 
          num_workers: int | None, resume: bool, max_image_pixels: int | None, accelerator: str, devices: str,
          strategy: str) -> None:
     """Predict labels for every image of a folder or list into a CSV or Parquet file."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("pytorch_lightning", "lightning", "lightning_fabric", "mlflow", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    console.setup()
     result = predict_to_file(model_uri, inputs, output, tta, top_k, batch_size, num_workers, resume,
                              accelerator, int(devices) if devices.isdigit() else devices, strategy,
                              max_image_pixels)
