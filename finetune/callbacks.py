@@ -102,7 +102,10 @@ class DivergenceCallback(pl.Callback):
     """Stop at the first NaN/inf loss, or a loss `factor` times the first one (at least ln C).
 
     Raises `DivergenceError` from inside the loop, so no checkpoint of the diverged weights is
-    written: the last one on disk is the last good one, and the message names it.
+    written: the last one on disk is the last good one, and the message names it. Under DDP the
+    losses of all ranks are gathered at every step and the decision is taken on all of them, so every
+    rank stops at the same step with the same message (a rank stopping alone would leave the others
+    waiting in the next all-reduce).
     """
 
     def __init__(self, num_classes: int, factor: float = 10.0, checkpoint: pl.callbacks.ModelCheckpoint | None = None):
@@ -113,21 +116,27 @@ class DivergenceCallback(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if loss is None:
+        if loss is None:  # only in a single process: Lightning refuses a None loss under DDP
             return
-        value = float(loss.detach())
-        if self.first_loss is None and math.isfinite(value):
-            self.first_loss = value
+        losses = [float(loss.detach())]
+        if trainer.world_size > 1:
+            mine = loss.detach().double().reshape(1)
+            losses = [float(v) for v in trainer.strategy.all_gather(mine).reshape(-1)]
+        if self.first_loss is None and all(math.isfinite(v) for v in losses):
+            self.first_loss = sum(losses) / len(losses)
             return
         limit = self.factor * max(self.first_loss or 0.0, self.reference)
-        if math.isfinite(value) and value <= limit:
+        bad = [(rank, v) for rank, v in enumerate(losses) if not (math.isfinite(v) and v <= limit)]
+        if not bad:
             return
+        rank, value = bad[0]
         why = "is not a number" if math.isnan(value) else (
             "is infinite" if math.isinf(value) else f"exceeds {self.factor:g}x the first loss ({limit:.3g})")
+        where = f" on rank {rank}" if len(losses) > 1 else ""
         lrs = ", ".join(f"{g['lr']:.3g}" for g in trainer.optimizers[0].param_groups) if trainer.optimizers else "?"
         raise DivergenceError(
-            f"Training diverged at epoch {trainer.current_epoch}, step {trainer.global_step}: the loss {value:.4g} "
-            f"{why}. Stopped; {self._last_good()}. Lower the learning rate (--lr, current group LRs: {lrs}), "
+            f"Training diverged at epoch {trainer.current_epoch}, step {trainer.global_step}: the loss {value:.4g}"
+            f"{where} {why}. Stopped; {self._last_good()}. Lower the learning rate (--lr, current group LRs: {lrs}), "
             "add --warmup-epochs, or run `finetune lr-find` to pick one.")
 
     def _last_good(self) -> str:

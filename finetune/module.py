@@ -58,16 +58,23 @@ class Classifier(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         if batch is None:  # every image of the batch failed to decode
-            return None
+            return self.no_loss()
         if self.mixup is None:
             return self.model_step(batch, "train")
         x, y = batch
         if x.shape[0] % 2:  # timm's Mixup pairs images, so it needs an even count (a failed decode makes it odd)
             x, y = x[:-1], y[:-1]
         if x.shape[0] == 0:
-            return None
+            return self.no_loss()
         mixed, soft = self.mixup(x.clone(), y)
         return self.model_step((mixed, y), "train", target=soft)
+
+    def no_loss(self) -> torch.Tensor:
+        """A zero loss for a batch with nothing to learn from, with a (zero) gradient to every trainable
+        parameter: Lightning refuses a None loss under DDP, and DDP's gradient all-reduce must see every
+        parameter on every rank to stay in step with the ranks whose batch was fine."""
+        zero = torch.zeros((), device=self.device)
+        return sum((p.sum() * 0.0 for p in self.parameters() if p.requires_grad), zero)
 
     def validation_step(self, batch, batch_idx):
         if batch is None:

@@ -20,6 +20,7 @@ import os
 import pickle
 import random
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 OUTPUT_TAG = "finetune.output"
 DATA_TAG = "finetune.data_dir"
 LAST_CHECKPOINT = "last.ckpt"
+# Two SIGINTs closer than this are one Ctrl+C (a launcher forwarding it); a later one aborts.
+SAME_CTRL_C_S = 1.0
 # Options that may change when a run is resumed; anything else would make it a different run.
 RESUMABLE_OVERRIDES = ("epochs", "num_workers", "accelerator", "devices", "num_nodes", "strategy", "precision",
                        "register")
@@ -204,25 +207,54 @@ class RngState(pl.Callback):
 
 class SaveOnInterrupt(pl.Callback):
     """SIGTERM (and a first Ctrl+C, turned into the same thing) stops at the end of the current batch;
-    the state is then written to `last.ckpt` so `--resume` continues from there."""
+    the state is then written to `last.ckpt` so `--resume` continues from there.
+
+    Under DDP a Ctrl+C reaches every rank (or some: srun, a `kill -INT`) at a different point of its step.
+    Each rank only notes it; at the end of every training batch the ranks agree (a max over ranks) and,
+    when any was interrupted, every rank sends itself SIGTERM at that same point, so Lightning stops
+    them all after that batch (its SIGTERM handler's broadcast then pairs up across ranks) and every
+    rank takes part in saving the checkpoint, which is collective under DDP.
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.interrupted: str | None = None
         self._previous_sigint: Any = None
+        self._ctrl_c = False
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.is_global_zero and _in_main_thread():
+        if _in_main_thread():
             # Lightning handles SIGTERM gracefully (stop at the batch end) but aborts on Ctrl+C wherever it
             # happens; route the first Ctrl+C through the SIGTERM path, a second one aborts.
             self._previous_sigint = signal.getsignal(signal.SIGINT)
+            several = trainer.world_size > 1
 
             def on_sigint(signum, frame):
-                signal.signal(signal.SIGINT, signal.default_int_handler)
-                log.warning("Ctrl+C: stopping after this batch and saving a checkpoint (Ctrl+C again to abort).")
-                os.kill(os.getpid(), signal.SIGTERM)
+                first = time.monotonic()
+
+                def on_second_sigint(signum, frame):
+                    if time.monotonic() - first > SAME_CTRL_C_S:
+                        raise KeyboardInterrupt
+                    # the same Ctrl+C again: torchrun forwards the SIGINT it got to its workers, which the
+                    # terminal has already sent them
+
+                signal.signal(signal.SIGINT, on_second_sigint)
+                if trainer.is_global_zero:
+                    log.warning("Ctrl+C: stopping after this batch and saving a checkpoint (Ctrl+C again to abort).")
+                self._ctrl_c = True
+                if not several:
+                    os.kill(os.getpid(), signal.SIGTERM)
 
             signal.signal(signal.SIGINT, on_sigint)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx) -> None:
+        if trainer.world_size == 1:
+            return
+        flag = torch.tensor(1.0 if self._ctrl_c else 0.0, device=pl_module.device)
+        if float(trainer.strategy.reduce(flag, reduce_op="max")) > 0:
+            self._ctrl_c = True
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def _restore_sigint(self) -> None:
         if self._previous_sigint is not None and _in_main_thread():
@@ -236,6 +268,8 @@ class SaveOnInterrupt(pl.Callback):
         self._restore_sigint()
         if not isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
             return
+        if isinstance(exception, KeyboardInterrupt) and trainer.world_size > 1:
+            return  # a second Ctrl+C aborts: the ranks are not at the same point, a collective save would hang
         self.interrupted = type(exception).__name__
         trainer.save_checkpoint(self.path)  # atomic: Lightning writes a temp file and renames it
         log.warning("Interrupted in epoch %d (step %d); saved %s", trainer.current_epoch, trainer.global_step,

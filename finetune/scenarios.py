@@ -204,14 +204,16 @@ def feature_metrics(features: FeatureSet, stage: str, weight: torch.Tensor, bias
 
 
 def prepare_network(cfg: TrainConfig, decision: Decision, backbone: Backbone, splits: FolderSplits,
-                    rt: runtime.Runtime | None = None) -> tuple[list[dict[str, Any]], list[Any], dict[str, Any]]:
+                    rt: runtime.Runtime | None = None, warm_up: bool = True
+                    ) -> tuple[list[dict[str, Any]], list[Any], dict[str, Any]]:
     """Large-data plans: warm the head up on cached features, then freeze/unfreeze groups.
 
-    Returns the optimizer's param groups, the Lightning callbacks, and what to report.
+    `warm_up=False` skips fitting the head (the other ranks of a DDP run: they get rank 0's head when
+    DDP wraps the model). Returns the optimizer's param groups, the Lightning callbacks, and what to report.
     """
     plan = decision.plan
     info: dict[str, Any] = {}
-    if plan.warmup_epochs:
+    if plan.warmup_epochs and warm_up:
         started = time.perf_counter()
         with preserved_rng():  # cached or not, the fine-tuning that follows starts from the same RNG state
             result = _head_on_features(cfg, backbone, splits, plan, FINAL, plan.warmup_epochs, 0, False, rt)

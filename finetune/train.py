@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 import warnings
 from pathlib import Path
@@ -72,22 +71,35 @@ def train(cfg: TrainConfig, tags: dict[str, str] | None = None,
     """
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     started = time.time()
-    rank_zero = distributed.is_global_zero()
     # Device (this rank's own GPU), precision, torch threads vs loader workers: decided once, used everywhere.
     rt = runtime.configure(cfg.accelerator, _devices(cfg.devices), cfg.strategy, cfg.precision, cfg.num_workers)
     preflight.check(cfg, _devices(cfg.devices), rt.precision)
-    splits = scan_folder(cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_image_pixels)
-    if cfg.batch_size > len(splits.train):
-        raise UserError(f"batch_size {cfg.batch_size} is larger than the training split "
-                        f"({len(splits.train)} images). Use --batch-size {len(splits.train)} or less.")
-    # Measure and decide first: the plan's scenario picks the recipe. The source head is kept for the
-    # similarity measure (how sure the pretrained classifier is).
-    backbone = create_backbone(cfg.model, cfg.weights, len(splits.classes), cfg.image_size, keep_source_head=True)
-    decision = scenarios.measure_and_decide(cfg, splits, backbone, rt)
-    if plan_override is not None:
-        decision = scenarios.with_plan(decision, plan_override(decision.plan), backbone.model, cfg.lr)
+    # Every rank exists and is in the process group from here on, whoever launched them; the one-time
+    # work below runs on rank 0 alone and the other ranks receive its results.
+    distributed.start(cfg.accelerator, _devices(cfg.devices), cfg.strategy, cfg.num_nodes, rt.precision)
+    rank_zero = distributed.is_global_zero()
+    backbone: Backbone | None = None
+
+    def measure() -> tuple[FolderSplits, scenarios.Decision]:
+        nonlocal backbone
+        splits = scan_folder(cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_image_pixels)
+        if cfg.batch_size > len(splits.train):
+            raise UserError(f"batch_size {cfg.batch_size} is larger than the training split "
+                            f"({len(splits.train)} images). Use --batch-size {len(splits.train)} or less.")
+        # Measure and decide first: the plan's scenario picks the recipe. The source head is kept for the
+        # similarity measure (how sure the pretrained classifier is).
+        backbone = create_backbone(cfg.model, cfg.weights, len(splits.classes), cfg.image_size, keep_source_head=True)
+        decision = scenarios.measure_and_decide(cfg, splits, backbone, rt)
+        if plan_override is not None:
+            decision = scenarios.with_plan(decision, plan_override(decision.plan), backbone.model, cfg.lr)
+        return splits, decision
+
+    splits, decision = distributed.on_rank_zero(measure)
+    if backbone is None:  # another rank: the same network; DDP gives it rank 0's weights when training starts
+        backbone = create_backbone(cfg.model, cfg.weights, len(splits.classes), cfg.image_size, keep_source_head=True)
     plan = decision.plan
-    log.info("Scenario %s (%s): %s", plan.scenario, plan.source, "; ".join(plan.reasons))
+    if rank_zero:
+        log.info("Scenario %s (%s): %s", plan.scenario, plan.source, "; ".join(plan.reasons))
     # The recipe follows the plan's scenario; from random init (no domain to measure) or for a bench
     # baseline that is no scenario, the unmeasured default applies.
     measured_domain = plan.source == "forced" or backbone.weights_source != "none"
@@ -99,39 +111,36 @@ def train(cfg: TrainConfig, tags: dict[str, str] | None = None,
                                    keep_source_head=True, **model_kwargs(recipe))  # same weights: same cache
         decision = scenarios.with_plan(decision, plan, backbone.model, cfg.lr)
     init_head(backbone.model, recipe.drop_connect)
-    if plan.train_on_features and not rank_zero:
-        return None  # a head on cached features is trained by one process
-    run_name = run_name_for(cfg)
-    output = Path(cfg.output or Path("outputs") / run_name)
-    shared_run_id, shared_output = distributed.shared_run()
-    if resume_from is not None:
-        output = resume_from.output
-    elif shared_output is not None:
-        output = shared_output
-    output.mkdir(parents=True, exist_ok=True)
 
-    if not rank_zero:
-        run_id = shared_run_id
-    elif resume_from is not None:
-        run_id = resume_from.run_id
-        tracking.client().update_run(run_id, status="RUNNING")
-        log.info("Resuming MLflow run %s from %s (%d epoch(s) done)", run_id, resume_from.checkpoint,
-                 resume_from.epochs_done)
-    else:
-        experiment_id = tracking.ensure_experiment(cfg.experiment)
-        run = tracking.client().create_run(experiment_id, run_name=run_name, tags={
-            **(tags or {}), resume.OUTPUT_TAG: str(output.resolve()),
-            resume.DATA_TAG: str(Path(cfg.data_dir).resolve())})
-        run_id = run.info.run_id
-        log.info("MLflow run %s (experiment %r) at %s", run_id, cfg.experiment, tracking.tracking_uri())
-    if rank_zero:
-        distributed.share_run(run_id, output)
+    def start_run() -> tuple[str, Path]:
+        """The output folder and the MLflow run (new, or the resumed one), made by rank 0 alone."""
+        run_name = run_name_for(cfg)
+        output = resume_from.output if resume_from is not None else Path(cfg.output or Path("outputs") / run_name)
+        output.mkdir(parents=True, exist_ok=True)
+        if resume_from is not None:
+            run_id = resume_from.run_id
+            tracking.client().update_run(run_id, status="RUNNING")
+            log.info("Resuming MLflow run %s from %s (%d epoch(s) done)", run_id, resume_from.checkpoint,
+                     resume_from.epochs_done)
+        else:
+            experiment_id = tracking.ensure_experiment(cfg.experiment)
+            run = tracking.client().create_run(experiment_id, run_name=run_name, tags={
+                **(tags or {}), resume.OUTPUT_TAG: str(output.resolve()),
+                resume.DATA_TAG: str(Path(cfg.data_dir).resolve())})
+            run_id = run.info.run_id
+            log.info("MLflow run %s (experiment %r) at %s", run_id, cfg.experiment, tracking.tracking_uri())
         _log_run_inputs(cfg, run_id, backbone, splits, output, recipe)
         tracking.log_params(run_id, decision.params())
         tracking.log_dict(run_id, decision.to_dict(), "plan.json")
+        return run_id, output.resolve()
+
+    run_id, output = distributed.on_rank_zero(start_run)
+    if plan.train_on_features and not rank_zero:
+        return None  # a head on cached features is trained by one process
 
     pending = tracking.PendingLog(output, run_id)
-    logger = tracking.resilient_logger(cfg.experiment, run_id, pending)
+    # Only rank 0 opens an MLflow client (opening one creates a new store's tables).
+    logger = tracking.resilient_logger(cfg.experiment, run_id, pending) if rank_zero else distributed.QuietLogger(run_id)
     trainer = None
     if plan.train_on_features:
         net, metrics, plan_report = scenarios.fit_on_features(cfg, decision, backbone, splits, logger, rt)
@@ -213,7 +222,18 @@ def _fit_network(cfg: TrainConfig, decision: scenarios.Decision, recipe: Recipe,
         max_pixels=cfg.max_image_pixels, draft_size=(size, size),
         sampler_factory=balanced_sampler_factory(len(splits.classes)) if cfg.sampler == "balanced"
         else lambda samples: resume.EpochShuffle(samples, cfg.seed))
-    param_groups, plan_callbacks, report = scenarios.prepare_network(cfg, decision, backbone, splits, rt)
+    # The head warm-up is fitted by rank 0 alone (the others wait for it): DDP gives every rank rank 0's
+    # weights when it wraps the model.
+    prepared = None
+
+    def warm_up() -> dict[str, Any]:
+        nonlocal prepared
+        prepared = scenarios.prepare_network(cfg, decision, backbone, splits, rt)
+        return prepared[2]
+
+    report = distributed.on_rank_zero(warm_up)
+    param_groups, plan_callbacks, _ = prepared or scenarios.prepare_network(cfg, decision, backbone, splits, rt,
+                                                                            warm_up=False)
     module = Classifier(
         backbone.model, len(splits.classes),
         make_optimizer_factory(cfg, param_groups, recipe.schedule, recipe.warmup_epochs),

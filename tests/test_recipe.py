@@ -131,6 +131,21 @@ def test_module_trains_on_soft_targets_and_measures_hard_labels():
     assert not torch.allclose(loss, F.cross_entropy(net(mixed), y[:4]))
 
 
+@pytest.mark.parametrize("batch", [None, (torch.rand(1, 3, 8, 8), torch.tensor([0]))],
+                         ids=["all-images-failed", "one-image-left-for-mixup"])
+def test_a_batch_with_nothing_to_learn_gives_a_zero_loss_reaching_every_trainable_parameter(batch):
+    """Lightning refuses a None loss under DDP, and DDP's all-reduce needs a gradient for every
+    trainable parameter on every rank: the loss is 0 and backward reaches each of them (frozen ones not)."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4), nn.ReLU(), nn.Linear(4, 3))
+    net[1].requires_grad_(False)  # a frozen group
+    module = Classifier(net, 3, lambda m: None, mixup=make_mixup(1.0, 0.0, 0.0, num_classes=3))
+    loss = module.training_step(batch, 0)
+    assert isinstance(loss, torch.Tensor) and loss.ndim == 0 and float(loss) == 0.0
+    loss.backward()
+    assert all(p.grad is not None and not p.grad.any() for p in net[3].parameters())
+    assert all(p.grad is None for p in net[1].parameters())
+
+
 def _net():
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
 
