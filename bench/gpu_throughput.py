@@ -20,7 +20,7 @@ Rows (median of `--repeats`, interleaved so a change of load hits every row alik
   batch prediction runs in (training's, from finetune.runtime: bf16-mixed on a GPU with native bf16).
   10crop counts crops and is compared with a bare forward at 10x the batch (the crops of one batch go
   through the network together).
-* feature extraction: finetune.features.cached_features, cold cache (every stage pooled, source
+* feature extraction: finetune.strategy.features.cached_features, cold cache (every stage pooled, source
   logits, BatchNorm statistics, written to memory-mapped files), whole call including the loader's
   start, vs the bare forward at `--batch-size` in the same precision.
 
@@ -94,12 +94,12 @@ def finetune_train_epochs(args, cfg, splits, data_config, net, device, out: Path
 
     import throughput as cpu
     from finetune import tracking
-    from finetune.augment import eval_transform, resize_size, train_transform
-    from finetune.callbacks import recipe_callbacks
-    from finetune.data import FolderDataModule
-    from finetune.module import Classifier
-    from finetune.optim import make_optimizer_factory
-    from finetune.recipe import resolve_recipe
+    from finetune.data.transforms import eval_transform, resize_size, train_transform
+    from finetune.training.callbacks import recipe_callbacks
+    from finetune.data.loaders import FolderDataModule
+    from finetune.training.module import Classifier
+    from finetune.training.optim import make_optimizer_factory
+    from finetune.training.recipe import resolve_recipe
 
     recipe = resolve_recipe(cfg, args.scenario)
     size = resize_size(data_config)
@@ -139,7 +139,7 @@ def finetune_predict(args, net, data_config, paths, classes, mode, device, out: 
 
 
 def finetune_features(args, backbone, samples, device, out: Path) -> float:
-    from finetune.features import cached_features
+    from finetune.strategy.features import cached_features
 
     fs = cached_features(backbone, samples, batch_size=args.batch_size, cache_dir=tempfile.mkdtemp(dir=out),
                          rt=args.rt)
@@ -174,13 +174,12 @@ def main() -> None:
 
     import throughput as cpu
     from finetune import runtime
-    from finetune.augment import eval_transform, resize_size
-    from finetune.backbone import create_backbone
+    from finetune.data.transforms import eval_transform, resize_size
+    from finetune.model.backbone import create_backbone
     from finetune.config import TrainConfig
-    from finetune.data import scan_folder
-    from finetune.images import load_rgb
-    from finetune.recipe import init_head
-    from finetune.tta import CropViews
+    from finetune.data.folders import scan_folder
+    from finetune.data.images import load_rgb
+    from finetune.training.recipe import init_head
 
     # The product's own decision for this process: device, precision (training's, also used by batch
     # prediction and feature extraction), loader workers.

@@ -36,9 +36,9 @@ sys.path.insert(0, str(ROOT))
 
 from finetune import runtime  # noqa: E402
 from finetune.config import TrainConfig  # noqa: E402
-from finetune.data import Sample, scan_folder  # noqa: E402
-from finetune.profile import stratified_subset  # noqa: E402
-from finetune.strategy import SCENARIO_NAMES, Plan  # noqa: E402
+from finetune.data.folders import Sample, scan_folder  # noqa: E402
+from finetune.data.profile import stratified_subset  # noqa: E402
+from finetune.strategy.decide import SCENARIO_NAMES, Plan  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 DEFAULT_WEIGHTS = SHARED / "weights" / "mobilenetv2_100.coral_in1k.safetensors"
@@ -81,14 +81,14 @@ def capped_folder(data_dir: Path, max_train: int | None, max_val: int | None, se
 
 
 def bench_dataset(data_dir: Path, args: argparse.Namespace, workdir: Path, writer, out) -> list[dict]:
-    from finetune import scenarios
-    from finetune.backbone import create_backbone
-    from finetune.features import cached_features
-    from finetune.train import train
+    from finetune.strategy.report import plan_folder
+    from finetune.model.backbone import create_backbone
+    from finetune.strategy.features import cached_features
+    from finetune.workflows.train import train
 
     base = dict(model=args.model, weights=str(args.weights), batch_size=args.batch_size, num_workers=args.num_workers,
                 seed=args.seed, experiment="bench-scenarios", image_size=args.image_size)
-    decision, _ = scenarios.plan_folder(TrainConfig(data_dir=str(data_dir), epochs=args.epochs, **base))
+    decision, _ = plan_folder(TrainConfig(data_dir=str(data_dir), epochs=args.epochs, **base))
     p, s = decision.profile, decision.similarity
     folder, cap_t, cap_v = capped_folder(data_dir, args.max_train, args.max_val, args.seed, workdir)
 

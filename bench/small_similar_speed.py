@@ -25,12 +25,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import finetune.train  # noqa: E402,F401  (imports out of the timed region)
+import finetune.workflows.train  # noqa: E402,F401  (imports out of the timed region)
 from finetune import runtime  # noqa: E402
-from finetune.backbone import create_backbone  # noqa: E402
+from finetune.model.backbone import create_backbone  # noqa: E402
 from finetune.config import TrainConfig  # noqa: E402
-from finetune.data import scan_folder  # noqa: E402
-from finetune.features import CACHE_ENV, cached_features  # noqa: E402
+from finetune.data.folders import scan_folder  # noqa: E402
+from finetune.strategy.features import CACHE_ENV, cached_features  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 
@@ -66,7 +66,7 @@ def main() -> None:
                               num_workers=args.num_workers, output=str(tmp / f"run-{len(times)}"),
                               experiment="bench-small-similar-speed")
             t0 = time.perf_counter()
-            summary = finetune.train.train(cfg)
+            summary = finetune.workflows.train.train(cfg)
             times.append(time.perf_counter() - t0)
             print(f"small-similar run, {args.epochs} epochs, {label}: {times[-1]:.1f}s, "
                   f"val_acc {summary['metrics']['val_acc']:.4f}", flush=True)

@@ -12,7 +12,7 @@ Per repeat, interleaved (so a load change on the machine hits every row alike), 
 * ``bare forward``: eval forward under no_grad on preloaded tensors;
 * ``finetune predict center`` / ``10crop``: `serve.batch_predict`'s loader and Lightning predict
   loop (decode, resize, crops, CSV writer), steady-state batches; 10crop counts crops;
-* ``finetune features``: issue 3's `finetune.features.cached_features` (cold cache) when present.
+* ``finetune features``: `finetune.strategy.features.cached_features` (cold cache) when present.
 
 The median over ``--repeats`` is reported with the ratios finetune/bare, and saved as CSV under
 ``bench/results/``. Model options (``--channels-last``, ``--compile``, ``--precision``) apply to bare
@@ -35,17 +35,19 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from finetune import runtime, tracking
-from finetune.augment import eval_transform, resize_size, train_transform
-from finetune.backbone import create_backbone
-from finetune.callbacks import recipe_callbacks
+from finetune import runtime
+from finetune import tracking
+from finetune.data.transforms import eval_transform, resize_size, train_transform
+from finetune.model.backbone import create_backbone
+from finetune.training.callbacks import recipe_callbacks
 from finetune.config import TrainConfig
-from finetune.data import FolderDataModule, scan_folder
-from finetune.images import load_rgb
-from finetune.module import Classifier
-from finetune.optim import create_optimizer, make_optimizer_factory
-from finetune.recipe import init_head, resolve_recipe
-from finetune.tta import TTA_VIEWS, CropViews
+from finetune.data.loaders import FolderDataModule
+from finetune.data.folders import scan_folder
+from finetune.data.images import load_rgb
+from finetune.training.module import Classifier
+from finetune.training.optim import create_optimizer, make_optimizer_factory
+from finetune.training.recipe import init_head, resolve_recipe
+from finetune.data.crops import CropViews
 from serve.batch_predict import CsvRowWriter, ViewsPredictor, prediction_loader
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -161,7 +163,7 @@ def finetune_predict(args, net, data_config, paths, mode, device, out: Path) -> 
 
 def finetune_features(args, backbone, splits, device, out: Path) -> float | None:
     try:
-        from finetune.features import cached_features
+        from finetune.strategy.features import cached_features
     except ImportError:
         return None
     samples = splits.val[:args.predict_images]

@@ -21,9 +21,9 @@ import mlflow
 import torch
 
 from finetune import tracking
-from finetune.data import iter_image_files
-from finetune.images import load_rgb
-from finetune.tta import TTA_VIEWS, CropViews
+from finetune.data.folders import iter_image_files
+from finetune.data.images import load_rgb
+from finetune.data.crops import TTA_VIEWS, CropViews
 from serve.batch_predict import predict_to_file
 
 

@@ -105,12 +105,13 @@ def build_config(data_dir: str, config_file: str | None, **cli_values: Any):
               help="Continue an interrupted run from its last checkpoint, into the same MLflow run.")
 def train(data_dir: str, config_file: str | None, resume_run: str | None, **options: Any) -> None:
     """Fine-tune a pretrained timm backbone on DATA_DIR (one subfolder per class, or train/ and val/)."""
-    from finetune.train import train as run_train
+    from finetune.workflows.train import train as run_train
 
     cfg = build_config(data_dir, config_file, **options)
     point = None
     if resume_run:
-        from finetune import resume, tracking
+        from finetune.workflows import resume
+        from finetune import tracking
 
         tracking.check_reachable()
         point = resume.locate(resume_run, cfg.experiment)
@@ -143,7 +144,7 @@ def plan(data_dir: str, config_file: str | None, as_json: bool, **options: Any) 
     `train`), measures how similar they are to the pretraining data, and prints the scenario of the
     four-scenario table, the reasons, and the plan (frozen layer groups, learning rates, epochs).
     """
-    from finetune.scenarios import describe, plan_folder
+    from finetune.strategy.report import describe, plan_folder
 
     cfg = build_config(data_dir, config_file, **options)
     decision, groups = plan_folder(cfg)
@@ -206,7 +207,7 @@ def sanity(data_dir: str, config_file: str | None, samples: int, **options: Any)
     If it cannot, something is broken (labels, preprocessing, LR) and a full run would waste hours.
     --epochs defaults to 30 here.
     """
-    from finetune.babysit import sanity as run_sanity
+    from finetune.workflows.tools import sanity as run_sanity
 
     epochs = options["epochs"] or 30
     cfg = build_config(data_dir, config_file, **{**options, "epochs": epochs})
@@ -231,7 +232,7 @@ def sanity(data_dir: str, config_file: str | None, samples: int, **options: Any)
 def lr_find(data_dir: str, config_file: str | None, min_lr: float, max_lr: float, num_training: int,
             **options: Any) -> None:
     """Learning-rate range test (Lightning's Tuner.lr_find): saves the loss-vs-LR plot, prints the suggestion."""
-    from finetune.babysit import lr_find as run_lr_find
+    from finetune.workflows.tools import lr_find as run_lr_find
 
     cfg = build_config(data_dir, config_file, **options)
     r = run_lr_find(cfg, min_lr=min_lr, max_lr=max_lr, num_training=num_training)
@@ -255,7 +256,7 @@ def lr_find(data_dir: str, config_file: str | None, min_lr: float, max_lr: float
 def sweep(data_dir: str, config_file: str | None, trials: int, lr_range: tuple[float, float],
           wd_range: tuple[float, float], search_augment: bool, **options: Any) -> None:
     """Hyperparameter search (Optuna) over LR and weight decay; trials are child runs of one MLflow run."""
-    from finetune.sweep import sweep as run_sweep
+    from finetune.workflows.sweep import sweep as run_sweep
 
     cfg = build_config(data_dir, config_file, **options)
     r = run_sweep(cfg, trials, tuple(lr_range), tuple(wd_range), search_augment)
@@ -276,7 +277,7 @@ def sweep(data_dir: str, config_file: str | None, trials: int, lr_range: tuple[f
 def demo(workdir: str, model: str, weights: str | None, epochs: int, pretrain_epochs: int) -> None:
     """Run the whole workflow offline on generated images (a few minutes on 2 CPU cores)."""
     from finetune.demo import demo_configs, export_weights, make_image_folder
-    from finetune.train import train as run_train
+    from finetune.workflows.train import train as run_train
 
     root = Path(workdir)
     make_image_folder(root / "target-outlines", "outlines", per_class=40, seed=1)
@@ -311,7 +312,7 @@ def evaluate(model_uri: str, data_dir: str, tta: str | None, batch_size: int, nu
     A folder with train/ and val/ (and test/) is evaluated on val and test; a plain class-folder
     tree on all its images. Writes report.json, confusion_matrix.png and top_losses.png per split.
     """
-    from finetune.evaluate import evaluate_model
+    from finetune.workflows.evaluate import evaluate_model
 
     summary = evaluate_model(model_uri, data_dir, tta, batch_size, num_workers, experiment, output)
     for key, value in summary["metrics"].items():
@@ -325,7 +326,7 @@ def evaluate(model_uri: str, data_dir: str, tta: str | None, batch_size: int, nu
 @click.argument("version")
 def promote(name: str, version: str) -> None:
     """Point the `champion` alias of registered model NAME at VERSION."""
-    from finetune.registry import promote as move_champion
+    from finetune.tracking.registry import promote as move_champion
 
     move_champion(name, version)
     click.echo(f"{name}@champion -> version {version}")

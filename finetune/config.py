@@ -16,7 +16,7 @@ from finetune.errors import UserError
 
 SCENARIOS = ("auto", "small-similar", "large-similar", "small-different", "large-different")
 TTA_MODES = ("none", "center", "5crop", "10crop")
-# The training recipe (issue 4). Presets/values are also listed in finetune.augment / finetune.optim.
+# The training recipe. Presets/values are also listed in finetune.data.transforms / finetune.training.optim.
 AUGMENT_PRESETS = ("none", "light", "standard", "strong")
 OPTIMIZERS = ("sgd", "adagrad", "rmsprop", "adam", "adamw")
 SCHEDULES = ("constant", "step", "exponential", "cosine", "onecycle")
@@ -55,7 +55,7 @@ class TrainConfig:
     num_nodes: int = 1
     strategy: str = "auto"
     precision: str | None = None
-    # Training recipe: None means "the scenario's default" (finetune.recipe.default_recipe).
+    # Training recipe: None means "the scenario's default" (finetune.training.recipe.default_recipe).
     augment: str | None = None
     mixup: float | None = None
     cutmix: float | None = None

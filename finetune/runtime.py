@@ -78,6 +78,13 @@ class Runtime:
         return {"num_workers": self.workers, "pin_memory": self.pin_memory}
 
 
+def parse_devices(devices: str | int) -> Any:
+    """`--devices` as Lightning takes it: "auto", a count, or a "0,1" list (left as a string)."""
+    if isinstance(devices, int) or devices == "auto":
+        return devices
+    return int(devices) if str(devices).isdigit() else devices
+
+
 def available_cores() -> int:
     """Cores this process may run on (its CPU affinity, which containers and taskset restrict)."""
     try:

@@ -31,10 +31,12 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import BasePredictionWriter, TQDMProgressBar
 
-from finetune import console, runtime
-from finetune.data import iter_image_files
+from finetune import console
+from finetune import runtime
+from finetune.data.folders import iter_image_files
 from finetune.errors import UserError
-from finetune.tta import TTA_VIEWS, CropViews, ViewsDataset, collate_views, predict_views
+from finetune.data.crops import TTA_VIEWS, CropViews, ViewsDataset, collate_views
+from finetune.evaluation.tta import predict_views
 
 log = logging.getLogger("serve.batch_predict")
 
@@ -220,7 +222,7 @@ def predict_to_file(model_uri: str, inputs: str | Sequence[str], output: str | P
                     accelerator: str = "auto", devices: str | int = 1, strategy: str = "auto",
                     max_pixels: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Predict every input image into `output`; returns counts (total, skipped as done, predicted)."""
-    from finetune.serving import load_logged_model
+    from finetune.tracking.pyfunc import load_logged_model
 
     # Device, precision (training's), torch threads vs loader workers: one decision for this process.
     rt = runtime.configure(accelerator, devices, strategy, workers=num_workers)

@@ -7,7 +7,7 @@ training step before calling the CLI.
 import os
 
 from finetune.cli import main
-from finetune.module import Classifier
+from finetune.training.module import Classifier
 
 _training_step = Classifier.training_step
 

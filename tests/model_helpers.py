@@ -7,8 +7,9 @@ from pathlib import Path
 import timm
 import torch
 
-from finetune import registry, tracking
-from finetune.artifact import ModelSpec, save_model
+from finetune.tracking import registry
+from finetune import tracking
+from finetune.model.artifact import ModelSpec, save_model
 from tests.conftest import TINY_MODEL
 
 DATA_CONFIG = {"input_size": [3, 32, 32], "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "crop_pct": 0.875,

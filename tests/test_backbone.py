@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from finetune.backbone import create_backbone
+from finetune.model.backbone import create_backbone
 from finetune.cli import cli
 from finetune.errors import UserError
 from tests.conftest import TINY_MODEL, tiny_train_args

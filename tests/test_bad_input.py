@@ -12,9 +12,9 @@ from mlflow.tracking import MlflowClient
 from PIL import Image, ImageFile
 
 from finetune.cli import cli
-from finetune.data import iter_image_files, scan_folder
+from finetune.data.folders import iter_image_files, scan_folder
 from finetune.errors import UserError
-from finetune.images import ImageError, display_path, load_rgb
+from finetune.data.images import ImageError, display_path, load_rgb
 from tests import badfiles
 from tests.conftest import make_folder, tiny_train_args
 

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-import finetune.tta
+import finetune.data.crops
 from serve.batch_predict import list_inputs, main, predict_to_file, row_path
 from tests import badfiles
 from tests.conftest import make_folder, run_bounded
@@ -36,8 +36,8 @@ def folder_with_bad_files(tmp_path: Path) -> Path:
 def decode_counter(monkeypatch) -> list[str]:
     """Paths decoded during the test (the model's logged input example is bytes, not counted)."""
     calls: list[str] = []
-    real = finetune.tta.load_rgb
-    monkeypatch.setattr(finetune.tta, "load_rgb", lambda src, *a, **k: (isinstance(src, str) and calls.append(src)) or real(src, *a, **k))
+    real = finetune.data.crops.load_rgb
+    monkeypatch.setattr(finetune.data.crops, "load_rgb", lambda src, *a, **k: (isinstance(src, str) and calls.append(src)) or real(src, *a, **k))
     return calls
 
 

@@ -11,9 +11,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from finetune.cli import cli
-from finetune.data import scan_folder, stratified_split
-from finetune.errors import UserError
-from finetune.images import load_rgb
+from finetune.data.folders import scan_folder, stratified_split
+from finetune.data.images import load_rgb
 from tests.conftest import make_folder, tiny_train_args
 
 
@@ -137,7 +136,7 @@ def test_exif_orientation_is_honoured(tmp_path: Path):
 
 
 def test_stratified_split_keeps_singletons_in_train():
-    from finetune.data import Sample
+    from finetune.data.folders import Sample
 
     samples = [Sample("a0", 0), Sample("b0", 1), Sample("b1", 1)]
     train, val = stratified_split(samples, 0.5, 0)

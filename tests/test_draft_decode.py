@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from finetune import tta
-from finetune.augment import resize_size
-from finetune.data import FolderDataModule, scan_folder
-from finetune.images import load_rgb
+from finetune.evaluation import tta
+from finetune.data.transforms import resize_size
+from finetune.data.loaders import FolderDataModule
+from finetune.data.folders import scan_folder
+from finetune.data.images import load_rgb
 
 
 def _photo(path: Path, size=(1024, 768), fmt="JPEG") -> Path:

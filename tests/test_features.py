@@ -4,7 +4,6 @@ artifacts, and the dataset profile."""
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -13,14 +12,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from finetune.artifact import ModelSpec, load_model, save_model
-from finetune.augment import eval_transform, resize_size
-from finetune.backbone import create_backbone
-from finetune.data import scan_folder
-from finetune.features import FINAL, cached_features, feature_stages
-from finetune.heads import StageClassifier, load_linear
-from finetune.images import load_rgb
-from finetune.profile import profile_splits
+from finetune.model.artifact import ModelSpec, load_model, save_model
+from finetune.data.transforms import eval_transform, resize_size
+from finetune.model.backbone import create_backbone
+from finetune.data.folders import scan_folder
+from finetune.strategy.features import FINAL, cached_features, feature_stages
+from finetune.model.heads import StageClassifier, load_linear
+from finetune.data.images import load_rgb
+from finetune.data.profile import profile_splits
 from tests.conftest import make_folder
 
 FAMILIES = ["test_resnet", "test_efficientnet", "test_convnext", "test_vit"]
@@ -147,19 +146,16 @@ def test_profile_from_scan_info(tmp_path: Path):
 def test_cached_center_probs_match_the_network_prediction(tmp_path: Path):
     """The after-training report of a feature plan reads cached features instead of running the
     network: the probabilities must be the ones the network gives through the TTA code path."""
-    from types import SimpleNamespace
-
-    from finetune.config import TrainConfig
-    from finetune.scenarios import cached_center_probs
-    from finetune.tta import predict_sources
+    from finetune.evaluation.tta import predict_sources
+    from finetune.training.run_plan import cached_center_probs
 
     data = make_folder(tmp_path / "data", classes=("a", "b", "c"), per_class=4)
     splits = scan_folder(data)
     bb = _backbone("test_resnet", num_classes=3)
     torch.manual_seed(2)
     load_linear(bb.model.get_classifier(), torch.randn(3, bb.model.num_features), torch.randn(3))
-    cfg = TrainConfig(batch_size=4, num_workers=0)
-    probs = cached_center_probs(cfg, bb, splits, SimpleNamespace(head_stage=FINAL), bb.model)["val"]
+    val = cached_features(bb, splits.val, batch_size=4, cache_dir=tmp_path / "cache")
+    probs = cached_center_probs(val, FINAL, bb.model)["val"]
     net_probs, _ = predict_sources(bb.model.eval(), [s.path for s in splits.val], bb.data_config, "center", 4)
     np.testing.assert_allclose(probs, net_probs.numpy(), atol=1e-5)
 
@@ -169,8 +165,8 @@ def test_a_stage_head_network_leaves_the_backbone_whole(tmp_path: Path):
     cache (keyed by its weights) misses and re-extracts with a pruned model."""
     from types import SimpleNamespace
 
-    from finetune.features import weights_fingerprint
-    from finetune.scenarios import head_network
+    from finetune.strategy.features import weights_fingerprint
+    from finetune.training.run_plan import head_network
 
     bb = _backbone("test_efficientnet", num_classes=3)
     before = weights_fingerprint(bb)

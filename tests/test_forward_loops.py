@@ -12,15 +12,16 @@ import torch
 from torch import nn
 
 from finetune import runtime
-from finetune.backbone import create_backbone
-from finetune.callbacks import initial_loss
-from finetune.data import FolderDataModule, scan_folder
-from finetune.augment import eval_transform, train_transform
-from finetune.features import FINAL, cached_features
-from finetune.heads import fit_linear_head
-from finetune.optim import create_optimizer
+from finetune.model.backbone import create_backbone
+from finetune.training.callbacks import initial_loss
+from finetune.data.loaders import FolderDataModule
+from finetune.data.folders import scan_folder
+from finetune.data.transforms import eval_transform, train_transform
+from finetune.strategy.features import FINAL, cached_features
+from finetune.training.linear_probe import fit_linear_head
+from finetune.training.optim import create_optimizer
 from finetune.config import TrainConfig
-from finetune.tta import predict_sources
+from finetune.evaluation.tta import predict_sources
 from tests.conftest import make_folder
 
 
@@ -99,8 +100,8 @@ class _CountingNet(nn.Module):
 
 def test_pyfunc_model_forwards_a_large_request_in_bounded_chunks(tmp_path: Path):
     """A request of any size must not go to the GPU in one batch (it ran out of memory there)."""
-    from finetune.artifact import ModelSpec
-    from finetune.serving import ImageClassifierModel
+    from finetune.model.artifact import ModelSpec
+    from finetune.tracking.pyfunc import ImageClassifierModel
     from tests.model_helpers import DATA_CONFIG
 
     data = make_folder(tmp_path / "data", per_class=6)

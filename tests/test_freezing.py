@@ -5,7 +5,6 @@ and the layers meant to learn did."""
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -13,12 +12,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from finetune.backbone import create_backbone
+from finetune.model.backbone import create_backbone
 from finetune.config import TrainConfig
-from finetune.freezing import FreezeCallback, apply_plan, layer_groups, plan_groups
-from finetune.module import Classifier
-from finetune.optim import make_optimizer_factory
-from finetune.strategy import SCENARIO_NAMES, Thresholds, decide, load_scenario_defaults
+from finetune.training.freezing import FreezeCallback, apply_plan
+from finetune.strategy.groups import layer_groups, plan_groups
+from finetune.training.module import Classifier
+from finetune.training.optim import make_optimizer_factory
+from finetune.strategy.decide import SCENARIO_NAMES, Thresholds, decide, load_scenario_defaults
 
 FAMILIES = ["test_resnet", "test_efficientnet", "test_convnext", "test_vit"]
 DEFAULTS = {name: load_scenario_defaults(name) for name in SCENARIO_NAMES}

@@ -72,7 +72,7 @@ def test_train_each_plan_on_cuda(tmp_path: Path, weights_file: Path, scenario: s
         assert plan["train_on_features"] is False and plan["warmup_epochs"] >= 1 and "warmup" in plan
         assert not all(g["frozen"] for g in plan["groups"])  # after the warm-up the backbone learns
 
-    from finetune.artifact import load_model
+    from finetune.model.artifact import load_model
 
     net, spec = load_model(Path(summary["model_dir"]))
     assert spec.scenario == scenario
@@ -148,9 +148,9 @@ def test_pyfunc_model_runs_on_cuda(tmp_path: Path, trained: tuple[dict, Path]):
     import mlflow
     import pandas as pd
 
-    from finetune.artifact import load_model
-    from finetune.images import load_rgb
-    from finetune.tta import CropViews
+    from finetune.model.artifact import load_model
+    from finetune.data.images import load_rgb
+    from finetune.data.crops import CropViews
 
     summary, _ = trained
     model = mlflow.pyfunc.load_model(summary["model_uri"])

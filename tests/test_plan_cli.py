@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 from safetensors.torch import save_file
 
-from finetune.artifact import load_model
+from finetune.model.artifact import load_model
 from finetune.cli import cli
 from tests.conftest import TINY_MODEL, tiny_train_args
 

@@ -13,15 +13,15 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from finetune.augment import PCALighting, eval_transform, make_mixup, train_transform
-from finetune.callbacks import check_initial_loss
+from finetune.data.transforms import PCALighting, eval_transform, make_mixup, train_transform
+from finetune.training.callbacks import check_initial_loss
 from finetune.config import (AUGMENT_PRESETS, CLASS_WEIGHTS, OPTIMIZERS, SAMPLERS, SCHEDULES, TrainConfig,
                              resolve_config)
 from finetune.errors import UserError
-from finetune.module import Classifier
-from finetune.optim import create_optimizer, create_scheduler, make_optimizer_factory, split_weight_decay
-from finetune.recipe import (DEFAULT_RECIPES, DropConnectLinear, balanced_sampler_factory, class_weights,
-                             default_recipe, init_head, resolve_recipe)
+from finetune.training.module import Classifier
+from finetune.training.optim import create_optimizer, create_scheduler, make_optimizer_factory, split_weight_decay
+from finetune.training.recipe import (DEFAULT_RECIPES, DropConnectLinear, class_weights, default_recipe, init_head, resolve_recipe)
+from finetune.data.loaders import balanced_sampler_factory
 from tests.conftest import TINY_MODEL
 
 DATA_CONFIG = dict(input_size=(3, 32, 32), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear",
@@ -288,7 +288,7 @@ def test_class_weights_are_inverse_frequency():
 
 
 def test_balanced_sampler_draws_classes_equally():
-    from finetune.data import Sample
+    from finetune.data.folders import Sample
 
     samples = [Sample(f"a{i}", 0) for i in range(90)] + [Sample(f"b{i}", 1) for i in range(10)]
     torch.manual_seed(0)
@@ -301,7 +301,7 @@ def test_example_config_loads_and_documents_the_recipe():
     from pathlib import Path
 
     from finetune.config import load_yaml
-    from finetune.recipe import Recipe
+    from finetune.training.recipe import Recipe
 
     path = Path(__file__).resolve().parents[1] / "configs" / "example.yaml"
     values = load_yaml(path)
@@ -313,8 +313,8 @@ def test_example_config_loads_and_documents_the_recipe():
 
 
 def test_model_kwargs_map_to_timm_and_unsupported_ones_are_a_user_error():
-    from finetune.backbone import create_backbone
-    from finetune.recipe import model_kwargs
+    from finetune.model.backbone import create_backbone
+    from finetune.training.recipe import model_kwargs
 
     recipe = resolve_recipe(TrainConfig(dropout=0.3, drop_path=0.1), "small-similar")
     assert model_kwargs(recipe) == {"drop_rate": 0.3, "drop_path_rate": 0.1}

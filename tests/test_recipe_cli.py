@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from finetune.callbacks import DivergenceCallback, DivergenceError
+from finetune.training.callbacks import DivergenceCallback, DivergenceError
 from finetune.cli import cli
 from finetune.config import load_yaml, resolve_config
 from tests.conftest import TINY_MODEL, make_folder, tiny_train_args

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from finetune import registry
+from finetune.tracking import registry
 from tests.model_helpers import logged_model
 
 START_TIMEOUT_S = 180

@@ -154,7 +154,7 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path: Path)
 
     import numpy as np
 
-    from finetune.resume import RngState
+    from finetune.training.checkpoints import RngState
 
     torch.manual_seed(3), random.seed(3), np.random.seed(3)
     path = tmp_path / "rng.pt"

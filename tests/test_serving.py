@@ -16,10 +16,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from finetune import registry
-from finetune.artifact import load_model
+from finetune.tracking import registry
+from finetune.model.artifact import load_model
 from finetune.cli import cli
-from finetune.tta import CropViews
+from finetune.data.crops import CropViews
 from tests.conftest import make_folder, tiny_train_args
 from tests.model_helpers import logged_model
 
@@ -56,7 +56,7 @@ def test_train_register_load_by_alias_predicts_like_the_in_process_model(image_f
     predicted = model.predict(pd.DataFrame({"image": [Path(f).read_bytes() for f in files]}),
                               params={"tta": "center", "top_k": 2})
     net, spec = load_model(summary["model_dir"])
-    from finetune.images import load_rgb
+    from finetune.data.images import load_rgb
 
     with torch.no_grad():
         logits = net(torch.cat([CropViews(spec.data_config, "center")(load_rgb(f)) for f in files]))

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 
 from finetune.errors import UserError
-from finetune.similarity import bn_shift, source_confidence
-from finetune.strategy import (SCENARIO_NAMES, Thresholds, decide, load_scenario_defaults, load_thresholds,
-                               resolve_frozen_count)
+from finetune.strategy.similarity import bn_shift, source_confidence
+from finetune.strategy.decide import (SCENARIO_NAMES, Thresholds, decide, load_scenario_defaults, load_thresholds, resolve_frozen_count)
 
 T = Thresholds(large_min_images=1000, large_min_per_class=100, similar_min_score=0.6)
 DEFAULTS = {name: load_scenario_defaults(name) for name in SCENARIO_NAMES}

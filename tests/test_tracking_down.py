@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from finetune.cli import cli
-from finetune.module import Classifier
+from finetune.training.module import Classifier
 from tests.conftest import tiny_train_args
 
 

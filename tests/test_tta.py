@@ -8,9 +8,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from finetune.augment import eval_transform
+from finetune.data.transforms import eval_transform
 from finetune.errors import UserError
-from finetune.tta import CropViews, ViewsDataset, average_softmax, predict_views
+from finetune.data.crops import CropViews, ViewsDataset
+from finetune.evaluation.tta import average_softmax, predict_views
 
 # mean 0 / std 1: tensor values are the pixel values / 255, so positions can be read back exactly.
 CONFIG = {"input_size": [3, 32, 32], "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "crop_pct": 0.8,
@@ -88,7 +89,7 @@ def test_dataset_decodes_once_and_reports_bad_files(tmp_path, monkeypatch):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
     calls = []
-    from finetune import tta
+    from finetune.evaluation import tta
 
     real = tta.load_rgb
     monkeypatch.setattr(tta, "load_rgb", lambda *a, **k: calls.append(a[0]) or real(*a, **k))

@@ -17,7 +17,7 @@ import optuna
 import yaml
 
 from finetune import tracking
-from finetune.callbacks import DivergenceError
+from finetune.training.callbacks import DivergenceError
 from finetune.config import AUGMENT_PRESETS, TrainConfig
 from finetune.errors import UserError
 
@@ -36,7 +36,7 @@ def best_config(cfg: TrainConfig, params: dict[str, Any]) -> dict[str, Any]:
 def sweep(cfg: TrainConfig, trials: int, lr_range: tuple[float, float] = (1e-5, 1e-1),
           wd_range: tuple[float, float] = (1e-6, 1e-1), search_augment: bool = False) -> dict[str, Any]:
     """Run `trials` Optuna trials of `train`; return the best value, params and config path."""
-    from finetune.train import train
+    from finetune.workflows.train import train
 
     if trials < 1:
         raise UserError(f"--trials must be at least 1 (got {trials}).")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,12 +16,13 @@ import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from torch import nn
 
-from finetune import runtime, tracking
-from finetune.artifact import ModelSpec
-from finetune.data import FolderSplits, Sample, scan_folder
-from finetune.errors import UserError
-from finetune.images import ImageError, load_rgb
-from finetune.tta import TTA_VIEWS, is_multi_crop, predict_sources
+from finetune import runtime
+from finetune import tracking
+from finetune.model.artifact import ModelSpec
+from finetune.data.folders import FolderSplits, Sample
+from finetune.data.images import ImageError, load_rgb
+from finetune.data.crops import TTA_VIEWS, is_multi_crop
+from finetune.evaluation.tta import predict_sources
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +137,9 @@ def metric_names(split: str, mode: str) -> tuple[str, str]:
 
 
 def evaluate_splits(net: nn.Module, spec: ModelSpec, splits: dict[str, Sequence[Sample]], mode: str,
-                    output: Path, run_id: str | None, exclude: Sequence[str] = (),
+                    output: Path, exclude: Sequence[str] = (),
                     precomputed: dict[str, np.ndarray] | None = None, **kwargs: Any) -> dict[str, float]:
-    """Evaluate each named split; log metrics (but `exclude`) and artifacts to `run_id`; return the metrics."""
+    """Evaluate each named split (report files under OUTPUT/evaluation/<split>/); return the metrics but `exclude`."""
     metrics: dict[str, float] = {}
     for name, samples in splits.items():
         if not samples:
@@ -150,69 +150,22 @@ def evaluate_splits(net: nn.Module, spec: ModelSpec, splits: dict[str, Sequence[
         metrics[top1], metrics[top5] = result["top1"], result["top5"]
         log.info("%s: top-1 %.4f top-5 %.4f (tta %s, %d images)", name, result["top1"], result["top5"], mode,
                  result["images"])
-    metrics = {k: v for k, v in metrics.items() if k not in exclude}
-    if run_id:
-        log_evaluation(run_id, output, metrics)
-    return metrics
+    return {k: v for k, v in metrics.items() if k not in exclude}
 
 
-def log_evaluation(run_id: str, output: Path, metrics: dict[str, float]) -> None:
-    """Send the report files (OUTPUT/evaluation/<split>/) and metrics of `evaluate_splits` to a run."""
-    reports = Path(output) / "evaluation"
-    for folder in sorted(p for p in reports.iterdir() if p.is_dir()) if reports.is_dir() else []:
-        tracking.log_artifact(run_id, folder, f"evaluation/{folder.name}")
-    c = tracking.client()
-    for key, value in metrics.items():
-        if not math.isnan(value):
-            c.log_metric(run_id, key, value)
-
-
-def after_training(net: nn.Module, spec: ModelSpec, splits: FolderSplits, cfg: Any, run_id: str | None,
-                   output: Path, rt: runtime.Runtime, center_probs: dict[str, np.ndarray] | None = None
-                   ) -> dict[str, float]:
+def after_training(net: nn.Module, spec: ModelSpec, splits: FolderSplits, cfg: Any, output: Path,
+                   rt: runtime.Runtime, center_probs: dict[str, np.ndarray] | None = None) -> dict[str, float]:
     """The report of a finished training run on val (and test); `val_acc_tta` when TTA is multi-crop.
 
     The Lightning validation already measured the plain centre-crop accuracy (`val_acc`); this adds
     the TTA numbers and the report files, and never overwrites `val_acc`. `center_probs` (split ->
     probabilities from cached centre-crop features) spares a network pass when the mode is centre.
-    With `run_id` None nothing is sent to MLflow (the caller sends it with `log_evaluation`).
+    Nothing is sent to MLflow here (the caller sends the report with the run's other results).
     """
     mode = cfg.tta if cfg.tta != "none" else "center"
     return evaluate_splits(
-        net, spec, {"val": splits.val, "test": splits.test}, mode, Path(output), run_id,
+        net, spec, {"val": splits.val, "test": splits.test}, mode, Path(output),
         exclude=("val_acc", "val_acc_top5"), precomputed=center_probs if mode == "center" else None,
         batch_size=cfg.batch_size, max_pixels=cfg.max_image_pixels, rt=rt)
 
 
-def evaluate_model(model_uri: str, data_dir: str, tta: str | None = None, batch_size: int = 32,
-                   num_workers: int | None = None, experiment: str = "finetune-evaluate",
-                   output: str | None = None, max_pixels: int | None = None) -> dict[str, Any]:
-    """`finetune evaluate`: a logged/registered model on a folder, as a new MLflow run."""
-    from finetune.serving import load_logged_model
-
-    rt = runtime.configure(workers=num_workers)  # device, precision, torch threads vs loader workers
-    model = load_logged_model(model_uri)
-    spec: ModelSpec = model.spec
-    mode = tta or model.default_tta
-    splits = scan_folder(data_dir, max_pixels=max_pixels or model.max_pixels)
-    unknown = sorted(set(splits.classes) - set(spec.class_names))
-    if unknown:
-        raise UserError(f"Class folder(s) {unknown} in {data_dir} are not classes of the model "
-                        f"({', '.join(spec.class_names)}). Remove them or evaluate a matching model.")
-    label_map = [spec.class_names.index(c) for c in splits.classes]
-    parts = ({"val": splits.val, "test": splits.test} if splits.layout == "split-folders"
-             else {"all": splits.train + splits.val})
-    out = Path(output or Path("outputs") / f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}")
-    run = tracking.client().create_run(tracking.ensure_experiment(experiment),
-                                       run_name=f"evaluate-{Path(data_dir).resolve().name}",
-                                       tags={"model_uri": model_uri, "data_dir": str(Path(data_dir).resolve())})
-    run_id = run.info.run_id
-    tracking.log_params(run_id, {"model_uri": model_uri, "data_dir": str(data_dir), "tta": mode})
-    metrics = evaluate_splits(model.net, spec, parts, mode, out, run_id, batch_size=batch_size,
-                              max_pixels=max_pixels or model.max_pixels, rt=rt, label_map=label_map)
-    summary = {"model_uri": model_uri, "data_dir": str(data_dir), "tta": mode, "metrics": metrics,
-               "mlflow_run_id": run_id, "output": str(out.resolve())}
-    tracking.write_json(out / "evaluation.json", summary)
-    tracking.log_artifact(run_id, out / "evaluation.json")
-    tracking.client().set_terminated(run_id, "FINISHED")
-    return summary

@@ -19,13 +19,11 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
-import pytorch_lightning as pl
-from torch.utils.data import DataLoader, Dataset, default_collate
 
 from finetune.errors import UserError
-from finetune.images import IMAGE_EXTENSIONS, ImageError, ImageInfo, display_path, load_rgb, probe_image
+from finetune.data.images import IMAGE_EXTENSIONS, ImageError, ImageInfo, display_path, probe_image
 
 log = logging.getLogger(__name__)
 
@@ -212,77 +210,3 @@ def scan_folder(root: str | Path, val_fraction: float = 0.2, seed: int = 0,
     return result
 
 
-class ImageListDataset(Dataset):
-    """(path, label) samples decoded with `load_rgb` and passed through a transform.
-
-    A file that fails to decode at run time (changed since the scan) yields None; `skip_none_collate`
-    drops it from the batch, so the epoch goes on.
-    """
-
-    def __init__(self, samples: Sequence[Sample], transform: Callable | None, max_pixels: int | None = None,
-                 draft_size: tuple[int, int] | None = None):
-        self.samples = list(samples)
-        self.transform = transform
-        self.max_pixels = max_pixels
-        self.draft_size = draft_size
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int):
-        sample = self.samples[index]
-        try:
-            img = load_rgb(sample.path, self.max_pixels, self.draft_size)
-        except (ImageError, OSError) as e:
-            log.warning("Skipping %s: %s", display_path(sample.path), e)
-            return None
-        x = self.transform(img) if self.transform is not None else img
-        return x, sample.label
-
-
-def skip_none_collate(batch):
-    batch = [b for b in batch if b is not None]
-    if not batch:
-        return None
-    return default_collate(batch)
-
-
-class FolderDataModule(pl.LightningDataModule):
-    def __init__(self, splits: FolderSplits, train_transform: Callable, eval_transform: Callable,
-                 batch_size: int = 32, num_workers: int = 0, max_pixels: int | None = None,
-                 draft_size: tuple[int, int] | None = None, sampler_factory: Callable | None = None,
-                 pin_memory: bool = False):
-        super().__init__()
-        self.splits = splits
-        self.train_transform = train_transform
-        self.eval_transform = eval_transform
-        self.batch_size = batch_size
-        self.num_workers = num_workers  # from finetune.runtime, like pin_memory
-        self.pin_memory = pin_memory
-        self.max_pixels = max_pixels
-        self.draft_size = draft_size
-        self.sampler_factory = sampler_factory
-
-    def _loader(self, samples: Sequence[Sample], transform: Callable, train: bool) -> DataLoader:
-        ds = ImageListDataset(samples, transform, self.max_pixels, self.draft_size)
-        sampler = self.sampler_factory(ds.samples) if (train and self.sampler_factory) else None
-        return DataLoader(
-            ds,
-            batch_size=self.batch_size,
-            shuffle=train and sampler is None,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            collate_fn=skip_none_collate,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-            drop_last=train and len(ds) > self.batch_size,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.splits.train, self.train_transform, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.splits.val, self.eval_transform, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.splits.test, self.eval_transform, train=False)

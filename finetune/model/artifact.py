@@ -31,7 +31,7 @@ class ModelSpec:
     scenario: str = ""
     default_tta: str = "center"
     # None: the timm model with its own classifier. An int i: the model cut after feature_info
-    # stage i, pooled, and a linear head (finetune.heads.StageClassifier; small-different plans).
+    # stage i, pooled, and a linear head (finetune.model.heads.StageClassifier; small-different plans).
     head_stage: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -46,7 +46,7 @@ def build_network(spec: ModelSpec) -> nn.Module:
     model = timm.create_model(spec.architecture, pretrained=False, num_classes=spec.num_classes,
                               **spec.create_kwargs)
     if spec.head_stage is not None:
-        from finetune.heads import StageClassifier
+        from finetune.model.heads import StageClassifier
 
         return StageClassifier(model, spec.head_stage, spec.num_classes)
     return model

@@ -1,9 +1,9 @@
 """The MLflow pyfunc model: image bytes (or allowed paths) in, label + probabilities out.
 
-Logged as *models-from-code* (`finetune/mlflow_model.py` is the model's code), so nothing live is
+Logged as *models-from-code* (`finetune/tracking/model_code.py` is the model's code), so nothing live is
 pickled: the model carries `model.safetensors` + `model.json` (architecture, data config, class
 names) as artifacts, and its `model_config` carries the default TTA mode, the plan and the pixel
-limit. `load_context` rebuilds the network through `finetune.artifact.load_model`.
+limit. `load_context` rebuilds the network through `finetune.model.artifact.load_model`.
 
 Load-time settings (`mlflow.pyfunc.load_model(uri, model_config={...})`, or environment variables
 for `mlflow models serve`):
@@ -31,9 +31,10 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
 from finetune import runtime
-from finetune.artifact import load_model
-from finetune.images import DEFAULT_MAX_PIXELS
-from finetune.tta import TTA_VIEWS, CropViews, ViewsDataset, predict_views
+from finetune.model.artifact import load_model
+from finetune.data.images import DEFAULT_MAX_PIXELS
+from finetune.data.crops import TTA_VIEWS, CropViews, ViewsDataset
+from finetune.evaluation.tta import predict_views
 
 log = logging.getLogger(__name__)
 
@@ -186,4 +187,4 @@ def example_image_bytes(size: int = 8) -> bytes:
     return buf.getvalue()
 
 
-MODEL_CODE = str(Path(__file__).with_name("mlflow_model.py"))
+MODEL_CODE = str(Path(__file__).with_name("model_code.py"))

@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from finetune.data import FolderSplits, Sample
+from finetune.data.folders import FolderSplits, Sample
 
 # Pillow modes without colour. A palette ("P") image may or may not hold colour; it counts as colour.
 GRAYSCALE_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}

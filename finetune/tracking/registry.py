@@ -25,9 +25,8 @@ from packaging.version import Version
 
 from finetune import tracking
 from finetune.errors import UserError
-from finetune.images import DEFAULT_MAX_PIXELS
-from finetune.serving import (DEFAULT_TOP_K, MODEL_CODE, MODEL_DIR_ARTIFACT, example_image_bytes,
-                              format_predictions)
+from finetune.data.images import DEFAULT_MAX_PIXELS
+from finetune.tracking.pyfunc import (DEFAULT_TOP_K, MODEL_CODE, MODEL_DIR_ARTIFACT, example_image_bytes, format_predictions)
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from finetune.features import FINAL, FeatureSet
+from finetune.strategy.features import FINAL, FeatureSet
 
 log = logging.getLogger(__name__)
 

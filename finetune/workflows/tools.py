@@ -1,7 +1,7 @@
 """Babysitting the learning process: `finetune sanity` and `finetune lr-find`.
 
 The lecture notes' checklist before a long run: the initial loss is ln(C) for a fresh head (checked
-by `train` itself, see `finetune.callbacks.check_initial_loss`); the model can overfit a tiny subset
+by `train` itself, see `finetune.training.callbacks.check_initial_loss`); the model can overfit a tiny subset
 with regularization off (`sanity`); and a learning rate where the loss falls fastest (`lr-find`,
 Lightning's learning-rate range test). Both train the whole network (the full fine-tune path).
 """
@@ -17,17 +17,19 @@ from typing import Any
 
 import pytorch_lightning as pl
 
-from finetune import runtime, tracking
-from finetune.augment import eval_transform, resize_size, train_transform
-from finetune.backbone import Backbone, create_backbone
-from finetune.callbacks import initial_loss
+from finetune import runtime
+from finetune import tracking
+from finetune.data.transforms import eval_transform, resize_size, train_transform
+from finetune.model.backbone import Backbone, create_backbone
+from finetune.training.callbacks import initial_loss
 from finetune.config import TrainConfig
-from finetune.data import FolderDataModule, FolderSplits, Sample, scan_folder
+from finetune.data.loaders import FolderDataModule
+from finetune.data.folders import FolderSplits, Sample, scan_folder
 from finetune.errors import UserError
-from finetune.module import Classifier
-from finetune.optim import make_optimizer_factory
-from finetune.recipe import init_head, model_kwargs, resolve_recipe
-from finetune.train import recipe_scenario
+from finetune.training.module import Classifier
+from finetune.training.optim import make_optimizer_factory
+from finetune.training.recipe import init_head, model_kwargs, resolve_recipe
+from finetune.workflows.train import recipe_scenario
 
 log = logging.getLogger(__name__)
 

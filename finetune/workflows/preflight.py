@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import warnings
 
-from finetune import distributed, tracking
-from finetune.backbone import check_model_name
+from finetune.training import distributed
+from finetune import tracking
+from finetune.model.backbone import check_model_name
 from finetune.config import TrainConfig
 from finetune.errors import UserError
 

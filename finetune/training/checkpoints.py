@@ -14,14 +14,12 @@ the state of every callback that implements `state_dict` (EMA, unfreezing, ...).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pickle
 import random
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,36 +29,20 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from finetune import tracking
-from finetune.config import TrainConfig, resolve_config
+from finetune.config import TrainConfig
 from finetune.errors import UserError
 
 log = logging.getLogger(__name__)
 
-OUTPUT_TAG = "finetune.output"
-DATA_TAG = "finetune.data_dir"
 LAST_CHECKPOINT = "last.ckpt"
 # Two SIGINTs closer than this are one Ctrl+C (a launcher forwarding it); a later one aborts.
 SAME_CTRL_C_S = 1.0
-# Options that may change when a run is resumed; anything else would make it a different run.
-RESUMABLE_OVERRIDES = ("epochs", "num_workers", "accelerator", "devices", "num_nodes", "strategy", "precision",
-                       "register")
 
 
 class Interrupted(UserError):
     """Training stopped by a signal after saving a checkpoint; the message says how to resume."""
 
     exit_code = 130
-
-
-@dataclass(frozen=True)
-class ResumePoint:
-    run_id: str
-    output: Path
-    checkpoint: Path
-    epochs_done: int
-    config: dict[str, Any]
-    finished: bool = False
 
 
 def checkpoint_dir(output: str | Path) -> Path:
@@ -85,81 +67,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except (OSError, RuntimeError, EOFError, ValueError) as e:
         raise UserError(f"Cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
                         "It may be truncated; delete it to resume from an earlier one, or start afresh.") from None
-
-
-def locate(resume: str, experiment: str) -> ResumePoint:
-    """The run to resume: an MLflow run id, or `last` (the newest run of `experiment`)."""
-    c = tracking.client()
-    if resume == "last":
-        exp = c.get_experiment_by_name(experiment)
-        runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`{OUTPUT_TAG}` != ''",
-                             order_by=["attributes.start_time DESC"], max_results=1) if exp else []
-        if not runs:
-            raise UserError(f"No finetune run to resume in MLflow experiment {experiment!r} at "
-                            f"{tracking.tracking_uri()}. Pass --experiment or a run id to --resume.")
-        run = runs[0]
-    else:
-        try:
-            run = c.get_run(resume)
-        except Exception:
-            raise UserError(f"No MLflow run {resume!r} at {tracking.tracking_uri()}. Use a run id printed by "
-                            "`finetune train`, or --resume last.") from None
-    run_id = run.info.run_id
-    output = run.data.tags.get(OUTPUT_TAG)
-    if not output:
-        raise UserError(f"MLflow run {run_id} was not made by `finetune train` (no {OUTPUT_TAG} tag): "
-                        "nothing to resume.")
-    ckpt = checkpoint_dir(output) / LAST_CHECKPOINT
-    if not ckpt.is_file():
-        raise UserError(f"Run {run_id} has no checkpoint at {ckpt}: it stopped before finishing its first "
-                        "epoch (or the folder moved). Start a new run instead.")
-    config_file = Path(output) / "config.json"
-    if not config_file.is_file():
-        raise UserError(f"Run {run_id} has no saved configuration at {config_file}; cannot resume it.")
-    checkpoint = load_checkpoint(ckpt)
-    return ResumePoint(run_id, Path(output), ckpt, int(checkpoint.get("epoch", -1)) + 1,
-                       json.loads(config_file.read_text()), finished=run.info.status == "FINISHED")
-
-
-def resume_config(point: ResumePoint, data_dir: str, cli_values: dict[str, Any]) -> TrainConfig:
-    """The saved configuration of the run, with the few options that may change on resume."""
-    saved = dict(point.config)
-    if Path(data_dir).resolve() != Path(saved["data_dir"]).resolve():
-        raise UserError(f"Run {point.run_id} trained on {saved['data_dir']}, not {data_dir}; resume it with the "
-                        "same data folder.")
-    given = {k: v for k, v in cli_values.items() if v is not None}
-    changed = sorted(k for k, v in given.items()
-                     if k not in RESUMABLE_OVERRIDES and k != "extra" and saved.get(k) != v)
-    if changed:
-        raise UserError(f"Cannot change {', '.join(changed)} when resuming run {point.run_id} (only "
-                        f"{', '.join(RESUMABLE_OVERRIDES)} may change). Start a new run instead.")
-    cfg = resolve_config({}, {**saved, **{k: given[k] for k in RESUMABLE_OVERRIDES if k in given}})
-    if cfg.epochs < point.epochs_done or (point.finished and cfg.epochs == point.epochs_done):
-        raise UserError(f"Run {point.run_id} already trained {point.epochs_done} epoch(s)"
-                        f"{' and finished' if point.finished else ''}; pass --epochs larger than "
-                        f"{point.epochs_done} to train further.")
-    return cfg
-
-
-class EpochShuffle(torch.utils.data.Sampler):
-    """Shuffles with a generator seeded by (seed, epoch) instead of the global RNG, so the order of an
-    epoch does not depend on when Lightning creates the loader's iterator (which differs on resume).
-    Lightning calls `set_epoch` before each epoch, as for DistributedSampler."""
-
-    def __init__(self, samples, seed: int):
-        self.n = len(samples)
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
 
 
 def _numpy_state() -> dict[str, Any]:

@@ -42,16 +42,16 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from finetune import runtime
-from finetune.augment import eval_transform, resize_size, train_transform
-from finetune.backbone import Backbone
-from finetune.data import Sample
-from finetune.images import ImageError, display_path, load_rgb
+from finetune.data.transforms import eval_transform, resize_size, train_transform
+from finetune.model.backbone import Backbone
+from finetune.data.folders import Sample
+from finetune.strategy.decide import FINAL
+from finetune.data.images import ImageError, display_path, load_rgb
 
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "FINETUNE_CACHE_DIR"
 FORMAT_VERSION = 1
-FINAL = "final"
 
 
 @dataclass(frozen=True)

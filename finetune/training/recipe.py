@@ -3,8 +3,8 @@
 A recipe is what the lecture notes on training neural networks recommend for one of the four
 scenarios (augmentation, mixup, label smoothing, schedule, regularization, weight averaging). Every
 field can be overridden from the CLI or the YAML config; `None` in the config means "use the default".
-Optimizers and schedules are built in `finetune.optim`, augmentation in `finetune.augment`, the
-callbacks (EMA, divergence, train/val gap) in `finetune.callbacks`.
+Optimizers and schedules are built in `finetune.training.optim`, augmentation in `finetune.data.transforms`, the
+callbacks (EMA, divergence, train/val gap) in `finetune.training.callbacks`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
-from torch.utils.data import WeightedRandomSampler
 
 from finetune.config import SCENARIOS, TrainConfig
 from finetune.errors import UserError
@@ -152,13 +151,3 @@ def class_weights(labels: Sequence[int], num_classes: int) -> torch.Tensor:
     return full
 
 
-def balanced_sampler_factory(num_classes: int):
-    """A `FolderDataModule(sampler_factory=...)`: each class drawn equally often (with replacement)."""
-
-    def factory(samples) -> WeightedRandomSampler:
-        labels = [s.label for s in samples]
-        counts = torch.bincount(torch.tensor(labels), minlength=num_classes).float()
-        weights = (1.0 / counts.clamp(min=1))[labels]
-        return WeightedRandomSampler(weights.double(), num_samples=len(labels), replacement=True)
-
-    return factory

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -17,6 +16,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from finetune.errors import UserError
+from finetune.files import write_json
 
 
 def mlruns_dir() -> Path:
@@ -91,18 +91,6 @@ def log_artifact(run_id: str, path: str | Path, artifact_path: str | None = None
         client().log_artifacts(run_id, str(path), artifact_path)
     else:
         client().log_artifact(run_id, str(path), artifact_path)
-
-
-def write_json(path: str | Path, data: Any) -> Path:
-    """Write JSON atomically (temp file + rename), so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
 
 
 # --- Reliability: fail fast when the store is unreachable, keep working when it goes away mid-run ---

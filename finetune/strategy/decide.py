@@ -10,7 +10,7 @@
 Pure functions of plain numbers: no torch, no model. The thresholds come from
 `configs/strategy.yaml` and each scenario's defaults from `configs/<scenario>.yaml`; both are read
 here, with unknown keys an error. Which concrete parameter groups a plan freezes is resolved
-against the model's own timm `group_matcher` by `finetune.freezing`.
+against the model's own timm `group_matcher` by `finetune.strategy.groups`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ BN_POLICIES = {
             "the head was warmed up on; BatchNorm weights learn where their group learns)",
     "train": "plain BatchNorm where layers learn (random init: no statistics to keep)",
 }
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 FINAL = "final"
 
 

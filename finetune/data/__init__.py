@@ -1,0 +1,1 @@
+"""The images: scanning folders, decoding, splits, loaders, transforms and test-time crops."""

@@ -1,0 +1,1 @@
+"""Read val and test once: TTA predictions and the report."""

@@ -1,0 +1,1 @@
+"""The network: timm backbones, heads on earlier stages, the saved model artifact."""

@@ -1,0 +1,78 @@
+"""`finetune plan`: the measured decision as a readable report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from finetune.config import TrainConfig
+from finetune.strategy.decide import BN_POLICIES
+from finetune.strategy.groups import layer_groups
+from finetune.strategy.measure import Decision, measure_and_decide
+
+
+def group_table(model: nn.Module) -> list[dict[str, Any]]:
+    """The model's layer groups (index, name, parameter count), as `finetune plan` lists them."""
+    params = dict(model.named_parameters())
+    return [{"index": g.index, "name": g.name, "params": sum(params[n].numel() for n in g.param_names),
+             "head": g.is_head} for g in layer_groups(model)]
+
+
+def plan_folder(cfg: TrainConfig) -> tuple[Decision, list[dict[str, Any]]]:
+    """Scan the folder, build the backbone, measure and decide: what `finetune plan` shows."""
+    import pytorch_lightning as pl
+
+    from finetune.data.folders import scan_folder
+    from finetune.model.backbone import create_backbone
+
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    splits = scan_folder(cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_image_pixels)
+    backbone = create_backbone(cfg.model, cfg.weights, len(splits.classes), cfg.image_size, keep_source_head=True)
+    decision = measure_and_decide(cfg, splits, backbone)
+    return decision, group_table(backbone.model)
+
+
+def describe(decision: Decision, groups: list[dict[str, Any]]) -> str:
+    """The decision as a readable report: profile, similarity, scenario, plan, layer groups."""
+    p, s, plan = decision.profile, decision.similarity, decision.plan
+    lines = ["Dataset profile",
+             f"  images       train {p.n_train}, val {p.n_val}, test {p.n_test}, skipped {p.n_skipped}",
+             f"  classes      {p.n_classes}; per class min {p.per_class_min}, median {p.per_class_median:g}, "
+             f"max {p.per_class_max} (imbalance {p.imbalance_ratio:g}x)",
+             f"  images look  {p.grayscale_share:.0%} grayscale, median size {p.median_width}x{p.median_height}",
+             "",
+             f"Domain similarity  {s.score:.3f}  (probe on {decision.probe_images} training images)"]
+    for name, value in s.components.items():
+        weight = s.weights.get(name, 0.0)
+        lines.append(f"  {name:<18} {value:.3f}   weight {weight:g}")
+    lines.append(f"  {'stage':<10} {'module':<28} {'channels':>8}  {'probe acc':>9}  {'normalised':>10}")
+    for pr in s.probes:
+        mark = "  <- best" if pr.key == s.best_stage else ""
+        lines.append(f"  {pr.key:<10} {pr.module:<28} {pr.channels:>8}  {pr.balanced_accuracy:>9.3f}  "
+                     f"{pr.normalized:>10.3f}{mark}")
+    for k, v in s.details.items():
+        if k.startswith(("source", "bn")):
+            lines.append(f"  {k:<18} {v:.3f}")
+    lines += ["", f"Scenario  {plan.scenario}  ({plan.source})"]
+    lines += [f"  - {r}" for r in plan.reasons]
+    lines += ["", "Plan",
+              f"  head on        {plan.head_stage}" + ("  (cached features)" if plan.train_on_features else ""),
+              f"  epochs         {plan.epochs}" + (f" after {plan.warmup_epochs} head warm-up epochs on cached features"
+                                                   if plan.warmup_epochs else ""),
+              f"  BatchNorm      {BN_POLICIES[plan.bn_policy]}"]
+    if plan.train_on_features:
+        lines.append(f"  weight decay   chosen on val from {plan.weight_decay_grid}")
+        if plan.aug_views:
+            lines.append(f"  aug views      {plan.aug_views} per image ({plan.augment})")
+    lines += ["", "Layer groups (timm group_matcher; --freeze-groups N freezes the first N)",
+              f"  {'#':>3}  {'group':<34} {'params':>10}  {'state':<8} {'lr':>9}"]
+    settings = {g.index: g for g in decision.groups}
+    for g in groups:
+        st = settings.get(g["index"])
+        if st is None:
+            continue
+        state = "frozen" if st.frozen else "learns"
+        lr = "" if st.frozen else f"{st.lr:.2e}"
+        lines.append(f"  {g['index']:>3}  {g['name'][:34]:<34} {g['params']:>10,}  {state:<8} {lr:>9}")
+    return "\n".join(lines)

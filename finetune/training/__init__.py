@@ -1,0 +1,1 @@
+"""Execute a plan: recipe, optimizers, the LightningModule, callbacks, checkpoints, DDP."""

@@ -1,0 +1,1 @@
+"""The commands' pipelines: train, evaluate, resume, the babysitting tools, sweep."""

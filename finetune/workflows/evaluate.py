@@ -1,0 +1,60 @@
+"""`finetune evaluate MODEL_URI DATA_DIR`: a logged or registered model on a folder, as an MLflow run."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+import time
+from typing import Any
+
+from finetune import runtime, tracking
+from finetune.data.folders import scan_folder
+from finetune.errors import UserError
+from finetune.evaluation.evaluate import evaluate_splits
+from finetune.model.artifact import ModelSpec
+
+
+def log_evaluation(run_id: str, output: Path, metrics: dict[str, float]) -> None:
+    """Send the report files (OUTPUT/evaluation/<split>/) and metrics of `evaluate_splits` to a run."""
+    reports = Path(output) / "evaluation"
+    for folder in sorted(p for p in reports.iterdir() if p.is_dir()) if reports.is_dir() else []:
+        tracking.log_artifact(run_id, folder, f"evaluation/{folder.name}")
+    c = tracking.client()
+    for key, value in metrics.items():
+        if not math.isnan(value):
+            c.log_metric(run_id, key, value)
+
+
+def evaluate_model(model_uri: str, data_dir: str, tta: str | None = None, batch_size: int = 32,
+                   num_workers: int | None = None, experiment: str = "finetune-evaluate",
+                   output: str | None = None, max_pixels: int | None = None) -> dict[str, Any]:
+    """`finetune evaluate`: a logged/registered model on a folder, as a new MLflow run."""
+    from finetune.tracking.pyfunc import load_logged_model
+
+    rt = runtime.configure(workers=num_workers)  # device, precision, torch threads vs loader workers
+    model = load_logged_model(model_uri)
+    spec: ModelSpec = model.spec
+    mode = tta or model.default_tta
+    splits = scan_folder(data_dir, max_pixels=max_pixels or model.max_pixels)
+    unknown = sorted(set(splits.classes) - set(spec.class_names))
+    if unknown:
+        raise UserError(f"Class folder(s) {unknown} in {data_dir} are not classes of the model "
+                        f"({', '.join(spec.class_names)}). Remove them or evaluate a matching model.")
+    label_map = [spec.class_names.index(c) for c in splits.classes]
+    parts = ({"val": splits.val, "test": splits.test} if splits.layout == "split-folders"
+             else {"all": splits.train + splits.val})
+    out = Path(output or Path("outputs") / f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}")
+    run = tracking.client().create_run(tracking.ensure_experiment(experiment),
+                                       run_name=f"evaluate-{Path(data_dir).resolve().name}",
+                                       tags={"model_uri": model_uri, "data_dir": str(Path(data_dir).resolve())})
+    run_id = run.info.run_id
+    tracking.log_params(run_id, {"model_uri": model_uri, "data_dir": str(data_dir), "tta": mode})
+    metrics = evaluate_splits(model.net, spec, parts, mode, out, batch_size=batch_size,
+                              max_pixels=max_pixels or model.max_pixels, rt=rt, label_map=label_map)
+    log_evaluation(run_id, out, metrics)
+    summary = {"model_uri": model_uri, "data_dir": str(data_dir), "tta": mode, "metrics": metrics,
+               "mlflow_run_id": run_id, "output": str(out.resolve())}
+    tracking.write_json(out / "evaluation.json", summary)
+    tracking.log_artifact(run_id, out / "evaluation.json")
+    tracking.client().set_terminated(run_id, "FINISHED")
+    return summary

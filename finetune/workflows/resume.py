@@ -1,0 +1,87 @@
+"""`finetune train --resume RUN_ID|last`: find a run's output folder, checkpoint and saved config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import json
+from pathlib import Path
+from typing import Any
+
+from finetune import tracking
+from finetune.config import TrainConfig, resolve_config
+from finetune.errors import UserError
+from finetune.training.checkpoints import LAST_CHECKPOINT, checkpoint_dir, load_checkpoint
+
+OUTPUT_TAG = "finetune.output"
+
+
+DATA_TAG = "finetune.data_dir"
+
+
+# Options that may change when a run is resumed; anything else would make it a different run.
+RESUMABLE_OVERRIDES = ("epochs", "num_workers", "accelerator", "devices", "num_nodes", "strategy", "precision",
+                       "register")
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    run_id: str
+    output: Path
+    checkpoint: Path
+    epochs_done: int
+    config: dict[str, Any]
+    finished: bool = False
+
+
+def locate(resume: str, experiment: str) -> ResumePoint:
+    """The run to resume: an MLflow run id, or `last` (the newest run of `experiment`)."""
+    c = tracking.client()
+    if resume == "last":
+        exp = c.get_experiment_by_name(experiment)
+        runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`{OUTPUT_TAG}` != ''",
+                             order_by=["attributes.start_time DESC"], max_results=1) if exp else []
+        if not runs:
+            raise UserError(f"No finetune run to resume in MLflow experiment {experiment!r} at "
+                            f"{tracking.tracking_uri()}. Pass --experiment or a run id to --resume.")
+        run = runs[0]
+    else:
+        try:
+            run = c.get_run(resume)
+        except Exception:
+            raise UserError(f"No MLflow run {resume!r} at {tracking.tracking_uri()}. Use a run id printed by "
+                            "`finetune train`, or --resume last.") from None
+    run_id = run.info.run_id
+    output = run.data.tags.get(OUTPUT_TAG)
+    if not output:
+        raise UserError(f"MLflow run {run_id} was not made by `finetune train` (no {OUTPUT_TAG} tag): "
+                        "nothing to resume.")
+    ckpt = checkpoint_dir(output) / LAST_CHECKPOINT
+    if not ckpt.is_file():
+        raise UserError(f"Run {run_id} has no checkpoint at {ckpt}: it stopped before finishing its first "
+                        "epoch (or the folder moved). Start a new run instead.")
+    config_file = Path(output) / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"Run {run_id} has no saved configuration at {config_file}; cannot resume it.")
+    checkpoint = load_checkpoint(ckpt)
+    return ResumePoint(run_id, Path(output), ckpt, int(checkpoint.get("epoch", -1)) + 1,
+                       json.loads(config_file.read_text()), finished=run.info.status == "FINISHED")
+
+
+def resume_config(point: ResumePoint, data_dir: str, cli_values: dict[str, Any]) -> TrainConfig:
+    """The saved configuration of the run, with the few options that may change on resume."""
+    saved = dict(point.config)
+    if Path(data_dir).resolve() != Path(saved["data_dir"]).resolve():
+        raise UserError(f"Run {point.run_id} trained on {saved['data_dir']}, not {data_dir}; resume it with the "
+                        "same data folder.")
+    given = {k: v for k, v in cli_values.items() if v is not None}
+    changed = sorted(k for k, v in given.items()
+                     if k not in RESUMABLE_OVERRIDES and k != "extra" and saved.get(k) != v)
+    if changed:
+        raise UserError(f"Cannot change {', '.join(changed)} when resuming run {point.run_id} (only "
+                        f"{', '.join(RESUMABLE_OVERRIDES)} may change). Start a new run instead.")
+    cfg = resolve_config({}, {**saved, **{k: given[k] for k in RESUMABLE_OVERRIDES if k in given}})
+    if cfg.epochs < point.epochs_done or (point.finished and cfg.epochs == point.epochs_done):
+        raise UserError(f"Run {point.run_id} already trained {point.epochs_done} epoch(s)"
+                        f"{' and finished' if point.finished else ''}; pass --epochs larger than "
+                        f"{point.epochs_done} to train further.")
+    return cfg

@@ -1,0 +1,249 @@
+"""`train(cfg)`: the pipeline of `finetune train`, in the order the data flows.
+
+data -> backbone -> measure and decide -> run the plan -> evaluate -> publish. The CLI only parses
+options into a TrainConfig and calls this; tests and benchmarks call it directly too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import pytorch_lightning as pl
+
+from finetune import runtime, tracking
+from finetune.config import TrainConfig
+from finetune.data.folders import FolderSplits, scan_folder
+from finetune.errors import UserError
+from finetune.evaluation import evaluate
+from finetune.model.artifact import ModelSpec, save_model
+from finetune.model.backbone import Backbone, create_backbone
+from finetune.strategy.decide import FINAL, SCENARIO_NAMES, Plan
+from finetune.strategy.measure import Decision, measure_and_decide, with_plan
+from finetune.tracking import registry
+from finetune.training import distributed
+from finetune.training.recipe import Recipe, init_head, model_kwargs, resolve_recipe
+from finetune.training.run_plan import FitResult, RunContext, run_plan
+from finetune.workflows import preflight
+from finetune.workflows.evaluate import log_evaluation
+from finetune.workflows.resume import DATA_TAG, OUTPUT_TAG, ResumePoint
+
+log = logging.getLogger(__name__)
+
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*is smaller than the logging interval.*")
+
+
+def dataset_params(splits: FolderSplits) -> dict[str, Any]:
+    return {"layout": splits.layout, **splits.counts()}
+
+
+def run_name_for(cfg: TrainConfig) -> str:
+    data_name = Path(cfg.data_dir).resolve().name
+    return cfg.run_name or f"{cfg.model.split('.')[0]}-{data_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def recipe_scenario(cfg: TrainConfig) -> str:
+    """The scenario whose default recipe applies in commands that do not measure (sanity, lr-find).
+
+    `train` measures the scenario and uses the plan's; without a measurement `auto` trains the full
+    network, which is the large-similar cell of the table, so it gets that cell's recipe.
+    """
+    return "large-similar" if cfg.scenario == "auto" else cfg.scenario
+
+
+def train(cfg: TrainConfig, tags: dict[str, str] | None = None, resume_from: ResumePoint | None = None,
+          plan_override: Callable[[Plan], Plan] | None = None) -> dict[str, Any] | None:
+    """Fine-tune and return the summary (also written to OUTPUT/summary.json).
+
+    Args:
+        cfg: the resolved config.
+        tags: extra MLflow run tags (a sweep sets ``mlflow.parentRunId`` to nest its trials).
+        resume_from: continue this run from its last checkpoint, logging into the same MLflow run.
+        plan_override: adjusts the decided plan before it runs (bench baselines, tests).
+
+    Returns:
+        The summary on global rank 0; None on the other ranks of a multi-process run.
+    """
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    started = time.time()
+    rt = _start_process(cfg)
+    splits, decision, backbone = _measure_and_decide(cfg, rt, plan_override)
+    recipe, backbone, decision = _recipe_and_network(cfg, splits, decision, backbone)
+    run_id, output = distributed.on_rank_zero(
+        lambda: _start_run(cfg, tags, resume_from, backbone, splits, decision, recipe))
+    if decision.plan.train_on_features and not distributed.is_global_zero():
+        return None  # a head on cached features is trained by one process
+    pending = tracking.PendingLog(output, run_id)
+    # Only rank 0 opens an MLflow client (opening one creates a new store's tables).
+    logger = (tracking.resilient_logger(cfg.experiment, run_id, pending) if distributed.is_global_zero()
+              else distributed.QuietLogger(run_id))
+    ctx = RunContext(run_id, output, logger, lambda status: tracking.client().set_terminated(run_id, status),
+                     resume_from.checkpoint if resume_from else None)
+    fit = run_plan(cfg, decision, recipe, backbone, splits, ctx, rt)
+    if fit is None:
+        return None  # rank 0 evaluates, writes and logs
+    spec = _model_spec(cfg, backbone, splits, decision.plan)
+    model_dir = save_model(output / "model", fit.net, spec)
+    # TTA + report, computed and written locally first; sent to MLflow below with the other results.
+    eval_metrics = evaluate.after_training(fit.net, spec, splits, cfg, output, rt, fit.center_probs)
+    summary = _summary(cfg, decision, recipe, splits, fit, eval_metrics, run_id, model_dir, output, started)
+    if resume_from is not None:
+        summary["resumed_from_epoch"] = resume_from.epochs_done
+    tracking.write_json(output / "summary.json", summary)
+    return _publish(cfg, summary, eval_metrics, pending, model_dir)
+
+
+def _start_process(cfg: TrainConfig) -> runtime.Runtime:
+    """This process's runtime, the options checked, and (DDP) every rank joined in the process group."""
+    devices = runtime.parse_devices(cfg.devices)
+    # Device (this rank's own GPU), precision, torch threads vs loader workers: decided once, used everywhere.
+    rt = runtime.configure(cfg.accelerator, devices, cfg.strategy, cfg.precision, cfg.num_workers)
+    preflight.check(cfg, devices, rt.precision)
+    # Every rank exists and is in the process group from here on, whoever launched them; the one-time
+    # work runs on rank 0 alone and the other ranks receive its results.
+    distributed.start(cfg.accelerator, devices, cfg.strategy, cfg.num_nodes, rt.precision)
+    return rt
+
+
+def _measure_and_decide(cfg: TrainConfig, rt: runtime.Runtime, plan_override: Callable[[Plan], Plan] | None
+                        ) -> tuple[FolderSplits, Decision, Backbone]:
+    """Scan, build the backbone, measure and decide: on rank 0, the other ranks get the result."""
+    backbone: Backbone | None = None
+
+    def measure() -> tuple[FolderSplits, Decision]:
+        nonlocal backbone
+        splits = scan_folder(cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_image_pixels)
+        if cfg.batch_size > len(splits.train):
+            raise UserError(f"batch_size {cfg.batch_size} is larger than the training split "
+                            f"({len(splits.train)} images). Use --batch-size {len(splits.train)} or less.")
+        # The source head is kept for the similarity measure (how sure the pretrained classifier is).
+        backbone = create_backbone(cfg.model, cfg.weights, len(splits.classes), cfg.image_size, keep_source_head=True)
+        decision = measure_and_decide(cfg, splits, backbone, rt)
+        if plan_override is not None:
+            decision = with_plan(decision, plan_override(decision.plan), backbone.model, cfg.lr)
+        log.info("Scenario %s (%s)", decision.plan.scenario, decision.plan.source)
+        return splits, decision
+
+    splits, decision = distributed.on_rank_zero(measure)
+    if backbone is None:  # another rank: the same network; DDP gives it rank 0's weights when training starts
+        backbone = create_backbone(cfg.model, cfg.weights, len(splits.classes), cfg.image_size, keep_source_head=True)
+    return splits, decision, backbone
+
+
+def _recipe_and_network(cfg: TrainConfig, splits: FolderSplits, decision: Decision, backbone: Backbone
+                        ) -> tuple[Recipe, Backbone, Decision]:
+    """The plan's recipe, and the network it trains (rebuilt with dropout / stochastic depth when asked)."""
+    plan = decision.plan
+    # From random init (no domain to measure) or for a bench baseline that is no scenario, the unmeasured
+    # default recipe applies.
+    measured_domain = plan.source == "forced" or backbone.weights_source != "none"
+    recipe = resolve_recipe(cfg, plan.scenario if plan.scenario in SCENARIO_NAMES and measured_domain
+                            else recipe_scenario(cfg))
+    if model_kwargs(recipe) and not plan.train_on_features:
+        # Dropout / stochastic depth are create-time options: rebuild the (measured) backbone with them.
+        backbone = create_backbone(cfg.model, cfg.weights, len(splits.classes), cfg.image_size,
+                                   keep_source_head=True, **model_kwargs(recipe))  # same weights: same cache
+        decision = with_plan(decision, plan, backbone.model, cfg.lr)
+    init_head(backbone.model, recipe.drop_connect)
+    return recipe, backbone, decision
+
+
+def _start_run(cfg: TrainConfig, tags: dict[str, str] | None, resume_from: ResumePoint | None, backbone: Backbone,
+               splits: FolderSplits, decision: Decision, recipe: Recipe) -> tuple[str, Path]:
+    """The output folder and the MLflow run (new, or the resumed one), made by rank 0 alone."""
+    run_name = run_name_for(cfg)
+    output = resume_from.output if resume_from is not None else Path(cfg.output or Path("outputs") / run_name)
+    output.mkdir(parents=True, exist_ok=True)
+    if resume_from is not None:
+        run_id = resume_from.run_id
+        tracking.client().update_run(run_id, status="RUNNING")
+        log.info("Resuming MLflow run %s from %s (%d epoch(s) done)", run_id, resume_from.checkpoint,
+                 resume_from.epochs_done)
+    else:
+        experiment_id = tracking.ensure_experiment(cfg.experiment)
+        run = tracking.client().create_run(experiment_id, run_name=run_name, tags={
+            **(tags or {}), OUTPUT_TAG: str(output.resolve()), DATA_TAG: str(Path(cfg.data_dir).resolve())})
+        run_id = run.info.run_id
+        log.info("MLflow run %s (experiment %r) at %s", run_id, cfg.experiment, tracking.tracking_uri())
+    _log_run_inputs(cfg, run_id, backbone, splits, output, recipe)
+    tracking.log_params(run_id, decision.params())
+    tracking.log_dict(run_id, decision.to_dict(), "plan.json")
+    return run_id, output.resolve()
+
+
+def _model_spec(cfg: TrainConfig, backbone: Backbone, splits: FolderSplits, plan: Plan) -> ModelSpec:
+    head_stage = None if plan.head_stage == FINAL else int(plan.head_stage.removeprefix("stage"))
+    return ModelSpec(architecture=backbone.model_name.split(".")[0], num_classes=len(splits.classes),
+                     class_names=splits.classes, data_config=backbone.data_config,
+                     create_kwargs=backbone.create_kwargs, weights_source=backbone.weights_source,
+                     scenario=plan.scenario, default_tta=cfg.tta, head_stage=head_stage)
+
+
+def _summary(cfg: TrainConfig, decision: Decision, recipe: Recipe, splits: FolderSplits, fit: FitResult,
+             eval_metrics: dict[str, float], run_id: str, model_dir: Path, output: Path,
+             started: float) -> dict[str, Any]:
+    plan = decision.plan
+    summary = {
+        "scenario": plan.scenario,
+        "plan": {**plan.to_dict(), "groups": [dataclasses.asdict(g) for g in decision.groups], **fit.report},
+        "profile": decision.profile.to_dict(),
+        "similarity": decision.similarity.to_dict(),
+        "recipe": recipe.to_dict(),
+        "metrics": {**fit.metrics, **eval_metrics},
+        "mlflow_run_id": run_id,
+        "mlflow_tracking_uri": tracking.tracking_uri(),
+        "experiment": cfg.experiment,
+        "classes": splits.classes,
+        "data": dataset_params(splits),
+        "skipped_files": [s.path for s in splits.skipped],
+        "model_dir": str(model_dir.resolve()),
+        "output": str(output.resolve()),
+        "wall_time_s": round(time.time() - started, 1),
+    }
+    if fit.ddp is not None:
+        summary["ddp"] = fit.ddp
+    return summary
+
+
+def _publish(cfg: TrainConfig, summary: dict[str, Any], eval_metrics: dict[str, float],
+             pending: tracking.PendingLog, model_dir: Path) -> dict[str, Any]:
+    """The report, the pyfunc model, the registry version and the final metrics to MLflow; everything a
+    user needs is on disk already, so the store going away here loses nothing (`finetune upload`)."""
+    run_id, output = summary["mlflow_run_id"], Path(summary["output"])
+    if not pending.active:
+        try:
+            log_evaluation(run_id, output, eval_metrics)
+            summary.update(registry.publish(run_id, model_dir, summary, cfg.tta, cfg.register,
+                                            cfg.max_image_pixels))
+            tracking.write_json(output / "summary.json", summary)
+        except UserError:
+            raise
+        except Exception as e:  # the store went away after training: keep going, nothing is lost locally
+            pending.failed("publish", e)
+    if pending.active:
+        log.warning("MLflow was unreachable: the pyfunc model was not logged%s. The trained model is in %s.",
+                    f" nor registered as {cfg.register!r}" if cfg.register else "", model_dir)
+    numeric = {k: v for k, v in summary["metrics"].items() if isinstance(v, (int, float))}
+    if not tracking.finish_run(run_id, output, numeric, pending):
+        summary["mlflow_pending"] = str(pending.path)
+        log.warning("MLflow was unreachable (%s): the model and summary are in %s. Once the store is back, "
+                    "send the rest with:  finetune upload %s", pending.error, output, output)
+    return summary
+
+
+def _log_run_inputs(cfg: TrainConfig, run_id: str, backbone, splits: FolderSplits, output: Path, recipe) -> None:
+    tracking.log_params(run_id, {"config": {k: v for k, v in cfg.to_dict().items() if k != "extra"},
+                                 "model": backbone.model_name, "weights_source": backbone.weights_source,
+                                 "data": dataset_params(splits), "data_config": backbone.data_config,
+                                 "recipe": recipe.to_dict()})
+    tracking.log_dict(run_id, cfg.to_dict(), "config.json")
+    tracking.log_dict(run_id, {"classes": splits.classes}, "classes.json")
+    tracking.log_dict(run_id, {"count": len(splits.skipped),
+                               "files": [{"path": s.path, "reason": s.reason} for s in splits.skipped]},
+                      "skipped_files.json")
+    tracking.write_json(output / "config.json", cfg.to_dict())
