@@ -118,39 +118,46 @@ def create_backbone(model_name: str, weights: str, num_classes: int, image_size:
         model_kwargs: extra timm create args (drop_rate, drop_path_rate, ...).
     """
     check_model_name(model_name)
-    create_kwargs: dict[str, Any] = {}
-    overlay: dict[str, Any] = {}
+    source, source_classes, create_kwargs, overlay = _weights_source(model_name, weights, num_classes)
+    pretrained = source != "none"
+    model = _create(model_name, weights, pretrained, source_classes, overlay, create_kwargs, model_kwargs)
+    source_head = _head_state(model) if keep_source_head and pretrained else None
+    if source_classes != num_classes:
+        model.reset_classifier(num_classes)
+    data_config = resolve_data_config(model, image_size)
+    return Backbone(model, model_name, create_kwargs, data_config, source, source_classes, source_head)
+
+
+def _weights_source(model_name: str, weights: str, num_classes: int
+                    ) -> tuple[str, int, dict[str, Any], dict[str, Any]]:
+    """Where the weights come from: (source, classes of their classifier, create kwargs, timm cfg overlay)."""
     if weights == "none":
-        source = "none"
-        pretrained = False
-        source_classes = num_classes
-    elif weights == "hub":
+        return "none", num_classes, {}, {}
+    if weights == "hub":
         cfg = _pretrained_cfg(model_name)
-        source = f"hub:{cfg.get('hf_hub_id') or cfg.get('url') or model_name}"
-        pretrained = True
-        source_classes = int(cfg.get("num_classes") or 0)
-    else:
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise UserError(f"Weights file not found: {path}. Pass an existing .safetensors/.pth/.bin file, "
-                            "'hub' to download timm's pretrained weights, or 'none'.")
-        sidecar = read_sidecar(path)
-        arch = sidecar.get("architecture")
-        if arch and arch != model_name.split(".", 1)[0]:
-            raise UserError(f"Weights {path} are for architecture {arch!r} (from {path.with_suffix('.json').name}), "
-                            f"but --model is {model_name!r}. Use --model {arch}.")
-        create_kwargs.update(sidecar.get("create_kwargs") or {})
-        state_dict = read_state_dict(path)
-        source_classes = _source_num_classes(state_dict, _classifier_names(model_name, create_kwargs))
-        overlay = {"file": str(path), "num_classes": source_classes}
-        overlay.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in sidecar.items()
-                        if k in SIDECAR_DATA_KEYS})
-        source = f"file:{path}"
-        pretrained = True
-        del state_dict
+        return f"hub:{cfg.get('hf_hub_id') or cfg.get('url') or model_name}", int(cfg.get("num_classes") or 0), {}, {}
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise UserError(f"Weights file not found: {path}. Pass an existing .safetensors/.pth/.bin file, "
+                        "'hub' to download timm's pretrained weights, or 'none'.")
+    sidecar = read_sidecar(path)
+    arch = sidecar.get("architecture")
+    if arch and arch != model_name.split(".", 1)[0]:
+        raise UserError(f"Weights {path} are for architecture {arch!r} (from {path.with_suffix('.json').name}), "
+                        f"but --model is {model_name!r}. Use --model {arch}.")
+    create_kwargs = dict(sidecar.get("create_kwargs") or {})
+    source_classes = _source_num_classes(read_state_dict(path), _classifier_names(model_name, create_kwargs))
+    overlay = {"file": str(path), "num_classes": source_classes,
+               **{k: (tuple(v) if isinstance(v, list) else v) for k, v in sidecar.items() if k in SIDECAR_DATA_KEYS}}
+    return f"file:{path}", source_classes, create_kwargs, overlay
+
+
+def _create(model_name: str, weights: str, pretrained: bool, num_classes: int, overlay: dict[str, Any],
+            create_kwargs: dict[str, Any], model_kwargs: dict[str, Any]) -> nn.Module:
+    """timm.create_model, with every way it can fail turned into one message that says what to do."""
     try:
-        model = timm.create_model(model_name, pretrained=pretrained, num_classes=source_classes,
-                                  pretrained_cfg_overlay=overlay or None, **create_kwargs, **model_kwargs)
+        return timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes,
+                                 pretrained_cfg_overlay=overlay or None, **create_kwargs, **model_kwargs)
     except UserError:
         raise
     except TypeError as e:  # a create argument this architecture does not take (drop_path_rate, a sidecar kwarg)
@@ -171,11 +178,6 @@ def create_backbone(model_name: str, weights: str, num_classes: int, image_size:
                 "HF_HUB_OFFLINE=1), or pass --weights PATH to a local file, or --weights none to train "
                 "from scratch.") from None
         raise
-    source_head = _head_state(model) if keep_source_head and pretrained else None
-    if source_classes != num_classes:
-        model.reset_classifier(num_classes)
-    data_config = resolve_data_config(model, image_size)
-    return Backbone(model, model_name, create_kwargs, data_config, source, source_classes, source_head)
 
 
 def _pretrained_cfg(model_name: str) -> dict[str, Any]:

@@ -156,37 +156,14 @@ def decide(profile: Mapping[str, Any], similarity: Mapping[str, Any], thresholds
         freeze_groups, backbone_lr_mult, aug_views: user overrides (None: the scenario's default).
         pretrained: False for a randomly initialised backbone: nothing to keep, so every layer learns.
     """
-    size, size_reason = classify_size(int(profile["n_train"]), float(profile["per_class_median"]), thresholds)
-    domain, domain_reason = classify_domain(float(similarity["score"]), similarity["components"], thresholds)
-    measured = f"{size}-{domain}"
-    if forced == "auto" and not pretrained:
-        scenario, source = "large-different", "measured"
-        reasons = [f"no pretrained weights (random init): there are no features to keep, so every layer "
-                   f"learns, whatever the data ({size_reason})"]
-    elif forced == "auto":
-        scenario, source = measured, "measured"
-        reasons = [size_reason, domain_reason]
-    else:
-        if forced not in SCENARIO_NAMES:
-            raise UserError(f"Invalid scenario {forced!r}. Valid values: auto, {', '.join(SCENARIO_NAMES)}.")
-        scenario, source = forced, "forced"
-        reasons = [f"scenario {forced} forced by the user (the measurements say {measured}: "
-                   f"{size_reason}; {domain_reason})"]
+    scenario, source, reasons = _choose_scenario(profile, similarity, thresholds, forced, pretrained)
     d = defaults[scenario]
     size, domain = scenario.split("-")
-
+    _check_overrides(scenario, d, freeze_groups, backbone_lr_mult, aug_views)
     head_stage = FINAL
     if d.train_on_features:
         head_stage, stage_reason = _head_stage(d.head_stage, similarity)
         reasons.append(stage_reason)
-    if freeze_groups is not None and d.train_on_features:
-        raise UserError(f"--freeze-groups applies to fine-tuning plans (large-similar, large-different); "
-                        f"{scenario} trains a linear head on frozen features. Force a large-* scenario "
-                        "with --scenario to fine-tune layers.")
-    if backbone_lr_mult is not None and backbone_lr_mult < 0:
-        raise UserError(f"backbone_lr_mult must be >= 0 (got {backbone_lr_mult}).")
-    if aug_views is not None and aug_views < 0:
-        raise UserError(f"aug_views must be >= 0 (got {aug_views}).")
     # From random init the "longer schedule" of large-different is not about domain shift: keep --epochs.
     scale = d.epochs_scale if (pretrained or forced != "auto") else 1.0
     epochs = max(1, math.ceil(base_epochs * scale))
@@ -198,26 +175,14 @@ def decide(profile: Mapping[str, Any], similarity: Mapping[str, Any], thresholds
         layer_decay, warmup = 1.0, 0
     views = d.aug_views if aug_views is None else int(aug_views)
     bn_policy = "eval" if pretrained else "train"
-
     if d.train_on_features:
         reasons.append(f"backbone frozen (BatchNorm in eval mode): a linear head trains for {epochs} epochs on "
                        "cached features, no backbone forward per epoch; weight decay chosen on the validation "
                        f"split from {list(d.weight_decay_grid)}"
                        + (f"; {views} augmented view(s) per image cached" if views else ""))
     else:
-        if freeze_groups is not None:
-            train_what = f"all but the first {freeze_groups} layer group(s) (user override)"
-        elif d.trainable_fraction >= 1:
-            train_what = "all layer groups"
-        else:
-            train_what = f"the top {d.trainable_fraction:.0%} of the layer groups"
-        warm = (f"head warm-up for {warmup} epochs on cached features with the backbone frozen, then "
-                if warmup else "")
-        reasons.append(f"{warm}fine-tune {train_what} for {epochs} epochs; backbone LR x{lr_mult:g} of the "
-                       f"head's, x{layer_decay:g} per group further down; {BN_POLICIES[bn_policy]}")
-        if scenario == "large-different" and pretrained:
-            reasons.append("different domain with enough data: the features must move, so a higher backbone LR "
-                           f"than the similar case and a longer schedule ({d.epochs_scale:g} x --epochs)")
+        reasons += _network_reasons(scenario, d, freeze_groups, epochs, lr_mult, layer_decay, warmup, bn_policy,
+                                    pretrained)
     return Plan(
         scenario=scenario, source=source, size=size, domain=domain,
         train_on_features=d.train_on_features, head_stage=head_stage,
@@ -227,6 +192,53 @@ def decide(profile: Mapping[str, Any], similarity: Mapping[str, Any], thresholds
         warmup_epochs=0 if d.train_on_features else warmup, epochs=epochs,
         weight_decay_grid=[float(w) for w in d.weight_decay_grid],
         aug_views=views if d.train_on_features else 0, augment=d.augment, reasons=reasons)
+
+
+def _choose_scenario(profile: Mapping[str, Any], similarity: Mapping[str, Any], thresholds: Thresholds,
+                     forced: str, pretrained: bool) -> tuple[str, str, list[str]]:
+    """The cell of the table: (scenario, "measured" or "forced", the reasons)."""
+    size, size_reason = classify_size(int(profile["n_train"]), float(profile["per_class_median"]), thresholds)
+    domain, domain_reason = classify_domain(float(similarity["score"]), similarity["components"], thresholds)
+    measured = f"{size}-{domain}"
+    if forced == "auto" and not pretrained:
+        return "large-different", "measured", [
+            "no pretrained weights (random init): there are no features to keep, so every layer "
+            f"learns, whatever the data ({size_reason})"]
+    if forced == "auto":
+        return measured, "measured", [size_reason, domain_reason]
+    if forced not in SCENARIO_NAMES:
+        raise UserError(f"Invalid scenario {forced!r}. Valid values: auto, {', '.join(SCENARIO_NAMES)}.")
+    return forced, "forced", [f"scenario {forced} forced by the user (the measurements say {measured}: "
+                              f"{size_reason}; {domain_reason})"]
+
+
+def _check_overrides(scenario: str, d: ScenarioDefaults, freeze_groups: int | None,
+                     backbone_lr_mult: float | None, aug_views: int | None) -> None:
+    if freeze_groups is not None and d.train_on_features:
+        raise UserError(f"--freeze-groups applies to fine-tuning plans (large-similar, large-different); "
+                        f"{scenario} trains a linear head on frozen features. Force a large-* scenario "
+                        "with --scenario to fine-tune layers.")
+    if backbone_lr_mult is not None and backbone_lr_mult < 0:
+        raise UserError(f"backbone_lr_mult must be >= 0 (got {backbone_lr_mult}).")
+    if aug_views is not None and aug_views < 0:
+        raise UserError(f"aug_views must be >= 0 (got {aug_views}).")
+
+
+def _network_reasons(scenario: str, d: ScenarioDefaults, freeze_groups: int | None, epochs: int, lr_mult: float,
+                     layer_decay: float, warmup: int, bn_policy: str, pretrained: bool) -> list[str]:
+    if freeze_groups is not None:
+        train_what = f"all but the first {freeze_groups} layer group(s) (user override)"
+    elif d.trainable_fraction >= 1:
+        train_what = "all layer groups"
+    else:
+        train_what = f"the top {d.trainable_fraction:.0%} of the layer groups"
+    warm = f"head warm-up for {warmup} epochs on cached features with the backbone frozen, then " if warmup else ""
+    reasons = [f"{warm}fine-tune {train_what} for {epochs} epochs; backbone LR x{lr_mult:g} of the "
+               f"head's, x{layer_decay:g} per group further down; {BN_POLICIES[bn_policy]}"]
+    if scenario == "large-different" and pretrained:
+        reasons.append("different domain with enough data: the features must move, so a higher backbone LR "
+                       f"than the similar case and a longer schedule ({d.epochs_scale:g} x --epochs)")
+    return reasons
 
 
 def _head_stage(rule: str, similarity: Mapping[str, Any]) -> tuple[str, str]:
