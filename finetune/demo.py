@@ -1,8 +1,8 @@
-"""`finetune demo`: what transfer learning buys, offline, on generated images, in a few minutes on 2 CPU cores.
+"""`finetune demo`: what transfer learning buys, offline, on generated images, in minutes on 2 CPU cores.
 
 To get a pretrained backbone without the network, it first pretrains a small timm model on a
-generated *source* task (six shapes, filled or outlined, on plain backgrounds, 150 images each:
-stands in for ImageNet) and saves it as a weights file with a sidecar JSON. Then it trains the same
+generated *source* task (six dark shapes on light backgrounds: filled or outlined on plain ones,
+filled on stripes; 150 images each: stands in for ImageNet) and saves it as a weights file with a sidecar JSON. Then it trains the same
 small *target* task twice with `finetune train`'s own code, same data, epochs and recipe:
 
 * fine-tuned: `--weights FILE` (the route a user takes with their own weights), scenario `auto`, so the
@@ -216,7 +216,7 @@ def export_weights(model_dir: Path, weights_path: Path) -> Path:
                "num_classes": spec["num_classes"], "label_names": spec["class_names"],
                "mean": dc["mean"], "std": dc["std"], "input_size": dc["input_size"], "crop_pct": dc["crop_pct"],
                "interpolation": dc["interpolation"],
-               "source": "finetune demo: pretrained on generated shapes (filled or outlined, plain backgrounds)"}
+               "source": "finetune demo: pretrained on generated shapes (dark on light, plain or striped)"}
     weights_path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2) + "\n")
     return weights_path
 
