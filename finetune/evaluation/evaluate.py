@@ -17,7 +17,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from torch import nn
 
 from finetune import runtime
-from finetune import tracking
+from finetune.files import write_json
 from finetune.model.artifact import ModelSpec
 from finetune.data.folders import FolderSplits, Sample
 from finetune.data.images import ImageError, load_rgb
@@ -125,7 +125,7 @@ def evaluate_samples(net: nn.Module, spec: ModelSpec, samples: Sequence[Sample],
         probs = predict_sources(net, paths, spec.data_config, mode, images_per_batch, max_pixels, rt)[0].numpy()
     probs_np = np.asarray(probs)
     result = {"tta": mode, **report(probs_np, labels, spec.class_names)}
-    tracking.write_json(out_dir / "report.json", result)
+    write_json(out_dir / "report.json", result)
     plot_confusion(result["confusion_matrix"], spec.class_names, out_dir / "confusion_matrix.png")
     plot_top_losses(paths, probs_np, labels, spec.class_names, out_dir / "top_losses.png")
     return result
