@@ -186,7 +186,7 @@ def validate_config(cfg: TrainConfig) -> None:
 
 
 def validate_recipe(cfg: TrainConfig) -> None:
-    """The recipe options of issue 4: named choices list the valid ones, numbers their range."""
+    """The recipe options: named choices list the valid ones, numbers their range."""
     if cfg.augment is not None:
         _check_choice("augment", cfg.augment, AUGMENT_PRESETS)
     _check_choice("optimizer", cfg.optimizer, OPTIMIZERS)

@@ -35,8 +35,8 @@ def predict_views(net: nn.Module, views: torch.Tensor) -> torch.Tensor:
     """A batch ``[B, V, 3, H, W]`` -> class probabilities ``[B, K]``.
 
     The B*V crops go through the network B at a time: the forward batch stays the one the user chose
-    for images. One forward over all of them (10x the batch with 10crop) ran 1.4-5x slower per crop
-    on CPU in `bench/throughput.py`: its activations no longer fit the caches.
+    for images. One forward over all of them (10x the batch with 10crop) runs slower per crop: its
+    activations no longer fit the caches (docs/decisions.md).
     """
     v = views.shape[1]
     flat = views.flatten(0, 1)

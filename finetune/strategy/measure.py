@@ -1,11 +1,7 @@
-"""Measure, decide, execute: the four-scenario strategy wired to data, features and training.
-
-`measure_and_decide` profiles the data, runs the frozen backbone once over the training images
-(cached), measures the similarity and calls the pure decision in `strategy`. `fit_on_features`
-executes the small-data plans (a linear head on cached features); `prepare_network` readies the
-large-data plans for Lightning (head warm-up on cached features, frozen groups, per-group LRs and
-the callback that keeps frozen layers frozen). `train.train` calls these; so do `finetune plan`
-and bench/scenarios.py.
+"""Measure, then decide: profile the data, run the frozen backbone once over the training images
+(cached), measure the similarity, and call the pure decision (`finetune.strategy.decide`). The plan
+it returns is executed by `finetune.training.run_plan`; `finetune plan` reports it
+(`finetune.strategy.report`).
 """
 
 from __future__ import annotations

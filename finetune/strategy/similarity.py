@@ -9,8 +9,7 @@ Several signals, because each alone is confounded:
   (final - middle) / (1 - middle) on the normalised probe scores. On in-domain images the deep,
   semantic layers add most of it; when they add little (or an earlier stage even separates the
   classes better), the top of the network is specialised for something else. Less confounded with
-  task difficulty than the probe score itself (measured: omniglot's alphabets probe about as well
-  as clothing's classes, but the top layers add half as much).
+  task difficulty than the probe score itself (docs/decisions.md).
 * ``source_confidence``: one minus the normalised entropy of the pretrained source classifier's
   predictions (e.g. ImageNet's 1000 classes). It is sure of itself on images like the ones it was
   trained on and unsure far from them, whatever the user's task.
@@ -69,7 +68,7 @@ def probe_stage(x: np.ndarray, y: np.ndarray, folds: int = 5, alpha: float = 100
     """Cross-validated balanced accuracy of a linear probe on standardised features.
 
     A ridge (least-squares) classifier: on these features it ranks stages like logistic regression
-    does, at a tenth of the cost (measured on hymenoptera: 0.97 vs 0.98 on the final features).
+    does, at a tenth of the cost (docs/decisions.md).
     """
     from sklearn.linear_model import RidgeClassifier
     from sklearn.metrics import balanced_accuracy_score

@@ -81,10 +81,8 @@ class RngState(pl.Callback):
 
     A run resumed from an epoch checkpoint then augments (and drops out) exactly like an uninterrupted
     one: what happened between the checkpoint and the next epoch (validation creating its data
-    iterator draws from the torch RNG, for one) no longer matters. Measured with
-    `bench/resume_after_kill.py` before this: the resumed run drifted from the resumed epoch on
-    (final accuracy 3.3 points off on 30 images). The states in the checkpoint cover what is not
-    re-seeded (a checkpoint written mid-epoch).
+    iterator draws from the torch RNG, for one) no longer matters (docs/decisions.md). The states in the
+    checkpoint cover what is not re-seeded (a checkpoint written mid-epoch).
     """
 
     def __init__(self, seed: int = 0):

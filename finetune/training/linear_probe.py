@@ -150,10 +150,9 @@ def fit_linear_head(train_views: Sequence[np.ndarray], train_labels: np.ndarray,
     clean = np.asarray(train_views[0][0], dtype=np.float64)[train_valid]
     mean = clean.mean(axis=0).astype(np.float32)
     std = clean.std(axis=0).astype(np.float32)
-    # Nearly constant channels would get a huge weight once the standardisation is folded in
-    # (omniglot's final features: 1/std up to 2271), and any drift of those channels -- BatchNorm in
-    # train mode during fine-tuning after a warm-up -- would then swamp the logits. Floor the scale
-    # at a tenth of the median channel's (no effect on hymenoptera's or clothing's features).
+    # Nearly constant channels would get a huge weight once the standardisation is folded in, and any
+    # drift of those channels would then swamp the logits: floor the scale at a tenth of the median
+    # channel's (docs/decisions.md).
     std = np.maximum(std, 0.1 * float(np.median(std)) + 1e-6).astype(np.float32)
     train_rows = np.flatnonzero(train_valid)
     val_rows = np.flatnonzero(val_valid)
