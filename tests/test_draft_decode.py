@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from finetune.evaluation import tta
+from finetune.data import crops as tta
 from finetune.data.transforms import resize_size
 from finetune.data.loaders import FolderDataModule
 from finetune.data.folders import scan_folder

@@ -89,7 +89,7 @@ def test_dataset_decodes_once_and_reports_bad_files(tmp_path, monkeypatch):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
     calls = []
-    from finetune.evaluation import tta
+    from finetune.data import crops as tta
 
     real = tta.load_rgb
     monkeypatch.setattr(tta, "load_rgb", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
