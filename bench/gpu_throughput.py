@@ -179,7 +179,7 @@ def main() -> None:
     from finetune.config import TrainConfig
     from finetune.data.folders import scan_folder
     from finetune.data.images import load_rgb
-    from finetune.training.recipe import init_head
+    from finetune.model.heads import init_head
 
     # The product's own decision for this process: device, precision (training's, also used by batch
     # prediction and feature extraction), loader workers.

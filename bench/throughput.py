@@ -46,7 +46,8 @@ from finetune.data.folders import scan_folder
 from finetune.data.images import load_rgb
 from finetune.training.module import Classifier
 from finetune.training.optim import create_optimizer, make_optimizer_factory
-from finetune.training.recipe import init_head, resolve_recipe
+from finetune.model.heads import init_head
+from finetune.training.recipe import resolve_recipe
 from finetune.data.crops import CropViews
 from serve.batch_predict import CsvRowWriter, ViewsPredictor, prediction_loader
 

@@ -12,7 +12,10 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from finetune.errors import UserError
 
 
 log = logging.getLogger(__name__)
@@ -51,3 +54,55 @@ def load_linear(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> N
 # --- training on cached features -----------------------------------------------------------------
 
 
+class DropConnectLinear(nn.Linear):
+    """A linear layer that drops individual *weights* (not activations) while training.
+
+    DropConnect (Wan et al. 2013) zeroes each weight with probability p and rescales the rest by
+    1/(1-p), so evaluation uses the plain weights. Same parameter names as `nn.Linear`, so a saved
+    state_dict loads into the ordinary timm head.
+    """
+
+    def __init__(self, in_features: int, out_features: int, p: float, bias: bool = True):
+        super().__init__(in_features, out_features, bias=bias)
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return super().forward(x)
+        mask = torch.empty_like(self.weight).bernoulli_(1.0 - self.p)
+        return F.linear(x, self.weight * mask / (1.0 - self.p), self.bias)
+
+
+def _classifier_path(model: nn.Module) -> str | None:
+    name = getattr(model, "pretrained_cfg", {}).get("classifier")
+    if isinstance(name, (list, tuple)):  # distilled models have two heads; the first is the class head
+        name = name[0]
+    return name or None
+
+
+def init_head(model: nn.Module, drop_connect: float = 0.0) -> nn.Module | None:
+    """Give a timm model a freshly initialised classifier, optionally with DropConnect.
+
+    The head is always re-initialised: the user's classes do not correspond to the rows of any
+    source head. Xavier/Glorot (uniform), bias zero: the head is a linear layer feeding softmax with no
+    ReLU after it, so He's factor 2 (which compensates ReLU halving the variance) does not apply, and
+    Xavier keeps the logits' variance near the features' so the initial loss sits near ln(C).
+    Returns the head, or None when the model has no linear classifier to initialise.
+    """
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(head, nn.Linear):
+        return None
+    if drop_connect:
+        path = _classifier_path(model)
+        if path is None:
+            raise UserError(f"--drop-connect needs a model whose classifier timm names; "
+                            f"{type(model).__name__} does not. Use --drop-connect 0.")
+        new = DropConnectLinear(head.in_features, head.out_features, drop_connect, bias=head.bias is not None)
+        parent_path, _, attr = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(parent, attr, new.to(head.weight.device))
+        head = new
+    nn.init.xavier_uniform_(head.weight)
+    if head.bias is not None:
+        nn.init.zeros_(head.bias)
+    return head

@@ -35,6 +35,11 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 FINAL = "final"
 
 
+def stage_index(head_stage: str) -> int | None:
+    """The feature_info index of a plan's head stage ("stage3" -> 3); None for the final features."""
+    return None if head_stage == FINAL else int(head_stage.removeprefix("stage"))
+
+
 @dataclass(frozen=True)
 class Thresholds:
     """Where the cells of the table begin (configs/strategy.yaml says what they were calibrated on)."""

@@ -28,7 +28,8 @@ from finetune.data.folders import FolderSplits, Sample, scan_folder
 from finetune.errors import UserError
 from finetune.training.module import Classifier
 from finetune.training.optim import make_optimizer_factory
-from finetune.training.recipe import init_head, model_kwargs, resolve_recipe
+from finetune.model.heads import init_head
+from finetune.training.recipe import model_kwargs, resolve_recipe
 from finetune.workflows.train import recipe_scenario
 
 log = logging.getLogger(__name__)

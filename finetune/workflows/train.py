@@ -22,11 +22,12 @@ from finetune.errors import UserError
 from finetune.evaluation import evaluate
 from finetune.model.artifact import ModelSpec, save_model
 from finetune.model.backbone import Backbone, create_backbone
-from finetune.strategy.decide import FINAL, SCENARIO_NAMES, Plan
+from finetune.strategy.decide import SCENARIO_NAMES, Plan, stage_index
 from finetune.strategy.measure import Decision, measure_and_decide, with_plan
 from finetune.tracking import registry
 from finetune.training import distributed
-from finetune.training.recipe import Recipe, init_head, model_kwargs, resolve_recipe
+from finetune.model.heads import init_head
+from finetune.training.recipe import Recipe, model_kwargs, resolve_recipe
 from finetune.training.run_plan import FitResult, RunContext, run_plan
 from finetune.workflows import preflight
 from finetune.workflows.evaluate import log_evaluation
@@ -177,11 +178,10 @@ def _start_run(cfg: TrainConfig, tags: dict[str, str] | None, resume_from: Resum
 
 
 def _model_spec(cfg: TrainConfig, backbone: Backbone, splits: FolderSplits, plan: Plan) -> ModelSpec:
-    head_stage = None if plan.head_stage == FINAL else int(plan.head_stage.removeprefix("stage"))
     return ModelSpec(architecture=backbone.model_name.split(".")[0], num_classes=len(splits.classes),
                      class_names=splits.classes, data_config=backbone.data_config,
                      create_kwargs=backbone.create_kwargs, weights_source=backbone.weights_source,
-                     scenario=plan.scenario, default_tta=cfg.tta, head_stage=head_stage)
+                     scenario=plan.scenario, default_tta=cfg.tta, head_stage=stage_index(plan.head_stage))
 
 
 def _summary(cfg: TrainConfig, decision: Decision, recipe: Recipe, splits: FolderSplits, fit: FitResult,
