@@ -7,18 +7,22 @@ One output row per input image: `path`, `label`, `score`, `top{i}_label`/`top{i}
 `path` is the image's path as found in the folder or list. Outputs are valid UTF-8 whatever the
 file names: a byte of a name that is not UTF-8 is written as `\\xNN` (`row_path`), so every file
 keeps a row of its own and CSV and Parquet hold the same text.
-Images stream through a DataLoader into Lightning's predict loop; a prediction writer appends each
-batch to a partial CSV next to the output, so memory stays flat, and the output (CSV or Parquet, by
-extension) appears by rename only when everything is done. `--resume` keeps rows already in the
-output or left in partial files by an interrupted run, and predicts only the rest.
+Images stream through a DataLoader into a plain forward loop on this process's device (at
+training's precision); each batch's rows are appended to a partial CSV next to the output, so memory
+stays flat, and the output (CSV or Parquet, by extension) appears by rename only when everything is
+done. `--resume` keeps rows already in the output or left in partial files by an interrupted run,
+and predicts only the rest.
 
-Sharded: `--devices N --strategy ddp` runs one process per device; Lightning gives each rank a
-disjoint part of the inputs, each rank writes its own partial file, and rank 0 merges them.
+Sharded: `--devices N --strategy ddp` runs one process per device through Lightning's predict loop
+(imported only then: loading and running a model in one process never imports Lightning); Lightning
+gives each rank a disjoint part of the inputs, each rank writes its own partial file through the same
+row writer, and rank 0 merges them.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import glob
 import logging
 import os
@@ -27,9 +31,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import click
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import BasePredictionWriter, TQDMProgressBar
 
 from finetune import console
 from finetune import runtime
@@ -121,36 +123,31 @@ def load_done(output: Path, cols: list[str]):
     return pd.concat(frames, ignore_index=True).drop_duplicates("path", keep="last")
 
 
-class ViewsPredictor(pl.LightningModule):
-    """Lightning wrapper for predict: crops of a batch of images -> mean softmax per image."""
-
-    def __init__(self, net: torch.nn.Module):
-        super().__init__()
-        self.net = net
-
-    def predict_step(self, batch, batch_idx):
-        views, index, errors = batch
-        return predict_views(self.net, views).float().cpu(), index.cpu(), errors
+def partial_path(output: Path, rank: int) -> Path:
+    """The partial CSV that process `rank` of a run appends its rows to."""
+    return output.parent / f".{output.name}.partial.rank{rank}.csv"
 
 
-class CsvRowWriter(BasePredictionWriter):
-    """Appends each batch's rows to this rank's partial CSV, flushed, so a crash loses one batch at most."""
+class RowWriter:
+    """Appends each batch's rows to one process's partial CSV, flushed, so a crash loses one batch at most.
+
+    The only code that turns predictions into rows: the plain loop and Lightning's (sharded) predict
+    loop both hand it ``(probs [B, K], index [B], errors)`` per batch.
+    """
 
     def __init__(self, output: Path, paths: Sequence[str], class_names: list[str], top_k: int):
-        super().__init__(write_interval="batch")
         self.output, self.paths, self.class_names, self.top_k = output, paths, class_names, top_k
         self.file = None
         self.writer = None
 
-    def setup(self, trainer, pl_module, stage=None) -> None:
-        self.path = self.output.parent / f".{self.output.name}.partial.rank{trainer.global_rank}.csv"
+    def open(self, rank: int = 0) -> None:
+        self.path = partial_path(self.output, rank)
         self.file = open(self.path, "w", newline="", encoding="utf-8", errors="surrogateescape")
         self.writer = csv.writer(self.file)
         self.writer.writerow(columns(self.top_k))
         self.file.flush()
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        probs, index, errors = prediction
+    def write(self, probs: torch.Tensor, index: torch.Tensor, errors: Sequence[str]) -> None:
         scores, top = probs.topk(self.top_k, dim=1)
         for i, err, s, t in zip(index.tolist(), errors, scores.tolist(), top.tolist()):
             path = row_path(self.paths[i])
@@ -162,10 +159,65 @@ class CsvRowWriter(BasePredictionWriter):
             self.writer.writerow([path, self.class_names[t[0]], f"{s[0]:.6g}", *pairs, ""])
         self.file.flush()
 
-    def teardown(self, trainer, pl_module, stage=None) -> None:
+    def close(self) -> None:
         if self.file is not None:
             self.file.close()
             self.file = None
+
+
+_LIGHTNING_CLASSES: dict[str, type] = {}
+
+
+def _lightning_classes() -> dict[str, type]:
+    """`ViewsPredictor` and `CsvRowWriter`, Lightning adapters around `predict_views` and `RowWriter`.
+
+    Built on first use, so that importing this module (and predicting in one process) does not import
+    Lightning. They are reachable as module attributes (`__getattr__` below), so pickling them for
+    `ddp_spawn` and `from serve.batch_predict import CsvRowWriter` (bench/) keep working.
+    """
+    if _LIGHTNING_CLASSES:
+        return _LIGHTNING_CLASSES
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import BasePredictionWriter
+
+    class ViewsPredictor(pl.LightningModule):
+        """Lightning wrapper for predict: crops of a batch of images -> mean softmax per image."""
+
+        def __init__(self, net: torch.nn.Module):
+            super().__init__()
+            self.net = net
+
+        def predict_step(self, batch, batch_idx):
+            views, index, errors = batch
+            return predict_views(self.net, views).float().cpu(), index.cpu(), errors
+
+    class CsvRowWriter(BasePredictionWriter):
+        """`RowWriter` as a Lightning prediction writer: each rank writes its own partial file."""
+
+        def __init__(self, output: Path, paths: Sequence[str], class_names: list[str], top_k: int):
+            super().__init__(write_interval="batch")
+            self.rows = RowWriter(output, paths, class_names, top_k)
+
+        def setup(self, trainer, pl_module, stage=None) -> None:
+            self.rows.open(trainer.global_rank)
+
+        def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
+                               dataloader_idx=0):
+            self.rows.write(*prediction)
+
+        def teardown(self, trainer, pl_module, stage=None) -> None:
+            self.rows.close()
+
+    for cls in (ViewsPredictor, CsvRowWriter):
+        cls.__module__, cls.__qualname__ = __name__, cls.__name__
+        _LIGHTNING_CLASSES[cls.__name__] = cls
+    return _LIGHTNING_CLASSES
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("ViewsPredictor", "CsvRowWriter"):
+        return _lightning_classes()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _arrow_schema(cols: list[str]):
@@ -217,6 +269,68 @@ def prediction_loader(paths: Sequence[str], data_config: dict[str, Any], mode: s
                                        persistent_workers=False, **rt.loader_kwargs())
 
 
+def sharded(devices: str | int, strategy: str, rt: runtime.Runtime) -> bool:
+    """Whether the inputs are split over several processes (Lightning's predict loop).
+
+    A `ddp*` strategy over more than one device, or a strategy left to Lightning (`auto`) with more
+    than one device (it picks DDP then), or a launcher (torchrun, srun) that started several processes.
+    """
+    strategy = str(strategy)
+    if strategy == "auto":
+        strategy = "ddp"
+    if str(devices) == "-1":  # Lightning's "every GPU"
+        devices = "auto"
+    return runtime.processes_per_machine(devices, strategy, rt.device.type == "cuda") > 1
+
+
+def single_device(rt: runtime.Runtime, devices: str | int) -> runtime.Runtime:
+    """`rt` on the one GPU that `--devices` names by index (Lightning's "1," or [1]); else `rt` as is."""
+    if rt.device.type == "cuda":
+        ids = (list(devices) if isinstance(devices, (list, tuple))
+               else [d for d in str(devices).split(",") if d.strip()] if "," in str(devices) else [])
+        if len(ids) == 1 and str(ids[0]).strip().isdigit():
+            return dataclasses.replace(rt, device=torch.device("cuda", int(ids[0])))
+    return rt
+
+
+def predict_rows(net: torch.nn.Module, loader: torch.utils.data.DataLoader, rows: RowWriter,
+                 rt: runtime.Runtime, progress: bool = True) -> None:
+    """One process: each batch through the network on the runtime's device and precision, into rows."""
+    from tqdm.auto import tqdm
+
+    rows.open(rank=0)
+    try:
+        with runtime.evaluating_on(net, rt.device), torch.inference_mode(), rt.autocast(), \
+                tqdm(total=len(loader), desc="Predicting", unit="batch", disable=not progress) as bar:
+            for views, index, errors in loader:
+                probs = predict_views(net, views.to(rt.device, non_blocking=True))
+                rows.write(probs.float().cpu(), index, errors)
+                bar.update(1)
+    finally:
+        rows.close()
+
+
+def predict_sharded(net: torch.nn.Module, loader: torch.utils.data.DataLoader, rows: RowWriter,
+                    rt: runtime.Runtime, accelerator: str, devices: str | int, strategy: str,
+                    progress: bool = True) -> tuple[int, int]:
+    """Several processes: Lightning's predict loop, each rank writing its part through `rows`.
+
+    Returns this process's global rank and the number of ranks, once every rank is done.
+    """
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import TQDMProgressBar
+
+    classes = _lightning_classes()
+    writer = classes["CsvRowWriter"](rows.output, rows.paths, rows.class_names, rows.top_k)
+    trainer = pl.Trainer(accelerator=accelerator, devices=devices, strategy=strategy, logger=False,
+                         enable_checkpointing=False, enable_model_summary=False, precision=rt.precision,
+                         callbacks=[writer, TQDMProgressBar(refresh_rate=1)] if progress else [writer],
+                         enable_progress_bar=progress)
+    trainer.predict(classes["ViewsPredictor"](net.cpu()), dataloaders=loader, return_predictions=False)
+    trainer.strategy.barrier()
+    return trainer.global_rank, trainer.world_size
+
+
 def predict_to_file(model_uri: str, inputs: str | Sequence[str], output: str | Path, tta: str | None = None,
                     top_k: int = 3, batch_size: int = 32, num_workers: int | None = None, resume: bool = False,
                     accelerator: str = "auto", devices: str | int = 1, strategy: str = "auto",
@@ -232,7 +346,7 @@ def predict_to_file(model_uri: str, inputs: str | Sequence[str], output: str | P
         raise UserError(f"Output folder {output.parent} does not exist.")
     paths = list_inputs(inputs) if isinstance(inputs, (str, Path)) else list(inputs)
     model = load_logged_model(model_uri)
-    net, spec = model.net.cpu(), model.spec
+    net, spec = model.net, model.spec
     mode = tta or model.default_tta
     if mode not in TTA_VIEWS:
         raise UserError(f"Invalid tta {mode!r}. Valid values: {', '.join(TTA_VIEWS)}.")
@@ -250,16 +364,14 @@ def predict_to_file(model_uri: str, inputs: str | Sequence[str], output: str | P
              len(todo), mode)
 
     loader = prediction_loader(todo, spec.data_config, mode, batch_size, rt, max_pixels or model.max_pixels)
-    writer = CsvRowWriter(output, todo, spec.class_names, top_k)
-    trainer = pl.Trainer(accelerator=accelerator, devices=devices, strategy=strategy, logger=False,
-                         enable_checkpointing=False, enable_model_summary=False, precision=rt.precision,
-                         callbacks=[writer, TQDMProgressBar(refresh_rate=1)] if progress else [writer],
-                         enable_progress_bar=progress)
-    if todo:
-        trainer.predict(ViewsPredictor(net), dataloaders=loader, return_predictions=False)
-    trainer.strategy.barrier()
-    if trainer.global_rank == 0:
-        parts = [output.parent / f".{output.name}.partial.rank{r}.csv" for r in range(trainer.world_size)]
+    rows = RowWriter(output, todo, spec.class_names, top_k)
+    rank, world_size = 0, 1
+    if todo and sharded(devices, strategy, rt):
+        rank, world_size = predict_sharded(net, loader, rows, rt, accelerator, devices, strategy, progress)
+    elif todo:
+        predict_rows(net, loader, rows, single_device(rt, devices), progress)
+    if rank == 0:
+        parts = [partial_path(output, r) for r in range(world_size)]
         # Partial files of earlier runs are already in `done`; only this run's are new.
         finalize(output, done, cols, [p for p in parts if p.exists()] if todo else [])
     return {"total": len(paths), "already_done": len(paths) - len(todo), "predicted": len(todo),
@@ -280,9 +392,10 @@ def predict_to_file(model_uri: str, inputs: str | Sequence[str], output: str | P
 @click.option("--resume", is_flag=True, help="Keep rows already in the output (or left by an interrupted "
               "run) and predict only the other images.")
 @click.option("--max-image-pixels", type=click.IntRange(min=1), help="Refuse images with more pixels than this.")
-@click.option("--accelerator", default="auto", show_default=True, help="Lightning accelerator: auto, cpu, gpu.")
+@click.option("--accelerator", default="auto", show_default=True, help="auto, cpu or gpu.")
 @click.option("--devices", default="1", show_default=True, help="Devices (processes with --strategy ddp).")
-@click.option("--strategy", default="auto", show_default=True, help="Lightning strategy; ddp shards the inputs.")
+@click.option("--strategy", default="auto", show_default=True,
+              help="ddp (with --devices N) shards the inputs over N processes (Lightning).")
 def main(model_uri: str, inputs: str, output: str, tta: str | None, top_k: int, batch_size: int,
          num_workers: int | None, resume: bool, max_image_pixels: int | None, accelerator: str, devices: str,
          strategy: str) -> None:
