@@ -124,18 +124,10 @@ def finetune_train_epochs(args, cfg, splits, data_config, net, device, out: Path
 
 
 def finetune_predict(args, net, data_config, paths, classes, mode, device, out: Path) -> float:
-    """bench/throughput.py's finetune_predict with the model's class names (it assumes two)."""
-    import pytorch_lightning as pl
-
+    """bench/throughput.py's finetune_predict (the default single-process loop) with the model's class names."""
     import throughput as cpu
-    from serve.batch_predict import CsvRowWriter, ViewsPredictor, prediction_loader
 
-    loader = prediction_loader(paths, data_config, mode, args.batch_size, args.rt, None)
-    clock = cpu.BatchClock(args.warmup)
-    writer = CsvRowWriter(out / f"preds-{mode}.csv", paths, list(classes), 1)
-    trainer = pl.Trainer(logger=False, callbacks=[writer, clock], **cpu.trainer_kwargs(args, device))
-    trainer.predict(ViewsPredictor(net), dataloaders=loader, return_predictions=False)
-    return clock.images_per_s()
+    return cpu.finetune_predict(args, net, data_config, paths, mode, device, out, classes)
 
 
 def finetune_features(args, backbone, samples, device, out: Path) -> float:

@@ -10,8 +10,8 @@ Per repeat, interleaved (so a load change on the machine hits every row alike), 
   and MLflow logging on; only steady-state steps are timed (a callback stamps batch ends after
   ``--warmup`` batches), data loading and augmentation included;
 * ``bare forward``: eval forward under no_grad on preloaded tensors;
-* ``finetune predict center`` / ``10crop``: `serve.batch_predict`'s loader and Lightning predict
-  loop (decode, resize, crops, CSV writer), steady-state batches; 10crop counts crops;
+* ``finetune predict center`` / ``10crop``: `serve.batch_predict`'s loader and its single-process
+  predict loop (decode, resize, crops, CSV writer), steady-state batches; 10crop counts crops;
 * ``finetune features``: `finetune.strategy.features.cached_features` (cold cache) when present.
 
 The median over ``--repeats`` is reported with the ratios finetune/bare, and saved as CSV under
@@ -49,7 +49,8 @@ from finetune.training.optim import create_optimizer, make_optimizer_factory
 from finetune.model.heads import init_head
 from finetune.training.recipe import resolve_recipe
 from finetune.data.crops import CropViews
-from serve.batch_predict import CsvRowWriter, ViewsPredictor, prediction_loader
+from finetune.data.crops import TTA_VIEWS  # noqa: E402
+from serve.batch_predict import RowWriter, predict_rows, prediction_loader
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*is smaller than the logging interval.*")
@@ -153,12 +154,19 @@ def finetune_train(args, cfg, splits, data_config, net, device, out: Path) -> fl
     return clock.images_per_s()
 
 
-def finetune_predict(args, net, data_config, paths, mode, device, out: Path) -> float:
-    loader = prediction_loader(paths, data_config, mode, args.batch_size, args.rt, None)
+def finetune_predict(args, net, data_config, paths, mode, device, out: Path, classes=("c0", "c1")) -> float:
+    """The default (single-process) batch-prediction loop with its row writer; the clock stamps each
+    written batch, as BatchClock does for Lightning's loops."""
     clock = BatchClock(args.warmup)
-    writer = CsvRowWriter(out / f"preds-{mode}.csv", paths, ["c0", "c1"], 1)
-    trainer = pl.Trainer(logger=False, callbacks=[writer, clock], **trainer_kwargs(args, device))
-    trainer.predict(ViewsPredictor(net), dataloaders=loader, return_predictions=False)
+
+    class StampedRows(RowWriter):
+        def write(self, probs, index, errors):
+            super().write(probs, index, errors)
+            clock.stamps.append((time.perf_counter(), len(index) * TTA_VIEWS[mode]))
+
+    loader = prediction_loader(paths, data_config, mode, args.batch_size, args.rt, None)
+    predict_rows(net, loader, StampedRows(out / f"preds-{mode}.csv", paths, list(classes), 1), args.rt,
+                 progress=False)
     return clock.images_per_s()
 
 

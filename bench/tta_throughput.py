@@ -4,7 +4,7 @@
 
 Bare: the crops of every image are built beforehand (not timed); only `net(crops)` is timed, in the
 same batch shape the pipeline uses. Pipeline: `serve.batch_predict.predict_to_file` end to end
-(file listing, each image decoded and resized once, crops, DataLoader, Lightning predict, CSV
+(file listing, each image decoded and resized once, crops, DataLoader, the predict loop, CSV
 writing, rename). Both run in this process, one after the other, bare timed before and after the
 pipeline so a load change on the machine shows up. Prints crops/s of each and their ratio.
 """
