@@ -6,7 +6,7 @@ unknown keys are an error naming the valid ones. The resolved config is saved wi
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -74,14 +74,13 @@ class TrainConfig:
     patience: int | None = None
     class_weights: str = "none"
     sampler: str = "shuffle"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def config_keys() -> list[str]:
-    return [f.name for f in fields(TrainConfig) if f.name != "extra"]
+    return [f.name for f in fields(TrainConfig)]
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

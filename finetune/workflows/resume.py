@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune import tracking
-from finetune.config import TrainConfig, resolve_config
+from finetune.config import TrainConfig, config_keys, resolve_config
 from finetune.errors import UserError
 from finetune.training.checkpoints import LAST_CHECKPOINT, checkpoint_dir, load_checkpoint
 
@@ -69,13 +69,13 @@ def locate(resume: str, experiment: str) -> ResumePoint:
 
 def resume_config(point: ResumePoint, data_dir: str, cli_values: dict[str, Any]) -> TrainConfig:
     """The saved configuration of the run, with the few options that may change on resume."""
-    saved = dict(point.config)
+    saved = {k: v for k, v in point.config.items() if k in config_keys()}  # runs saved by older versions
     if Path(data_dir).resolve() != Path(saved["data_dir"]).resolve():
         raise UserError(f"Run {point.run_id} trained on {saved['data_dir']}, not {data_dir}; resume it with the "
                         "same data folder.")
     given = {k: v for k, v in cli_values.items() if v is not None}
     changed = sorted(k for k, v in given.items()
-                     if k not in RESUMABLE_OVERRIDES and k != "extra" and saved.get(k) != v)
+                     if k not in RESUMABLE_OVERRIDES and saved.get(k) != v)
     if changed:
         raise UserError(f"Cannot change {', '.join(changed)} when resuming run {point.run_id} (only "
                         f"{', '.join(RESUMABLE_OVERRIDES)} may change). Start a new run instead.")

@@ -24,7 +24,7 @@ from finetune.errors import UserError
 log = logging.getLogger(__name__)
 
 # Keys that describe where/how a run is stored, not how it trains: left out of the best config.
-_NOT_RECIPE = ("data_dir", "output", "run_name", "register", "extra")
+_NOT_RECIPE = ("data_dir", "output", "run_name", "register")
 
 
 def best_config(cfg: TrainConfig, params: dict[str, Any]) -> dict[str, Any]:

@@ -237,7 +237,7 @@ def _publish(cfg: TrainConfig, summary: dict[str, Any], eval_metrics: dict[str, 
 
 
 def _log_run_inputs(cfg: TrainConfig, run_id: str, backbone, splits: FolderSplits, output: Path, recipe) -> None:
-    tracking.log_params(run_id, {"config": {k: v for k, v in cfg.to_dict().items() if k != "extra"},
+    tracking.log_params(run_id, {"config": cfg.to_dict(),
                                  "model": backbone.model_name, "weights_source": backbone.weights_source,
                                  "data": dataset_params(splits), "data_config": backbone.data_config,
                                  "recipe": recipe.to_dict()})
