@@ -16,6 +16,7 @@ from torch import nn
 from torch.optim import lr_scheduler
 
 from finetune.config import OPTIMIZERS, SCHEDULES, TrainConfig
+from finetune.training.recipe import Recipe
 from finetune.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def split_weight_decay(param_groups: list[dict[str, Any]], weight_decay: float,
     return out
 
 
-def create_optimizer(cfg: TrainConfig, param_groups: list[dict[str, Any]],
+def create_optimizer(cfg: Recipe | TrainConfig, param_groups: list[dict[str, Any]],
                      model: nn.Module | None = None) -> torch.optim.Optimizer:
     """timm optimizer over the plan's groups (their own `lr`), weight decay only where it makes sense
     (`model`: the module the groups come from, whose `no_weight_decay()` names are honoured)."""
@@ -93,7 +94,7 @@ def create_optimizer(cfg: TrainConfig, param_groups: list[dict[str, Any]],
     return create_optimizer_v2(groups, opt=name, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
 
 
-def create_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, schedule: str, warmup_epochs: float,
+def create_scheduler(cfg: Recipe | TrainConfig, optimizer: torch.optim.Optimizer, schedule: str, warmup_epochs: float,
                      steps_per_epoch: int, epochs: int) -> lr_scheduler.LRScheduler | None:
     """A per-iteration schedule (None for constant without warmup)."""
     if schedule not in SCHEDULES:
@@ -128,12 +129,12 @@ def create_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, schedul
     return lr_scheduler.ChainedScheduler([ramp, main], optimizer=optimizer)
 
 
-def make_optimizer_factory(cfg: TrainConfig, param_groups: list[dict[str, Any]], schedule: str = "constant",
+def make_optimizer_factory(cfg: Recipe | TrainConfig, param_groups: list[dict[str, Any]], schedule: str = "constant",
                            warmup_epochs: float = 0.0) -> Callable[[nn.Module], Any]:
     """A callable for `Classifier(optimizer_factory=...)`: returns what configure_optimizers returns.
 
     Args:
-        cfg: the training config (optimizer options).
+        cfg: the recipe (its optimizer options; a TrainConfig has the same names).
         param_groups: torch-style groups, each ``{"params": [...], "lr": float, "name": str}``.
         schedule: one of SCHEDULES (the resolved recipe's).
         warmup_epochs: linear warmup length, in (fractional) epochs.

@@ -21,7 +21,9 @@ from finetune.errors import UserError
 
 @dataclass(frozen=True)
 class Recipe:
-    """Resolved recipe values (no `None` left)."""
+    """Every option of how a network or a head trains, resolved: the scenario's defaults, then the
+    config. The training steps (optimizer, schedule, loss, sampler, callbacks) read this, not the
+    whole config. `None` is left only where it means "derived" (step_epochs, lr_gamma) or "off" (patience)."""
 
     augment: str
     mixup: float
@@ -33,6 +35,16 @@ class Recipe:
     drop_path: float
     drop_connect: float
     ema: float
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    nesterov: bool = False
+    step_epochs: int | None = None
+    lr_gamma: float | None = None
+    patience: int | None = None
+    class_weights: str = "none"
+    sampler: str = "shuffle"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,7 +81,7 @@ def resolve_recipe(cfg: TrainConfig, scenario: str) -> Recipe:
     values = default_recipe(scenario)
     for f in fields(Recipe):
         given = getattr(cfg, f.name)
-        if given is not None:
+        if given is not None or f.name not in values:
             values[f.name] = given
     return Recipe(**values)
 

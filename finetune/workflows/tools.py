@@ -48,8 +48,8 @@ def _setup(cfg: TrainConfig, splits: FolderSplits, augment: str, regularize: boo
     datamodule = FolderDataModule(splits, train_transform(data_config, augment), eval_transform(data_config),
                                   batch_size=batch_size, num_workers=rt.workers, pin_memory=rt.pin_memory,
                                   max_pixels=cfg.max_image_pixels, draft_size=(size, size))
-    groups = [{"params": list(backbone.model.parameters()), "lr": cfg.lr, "name": "all"}]
-    factory = make_optimizer_factory(cfg, groups, "constant", 0.0)
+    groups = [{"params": list(backbone.model.parameters()), "lr": recipe.lr, "name": "all"}]
+    factory = make_optimizer_factory(recipe, groups, "constant", 0.0)
     module = Classifier(backbone.model, len(splits.classes), factory,
                         label_smoothing=recipe.label_smoothing if regularize else 0.0)
     return backbone, datamodule, module
