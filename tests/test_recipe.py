@@ -20,7 +20,8 @@ from finetune.config import (AUGMENT_PRESETS, CLASS_WEIGHTS, OPTIMIZERS, SAMPLER
 from finetune.errors import UserError
 from finetune.training.module import Classifier
 from finetune.training.optim import create_optimizer, create_scheduler, make_optimizer_factory, split_weight_decay
-from finetune.training.recipe import (DEFAULT_RECIPES, DropConnectLinear, class_weights, default_recipe, init_head, resolve_recipe)
+from finetune.model.heads import DropConnectLinear, init_head
+from finetune.training.recipe import (DEFAULT_RECIPES, class_weights, default_recipe, resolve_recipe)
 from finetune.data.loaders import balanced_sampler_factory
 from tests.conftest import TINY_MODEL
 
@@ -129,6 +130,26 @@ def test_module_trains_on_soft_targets_and_measures_hard_labels():
     loss = module.training_step((x, y), 0)
     assert torch.allclose(loss, F.cross_entropy(net(mixed), soft))
     assert not torch.allclose(loss, F.cross_entropy(net(mixed), y[:4]))
+
+
+def test_epoch_accuracies_are_the_fraction_of_correct_images():
+    """torchmetrics' top-1 and top-5 accuracy per batch, averaged over the epoch by batch size: the fraction
+    of images whose label is the argmax (among the 5 highest logits), also with an uneven last batch."""
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    net = nn.Linear(4, 7)
+    x, y = torch.randn(22, 4), torch.randint(0, 7, (22,))
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    metrics = trainer.validate(Classifier(net, 7, lambda m: None), DataLoader(TensorDataset(x, y), batch_size=8),
+                               verbose=False)[0]
+    with torch.no_grad():
+        top5 = net(x).topk(5, dim=1).indices
+    assert metrics["val_acc"] == pytest.approx(float((top5[:, 0] == y).float().mean()))
+    assert metrics["val_acc_top5"] == pytest.approx(float((top5 == y[:, None]).any(dim=1).float().mean()))
+    assert 0 < metrics["val_acc"] < metrics["val_acc_top5"] < 1
 
 
 @pytest.mark.parametrize("batch", [None, (torch.rand(1, 3, 8, 8), torch.tensor([0]))],

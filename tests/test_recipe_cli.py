@@ -36,17 +36,19 @@ def test_recipe_options_train_with_ema_step_schedule_and_gap(image_folder: Path,
     summary = json.loads((out / "summary.json").read_text())
     assert summary["recipe"]["augment"] == "strong" and summary["recipe"]["ema"] == 0.5
     metrics = summary["metrics"]
-    # EMA weights were validated beside the raw ones, and the better of the two kept.
-    assert {"val_acc_raw", "val_acc_ema"} <= set(metrics)
-    assert metrics["val_acc"] == max(metrics["val_acc_raw"], metrics["val_acc_ema"])
-    assert metrics["weights"] == ("ema" if metrics["val_acc_ema"] > metrics["val_acc_raw"] else "raw")
-    ema_state = torch.load(out / "checkpoints" / "best_ema.pt", weights_only=True)["state_dict"]
-    raw_state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    assert any(not torch.equal(v, raw_state[f"net.{k}"]) for k, v in ema_state.items() if v.is_floating_point())
+    # With --ema the EMA weights are the model: validated each epoch (val_acc), the best epoch's checkpointed
+    # as the state_dict with the raw weights beside it, and reported as such.
+    assert metrics["weights"] == "ema" and "val_acc_ema" not in metrics and "val_acc_raw" not in metrics
+    last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    ema_state, raw_state = last["state_dict"], last["current_model_state"]
+    assert any(not torch.equal(v, raw_state[k]) for k, v in ema_state.items() if v.is_floating_point())
+    best = torch.load(out / "checkpoints" / "best.ckpt", weights_only=True)
+    assert "current_model_state" in best and best["epoch"] == metrics["best_epoch"]
 
     client = MlflowClient(isolated_mlflow)
     run_id = summary["mlflow_run_id"]
-    assert len(client.get_metric_history(run_id, "val_acc_ema")) == 2
+    assert len(client.get_metric_history(run_id, "val_acc")) == 2
+    assert max(m.value for m in client.get_metric_history(run_id, "val_acc")) == pytest.approx(metrics["val_acc"])
     assert len(client.get_metric_history(run_id, "train_val_acc_gap")) == 2
     assert client.get_metric_history(run_id, "initial_loss")
     # The LR of every group is logged, and the step schedule drops it at the epoch boundary.
@@ -66,7 +68,7 @@ def test_yaml_config_sets_recipe_options(image_folder: Path, tmp_path: Path):
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["recipe"]["augment"] == "none" and summary["recipe"]["schedule"] == "cosine"
-    assert "val_acc_ema" not in summary["metrics"]
+    assert "val_acc_ema" not in summary["metrics"] and summary["metrics"]["weights"] == "raw"
 
 
 @pytest.mark.parametrize("args, valid", [

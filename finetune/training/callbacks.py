@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from timm.utils import ModelEmaV3
+from pytorch_lightning.callbacks import WeightAveraging
 
 from finetune import runtime
 from finetune.errors import UserError
@@ -26,76 +26,67 @@ class DivergenceError(UserError):
     """Training stopped because the loss became NaN/inf or exploded."""
 
 
-class EMACallback(pl.Callback):
-    """Polyak averaging: an exponential moving average of the weights (timm `ModelEmaV3`).
+def ema_warmup_decay(num_averaged: int, decay: float, warmup_gamma: float = 1.0, warmup_power: float = 2 / 3,
+                     min_decay: float = 0.0) -> float:
+    """The decay of the `num_averaged`-th EMA update: timm `ModelEmaV3`'s warm-up with its defaults,
+    clamp(1 - (1 + t / gamma) ** -power, min_decay, decay) for t = num_averaged (0 for the first update,
+    which copies the weights). With a fixed decay d the average would remember the first ~1/(1-d) steps
+    (a random head) through a short fine-tune; the warm-up averages the early steps lightly instead."""
+    if num_averaged <= 0:
+        return 0.0
+    return max(min(1.0 - (1.0 + num_averaged / warmup_gamma) ** -warmup_power, decay), min_decay)
 
-    Updated after every optimizer step, validated on every val batch beside the raw weights
-    (`val_acc_ema`, `val_loss_ema`), and the best EMA weights are kept in `best_path` so train.py can
-    keep whichever of raw and EMA validates better. timm's decay warmup is on: with decay d the
-    average would otherwise remember the first ~1/(1-d) steps (a random head) for a short fine-tune.
-    """
 
-    def __init__(self, decay: float, best_path: str | Path):
-        self.decay = decay
-        self.best_path = Path(best_path)
-        self.ema: ModelEmaV3 | None = None
-        self.best_acc = -1.0
-        self.best_epoch = -1
-        self._correct = self._loss = self._count = None
-        self._pending_state: dict[str, Any] | None = None
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.ema = ModelEmaV3(pl_module.net, decay=self.decay, use_warmup=True)
-        if self._pending_state is not None:  # resumed from a checkpoint
-            self.ema.module.load_state_dict(self._pending_state["ema"])
-            self.best_acc = self._pending_state["best_acc"]
-            self.best_epoch = self._pending_state["best_epoch"]
-            self._pending_state = None
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        assert self.ema is not None
-        self.ema.update(pl_module.net, step=trainer.global_step)
-
-    def on_validation_epoch_start(self, trainer, pl_module) -> None:
-        device = pl_module.device
-        self._correct = torch.zeros((), device=device)
-        self._loss = torch.zeros((), device=device)
-        self._count = torch.zeros((), device=device)
+def ema_warmup_avg_fn(decay: float, **warmup: float) -> Callable[[list[torch.Tensor], list[torch.Tensor], Any], None]:
+    """A `multi_avg_fn` for torch's `AveragedModel` (so for Lightning's `WeightAveraging`): an EMA whose decay
+    warms up as `ema_warmup_decay` says. Floating-point tensors move towards the model's; integer buffers
+    (BatchNorm's `num_batches_tracked`) are copied, as timm does."""
 
     @torch.no_grad()
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if batch is None or self.ema is None or trainer.sanity_checking:
-            return
-        x, y = batch
-        with trainer.precision_plugin.forward_context():  # the precision the raw weights validate in
-            logits = self.ema.module(x).float()
-        self._correct += (logits.argmax(dim=1) == y).sum()
-        self._loss += F.cross_entropy(logits, y, reduction="sum")
-        self._count += y.numel()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: Any) -> None:
+        # AveragedModel groups the tensors by device and dtype: a group is all floating point or none.
+        if averaged[0].is_floating_point():
+            weight = 1.0 - ema_warmup_decay(int(num_averaged), decay, **warmup)
+            torch._foreach_lerp_(averaged, current, weight)
+        else:
+            torch._foreach_copy_(averaged, current)
 
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if self.ema is None or trainer.sanity_checking or self._count is None:
-            return
-        stats = trainer.strategy.reduce(torch.stack([self._correct, self._loss, self._count]), reduce_op="sum")
-        count = max(float(stats[2]), 1.0)
-        acc, loss = float(stats[0]) / count, float(stats[1]) / count
-        pl_module.log("val_acc_ema", acc, prog_bar=True, sync_dist=False)
-        pl_module.log("val_loss_ema", loss, sync_dist=False)
-        if acc > self.best_acc and not trainer.fast_dev_run:
-            self.best_acc, self.best_epoch = acc, trainer.current_epoch
-            if trainer.is_global_zero:
-                self.best_path.parent.mkdir(parents=True, exist_ok=True)
-                torch.save({"state_dict": self.ema.module.state_dict(), "epoch": self.best_epoch,
-                            "val_acc_ema": acc}, self.best_path)
+    return update
 
-    def state_dict(self) -> dict[str, Any]:
-        if self.ema is None:
-            return {}
-        return {"ema": self.ema.module.state_dict(), "best_acc": self.best_acc, "best_epoch": self.best_epoch}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict:
-            self._pending_state = state_dict
+class EMA(WeightAveraging):
+    """Polyak averaging: an exponential moving average of the weights, with timm's decay warm-up.
+
+    Lightning's `WeightAveraging` does the rest: the average is updated after every optimizer step, swapped
+    in for validation (so with --ema `val_acc` is the EMA weights' accuracy, what the best checkpoint and
+    early stopping follow), saved as the checkpoints' `state_dict` (the raw weights beside it in
+    `current_model_state`, both restored on --resume) and copied into the model when training ends: the
+    EMA weights are the model. Under DDP every rank averages the same (synchronised) weights.
+    """
+
+    def __init__(self, decay: float):
+        super().__init__(use_buffers=True, multi_avg_fn=ema_warmup_avg_fn(decay))
+        self.decay = decay
+        self._swapped = False
+
+    def _swap_models(self, pl_module: pl.LightningModule) -> None:
+        super()._swap_models(pl_module)
+        self._swapped = not self._swapped
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # A checkpoint written during validation (a second Ctrl+C there) would otherwise store the swapped-in
+        # average as the raw weights and the raw ones as the average.
+        if not self._swapped:
+            return super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        self._swap_models(pl_module)
+        try:
+            checkpoint["state_dict"] = pl_module.state_dict()
+            super().on_save_checkpoint(trainer, pl_module, checkpoint)
+            # The swap back changes these tensors in place; the checkpoint is written afterwards.
+            for key in ("state_dict", "current_model_state", "averaging_state"):
+                checkpoint[key] = {k: v.detach().clone() for k, v in checkpoint[key].items()}
+        finally:
+            self._swap_models(pl_module)
 
 
 class DivergenceCallback(pl.Callback):
@@ -197,8 +188,9 @@ def recipe_callbacks(cfg, recipe, num_classes: int, checkpoint: pl.callbacks.Mod
     callbacks: list[pl.Callback] = [LearningRateMonitor(logging_interval="step"),
                                     DivergenceCallback(num_classes, checkpoint=checkpoint), TrainValGapCallback()]
     if recipe.ema:
-        callbacks.append(EMACallback(recipe.ema, Path(output) / "checkpoints" / "best_ema.pt"))
+        callbacks.append(EMA(recipe.ema))
     if cfg.patience:
-        # Patience counts validation epochs without a better val_acc (raw weights, what the checkpoint tracks).
+        # Patience counts validation epochs without a better val_acc (the EMA weights' with --ema, as the
+        # best checkpoint).
         callbacks.append(EarlyStopping(monitor="val_acc", mode="max", patience=cfg.patience))
     return callbacks

@@ -8,6 +8,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics.functional.classification import multiclass_accuracy
 
 
 class Classifier(pl.LightningModule):
@@ -46,11 +47,13 @@ class Classifier(pl.LightningModule):
         # cross_entropy takes class indices or probabilities; soft targets already hold their smoothing.
         smoothing = self.label_smoothing if stage == "train" and target.ndim == 1 else 0.0
         loss = F.cross_entropy(logits, target, weight=self.class_weights, label_smoothing=smoothing)
-        k = min(5, self.num_classes)
-        topk = logits.topk(k, dim=1).indices
-        acc = (topk[:, 0] == hard).float().mean()
-        acc5 = (topk == hard[:, None]).any(dim=1).float().mean()
         bs = x.shape[0]
+        # Batch accuracies (micro: the fraction of correct images), averaged over the epoch weighted by batch
+        # size and over the ranks by Lightning (sync_dist), like the loss. Functional, not metric objects: a
+        # metric object syncs over any process group it finds, also in rank 0's single-process validation
+        # of the kept weights after a DDP fit, where the other ranks are gone.
+        acc, acc5 = (multiclass_accuracy(logits.detach(), hard, self.num_classes, top_k=k, average="micro",
+                                         validate_args=False) for k in (1, min(5, self.num_classes)))
         self.log(f"{stage}_loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
         self.log(f"{stage}_acc", acc, prog_bar=True, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
         self.log(f"{stage}_acc_top5", acc5, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)

@@ -31,11 +31,11 @@ from finetune.data.transforms import eval_transform, make_mixup, resize_size, tr
 from finetune.errors import UserError
 from finetune.model.backbone import Backbone
 from finetune.model.heads import StageClassifier, load_linear
-from finetune.strategy.decide import Plan
+from finetune.strategy.decide import Plan, stage_index
 from finetune.strategy.features import FINAL, FeatureSet, cached_features
 from finetune.strategy.measure import Decision, _feature_kwargs, preserved_rng
 from finetune.training import checkpoints, distributed
-from finetune.training.callbacks import EMACallback, check_initial_loss, initial_loss, recipe_callbacks
+from finetune.training.callbacks import EMA, check_initial_loss, initial_loss, recipe_callbacks
 from finetune.training.freezing import apply_plan
 from finetune.training.linear_probe import HeadResult, fit_linear_head
 from finetune.training.module import Classifier
@@ -109,12 +109,12 @@ def _head_on_features(cfg: TrainConfig, backbone: Backbone, splits: FolderSplits
 
 def head_network(backbone: Backbone, plan: Plan, num_classes: int) -> nn.Module:
     """The network a feature plan saves: the timm model itself, or the model cut after a stage."""
-    if plan.head_stage == FINAL:
+    index = stage_index(plan.head_stage)
+    if index is None:
         return backbone.model
-    stage_index = int(plan.head_stage.removeprefix("stage"))
     # A copy: StageClassifier prunes the later stages in place, and the backbone still serves the
     # feature cache (its weights are part of the cache key).
-    return StageClassifier(copy.deepcopy(backbone.model), stage_index, num_classes)
+    return StageClassifier(copy.deepcopy(backbone.model), index, num_classes)
 
 
 
@@ -277,8 +277,9 @@ def _babysit_initial_loss(module: Classifier, datamodule: FolderDataModule, num_
 def _pick_weights(module: Classifier, datamodule: FolderDataModule, trainer: pl.Trainer,
                   checkpoint: ModelCheckpoint, warm_state: dict[str, torch.Tensor] | None, output: Path,
                   rt: runtime.Runtime) -> dict[str, Any]:
-    """Load the best checkpoint and validate it, then the EMA and warm-up candidates; `module` ends up
-    holding whichever validates best."""
+    """Load the best checkpoint and validate it, then the warm-up candidate; `module` ends up holding
+    whichever validates best. With --ema the checkpoints hold the EMA weights (Lightning's weight averaging
+    validated and saved them): they are the fine-tuned model, `weights` says "ema"."""
     best_path = checkpoint.best_model_path or str(checkpoints.checkpoint_dir(output) / checkpoints.LAST_CHECKPOINT)
     best = checkpoints.load_checkpoint(best_path)
     module.load_state_dict(best["state_dict"])
@@ -288,8 +289,8 @@ def _pick_weights(module: Classifier, datamodule: FolderDataModule, trainer: pl.
                            precision=rt.precision)
     val_metrics = evaluator.validate(module, datamodule=datamodule, verbose=False)[0]
     metrics = {"val_acc": float(val_metrics["val_acc"]), "val_loss": float(val_metrics["val_loss"]),
-               "val_acc_top5": float(val_metrics["val_acc_top5"]), "best_epoch": int(best["epoch"])}
-    metrics = _keep_better_of_raw_and_ema(module, evaluator, datamodule, trainer, metrics)
+               "val_acc_top5": float(val_metrics["val_acc_top5"]), "best_epoch": int(best["epoch"]),
+               "weights": "ema" if any(isinstance(cb, EMA) for cb in trainer.callbacks) else "raw"}
     if warm_state is not None:
         metrics = _keep_warmup_if_better(module, evaluator, datamodule, warm_state, metrics)
     return metrics
@@ -306,23 +307,6 @@ def _try_weights(module: Classifier, evaluator: pl.Trainer, datamodule: FolderDa
         return candidate, True
     module.net.load_state_dict(current)
     return candidate, False
-
-
-def _keep_better_of_raw_and_ema(module: Classifier, evaluator: pl.Trainer, datamodule: FolderDataModule,
-                                trainer: pl.Trainer, metrics: dict[str, Any]) -> dict[str, Any]:
-    """With --ema: validate the best EMA weights too, and keep (in `module`) whichever is better."""
-    ema = next((cb for cb in trainer.callbacks if isinstance(cb, EMACallback)), None)
-    metrics = {**metrics, "weights": "raw"}
-    if ema is None or not ema.best_path.is_file():
-        return metrics
-    state = torch.load(ema.best_path, map_location="cpu", weights_only=True)["state_dict"]
-    ema_metrics, kept = _try_weights(module, evaluator, datamodule, state, metrics["val_acc"])
-    metrics = {**metrics, "val_acc_raw": metrics["val_acc"], "val_acc_ema": ema_metrics["val_acc"]}
-    if kept:
-        log.info("EMA weights validate better (%.4f > %.4f): keeping them", metrics["val_acc_ema"], metrics["val_acc"])
-        return {**metrics, "val_acc": ema_metrics["val_acc"], "val_loss": ema_metrics["val_loss"],
-                "val_acc_top5": ema_metrics["val_acc_top5"], "weights": "ema"}
-    return metrics
 
 
 def _keep_warmup_if_better(module: Classifier, evaluator: pl.Trainer, datamodule: FolderDataModule,
