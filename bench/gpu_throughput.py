@@ -116,7 +116,7 @@ def finetune_train_epochs(args, cfg, splits, data_config, net, device, out: Path
     per_epoch = len(dm.train_dataloader())
     clock = cpu.BatchClock(per_epoch)  # the whole first epoch (workers starting, cuDNN autotune) is warm-up
     trainer = pl.Trainer(max_epochs=args.train_epochs, limit_val_batches=0, logger=logger,
-                         callbacks=[clock, *recipe_callbacks(cfg, recipe, len(splits.classes), None, out)],
+                         callbacks=[clock, *recipe_callbacks(recipe, len(splits.classes), None)],
                          default_root_dir=out, **{**cpu.trainer_kwargs(args, device), "precision": args.train_precision})
     trainer.fit(module, datamodule=dm)
     tracking.client().set_terminated(run_id, "FINISHED")

@@ -147,7 +147,7 @@ def finetune_train(args, cfg, splits, data_config, net, device, out: Path) -> fl
     logger = MLFlowLogger(experiment_name="bench-throughput", tracking_uri=tracking.tracking_uri(), run_id=run_id)
     clock = BatchClock(args.warmup)
     trainer = pl.Trainer(max_epochs=1, limit_train_batches=args.train_batches, limit_val_batches=0, logger=logger,
-                         callbacks=[clock, *recipe_callbacks(cfg, recipe, len(splits.classes), None, out)],
+                         callbacks=[clock, *recipe_callbacks(recipe, len(splits.classes), None)],
                          default_root_dir=out, **{**trainer_kwargs(args, device), "precision": args.precision})
     trainer.fit(module, datamodule=dm)
     tracking.client().set_terminated(run_id, "FINISHED")

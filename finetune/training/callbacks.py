@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from pytorch_lightning.callbacks import WeightAveraging
 
 from finetune import runtime
+from finetune.training.recipe import Recipe
 from finetune.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -180,8 +181,8 @@ def check_initial_loss(loss: float, num_classes: int, tolerance: float = 0.5) ->
     return None
 
 
-def recipe_callbacks(cfg, recipe, num_classes: int, checkpoint: pl.callbacks.ModelCheckpoint | None,
-                     output: str | Path) -> list[pl.Callback]:
+def recipe_callbacks(recipe: Recipe, num_classes: int, checkpoint: pl.callbacks.ModelCheckpoint | None
+                     ) -> list[pl.Callback]:
     """The recipe's callbacks for a Trainer: LR monitor, divergence stop, train/val gap, EMA, early stop."""
     from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor
 
@@ -189,8 +190,8 @@ def recipe_callbacks(cfg, recipe, num_classes: int, checkpoint: pl.callbacks.Mod
                                     DivergenceCallback(num_classes, checkpoint=checkpoint), TrainValGapCallback()]
     if recipe.ema:
         callbacks.append(EMA(recipe.ema))
-    if cfg.patience:
+    if recipe.patience:
         # Patience counts validation epochs without a better val_acc (the EMA weights' with --ema, as the
         # best checkpoint).
-        callbacks.append(EarlyStopping(monitor="val_acc", mode="max", patience=cfg.patience))
+        callbacks.append(EarlyStopping(monitor="val_acc", mode="max", patience=recipe.patience))
     return callbacks

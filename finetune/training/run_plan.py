@@ -71,15 +71,16 @@ def run_plan(cfg: TrainConfig, decision: Decision, recipe: Recipe, backbone: Bac
              ctx: RunContext, rt: runtime.Runtime) -> FitResult | None:
     """Execute the decided plan; None on the ranks other than 0 of a multi-process run."""
     if decision.plan.train_on_features:
-        return _fit_head(cfg, decision, backbone, splits, ctx.logger, rt)
+        return _fit_head(cfg, decision, recipe, backbone, splits, ctx.logger, rt)
     return _fit_network(cfg, decision, recipe, backbone, splits, ctx, rt)
 
 
-def _fit_head(cfg: TrainConfig, decision: Decision, backbone: Backbone, splits: FolderSplits, logger: Any,
-              rt: runtime.Runtime) -> FitResult:
+def _fit_head(cfg: TrainConfig, decision: Decision, recipe: Recipe, backbone: Backbone, splits: FolderSplits,
+              logger: Any, rt: runtime.Runtime) -> FitResult:
     """Feature plans: the linear head on cached features, its network, and its cached val predictions."""
     plan = decision.plan
-    result = _head_on_features(cfg, backbone, splits, plan, plan.head_stage, plan.epochs, plan.aug_views, logger, rt)
+    result = _head_on_features(cfg, recipe, backbone, splits, plan, plan.head_stage, plan.epochs, plan.aug_views,
+                               logger, rt)
     net = head_network(backbone, plan, len(splits.classes))
     classifier = net.head if isinstance(net, StageClassifier) else net.get_classifier()
     load_linear(classifier, result.weight, result.bias)
@@ -89,7 +90,7 @@ def _fit_head(cfg: TrainConfig, decision: Decision, backbone: Backbone, splits: 
                      center_probs=cached_center_probs(val, plan.head_stage, net))
 
 
-def _head_on_features(cfg: TrainConfig, backbone: Backbone, splits: FolderSplits, plan: Plan, stage: str,
+def _head_on_features(cfg: TrainConfig, recipe: Recipe, backbone: Backbone, splits: FolderSplits, plan: Plan, stage: str,
                       epochs: int, aug_views: int, logger: Any, rt: runtime.Runtime | None) -> HeadResult:
     kwargs = _feature_kwargs(cfg, rt)
     train = cached_features(backbone, splits.train, **kwargs)
@@ -100,7 +101,7 @@ def _head_on_features(cfg: TrainConfig, backbone: Backbone, splits: FolderSplits
     val = cached_features(backbone, splits.val, **kwargs)
 
     def factory(groups: list[dict[str, Any]], module: nn.Module):
-        return make_optimizer_factory(cfg, [{**g, "lr": cfg.lr} for g in groups])(module)
+        return make_optimizer_factory(recipe, [{**g, "lr": recipe.lr} for g in groups])(module)
 
     return fit_linear_head(views, train.labels, train.valid, val.arrays[stage], val.labels, val.valid,
                            len(splits.classes), plan.weight_decay_grid, epochs, cfg.batch_size, factory,
@@ -142,7 +143,7 @@ def feature_metrics(features: FeatureSet, stage: str, weight: torch.Tensor, bias
             "val_acc_top5": float((top == target[:, None]).any(dim=1).float().mean())}
 
 
-def prepare_network(cfg: TrainConfig, decision: Decision, backbone: Backbone, splits: FolderSplits,
+def prepare_network(cfg: TrainConfig, decision: Decision, recipe: Recipe, backbone: Backbone, splits: FolderSplits,
                     rt: runtime.Runtime | None = None, warm_up: bool = True
                     ) -> tuple[list[dict[str, Any]], list[Any], dict[str, Any]]:
     """Large-data plans: warm the head up on cached features, then freeze/unfreeze groups.
@@ -155,7 +156,7 @@ def prepare_network(cfg: TrainConfig, decision: Decision, backbone: Backbone, sp
     if plan.warmup_epochs and warm_up:
         started = time.perf_counter()
         with preserved_rng():  # cached or not, the fine-tuning that follows starts from the same RNG state
-            result = _head_on_features(cfg, backbone, splits, plan, FINAL, plan.warmup_epochs, 0, False, rt)
+            result = _head_on_features(cfg, recipe, backbone, splits, plan, FINAL, plan.warmup_epochs, 0, False, rt)
         load_linear(backbone.model.get_classifier(), result.weight, result.bias)
         info["warmup"] = {"val_acc": result.val_acc, "weight_decay": result.weight_decay,
                           "seconds": round(time.perf_counter() - started, 2)}
@@ -174,11 +175,12 @@ def _fit_network(cfg: TrainConfig, decision: Decision, recipe: Recipe, backbone:
 
     def warm_up() -> dict[str, Any]:
         nonlocal prepared
-        prepared = prepare_network(cfg, decision, backbone, splits, rt)
+        prepared = prepare_network(cfg, decision, recipe, backbone, splits, rt)
         return prepared[2]
 
     report = distributed.on_rank_zero(warm_up)
-    param_groups, plan_callbacks, _ = prepared or prepare_network(cfg, decision, backbone, splits, rt, warm_up=False)
+    param_groups, plan_callbacks, _ = prepared or prepare_network(cfg, decision, recipe, backbone, splits, rt,
+                                                                 warm_up=False)
     module = _classifier(cfg, recipe, backbone, splits, param_groups)
     # The warmed-up head on the pretrained backbone is a candidate too: fine-tuning must beat it on val.
     warm_state = _cpu_state(module.net) if "warmup" in report else None
@@ -202,7 +204,7 @@ def _datamodule(cfg: TrainConfig, recipe: Recipe, backbone: Backbone, splits: Fo
         splits, train_transform(data_config, recipe.augment), eval_transform(data_config),
         batch_size=cfg.batch_size, num_workers=rt.workers, pin_memory=rt.pin_memory,
         max_pixels=cfg.max_image_pixels, draft_size=(size, size),
-        sampler_factory=balanced_sampler_factory(len(splits.classes)) if cfg.sampler == "balanced"
+        sampler_factory=balanced_sampler_factory(len(splits.classes)) if recipe.sampler == "balanced"
         else lambda samples: EpochShuffle(samples, cfg.seed))
 
 
@@ -210,8 +212,8 @@ def _classifier(cfg: TrainConfig, recipe: Recipe, backbone: Backbone, splits: Fo
                 param_groups: list[dict[str, Any]]) -> Classifier:
     n = len(splits.classes)
     return Classifier(
-        backbone.model, n, make_optimizer_factory(cfg, param_groups, recipe.schedule, recipe.warmup_epochs),
-        class_weights=class_weights([s.label for s in splits.train], n) if cfg.class_weights == "auto" else None,
+        backbone.model, n, make_optimizer_factory(recipe, param_groups, recipe.schedule, recipe.warmup_epochs),
+        class_weights=class_weights([s.label for s in splits.train], n) if recipe.class_weights == "auto" else None,
         label_smoothing=recipe.label_smoothing,
         mixup=make_mixup(recipe.mixup, recipe.cutmix, recipe.label_smoothing, n))
 
@@ -225,12 +227,12 @@ def _trainer(cfg: TrainConfig, recipe: Recipe, plan: Plan, ctx: RunContext, rt: 
     trainer = pl.Trainer(
         max_epochs=plan.epochs, accelerator=cfg.accelerator, devices=runtime.parse_devices(cfg.devices),
         strategy=cfg.strategy, num_nodes=cfg.num_nodes, precision=rt.precision, logger=ctx.logger,
-        # Any callback with state_dict/load_state_dict (EMA, RNG state, ...) is saved in the checkpoints and
+        # Any callback with state_dict/load_state_dict (EMA updates, RNG state, ...) is saved in the checkpoints and
         # restored on --resume by Lightning; its state must be tensors and plain data (weights_only).
         callbacks=[best, checkpoints.epoch_checkpoint(ctx.output), checkpoints.RngState(cfg.seed),
                    checkpoints.SaveOnInterrupt(folder / checkpoints.LAST_CHECKPOINT), rank_sync,
                    TQDMProgressBar(refresh_rate=1), *plan_callbacks,
-                   *recipe_callbacks(cfg, recipe, num_classes, best, ctx.output)],
+                   *recipe_callbacks(recipe, num_classes, best)],
         default_root_dir=ctx.output, log_every_n_steps=1, num_sanity_val_steps=0, enable_model_summary=False)
     return trainer, best, rank_sync
 
