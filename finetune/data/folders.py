@@ -1,13 +1,27 @@
 """Image folders: scan, validate, split, and serve them as a Lightning DataModule.
 
-Two layouts are accepted:
+Three layouts are accepted (``FolderSplits.layout`` names the one found):
 
-* ``DATA/<class>/...`` -- split here, stratified and deterministic (``val_fraction``, ``seed``);
-* ``DATA/{train, val|valid|validation[, test]}/<class>/...`` -- the user's own split.
+* ``DATA/<class>/...`` -- "class-folders": split here, stratified and deterministic (``val_fraction``,
+  ``seed``); ``DATA/train/<class>/...`` with nothing next to ``train/`` is read the same way;
+* ``DATA/{train, val[, test]}/<class>/...`` -- "split-folders": the user's own split;
+* ``DATA/{train, test}/<class>/...`` -- "train-test-folders": val is split off train exactly as for
+  class folders (stratified, ``val_fraction``, ``seed``), test is kept as the user's test split.
 
-Images may sit in nested folders below a class folder. Every file is decoded once while scanning
-(JPEGs at 1/8 scale, so it is cheap); files that cannot be used are skipped and reported, so no
-epoch ever crashes on a bad file.
+Split folder names, any case: ``train|training``, ``val|valid|validation``, ``test|testing``. The rule:
+
+1. no top-level folder has a split name: class folders;
+2. every top-level folder has a split name: the user's splits -- train + val [+ test], train + test, or
+   train alone; anything else (val or test without train, two names for one split such as ``val/``
+   and ``validation/``) is an error;
+3. split names mixed with other names: a single split-named folder is a class like any other (a class
+   may be called "train" or "test"), unless it holds a folder named like one of its siblings
+   (``DATA/val/cat/`` next to ``DATA/cat/``: a split folder beside class folders), which is an error;
+   two or more split-named folders next to other folders are an error.
+
+Every error names the accepted layouts. Images may sit in nested folders below a class folder. Every
+file is decoded once while scanning (JPEGs at 1/8 scale, so it is cheap); files that cannot be used are
+skipped and reported, so no epoch ever crashes on a bad file.
 """
 
 from __future__ import annotations
@@ -27,7 +41,16 @@ from finetune.data.images import IMAGE_EXTENSIONS, ImageError, ImageInfo, displa
 
 log = logging.getLogger(__name__)
 
+TRAIN_NAMES = ("train", "training")
 VAL_NAMES = ("val", "valid", "validation")
+TEST_NAMES = ("test", "testing")
+SPLIT_OF_NAME = {**{n: "train" for n in TRAIN_NAMES}, **{n: "val" for n in VAL_NAMES},
+                 **{n: "test" for n in TEST_NAMES}}
+ACCEPTED_LAYOUTS = (
+    "Accepted layouts: DATA/<class>/... (class folders; val is split off with --val-fraction); "
+    "DATA/train/ + DATA/val/ [+ DATA/test/], each holding the same class folders; "
+    "DATA/train/ + DATA/test/ (val is split off train with --val-fraction, test is kept). "
+    "Split folder names, any case: train or training; val, valid or validation; test or testing.")
 IGNORED_DIRS = {"__MACOSX", "__pycache__"}
 
 
@@ -49,7 +72,7 @@ class FolderSplits:
     """The result of scanning an image folder."""
 
     root: str
-    layout: str  # "class-folders" or "split-folders"
+    layout: str  # "class-folders", "split-folders" or "train-test-folders"
     classes: list[str]
     train: list[Sample]
     val: list[Sample]
@@ -59,6 +82,16 @@ class FolderSplits:
     def counts(self) -> dict[str, int]:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test),
                 "skipped": len(self.skipped), "classes": len(self.classes)}
+
+    def evaluation_parts(self) -> dict[str, list[Sample]]:
+        """What `finetune evaluate` reports on: the user's val and test splits; only test when val was
+        split off train here (its split need not be the one the model was trained with); every image
+        of a plain class-folder tree."""
+        if self.layout == "split-folders":
+            return {"val": self.val, "test": self.test}
+        if self.layout == "train-test-folders":
+            return {"test": self.test}
+        return {"all": self.train + self.val}
 
     def skipped_report(self, limit: int = 5) -> str:
         if not self.skipped:
@@ -98,17 +131,45 @@ def iter_image_files(folder: str | Path) -> list[str]:
     return found
 
 
+def _layout_error(root: Path, problem: str) -> UserError:
+    return UserError(f"Cannot tell the layout of {display_path(root)}: {problem}. {ACCEPTED_LAYOUTS} "
+                     "Rename or move the folders to match one of them.")
+
+
+def _names(dirs: Sequence[Path]) -> str:
+    return ", ".join(f"{d.name}/" for d in dirs)
+
+
 def _detect_layout(root: Path) -> tuple[str, dict[str, Path]]:
-    subdirs = {d.name.lower(): d for d in _list_dirs(root)}
-    val_dir = next((subdirs[n] for n in VAL_NAMES if n in subdirs), None)
-    if "train" in subdirs and val_dir is not None:
-        parts = {"train": subdirs["train"], "val": val_dir}
-        if "test" in subdirs:
-            parts["test"] = subdirs["test"]
+    """The layout of `root` and its parts ("all", or "train"/"val"/"test"); the rule is in the module doc."""
+    dirs = _list_dirs(root)
+    split_dirs = [d for d in dirs if d.name.lower() in SPLIT_OF_NAME]
+    others = [d for d in dirs if d.name.lower() not in SPLIT_OF_NAME]
+    if not split_dirs:
+        return "class-folders", {"all": root}
+    if others:
+        if len(split_dirs) > 1:
+            raise _layout_error(root, f"split folders {_names(split_dirs)} sit next to other folders "
+                                      f"({_names(others)})")
+        sibling_names = {d.name.lower() for d in others}
+        inside = [d for d in _list_dirs(split_dirs[0]) if d.name.lower() in sibling_names]
+        if inside:
+            raise _layout_error(root, f"{split_dirs[0].name}/ holds {_names(inside)} like the class folders "
+                                      "next to it: a split folder beside class folders")
+        return "class-folders", {"all": root}  # a class that happens to have a split name
+    parts: dict[str, Path] = {}
+    for d in split_dirs:
+        split = SPLIT_OF_NAME[d.name.lower()]
+        if split in parts:
+            raise _layout_error(root, f"{parts[split].name}/ and {d.name}/ both name the {split} split")
+        parts[split] = d
+    if "train" not in parts:
+        raise _layout_error(root, f"{_names(split_dirs)} but no train folder")
+    if "val" in parts:
         return "split-folders", parts
-    if "train" in subdirs and len(subdirs) == 1:
-        return "class-folders", {"all": subdirs["train"]}
-    return "class-folders", {"all": root}
+    if "test" in parts:
+        return "train-test-folders", parts
+    return "class-folders", {"all": parts["train"]}
 
 
 def _class_files(split_root: Path) -> dict[str, list[str]]:
@@ -148,6 +209,27 @@ def stratified_split(samples: Sequence[Sample], val_fraction: float, seed: int) 
         val.extend(items[:n_val])
         train.extend(items[n_val:])
     return train, val
+
+
+def _final_splits(root: Path, layout: str, parts: dict[str, Path], split_samples: dict[str, list[Sample]],
+                  val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample], list[Sample]]:
+    """train, val, test: the user's own splits, or val split off train (or off all the images)."""
+    if layout == "split-folders":
+        train, val, test = split_samples["train"], split_samples["val"], split_samples.get("test", [])
+        if not val:
+            raise UserError(f"The validation folder {display_path(parts['val'])} holds no usable image: "
+                            "add images to it or remove it.")
+        return train, val, test
+    primary = "train" if "train" in parts else "all"
+    train, val = stratified_split(split_samples[primary], val_fraction, seed)
+    test = split_samples.get("test", [])
+    if not val:
+        raise UserError(f"Too few images in {display_path(parts[primary])} to hold out a validation split "
+                        "(each class needs at least 2 images).")
+    if layout == "train-test-folders" and not test:
+        raise UserError(f"The test folder {display_path(parts['test'])} holds no usable image: "
+                        "add images to it or remove it.")
+    return train, val, test
 
 
 def scan_folder(root: str | Path, val_fraction: float = 0.2, seed: int = 0,
@@ -194,16 +276,7 @@ def scan_folder(root: str | Path, val_fraction: float = 0.2, seed: int = 0,
             raise UserError(f"Class folder {display_path(folder)} has no usable image: {why}. "
                             "Add images or remove the folder.")
 
-    if layout == "split-folders":
-        train, val, test = split_samples["train"], split_samples["val"], split_samples.get("test", [])
-        if not val:
-            raise UserError(f"The validation folder {display_path(parts['val'])} holds no usable image.")
-    else:
-        train, val = stratified_split(primary_samples, val_fraction, seed)
-        test = []
-        if not val:
-            raise UserError(f"Too few images in {display_path(root)} to hold out a validation split "
-                            "(each class needs at least 2 images).")
+    train, val, test = _final_splits(root, layout, parts, split_samples, val_fraction, seed)
     result = FolderSplits(str(root), layout, classes, train, val, test, skipped)
     if skipped:
         log.warning(result.skipped_report())

@@ -41,8 +41,7 @@ def evaluate_model(model_uri: str, data_dir: str, tta: str | None = None, batch_
         raise UserError(f"Class folder(s) {unknown} in {data_dir} are not classes of the model "
                         f"({', '.join(spec.class_names)}). Remove them or evaluate a matching model.")
     label_map = [spec.class_names.index(c) for c in splits.classes]
-    parts = ({"val": splits.val, "test": splits.test} if splits.layout == "split-folders"
-             else {"all": splits.train + splits.val})
+    parts = splits.evaluation_parts()
     out = Path(output or Path("outputs") / f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}")
     run = tracking.client().create_run(tracking.ensure_experiment(experiment),
                                        run_name=f"evaluate-{Path(data_dir).resolve().name}",
