@@ -62,7 +62,8 @@ def describe(decision: Decision, groups: list[dict[str, Any]]) -> str:
                                                    if plan.warmup_epochs else ""),
               f"  BatchNorm      {BN_POLICIES[plan.bn_policy]}"]
     if plan.train_on_features:
-        lines.append(f"  weight decay   chosen on val from {plan.weight_decay_grid}")
+        lines.append(f"  weight decay   {plan.weight_decay_grid[0]:g}" if len(plan.weight_decay_grid) == 1
+                     else f"  weight decay   chosen on val from {plan.weight_decay_grid}")
         if plan.aug_views:
             lines.append(f"  aug views      {plan.aug_views} per image ({plan.augment})")
     lines += ["", "Layer groups (timm group_matcher; --freeze-groups N freezes the first N)",
