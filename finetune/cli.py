@@ -249,17 +249,22 @@ def lr_find(data_dir: str, config_file: str | None, min_lr: float, max_lr: float
 @click.option("--trials", default=10, show_default=True, type=int, help="Optuna trials (each a full training run).")
 @click.option("--lr-range", nargs=2, type=float, default=(1e-5, 1e-1), show_default=True,
               help="Log-uniform learning-rate range.")
-@click.option("--wd-range", nargs=2, type=float, default=(1e-6, 1e-1), show_default=True,
-              help="Log-uniform weight-decay range.")
-@click.option("--search-augment", is_flag=True, help="Also search the augmentation preset.")
+@click.option("--wd-range", nargs=2, type=float, default=None,
+              help="Log-uniform weight-decay range (default 1e-6 0.1). Fine-tuning plans only: a feature plan's "
+                   "head chooses its weight decay on val in every trial.")
+@click.option("--search-augment", is_flag=True, help="Also search the augmentation preset (fine-tuning plans only).")
 @train_options
 def sweep(data_dir: str, config_file: str | None, trials: int, lr_range: tuple[float, float],
-          wd_range: tuple[float, float], search_augment: bool, **options: Any) -> None:
-    """Hyperparameter search (Optuna) over LR and weight decay; trials are child runs of one MLflow run."""
+          wd_range: tuple[float, float] | None, search_augment: bool, **options: Any) -> None:
+    """Hyperparameter search (Optuna) of what acts in the data's plan; trials are child runs of one MLflow run.
+
+    Fine-tuning plans: LR and weight decay (and, asked, the augmentation preset). Feature plans (a linear
+    head on cached features): LR; the head chooses its weight decay on val in every trial.
+    """
     from finetune.workflows.sweep import sweep as run_sweep
 
     cfg = build_config(data_dir, config_file, **options)
-    r = run_sweep(cfg, trials, tuple(lr_range), tuple(wd_range), search_augment)
+    r = run_sweep(cfg, trials, tuple(lr_range), tuple(wd_range) if wd_range else None, search_augment)
     click.echo(f"best val_acc {r['best_val_acc']:.4f} (trial {r['best_trial']}): "
                + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["best_params"].items()))
     click.echo(f"best config: {r['best_config']}  (finetune train DATA_DIR --config {r['best_config']})")

@@ -40,7 +40,9 @@ class TrainConfig:
     batch_size: int = 32
     image_size: int | None = None
     lr: float = 1e-3
-    weight_decay: float = 0.05
+    # None: the plan's. A feature plan chooses its head's weight decay on val from the plan's grid, a
+    # fine-tuning plan uses 0.05 (finetune.training.recipe); a value given here is used as it is.
+    weight_decay: float | None = None
     val_fraction: float = 0.2
     seed: int = 0
     tta: str = "center"
@@ -123,7 +125,7 @@ def resolve_config(file_values: dict[str, Any], cli_values: dict[str, Any]) -> T
 def _coerce_types(cfg: TrainConfig) -> None:
     """YAML gives strings for things like 1e-3 written oddly; cast to the declared types."""
     casts = {"epochs": int, "batch_size": int, "seed": int, "max_image_pixels": int, "num_nodes": int,
-             "lr": float, "weight_decay": float, "val_fraction": float}
+             "lr": float, "val_fraction": float}
     for name, cast in casts.items():
         value = getattr(cfg, name)
         try:
@@ -143,7 +145,7 @@ def _coerce_types(cfg: TrainConfig) -> None:
         except (TypeError, ValueError):
             raise UserError(f"Config value backbone_lr_mult={cfg.backbone_lr_mult!r} is not a valid float.") from None
     cfg.devices = str(cfg.devices)
-    optional = {"mixup": float, "cutmix": float, "label_smoothing": float, "warmup_epochs": float,
+    optional = {"weight_decay": float, "mixup": float, "cutmix": float, "label_smoothing": float, "warmup_epochs": float,
                 "step_epochs": int, "lr_gamma": float, "dropout": float, "drop_path": float,
                 "drop_connect": float, "ema": float, "patience": int}
     for name, cast in {**optional, "momentum": float}.items():
@@ -193,7 +195,7 @@ def validate_recipe(cfg: TrainConfig) -> None:
         _check_choice("schedule", cfg.schedule, SCHEDULES)
     _check_choice("class_weights", cfg.class_weights, CLASS_WEIGHTS)
     _check_choice("sampler", cfg.sampler, SAMPLERS)
-    if cfg.weight_decay < 0:
+    if cfg.weight_decay is not None and cfg.weight_decay < 0:
         raise UserError(f"weight_decay must be >= 0 (got {cfg.weight_decay}).")
     for name in ("mixup", "cutmix", "warmup_epochs"):
         value = getattr(cfg, name)

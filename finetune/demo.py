@@ -177,10 +177,12 @@ def make_tasks(workdir: Path, seed: int = 0, source: bool = True) -> None:
     make_image_folder(workdir / "target" / "val", "target", TARGET_VAL_PER_CLASS, 10_000 + seed)  # other images
 
 
-# One recipe for all three runs: the plain one. The regularisers of the default from-scratch recipe
-# (stronger augmentation, label smoothing, stochastic depth, EMA) pay off over long schedules; in a
-# few hundred steps they only slow a randomly initialised network down, so the plain recipe is the
-# from-scratch run's best chance, not a handicap.
+# The recipe of the networks that train (pretraining, from scratch): the plain one. The regularisers of the
+# default from-scratch recipe (stronger augmentation, label smoothing, stochastic depth, EMA) pay off over
+# long schedules; in a few hundred steps they only slow a randomly initialised network down, so the plain
+# recipe is the from-scratch run's best chance, not a handicap. The fine-tuned run's measured plan is a
+# feature plan (little data: a linear head on frozen, cached features), which refuses these options:
+# none of them acts on it, and its own recipe (no label smoothing) is the plain one already.
 PLAIN_RECIPE = dict(augment="light", mixup=0.0, cutmix=0.0, label_smoothing=0.0, dropout=0.0, drop_path=0.0,
                     ema=0.0, warmup_epochs=0.0)
 
@@ -190,19 +192,20 @@ def demo_configs(workdir: Path, model: str, weights: str | None, epochs: int, pr
     """(pretraining config or None when weights are given, fine-tuning config, from-scratch config).
 
     The two target configs differ only in `weights` (and where they write): same data, split, seed,
-    epochs, learning rate, batch size, resolution and recipe.
+    epochs, learning rate, batch size and resolution; the from-scratch run (a network that trains) sets the
+    plain recipe, which the fine-tuned run's feature plan has already and would refuse as options.
     """
-    common = dict(model=model, batch_size=16, image_size=IMAGE_SIZE, experiment="finetune-demo", seed=seed,
-                  **PLAIN_RECIPE)
+    common = dict(model=model, batch_size=16, image_size=IMAGE_SIZE, experiment="finetune-demo", seed=seed)
     pretrain = None
     if weights is None:
         pretrain = TrainConfig(data_dir=str(workdir / "source"), weights="none", epochs=pretrain_epochs,
                                lr=3e-3, output=str(workdir / "pretrain"), run_name="demo-pretrain-source",
-                               **common)
+                               **common, **PLAIN_RECIPE)
         weights = str(workdir / "weights" / f"{model}.demo.safetensors")
     finetuned = TrainConfig(data_dir=str(workdir / "target"), weights=weights, epochs=epochs, lr=3e-3,
                             output=str(workdir / "finetuned"), run_name="demo-target-finetuned", **common)
-    scratch = replace(finetuned, weights="none", output=str(workdir / "scratch"), run_name="demo-target-scratch")
+    scratch = replace(finetuned, weights="none", output=str(workdir / "scratch"), run_name="demo-target-scratch",
+                      **PLAIN_RECIPE)
     return pretrain, finetuned, scratch
 
 

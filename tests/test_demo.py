@@ -13,17 +13,22 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from finetune.cli import cli
-from finetune.demo import TARGET_CLASSES, demo_configs, make_image_folder
+from finetune.demo import PLAIN_RECIPE, TARGET_CLASSES, demo_configs, make_image_folder
+from finetune.training.recipe import check_feature_plan_options, resolve_recipe
 
 
-def test_the_two_target_runs_differ_only_in_their_weights(tmp_path: Path):
+def test_the_two_target_runs_differ_only_in_their_weights_and_plain_recipe_options(tmp_path: Path):
     pretrain, tuned, scratch = demo_configs(tmp_path, "test_resnet", None, epochs=7, pretrain_epochs=3,
                                             seed=5)
     assert pretrain is not None and pretrain.weights == "none" and pretrain.epochs == 3
     assert tuned.weights == str(tmp_path / "weights" / "test_resnet.demo.safetensors")
     assert scratch.weights == "none"
     differ = {f.name for f in dataclasses.fields(tuned) if getattr(tuned, f.name) != getattr(scratch, f.name)}
-    assert differ == {"weights", "output", "run_name"}
+    # The from-scratch network is given the plain recipe; the fine-tuned run's feature plan has it already
+    # (and refuses the options that do not act on a linear head): the resolved recipes are the same.
+    assert differ == {"weights", "output", "run_name", *PLAIN_RECIPE}
+    assert resolve_recipe(tuned, "small-different") == resolve_recipe(scratch, "large-different")
+    check_feature_plan_options(tuned, "small-different")  # the measured plan of the fine-tuned run: accepted
     assert tuned.epochs == 7 and tuned.seed == 5 and tuned.data_dir == str(tmp_path / "target")
 
 

@@ -147,7 +147,7 @@ def classify_domain(score: float, components: Mapping[str, float], t: Thresholds
 def decide(profile: Mapping[str, Any], similarity: Mapping[str, Any], thresholds: Thresholds,
            defaults: Mapping[str, ScenarioDefaults], *, base_epochs: int, forced: str = "auto",
            freeze_groups: int | None = None, backbone_lr_mult: float | None = None,
-           aug_views: int | None = None, pretrained: bool = True) -> Plan:
+           aug_views: int | None = None, weight_decay: float | None = None, pretrained: bool = True) -> Plan:
     """Choose the scenario and its plan.
 
     Args:
@@ -159,6 +159,9 @@ def decide(profile: Mapping[str, Any], similarity: Mapping[str, Any], thresholds
         base_epochs: the user's --epochs.
         forced: "auto" to decide from the measurements, else a scenario name.
         freeze_groups, backbone_lr_mult, aug_views: user overrides (None: the scenario's default).
+        weight_decay: the user's --weight-decay (None: not given). A feature plan's head then trains with
+            this one value instead of choosing one on val from the scenario's grid; fine-tuning plans
+            take it through the recipe (their head warm-up keeps the grid).
         pretrained: False for a randomly initialised backbone: nothing to keep, so every layer learns.
     """
     scenario, source, reasons = _choose_scenario(profile, similarity, thresholds, forced, pretrained)
@@ -180,10 +183,15 @@ def decide(profile: Mapping[str, Any], similarity: Mapping[str, Any], thresholds
         layer_decay, warmup = 1.0, 0
     views = d.aug_views if aug_views is None else int(aug_views)
     bn_policy = "eval" if pretrained else "train"
+    grid = [float(w) for w in d.weight_decay_grid]
     if d.train_on_features:
+        if weight_decay is not None:
+            grid = [float(weight_decay)]
+            wd_reason = f"weight decay {weight_decay:g} (--weight-decay)"
+        else:
+            wd_reason = f"weight decay chosen on the validation split from {grid}"
         reasons.append(f"backbone frozen (BatchNorm in eval mode): a linear head trains for {epochs} epochs on "
-                       "cached features, no backbone forward per epoch; weight decay chosen on the validation "
-                       f"split from {list(d.weight_decay_grid)}"
+                       f"cached features, no backbone forward per epoch; {wd_reason}"
                        + (f"; {views} augmented view(s) per image cached" if views else ""))
     else:
         reasons += _network_reasons(scenario, d, freeze_groups, epochs, lr_mult, layer_decay, warmup, bn_policy,
@@ -195,7 +203,7 @@ def decide(profile: Mapping[str, Any], similarity: Mapping[str, Any], thresholds
         freeze_groups=freeze_groups, backbone_lr_mult=lr_mult, layer_decay=layer_decay,
         bn_policy=bn_policy,
         warmup_epochs=0 if d.train_on_features else warmup, epochs=epochs,
-        weight_decay_grid=[float(w) for w in d.weight_decay_grid],
+        weight_decay_grid=grid,
         aug_views=views if d.train_on_features else 0, augment=d.augment, reasons=reasons)
 
 

@@ -110,7 +110,7 @@ def _measure_and_decide(cfg: TrainConfig, splits: FolderSplits, backbone: Backbo
     probed = time.perf_counter() - started - extracted
     plan = decide(profile.to_dict(), similarity.to_dict(), thresholds, defaults, base_epochs=cfg.epochs,
                   forced=cfg.scenario, freeze_groups=cfg.freeze_groups, backbone_lr_mult=cfg.backbone_lr_mult,
-                  aug_views=cfg.aug_views, pretrained=backbone.weights_source != "none")
+                  aug_views=cfg.aug_views, weight_decay=cfg.weight_decay, pretrained=backbone.weights_source != "none")
     groups = plan_groups(backbone.model, plan, cfg.lr)
     timings = {"features_s": round(extracted, 2), "features_cached": not feats.extracted, "probe_s": round(probed, 2)}
     return Decision(profile, similarity, plan, groups, len(feats.labels), timings)

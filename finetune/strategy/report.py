@@ -26,10 +26,16 @@ def plan_folder(cfg: TrainConfig) -> tuple[Decision, list[dict[str, Any]]]:
     from finetune.data.folders import scan_folder
     from finetune.model.backbone import create_backbone
 
+    from finetune.training.recipe import check_feature_plan_options
+    from finetune.workflows.preflight import check_forced_scenario
+
+    check_forced_scenario(cfg)  # `plan` takes train's options: it refuses what train would refuse
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     splits = scan_folder(cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_image_pixels)
     backbone = create_backbone(cfg.model, cfg.weights, len(splits.classes), cfg.image_size, keep_source_head=True)
     decision = measure_and_decide(cfg, splits, backbone)
+    if decision.plan.train_on_features:
+        check_feature_plan_options(cfg, decision.plan.scenario)
     return decision, group_table(backbone.model)
 
 
@@ -62,7 +68,8 @@ def describe(decision: Decision, groups: list[dict[str, Any]]) -> str:
                                                    if plan.warmup_epochs else ""),
               f"  BatchNorm      {BN_POLICIES[plan.bn_policy]}"]
     if plan.train_on_features:
-        lines.append(f"  weight decay   chosen on val from {plan.weight_decay_grid}")
+        lines.append(f"  weight decay   {plan.weight_decay_grid[0]:g}" if len(plan.weight_decay_grid) == 1
+                     else f"  weight decay   chosen on val from {plan.weight_decay_grid}")
         if plan.aug_views:
             lines.append(f"  aug views      {plan.aug_views} per image ({plan.augment})")
     lines += ["", "Layer groups (timm group_matcher; --freeze-groups N freezes the first N)",

@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from finetune import runtime
 
@@ -65,9 +65,14 @@ class HeadSearch(pl.LightningModule):
     """One linear head per weight-decay candidate, trained side by side on the same batches."""
 
     def __init__(self, in_features: int, num_classes: int, weight_decays: Sequence[float],
-                 optimizer_factory: Callable[[list[dict[str, Any]], nn.Module], Any]):
+                 optimizer_factory: Callable[[list[dict[str, Any]], nn.Module], Any],
+                 class_weights: torch.Tensor | None = None, label_smoothing: float = 0.0):
         super().__init__()
         self.weight_decays = [float(w) for w in weight_decays]
+        # The training loss only (--class-weights auto, --label-smoothing); validation ranks the
+        # candidates by plain accuracy and cross-entropy.
+        self.register_buffer("class_weights", None if class_weights is None else class_weights.float())
+        self.label_smoothing = float(label_smoothing)
         self.heads = nn.ModuleList(nn.Linear(in_features, num_classes) for _ in self.weight_decays)
         for h in self.heads:  # zero init: every candidate starts from "no opinion"
             nn.init.zeros_(h.weight)
@@ -79,11 +84,14 @@ class HeadSearch(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        losses = torch.stack([F.cross_entropy(h(x), y) for h in self.heads])
+        losses = torch.stack([self.train_loss(h(x), y) for h in self.heads])
         acc = (self.heads[0](x).argmax(1) == y).float().mean()
         self.log("train_loss", losses.min(), on_step=False, on_epoch=True, batch_size=len(y))
         self.log("train_acc", acc, on_step=False, on_epoch=True, batch_size=len(y))
         return losses.sum()
+
+    def train_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, y, weight=self.class_weights, label_smoothing=self.label_smoothing)
 
     def on_validation_epoch_start(self) -> None:
         self._val = [[0.0, 0.0, 0.0] for _ in self.heads]  # loss sum, correct, count
@@ -119,6 +127,18 @@ class HeadSearch(pl.LightningModule):
         return self.optimizer_factory(groups, self)
 
 
+def head_train_loader(train_ds: _FeatureViews, batch_size: int, num_classes: int, balanced: bool,
+                      generator: torch.Generator) -> DataLoader:
+    """Shuffled rows; or, balanced, every class drawn equally often (as `loaders.balanced_sampler_factory`)."""
+    if not balanced:
+        return DataLoader(train_ds, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=_batch_as_is)
+    labels = train_ds.labels[torch.from_numpy(train_ds.rows)]
+    counts = torch.bincount(labels, minlength=num_classes).float()
+    sampler = WeightedRandomSampler((1.0 / counts.clamp(min=1))[labels].double(), num_samples=len(labels),
+                                    replacement=True, generator=generator)
+    return DataLoader(train_ds, batch_size=batch_size, sampler=sampler, collate_fn=_batch_as_is)
+
+
 @dataclass
 class HeadResult:
     weight: torch.Tensor  # [classes, features], for raw (unstandardised) features
@@ -134,7 +154,8 @@ def fit_linear_head(train_views: Sequence[np.ndarray], train_labels: np.ndarray,
                     val_features: np.ndarray, val_labels: np.ndarray, val_valid: np.ndarray, num_classes: int,
                     weight_decays: Sequence[float], epochs: int, batch_size: int,
                     optimizer_factory: Callable[[list[dict[str, Any]], nn.Module], Any], seed: int = 0,
-                    logger: Any = False, rt: runtime.Runtime | None = None) -> HeadResult:
+                    logger: Any = False, rt: runtime.Runtime | None = None, class_weights: torch.Tensor | None = None,
+                    balanced: bool = False, label_smoothing: float = 0.0) -> HeadResult:
     """Train a linear head on cached features; choose the weight decay on the validation split.
 
     Args:
@@ -145,6 +166,9 @@ def fit_linear_head(train_views: Sequence[np.ndarray], train_labels: np.ndarray,
             weight_decay and gets its LR from the factory.
         rt: where the heads train (this process's own device); the CPU when not given. The returned
             weights are CPU tensors either way.
+        class_weights: per-class weights of the training loss ([num_classes]; --class-weights auto).
+        balanced: draw every class equally often (with replacement) instead of shuffling (--sampler balanced).
+        label_smoothing: of the training loss (--label-smoothing).
     """
     rt = rt or runtime.cpu()
     clean = np.asarray(train_views[0][0], dtype=np.float64)[train_valid]
@@ -158,11 +182,10 @@ def fit_linear_head(train_views: Sequence[np.ndarray], train_labels: np.ndarray,
     val_rows = np.flatnonzero(val_valid)
     generator = torch.Generator().manual_seed(seed)
     train_ds = _FeatureViews(train_views, train_labels, train_rows, mean, std, random_view=True, generator=generator)
-    train_loader = DataLoader(train_ds, batch_size=min(batch_size, len(train_rows)), shuffle=True,
-                              generator=generator, collate_fn=_batch_as_is)
+    train_loader = head_train_loader(train_ds, min(batch_size, len(train_rows)), num_classes, balanced, generator)
     val_loader = DataLoader(_FeatureViews([val_features], val_labels, val_rows, mean, std, random_view=False),
                             batch_size=max(batch_size, 512), collate_fn=_batch_as_is)
-    module = HeadSearch(clean.shape[1], num_classes, weight_decays, optimizer_factory)
+    module = HeadSearch(clean.shape[1], num_classes, weight_decays, optimizer_factory, class_weights, label_smoothing)
     trainer = pl.Trainer(max_epochs=epochs, accelerator=rt.accelerator, devices=rt.lightning_devices, logger=logger,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, log_every_n_steps=1, deterministic=False)

@@ -16,7 +16,7 @@ from torch import nn
 from torch.optim import lr_scheduler
 
 from finetune.config import OPTIMIZERS, SCHEDULES, TrainConfig
-from finetune.training.recipe import Recipe
+from finetune.training.recipe import NETWORK_WEIGHT_DECAY, Recipe
 from finetune.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,9 @@ def create_optimizer(cfg: Recipe | TrainConfig, param_groups: list[dict[str, Any
     (`model`: the module the groups come from, whose `no_weight_decay()` names are honoured)."""
     if cfg.optimizer not in OPTIMIZERS:
         raise UserError(f"Invalid optimizer {cfg.optimizer!r}. Valid values: {', '.join(OPTIMIZERS)}.")
-    groups = split_weight_decay(param_groups, cfg.weight_decay,
+    # A bare TrainConfig (tests, benchmarks) leaves it None: the fine-tuning default, as a Recipe resolves it.
+    weight_decay = NETWORK_WEIGHT_DECAY if cfg.weight_decay is None else cfg.weight_decay
+    groups = split_weight_decay(param_groups, weight_decay,
                                 no_weight_decay_params(model) if model is not None else frozenset())
     if not groups:
         raise UserError("Nothing to train: every parameter is frozen.")
@@ -91,7 +93,7 @@ def create_optimizer(cfg: Recipe | TrainConfig, param_groups: list[dict[str, Any
     if cfg.nesterov and cfg.optimizer != "sgd":
         raise UserError(f"--nesterov applies to --optimizer sgd only (got {cfg.optimizer}).")
     # filter_bias_and_bn only acts on a model; the split above already did it for the groups.
-    return create_optimizer_v2(groups, opt=name, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
+    return create_optimizer_v2(groups, opt=name, lr=cfg.lr, weight_decay=weight_decay, **kwargs)
 
 
 def create_scheduler(cfg: Recipe | TrainConfig, optimizer: torch.optim.Optimizer, schedule: str, warmup_epochs: float,

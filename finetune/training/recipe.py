@@ -50,8 +50,11 @@ class Recipe:
         return asdict(self)
 
 
-_BASE = dict(mixup=0.0, cutmix=0.0, label_smoothing=0.0, schedule="cosine", warmup_epochs=0.0,
-             dropout=0.0, drop_path=0.0, drop_connect=0.0, ema=0.0)
+# Weight decay of a fine-tuning plan's optimizer. A feature plan's head chooses its own on val from the
+# plan's weight_decay_grid unless --weight-decay is given (then the grid is that one value: decide()).
+NETWORK_WEIGHT_DECAY = 0.05
+_BASE = dict(weight_decay=NETWORK_WEIGHT_DECAY, mixup=0.0, cutmix=0.0, label_smoothing=0.0, schedule="cosine",
+             warmup_epochs=0.0, dropout=0.0, drop_path=0.0, drop_connect=0.0, ema=0.0)
 
 # Little data: gentle augmentation only; the backbone is (mostly) frozen, so there is little to
 # regularize and a weight average of a linear head buys nothing. Much data: label smoothing,
@@ -105,3 +108,22 @@ def class_weights(labels: Sequence[int], num_classes: int) -> torch.Tensor:
     return full
 
 
+
+
+# Recipe options with nothing to act on in a feature plan (a linear head on frozen, cached features):
+# no images are augmented or mixed per step, no network to regularise, a fixed-LR fit of a few epochs
+# whose best epoch per candidate is kept. What does act there: --lr, --optimizer/--momentum/--nesterov,
+# --weight-decay (one value instead of the plan's grid), --class-weights, --sampler, --label-smoothing.
+NOT_ON_FEATURES = ("augment", "mixup", "cutmix", "schedule", "warmup_epochs", "step_epochs", "lr_gamma", "ema",
+                   "patience", "dropout", "drop_path", "drop_connect")
+
+
+def check_feature_plan_options(cfg: TrainConfig, scenario: str) -> None:
+    """Refuse, in one message, the recipe options a feature plan would ignore; options left unset (None) are fine."""
+    given = [name for name in NOT_ON_FEATURES if getattr(cfg, name) is not None]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise UserError(f"{flags}: the plan {scenario} is a feature plan (a linear head on frozen, cached features), "
+                        f"which ignores {'this option' if len(given) == 1 else 'these options'}. Leave "
+                        f"{'it' if len(given) == 1 else 'them'} out, or force a fine-tuning plan with "
+                        "--scenario large-similar or --scenario large-different.")

@@ -79,8 +79,14 @@ def _fit_head(cfg: TrainConfig, decision: Decision, recipe: Recipe, backbone: Ba
               logger: Any, rt: runtime.Runtime) -> FitResult:
     """Feature plans: the linear head on cached features, its network, and its cached val predictions."""
     plan = decision.plan
+    # What of the recipe acts on a linear head: its optimizer options, and the training loss and sampling
+    # (the other recipe options are refused for feature plans: recipe.check_feature_plan_options).
+    n = len(splits.classes)
+    head_options = dict(
+        class_weights=class_weights([s.label for s in splits.train], n) if recipe.class_weights == "auto" else None,
+        balanced=recipe.sampler == "balanced", label_smoothing=recipe.label_smoothing)
     result = _head_on_features(cfg, recipe, backbone, splits, plan, plan.head_stage, plan.epochs, plan.aug_views,
-                               logger, rt)
+                               logger, rt, **head_options)
     net = head_network(backbone, plan, len(splits.classes))
     classifier = net.head if isinstance(net, StageClassifier) else net.get_classifier()
     load_linear(classifier, result.weight, result.bias)
@@ -91,7 +97,10 @@ def _fit_head(cfg: TrainConfig, decision: Decision, recipe: Recipe, backbone: Ba
 
 
 def _head_on_features(cfg: TrainConfig, recipe: Recipe, backbone: Backbone, splits: FolderSplits, plan: Plan, stage: str,
-                      epochs: int, aug_views: int, logger: Any, rt: runtime.Runtime | None) -> HeadResult:
+                      epochs: int, aug_views: int, logger: Any, rt: runtime.Runtime | None,
+                      **head_options: Any) -> HeadResult:
+    """A linear head on the cached features of `stage`: a feature plan's model, or a network plan's head
+    warm-up (which trains with the plain loss: `head_options` are the feature plan's)."""
     kwargs = _feature_kwargs(cfg, rt)
     train = cached_features(backbone, splits.train, **kwargs)
     views = [train.arrays[stage]]
@@ -105,7 +114,7 @@ def _head_on_features(cfg: TrainConfig, recipe: Recipe, backbone: Backbone, spli
 
     return fit_linear_head(views, train.labels, train.valid, val.arrays[stage], val.labels, val.valid,
                            len(splits.classes), plan.weight_decay_grid, epochs, cfg.batch_size, factory,
-                           seed=cfg.seed, logger=logger, rt=kwargs["rt"])
+                           seed=cfg.seed, logger=logger, rt=kwargs["rt"], **head_options)
 
 
 def head_network(backbone: Backbone, plan: Plan, num_classes: int) -> nn.Module:

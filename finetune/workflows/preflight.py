@@ -10,11 +10,15 @@ from finetune import tracking
 from finetune.model.backbone import check_model_name
 from finetune.config import TrainConfig
 from finetune.errors import UserError
+from finetune.strategy.decide import SCENARIO_NAMES, load_scenario_defaults
+from finetune.training.recipe import check_feature_plan_options
 
 
 def check(cfg: TrainConfig, devices, precision: str) -> None:
-    """Raise UserError for an unknown model, Lightning options it would refuse, or an unreachable store."""
+    """Raise UserError for an unknown model, recipe options a forced feature plan ignores, Lightning options
+    it would refuse, or an unreachable store."""
     check_model_name(cfg.model)
+    check_forced_scenario(cfg)
     check_lightning_options(cfg.accelerator, devices, cfg.strategy, precision, cfg.num_nodes)
     if distributed.is_global_zero():
         tracking.check_reachable()
@@ -36,3 +40,10 @@ def check_lightning_options(accelerator: str, devices, strategy: str, precision:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"Invalid --accelerator/--devices/--strategy/--precision "
                         f"({accelerator}/{devices}/{strategy}/{precision}): {first}") from None
+
+
+def check_forced_scenario(cfg: TrainConfig) -> None:
+    """A forced small-* scenario is a feature plan whatever the data: refuse the recipe options it would
+    ignore now, before the data scan and the measurement (a measured one is checked after the decision)."""
+    if cfg.scenario in SCENARIO_NAMES and load_scenario_defaults(cfg.scenario).train_on_features:
+        check_feature_plan_options(cfg, cfg.scenario)

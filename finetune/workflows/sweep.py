@@ -1,8 +1,12 @@
 """`finetune sweep`: hyperparameter search with Optuna, each trial a child MLflow run of one parent.
 
-Searches the learning rate and weight decay on log scales (their effect is multiplicative, so a
-uniform draw over orders of magnitude beats a grid), and optionally the augmentation preset. The best
-trial's configuration is saved as a YAML file that `finetune train --config` takes as it is.
+Searches only what acts in the plan it tunes, decided once up front as `finetune plan` does
+(`search_space`). A fine-tuning plan: the learning rate and weight decay on log scales (their effect is
+multiplicative, so a uniform draw over orders of magnitude beats a grid), and optionally the
+augmentation preset. A feature plan (a linear head on frozen, cached features): the learning rate only;
+its head picks the weight decay on val from the plan's grid inside every trial, and no image is
+augmented per step. The best trial's configuration is saved as a YAML file that `finetune train
+--config` takes as it is.
 """
 
 from __future__ import annotations
@@ -20,11 +24,58 @@ from finetune import tracking
 from finetune.training.callbacks import DivergenceError
 from finetune.config import AUGMENT_PRESETS, TrainConfig
 from finetune.errors import UserError
+from finetune.strategy.decide import Plan
 
 log = logging.getLogger(__name__)
 
 # Keys that describe where/how a run is stored, not how it trains: left out of the best config.
 _NOT_RECIPE = ("data_dir", "output", "run_name", "register")
+DEFAULT_LR_RANGE = (1e-5, 1e-1)
+DEFAULT_WD_RANGE = (1e-6, 1e-1)
+
+
+def search_space(plan: Plan, lr_range: tuple[float, float] = DEFAULT_LR_RANGE,
+                 wd_range: tuple[float, float] | None = None, search_augment: bool = False
+                 ) -> dict[str, tuple[Any, ...]]:
+    """What a sweep searches for `plan`: name -> ("log", low, high) or ("choice", values).
+
+    Args:
+        wd_range: the user's --wd-range (None: not given; a fine-tuning plan then searches DEFAULT_WD_RANGE).
+        search_augment: the user's --search-augment.
+    Raises UserError when the user asks a feature plan for a search that would not act on it.
+    """
+    check_ranges(lr_range, wd_range)
+    space: dict[str, tuple[Any, ...]] = {"lr": ("log", *lr_range)}
+    if plan.train_on_features:
+        asked = [flag for flag, given in (("--wd-range", wd_range is not None), ("--search-augment", search_augment))
+                 if given]
+        if asked:
+            raise UserError(f"{', '.join(asked)}: the plan {plan.scenario} is a feature plan (a linear head on "
+                            "frozen, cached features): its head chooses the weight decay on val from the plan's "
+                            "grid in every trial, and it augments no image per step, so the sweep searches the "
+                            "learning rate only. Leave them out, or force a fine-tuning plan with "
+                            "--scenario large-similar or --scenario large-different.")
+        return space
+    space["weight_decay"] = ("log", *(wd_range or DEFAULT_WD_RANGE))
+    if search_augment:
+        space["augment"] = ("choice", tuple(AUGMENT_PRESETS))
+    return space
+
+
+def check_ranges(lr_range: tuple[float, float], wd_range: tuple[float, float] | None) -> None:
+    for name, (lo, hi) in (("lr", lr_range), ("weight decay", wd_range or DEFAULT_WD_RANGE)):
+        if not 0 < lo < hi:
+            raise UserError(f"The {name} range must be positive and increasing (got {lo} .. {hi}).")
+
+
+def _suggest(trial: optuna.Trial, space: dict[str, tuple[Any, ...]]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for name, (kind, *spec) in space.items():
+        if kind == "log":
+            params[name] = trial.suggest_float(name, spec[0], spec[1], log=True)
+        else:
+            params[name] = trial.suggest_categorical(name, list(spec[0]))
+    return params
 
 
 def best_config(cfg: TrainConfig, params: dict[str, Any]) -> dict[str, Any]:
@@ -33,16 +84,19 @@ def best_config(cfg: TrainConfig, params: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-def sweep(cfg: TrainConfig, trials: int, lr_range: tuple[float, float] = (1e-5, 1e-1),
-          wd_range: tuple[float, float] = (1e-6, 1e-1), search_augment: bool = False) -> dict[str, Any]:
-    """Run `trials` Optuna trials of `train`; return the best value, params and config path."""
+def sweep(cfg: TrainConfig, trials: int, lr_range: tuple[float, float] = DEFAULT_LR_RANGE,
+          wd_range: tuple[float, float] | None = None, search_augment: bool = False) -> dict[str, Any]:
+    """Run `trials` Optuna trials of `train` over `search_space` of the data's plan; return the best value,
+    params and config path. `wd_range` None: not given (see `search_space`)."""
+    from finetune.strategy.report import plan_folder
     from finetune.workflows.train import train
 
     if trials < 1:
         raise UserError(f"--trials must be at least 1 (got {trials}).")
-    for name, (lo, hi) in (("lr", lr_range), ("weight decay", wd_range)):
-        if not 0 < lo < hi:
-            raise UserError(f"The {name} range must be positive and increasing (got {lo} .. {hi}).")
+    check_ranges(lr_range, wd_range)  # before the measurement
+    # The plan every trial will run (its features are cached for them); it refuses what train would refuse.
+    plan = plan_folder(cfg)[0].plan
+    space = search_space(plan, lr_range, wd_range, search_augment)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = cfg.run_name or f"sweep-{Path(cfg.data_dir).resolve().name}-{stamp}"
     output = Path(cfg.output or Path("outputs") / name)
@@ -50,17 +104,14 @@ def sweep(cfg: TrainConfig, trials: int, lr_range: tuple[float, float] = (1e-5, 
     experiment_id = tracking.ensure_experiment(cfg.experiment)
     parent = tracking.client().create_run(experiment_id, run_name=name, tags={"finetune.command": "sweep"})
     parent_id = parent.info.run_id
-    tracking.log_params(parent_id, {"trials": trials, "lr_range": f"{lr_range[0]}..{lr_range[1]}",
-                                    "weight_decay_range": f"{wd_range[0]}..{wd_range[1]}",
-                                    "search_augment": search_augment, "model": cfg.model, "epochs": cfg.epochs})
+    tracking.log_params(parent_id, {"trials": trials, "scenario": plan.scenario, "model": cfg.model,
+                                    "epochs": cfg.epochs,
+                                    **{f"space.{k}": "..".join(str(v) for v in spec[1:]) if spec[0] == "log"
+                                       else ",".join(spec[1]) for k, spec in space.items()}})
+    log.info("Sweeping %s for the %s plan", ", ".join(space), plan.scenario)
 
     def objective(trial: optuna.Trial) -> float:
-        params: dict[str, Any] = {
-            "lr": trial.suggest_float("lr", *lr_range, log=True),
-            "weight_decay": trial.suggest_float("weight_decay", *wd_range, log=True),
-        }
-        if search_augment:
-            params["augment"] = trial.suggest_categorical("augment", list(AUGMENT_PRESETS))
+        params = _suggest(trial, space)
         trial_cfg = replace(cfg, **params, run_name=f"{name}-trial{trial.number}",
                             output=str(output / f"trial-{trial.number}"), register=None)
         try:
