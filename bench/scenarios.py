@@ -81,7 +81,7 @@ def capped_folder(data_dir: Path, max_train: int | None, max_val: int | None, se
 
 
 def bench_dataset(data_dir: Path, args: argparse.Namespace, workdir: Path, writer, out) -> list[dict]:
-    from finetune.strategy.report import plan_folder
+    from finetune.workflows.plan import plan_folder
     from finetune.model.backbone import create_backbone
     from finetune.strategy.features import cached_features
     from finetune.workflows.train import train

@@ -144,7 +144,8 @@ def plan(data_dir: str, config_file: str | None, as_json: bool, **options: Any) 
     `train`), measures how similar they are to the pretraining data, and prints the scenario of the
     four-scenario table, the reasons, and the plan (frozen layer groups, learning rates, epochs).
     """
-    from finetune.strategy.report import describe, plan_folder
+    from finetune.strategy.report import describe
+    from finetune.workflows.plan import plan_folder
 
     cfg = build_config(data_dir, config_file, **options)
     decision, groups = plan_folder(cfg)

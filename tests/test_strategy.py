@@ -99,6 +99,15 @@ def test_overrides():
         decide(profile(200, 40), similarity(0.9), T, DEFAULTS, base_epochs=4, forced="medium-similar")
 
 
+@pytest.mark.parametrize("n, kwargs, message", [
+    (200, {"backbone_lr_mult": 0.3}, "--backbone-lr-mult applies to fine-tuning plans"),  # a feature plan
+    (3000, {"aug_views": 2}, "--aug-views applies to feature plans"),  # a fine-tuning plan
+])
+def test_overrides_a_plan_would_ignore_are_refused(n, kwargs, message):
+    with pytest.raises(UserError, match=message):
+        decide(profile(n, n // 10), similarity(0.9), T, DEFAULTS, base_epochs=4, **kwargs)
+
+
 @pytest.mark.parametrize("fraction, n_groups, frozen", [(0.5, 8, 4), (0.5, 5, 2), (1.0, 6, 0), (0.1, 6, 5),
                                                         (0.0, 6, 6)])
 def test_resolve_frozen_count(fraction, n_groups, frozen):

@@ -185,14 +185,8 @@ def decide(profile: Mapping[str, Any], similarity: Mapping[str, Any], thresholds
     bn_policy = "eval" if pretrained else "train"
     grid = [float(w) for w in d.weight_decay_grid]
     if d.train_on_features:
-        if weight_decay is not None:
-            grid = [float(weight_decay)]
-            wd_reason = f"weight decay {weight_decay:g} (--weight-decay)"
-        else:
-            wd_reason = f"weight decay chosen on the validation split from {grid}"
-        reasons.append(f"backbone frozen (BatchNorm in eval mode): a linear head trains for {epochs} epochs on "
-                       f"cached features, no backbone forward per epoch; {wd_reason}"
-                       + (f"; {views} augmented view(s) per image cached" if views else ""))
+        grid = [float(weight_decay)] if weight_decay is not None else grid
+        reasons.append(_feature_reason(epochs, grid, weight_decay is not None, views))
     else:
         reasons += _network_reasons(scenario, d, freeze_groups, epochs, lr_mult, layer_decay, warmup, bn_policy,
                                     pretrained)
@@ -231,10 +225,24 @@ def _check_overrides(scenario: str, d: ScenarioDefaults, freeze_groups: int | No
         raise UserError(f"--freeze-groups applies to fine-tuning plans (large-similar, large-different); "
                         f"{scenario} trains a linear head on frozen features. Force a large-* scenario "
                         "with --scenario to fine-tune layers.")
+    if backbone_lr_mult is not None and d.train_on_features:
+        raise UserError(f"--backbone-lr-mult applies to fine-tuning plans; {scenario} trains a linear head on frozen "
+                        "features, whose backbone does not learn. Leave it out, or force a large-* scenario.")
+    if aug_views and not d.train_on_features:
+        raise UserError(f"--aug-views applies to feature plans (small-*); {scenario} fine-tunes the network on "
+                        "freshly augmented images every epoch. Leave it out, or force a small-* scenario.")
     if backbone_lr_mult is not None and backbone_lr_mult < 0:
         raise UserError(f"backbone_lr_mult must be >= 0 (got {backbone_lr_mult}).")
     if aug_views is not None and aug_views < 0:
         raise UserError(f"aug_views must be >= 0 (got {aug_views}).")
+
+
+def _feature_reason(epochs: int, grid: list[float], given: bool, views: int) -> str:
+    wd = (f"weight decay {grid[0]:g} (--weight-decay)" if given
+          else f"weight decay chosen on the validation split from {grid}")
+    return (f"backbone frozen (BatchNorm in eval mode): a linear head trains for {epochs} epochs on cached "
+            f"features, no backbone forward per epoch; {wd}" + (f"; {views} augmented view(s) per image cached"
+                                                                 if views else ""))
 
 
 def _network_reasons(scenario: str, d: ScenarioDefaults, freeze_groups: int | None, epochs: int, lr_mult: float,

@@ -6,10 +6,9 @@ from typing import Any
 
 from torch import nn
 
-from finetune.config import TrainConfig
 from finetune.strategy.decide import BN_POLICIES
 from finetune.strategy.groups import layer_groups
-from finetune.strategy.measure import Decision, measure_and_decide
+from finetune.strategy.measure import Decision
 
 
 def group_table(model: nn.Module) -> list[dict[str, Any]]:
@@ -17,26 +16,6 @@ def group_table(model: nn.Module) -> list[dict[str, Any]]:
     params = dict(model.named_parameters())
     return [{"index": g.index, "name": g.name, "params": sum(params[n].numel() for n in g.param_names),
              "head": g.is_head} for g in layer_groups(model)]
-
-
-def plan_folder(cfg: TrainConfig) -> tuple[Decision, list[dict[str, Any]]]:
-    """Scan the folder, build the backbone, measure and decide: what `finetune plan` shows."""
-    import pytorch_lightning as pl
-
-    from finetune.data.folders import scan_folder
-    from finetune.model.backbone import create_backbone
-
-    from finetune.training.recipe import check_feature_plan_options
-    from finetune.workflows.preflight import check_forced_scenario
-
-    check_forced_scenario(cfg)  # `plan` takes train's options: it refuses what train would refuse
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    splits = scan_folder(cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_image_pixels)
-    backbone = create_backbone(cfg.model, cfg.weights, len(splits.classes), cfg.image_size, keep_source_head=True)
-    decision = measure_and_decide(cfg, splits, backbone)
-    if decision.plan.train_on_features:
-        check_feature_plan_options(cfg, decision.plan.scenario)
-    return decision, group_table(backbone.model)
 
 
 def describe(decision: Decision, groups: list[dict[str, Any]]) -> str:

@@ -88,7 +88,7 @@ def sweep(cfg: TrainConfig, trials: int, lr_range: tuple[float, float] = DEFAULT
           wd_range: tuple[float, float] | None = None, search_augment: bool = False) -> dict[str, Any]:
     """Run `trials` Optuna trials of `train` over `search_space` of the data's plan; return the best value,
     params and config path. `wd_range` None: not given (see `search_space`)."""
-    from finetune.strategy.report import plan_folder
+    from finetune.workflows.plan import plan_folder
     from finetune.workflows.train import train
 
     if trials < 1:

@@ -1,0 +1,27 @@
+"""`finetune plan`: scan, measure and decide, without training; what `plan` shows and `train` would run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+
+from finetune.config import TrainConfig
+from finetune.data.folders import scan_folder
+from finetune.model.backbone import create_backbone
+from finetune.strategy.measure import Decision, measure_and_decide
+from finetune.strategy.report import group_table
+from finetune.training.recipe import check_feature_plan_options
+from finetune.workflows.preflight import check_forced_scenario
+
+
+def plan_folder(cfg: TrainConfig) -> tuple[Decision, list[dict[str, Any]]]:
+    """Scan the folder, build the backbone, measure and decide: what `finetune plan` shows."""
+    check_forced_scenario(cfg)  # `plan` takes train's options: it refuses what train would refuse
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    splits = scan_folder(cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_image_pixels)
+    backbone = create_backbone(cfg.model, cfg.weights, len(splits.classes), cfg.image_size, keep_source_head=True)
+    decision = measure_and_decide(cfg, splits, backbone)
+    if decision.plan.train_on_features:
+        check_feature_plan_options(cfg, decision.plan.scenario)
+    return decision, group_table(backbone.model)
