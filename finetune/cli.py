@@ -232,15 +232,26 @@ def sanity(data_dir: str, config_file: str | None, samples: int, **options: Any)
 @train_options
 def lr_find(data_dir: str, config_file: str | None, min_lr: float, max_lr: float, num_training: int,
             **options: Any) -> None:
-    """Learning-rate range test (Lightning's Tuner.lr_find): saves the loss-vs-LR plot, prints the suggestion."""
+    """Learning-rate range test of the plan `train` would run: saves the loss-vs-LR plot, suggests train's --lr.
+
+    The plan is decided first (as `train` and `plan` decide it). A feature plan (small-*) tests its linear
+    head on the cached features (seconds); a network plan (large-*) the network with the plan's frozen
+    groups and per-group LRs, after the head warm-up (the LR varied is the head's, the groups keep their
+    ratios). Suggestion: the steepest point of the last sustained descent before the loss minimum.
+    """
     from finetune.workflows.tools import lr_find as run_lr_find
 
     cfg = build_config(data_dir, config_file, **options)
     r = run_lr_find(cfg, min_lr=min_lr, max_lr=max_lr, num_training=num_training)
+    click.echo(f"plan {r['plan']} ({r['plan_source']}): measured {r['measured']}")
+    click.echo(f"LR varied: {r['lr_of']}; {r['steps']} steps from {r['min_lr']:.3g} to {r['lrs'][-1]:.3g}")
+    if r["curve_min_lr"] is not None:
+        click.echo(f"loss minimum (smoothed) at lr {r['curve_min_lr']:.3g}")
     if r["suggested_lr"] is None:
         click.echo("No suggestion: the loss curve has no clear descent. Look at the plot.")
     else:
-        click.echo(f"suggested lr: {r['suggested_lr']:.3g}  (use --lr {r['suggested_lr']:.3g})")
+        click.echo(f"suggested lr: {r['suggested_lr']:.3g}  (use --lr {r['suggested_lr']:.3g} with train; "
+                   f"{r['rule']})")
     click.echo(f"plot:       {r['plot']}")
     click.echo(f"MLflow run: {r['mlflow_run_id']}")
 

@@ -4,6 +4,7 @@ and the babysitting commands (sanity, lr-find, sweep)."""
 from __future__ import annotations
 
 import json
+import time
 import math
 from pathlib import Path
 
@@ -158,6 +159,34 @@ def test_lr_find_writes_a_png_and_logs_it(image_folder: Path, tmp_path: Path, is
     client = MlflowClient(isolated_mlflow)
     run = client.search_runs([client.get_experiment_by_name("finetune").experiment_id])[0]
     assert {"lr_find.png", "lr_find.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    # From random init the plan trains the network: what was measured, and that the suggestion is train's --lr.
+    assert found["trains"] == "network" and found["suggestion_is"] == "train's --lr"
+    assert run.data.params["plan"] == found["plan"] and run.data.tags["finetune.plan"] == found["plan"]
+    assert f"plan {found['plan']}" in result.output
+
+
+def test_lr_find_on_a_feature_plan_tests_the_head_on_cached_features(tmp_path: Path, isolated_mlflow: str,
+                                                                     monkeypatch: pytest.MonkeyPatch):
+    import finetune.training.run_plan as run_plan
+
+    data = make_folder(tmp_path / "data", per_class=12)
+    network_tested = []
+    monkeypatch.setattr(run_plan, "_network_range_test", lambda *a, **k: network_tested.append(1))
+    out = tmp_path / "lrf"
+    started = time.perf_counter()
+    result = _run(["lr-find", str(data), "--model", TINY_MODEL, "--weights", "none", "--image-size", "32",
+                   "--scenario", "small-similar", "--num-workers", "0", "--batch-size", "4",
+                   "--min-lr", "1e-5", "--max-lr", "10", "--num-training", "60", "--output", str(out)])
+    seconds = time.perf_counter() - started
+    assert result.exit_code == 0, result.output
+    found = json.loads((out / "lr_find.json").read_text())
+    assert not network_tested and found["trains"] == "linear head on cached features"
+    assert found["plan"] == "small-similar" and "cached" in found["measured"]
+    assert 10 < found["steps"] <= 60 and found["lrs"][0] == pytest.approx(1e-5)  # it may stop on divergence
+    assert found["suggested_lr"] is not None and 1e-5 <= found["suggested_lr"] <= 10
+    assert found["descent_start_lr"] <= found["suggested_lr"] < found["curve_min_lr"]
+    assert f"use --lr {found['suggested_lr']:.3g}" in result.output and "cached" in result.output
+    assert seconds < 120, seconds  # no network pass per step: features are computed once
 
 
 def test_sweep_runs_child_trials_and_saves_a_usable_best_config(image_folder: Path, tmp_path: Path,
@@ -185,3 +214,22 @@ def test_sweep_runs_child_trials_and_saves_a_usable_best_config(image_folder: Pa
 def test_commands_have_help(command: str):
     result = _run([command, "--help"])
     assert result.exit_code == 0 and "--augment" in result.output
+
+
+def test_lr_find_on_a_network_plan_keeps_the_group_lr_ratios(image_folder: Path, tmp_path: Path,
+                                                             isolated_mlflow: str, monkeypatch: pytest.MonkeyPatch):
+    import finetune.training.run_plan as run_plan
+
+    held = []
+    real = run_plan.hold_lr_ratios
+    monkeypatch.setattr(run_plan, "hold_lr_ratios", lambda opt, head_lr: held.append(real(opt, head_lr)) or held[-1])
+    out = tmp_path / "lrf"
+    result = _run(["lr-find", str(image_folder), "--model", TINY_MODEL, "--weights", "none", "--image-size", "32",
+                   "--scenario", "large-similar", "--backbone-lr-mult", "0.1", "--num-workers", "0",
+                   "--batch-size", "4", "--num-training", "12", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    found = json.loads((out / "lr_find.json").read_text())
+    assert found["trains"] == "network" and found["plan"] == "large-similar"
+    ratios = {r["lr_ratio"] for r in found["group_lr_ratios"]}
+    assert 1.0 in ratios and min(ratios) <= 0.1 + 1e-9  # the head at --lr, the backbone at a tenth (or less)
+    assert held and 1.0 in held[0] and min(held[0]) <= 0.1 + 1e-9  # held on the optimizer the finder drove

@@ -150,6 +150,38 @@ class HeadResult:
     candidates: list[dict[str, float]] = field(default_factory=list)
 
 
+@dataclass
+class HeadData:
+    """Standardised cached features, as a linear head trains on them."""
+
+    train: DataLoader
+    val: DataLoader
+    mean: np.ndarray
+    std: np.ndarray
+    in_features: int
+
+
+def head_data(train_views: Sequence[np.ndarray], train_labels: np.ndarray, train_valid: np.ndarray,
+              val_features: np.ndarray, val_labels: np.ndarray, val_valid: np.ndarray, num_classes: int,
+              batch_size: int, seed: int = 0, balanced: bool = False) -> HeadData:
+    """The loaders a head trains on: features standardised with the clean training view's statistics."""
+    clean = np.asarray(train_views[0][0], dtype=np.float64)[train_valid]
+    mean = clean.mean(axis=0).astype(np.float32)
+    std = clean.std(axis=0).astype(np.float32)
+    # Nearly constant channels would get a huge weight once the standardisation is folded in, and any
+    # drift of those channels would then swamp the logits: floor the scale at a tenth of the median
+    # channel's (docs/decisions.md).
+    std = np.maximum(std, 0.1 * float(np.median(std)) + 1e-6).astype(np.float32)
+    train_rows = np.flatnonzero(train_valid)
+    val_rows = np.flatnonzero(val_valid)
+    generator = torch.Generator().manual_seed(seed)
+    train_ds = _FeatureViews(train_views, train_labels, train_rows, mean, std, random_view=True, generator=generator)
+    train_loader = head_train_loader(train_ds, min(batch_size, len(train_rows)), num_classes, balanced, generator)
+    val_loader = DataLoader(_FeatureViews([val_features], val_labels, val_rows, mean, std, random_view=False),
+                            batch_size=max(batch_size, 512), collate_fn=_batch_as_is)
+    return HeadData(train_loader, val_loader, mean, std, clean.shape[1])
+
+
 def fit_linear_head(train_views: Sequence[np.ndarray], train_labels: np.ndarray, train_valid: np.ndarray,
                     val_features: np.ndarray, val_labels: np.ndarray, val_valid: np.ndarray, num_classes: int,
                     weight_decays: Sequence[float], epochs: int, batch_size: int,
@@ -171,21 +203,10 @@ def fit_linear_head(train_views: Sequence[np.ndarray], train_labels: np.ndarray,
         label_smoothing: of the training loss (--label-smoothing).
     """
     rt = rt or runtime.cpu()
-    clean = np.asarray(train_views[0][0], dtype=np.float64)[train_valid]
-    mean = clean.mean(axis=0).astype(np.float32)
-    std = clean.std(axis=0).astype(np.float32)
-    # Nearly constant channels would get a huge weight once the standardisation is folded in, and any
-    # drift of those channels would then swamp the logits: floor the scale at a tenth of the median
-    # channel's (docs/decisions.md).
-    std = np.maximum(std, 0.1 * float(np.median(std)) + 1e-6).astype(np.float32)
-    train_rows = np.flatnonzero(train_valid)
-    val_rows = np.flatnonzero(val_valid)
-    generator = torch.Generator().manual_seed(seed)
-    train_ds = _FeatureViews(train_views, train_labels, train_rows, mean, std, random_view=True, generator=generator)
-    train_loader = head_train_loader(train_ds, min(batch_size, len(train_rows)), num_classes, balanced, generator)
-    val_loader = DataLoader(_FeatureViews([val_features], val_labels, val_rows, mean, std, random_view=False),
-                            batch_size=max(batch_size, 512), collate_fn=_batch_as_is)
-    module = HeadSearch(clean.shape[1], num_classes, weight_decays, optimizer_factory, class_weights, label_smoothing)
+    data = head_data(train_views, train_labels, train_valid, val_features, val_labels, val_valid, num_classes,
+                     batch_size, seed, balanced)
+    train_loader, val_loader, mean, std = data.train, data.val, data.mean, data.std
+    module = HeadSearch(data.in_features, num_classes, weight_decays, optimizer_factory, class_weights, label_smoothing)
     trainer = pl.Trainer(max_epochs=epochs, accelerator=rt.accelerator, devices=rt.lightning_devices, logger=logger,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, log_every_n_steps=1, deterministic=False)

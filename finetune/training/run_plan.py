@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -20,6 +21,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.tuner import Tuner
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import nn
 
@@ -37,7 +39,8 @@ from finetune.strategy.measure import Decision, _feature_kwargs, preserved_rng
 from finetune.training import checkpoints, distributed
 from finetune.training.callbacks import EMA, check_initial_loss, initial_loss, recipe_callbacks
 from finetune.training.freezing import apply_plan
-from finetune.training.linear_probe import HeadResult, fit_linear_head
+from finetune.training.linear_probe import HeadResult, HeadSearch, fit_linear_head, head_data
+from finetune.training.lr_range import hold_lr_ratios
 from finetune.training.module import Classifier
 from finetune.training.optim import make_optimizer_factory
 from finetune.training.recipe import Recipe, class_weights
@@ -81,12 +84,8 @@ def _fit_head(cfg: TrainConfig, decision: Decision, recipe: Recipe, backbone: Ba
     plan = decision.plan
     # What of the recipe acts on a linear head: its optimizer options, and the training loss and sampling
     # (the other recipe options are refused for feature plans: recipe.check_feature_plan_options).
-    n = len(splits.classes)
-    head_options = dict(
-        class_weights=class_weights([s.label for s in splits.train], n) if recipe.class_weights == "auto" else None,
-        balanced=recipe.sampler == "balanced", label_smoothing=recipe.label_smoothing)
     result = _head_on_features(cfg, recipe, backbone, splits, plan, plan.head_stage, plan.epochs, plan.aug_views,
-                               logger, rt, **head_options)
+                               logger, rt, **_head_options(recipe, splits))
     net = head_network(backbone, plan, len(splits.classes))
     classifier = net.head if isinstance(net, StageClassifier) else net.get_classifier()
     load_linear(classifier, result.weight, result.bias)
@@ -96,25 +95,44 @@ def _fit_head(cfg: TrainConfig, decision: Decision, recipe: Recipe, backbone: Ba
                      center_probs=cached_center_probs(val, plan.head_stage, net))
 
 
-def _head_on_features(cfg: TrainConfig, recipe: Recipe, backbone: Backbone, splits: FolderSplits, plan: Plan, stage: str,
-                      epochs: int, aug_views: int, logger: Any, rt: runtime.Runtime | None,
-                      **head_options: Any) -> HeadResult:
-    """A linear head on the cached features of `stage`: a feature plan's model, or a network plan's head
-    warm-up (which trains with the plain loss: `head_options` are the feature plan's)."""
+def _head_options(recipe: Recipe, splits: FolderSplits) -> dict[str, Any]:
+    """What of the recipe acts on a feature plan's linear head besides its optimizer: the training loss and
+    sampling (the other recipe options are refused for feature plans: recipe.check_feature_plan_options)."""
+    n = len(splits.classes)
+    return dict(
+        class_weights=class_weights([s.label for s in splits.train], n) if recipe.class_weights == "auto" else None,
+        balanced=recipe.sampler == "balanced", label_smoothing=recipe.label_smoothing)
+
+
+def _head_inputs(cfg: TrainConfig, backbone: Backbone, splits: FolderSplits, plan: Plan, stage: str, aug_views: int,
+                 rt: runtime.Runtime | None) -> tuple[list[np.ndarray], FeatureSet, FeatureSet, runtime.Runtime]:
+    """The cached features a head trains on: training views (clean, plus augmented ones), val, and where."""
     kwargs = _feature_kwargs(cfg, rt)
     train = cached_features(backbone, splits.train, **kwargs)
     views = [train.arrays[stage]]
     if aug_views:
         aug = cached_features(backbone, splits.train, views=aug_views, aug_preset=plan.augment, seed=cfg.seed, **kwargs)
         views.append(aug.arrays[stage])
-    val = cached_features(backbone, splits.val, **kwargs)
+    return views, train, cached_features(backbone, splits.val, **kwargs), kwargs["rt"]
 
+
+def _head_optimizer(recipe: Recipe) -> Callable[[list[dict[str, Any]], nn.Module], Any]:
+    """The recipe's optimizer over a head search's groups, every head at the recipe's LR (--lr)."""
     def factory(groups: list[dict[str, Any]], module: nn.Module):
         return make_optimizer_factory(recipe, [{**g, "lr": recipe.lr} for g in groups])(module)
 
+    return factory
+
+
+def _head_on_features(cfg: TrainConfig, recipe: Recipe, backbone: Backbone, splits: FolderSplits, plan: Plan, stage: str,
+                      epochs: int, aug_views: int, logger: Any, rt: runtime.Runtime | None,
+                      **head_options: Any) -> HeadResult:
+    """A linear head on the cached features of `stage`: a feature plan's model, or a network plan's head
+    warm-up (which trains with the plain loss: `head_options` are the feature plan's)."""
+    views, train, val, rt = _head_inputs(cfg, backbone, splits, plan, stage, aug_views, rt)
     return fit_linear_head(views, train.labels, train.valid, val.arrays[stage], val.labels, val.valid,
-                           len(splits.classes), plan.weight_decay_grid, epochs, cfg.batch_size, factory,
-                           seed=cfg.seed, logger=logger, rt=kwargs["rt"], **head_options)
+                           len(splits.classes), plan.weight_decay_grid, epochs, cfg.batch_size, _head_optimizer(recipe),
+                           seed=cfg.seed, logger=logger, rt=rt, **head_options)
 
 
 def head_network(backbone: Backbone, plan: Plan, num_classes: int) -> nn.Module:
@@ -218,10 +236,12 @@ def _datamodule(cfg: TrainConfig, recipe: Recipe, backbone: Backbone, splits: Fo
 
 
 def _classifier(cfg: TrainConfig, recipe: Recipe, backbone: Backbone, splits: FolderSplits,
-                param_groups: list[dict[str, Any]]) -> Classifier:
+                param_groups: list[dict[str, Any]], schedule: bool = True) -> Classifier:
+    """The network plan's LightningModule; `schedule=False`: constant LRs (an LR range test sets its own)."""
     n = len(splits.classes)
+    schedule_args = (recipe.schedule, recipe.warmup_epochs) if schedule else ("constant", 0.0)
     return Classifier(
-        backbone.model, n, make_optimizer_factory(recipe, param_groups, recipe.schedule, recipe.warmup_epochs),
+        backbone.model, n, make_optimizer_factory(recipe, param_groups, *schedule_args),
         class_weights=class_weights([s.label for s in splits.train], n) if recipe.class_weights == "auto" else None,
         label_smoothing=recipe.label_smoothing,
         mixup=make_mixup(recipe.mixup, recipe.cutmix, recipe.label_smoothing, n))
@@ -334,3 +354,91 @@ def _keep_warmup_if_better(module: Classifier, evaluator: pl.Trainer, datamodule
         return {**metrics, "val_acc": warm["val_acc"], "val_loss": warm["val_loss"],
                 "val_acc_top5": warm["val_acc_top5"], "weights": "warmup", "best_epoch": -1}
     return metrics
+
+
+@dataclass
+class RangeTest:
+    """An LR range test: the head LR grows exponentially from min_lr to max_lr over num_training steps."""
+
+    min_lr: float
+    max_lr: float
+    num_training: int
+    root: Path  # Lightning's scratch checkpoint (the weights it restores afterwards) goes here
+
+
+def lr_range_test(cfg: TrainConfig, decision: Decision, recipe: Recipe, backbone: Backbone, splits: FolderSplits,
+                  rt: runtime.Runtime, test: RangeTest) -> tuple[Any, dict[str, Any]]:
+    """Lightning's LR range test of what the plan trains, the LR varied being the head's (train's --lr).
+
+    A feature plan: its head search (every weight decay of the grid) on the same cached, standardised
+    features as `train`, in seconds. A network plan: after the same head warm-up, the Classifier with the
+    plan's frozen groups and per-group LRs, which keep their ratios to the head LR. Returns Lightning's
+    finder (its `results` hold the curve) and what was measured.
+    """
+    if decision.plan.train_on_features:
+        return _head_range_test(cfg, decision.plan, recipe, backbone, splits, rt, test)
+    return _network_range_test(cfg, decision, recipe, backbone, splits, rt, test)
+
+
+def _range_trainer(rt: runtime.Runtime, test: RangeTest, batches_per_epoch: int, progress: bool) -> pl.Trainer:
+    return pl.Trainer(accelerator=rt.accelerator, devices=rt.lightning_devices, precision=rt.precision,
+                      max_epochs=math.ceil(test.num_training / max(1, batches_per_epoch)) + 1, logger=False,
+                      enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
+                      num_sanity_val_steps=0, default_root_dir=test.root)
+
+
+def _find(trainer: pl.Trainer, module: pl.LightningModule, test: RangeTest, **data: Any) -> Any:
+    return Tuner(trainer).lr_find(module, min_lr=test.min_lr, max_lr=test.max_lr, num_training=test.num_training,
+                                  update_attr=False, **data)
+
+
+def _head_range_test(cfg: TrainConfig, plan: Plan, recipe: Recipe, backbone: Backbone, splits: FolderSplits,
+                     rt: runtime.Runtime, test: RangeTest) -> tuple[Any, dict[str, Any]]:
+    views, train, val, head_rt = _head_inputs(cfg, backbone, splits, plan, plan.head_stage, plan.aug_views, rt)
+    options = _head_options(recipe, splits)
+    data = head_data(views, train.labels, train.valid, val.arrays[plan.head_stage], val.labels, val.valid,
+                     len(splits.classes), cfg.batch_size, cfg.seed, options["balanced"])
+    module = HeadSearch(data.in_features, len(splits.classes), plan.weight_decay_grid, _head_optimizer(recipe),
+                        options["class_weights"], options["label_smoothing"])
+    finder = _find(_range_trainer(head_rt, test, len(data.train), progress=False), module, test,
+                   train_dataloaders=data.train)
+    return finder, {"trains": "linear head on cached features",
+                    "measured": f"the linear head on cached {plan.head_stage} features ({data.in_features} channels, "
+                                f"standardised as train does), one head per weight decay {list(plan.weight_decay_grid)}"
+                                ", all at the same LR",
+                    "lr_of": "every head (train's --lr)"}
+
+
+def _network_range_test(cfg: TrainConfig, decision: Decision, recipe: Recipe, backbone: Backbone,
+                        splits: FolderSplits, rt: runtime.Runtime, test: RangeTest) -> tuple[Any, dict[str, Any]]:
+    datamodule = _datamodule(cfg, recipe, backbone, splits, rt)
+    param_groups, plan_callbacks, report = prepare_network(cfg, decision, recipe, backbone, splits, rt)
+    module = _classifier(cfg, recipe, backbone, splits, param_groups, schedule=False)
+    head_lr = float(param_groups[-1]["lr"])  # apply_plan: the head's group is the last one
+    make = module.optimizer_factory
+
+    def factory(m: nn.Module) -> Any:
+        out = make(m)
+        hold_lr_ratios(out["optimizer"] if isinstance(out, dict) else out, head_lr)
+        return out
+
+    module.optimizer_factory = factory
+    # Lightning's finder runs without the trainer's callbacks: the plan's BatchNorm policy is kept by a hook.
+    eval_bn = [m for cb in plan_callbacks for m in getattr(cb, "eval_bn", [])]
+
+    def keep_bn_policy(net: nn.Module, args: Any) -> None:
+        for m in eval_bn:
+            m.eval()
+
+    handle = module.net.register_forward_pre_hook(keep_bn_policy)
+    try:
+        finder = _find(_range_trainer(rt, test, len(splits.train) // cfg.batch_size, progress=True), module, test,
+                       datamodule=datamodule)
+    finally:
+        handle.remove()
+    ratios = [{"group": g["name"], "lr_ratio": round(float(g["lr"]) / head_lr, 6)} for g in param_groups]
+    return finder, {"trains": "network", "group_lr_ratios": ratios, **report,
+                    "measured": f"the network as the plan fine-tunes it ({len(param_groups)} learning group(s), LRs "
+                                "kept at their ratios to the head LR" + (", after the head warm-up on cached features"
+                                                                           if "warmup" in report else "") + ")",
+                    "lr_of": "the head group (train's --lr); the other groups move with it"}

@@ -3,7 +3,9 @@
 The lecture notes' checklist before a long run: the initial loss is ln(C) for a fresh head (checked
 by `train` itself, see `finetune.training.callbacks.check_initial_loss`); the model can overfit a tiny subset
 with regularization off (`sanity`); and a learning rate where the loss falls fastest (`lr-find`,
-Lightning's learning-rate range test). Both train the whole network (the full fine-tune path).
+Lightning's learning-rate range test). `sanity` trains the whole network; `lr-find` tests what the
+plan `train` would run (a feature plan's linear head on cached features, or the network with the plan's
+groups) and suggests train's --lr.
 """
 
 from __future__ import annotations
@@ -29,8 +31,12 @@ from finetune.errors import UserError
 from finetune.training.module import Classifier
 from finetune.training.optim import make_optimizer_factory
 from finetune.model.heads import init_head
-from finetune.training.recipe import model_kwargs, resolve_recipe
-from finetune.workflows.train import recipe_scenario
+from finetune.strategy.measure import Decision
+from finetune.training.lr_range import read_curve, suggest_lr
+from finetune.training.recipe import check_feature_plan_options, model_kwargs, resolve_recipe
+from finetune.training.run_plan import RangeTest, lr_range_test
+from finetune.workflows.preflight import check_forced_scenario
+from finetune.workflows.train import _measure_and_decide, _recipe_and_network, recipe_scenario
 
 log = logging.getLogger(__name__)
 
@@ -110,51 +116,89 @@ def sanity(cfg: TrainConfig, samples: int = 20, epochs: int | None = None) -> di
             "passed": acc >= SANITY_TARGET_ACC, "wall_time_s": round(time.time() - started, 1)}
 
 
+SUGGESTION_RULE = ("the LR at the steepest point (on the log-LR axis) of the last sustained descent before the "
+                   "minimum of the smoothed loss, ignoring the first 10% of the curve")
+
+
 def lr_find(cfg: TrainConfig, min_lr: float = 1e-6, max_lr: float = 1.0, num_training: int = 100) -> dict[str, Any]:
-    """Lightning's LR range test on the training recipe's data: plot (PNG + MLflow artifact) and suggestion."""
+    """The LR range test of the plan `train` would run: plot (PNG + MLflow artifact) and the suggested --lr.
+
+    The plan is decided first, as `train` decides it; a feature plan tests its linear head on the cached
+    features (seconds), a network plan the network with the plan's groups, after the head warm-up
+    (`run_plan.lr_range_test`). The suggestion is `lr_range.suggest_lr`, not Lightning's `suggestion()`.
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers
-    from pytorch_lightning.tuner import Tuner
-
     if not 0 < min_lr < max_lr:
         raise UserError(f"--min-lr must be positive and below --max-lr (got {min_lr}, {max_lr}).")
+    if num_training < 10:
+        raise UserError(f"--num-training must be at least 10 (got {num_training}): the curve needs points to read.")
+    check_forced_scenario(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    splits = scan_folder(cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_image_pixels)
-    recipe = resolve_recipe(cfg, recipe_scenario(cfg))
-    if cfg.batch_size > len(splits.train):
-        raise UserError(f"batch_size {cfg.batch_size} is larger than the training split "
-                        f"({len(splits.train)} images). Use --batch-size {len(splits.train)} or less.")
+    started = time.time()
     rt = _runtime(cfg)
-    backbone, datamodule, module = _setup(cfg, splits, recipe.augment, regularize=True, batch_size=cfg.batch_size,
-                                          rt=rt)
+    splits, decision, backbone = _measure_and_decide(cfg, rt, None)
+    if decision.plan.train_on_features:
+        check_feature_plan_options(cfg, decision.plan.scenario)
+    recipe, backbone, decision = _recipe_and_network(cfg, splits, decision, backbone)
     output = Path(cfg.output or Path("outputs") / f"lr-find-{time.strftime('%Y%m%d-%H%M%S')}")
     output.mkdir(parents=True, exist_ok=True)
-    trainer = _trainer(rt, max_epochs=max(1, math.ceil(num_training / max(1, len(splits.train) // cfg.batch_size))),
-                       default_root_dir=output)
-    finder = Tuner(trainer).lr_find(module, datamodule=datamodule, min_lr=min_lr, max_lr=max_lr,
-                                    num_training=num_training, update_attr=False)
-    if finder is None:
-        raise UserError("The LR range test returned no result (the loss diverged at once?). Try a smaller --max-lr.")
-    suggestion = finder.suggestion()
-    fig = finder.plot(suggest=suggestion is not None)
-    png = output / "lr_find.png"
+    test = RangeTest(min_lr, max_lr, num_training, output)
+    finder, measured = lr_range_test(cfg, decision, recipe, backbone, splits, rt, test)
+    if finder is None or len(finder.results.get("lr", [])) < 5:
+        raise UserError("The LR range test returned no curve (the loss diverged at once?). Try a smaller --max-lr.")
+    result = _range_result(finder, decision, measured, test)
+    result["plot"] = str(_plot(finder, result, output / "lr_find.png").resolve())
+    result["wall_time_s"] = round(time.time() - started, 1)
+    result["mlflow_run_id"] = _log_lr_find(cfg, backbone, recipe, result, output)
+    return result
+
+
+def _range_result(finder: Any, decision: Decision, measured: dict[str, Any], test: RangeTest) -> dict[str, Any]:
+    lrs = [float(x) for x in finder.results["lr"]]
+    losses = [float(x) for x in finder.results["loss"]]  # Lightning's: already smoothed (fastai's EMA, beta 0.98)
+    reading = read_curve(lrs, losses)
+    finite_lrs = [x for x, y in zip(lrs, losses) if x > 0 and math.isfinite(y)]
+    return {"suggested_lr": suggest_lr(lrs, losses), "suggestion_is": "train's --lr", "rule": SUGGESTION_RULE,
+            "plan": decision.plan.scenario, "plan_source": decision.plan.source, **measured,
+            "curve_min_lr": finite_lrs[reading.minimum] if reading else None,
+            "descent_start_lr": finite_lrs[reading.descent_start] if reading else None,
+            "lightning_suggestion": finder.suggestion(),
+            "min_lr": test.min_lr, "max_lr": test.max_lr, "num_training": test.num_training, "steps": len(lrs),
+            "lrs": lrs, "losses": losses}
+
+
+def _plot(finder: Any, result: dict[str, Any], png: Path) -> Path:
+    fig = finder.plot(suggest=False)
+    ax = fig.axes[0]
+    if result["curve_min_lr"] is not None:
+        ax.axvline(result["curve_min_lr"], color="grey", linestyle=":", label=f"minimum {result['curve_min_lr']:.3g}")
+    if result["suggested_lr"] is not None:
+        ax.axvline(result["suggested_lr"], color="red", linestyle="--",
+                   label=f"suggested --lr {result['suggested_lr']:.3g}")
+    ax.set_title(f"plan {result['plan']}: {result['trains']}; LR of {result['lr_of']}", fontsize=8)
+    ax.legend(fontsize=8)
     fig.savefig(png, dpi=100)
-    result = {"suggested_lr": suggestion, "min_lr": min_lr, "max_lr": max_lr, "num_training": num_training,
-              "plot": str(png.resolve()), "lrs": [float(x) for x in finder.results["lr"]],
-              "losses": [float(x) for x in finder.results["loss"]]}
+    return png
+
+
+def _log_lr_find(cfg: TrainConfig, backbone: Backbone, recipe: Any, result: dict[str, Any], output: Path) -> str:
+    """The MLflow run of an lr-find: which plan was measured, what the suggestion is for, the plot and curve."""
     experiment_id = tracking.ensure_experiment(cfg.experiment)
     run = tracking.client().create_run(experiment_id, run_name=cfg.run_name or f"lr-find-{output.name}",
-                                       tags={"finetune.command": "lr-find"})
+                                       tags={"finetune.command": "lr-find", "finetune.plan": result["plan"]})
     run_id = run.info.run_id
     tracking.log_params(run_id, {"model": backbone.model_name, "weights_source": backbone.weights_source,
-                                 "batch_size": cfg.batch_size, "optimizer": cfg.optimizer,
-                                 "augment": recipe.augment, "min_lr": min_lr, "max_lr": max_lr})
-    if suggestion is not None:
-        tracking.client().log_metric(run_id, "suggested_lr", float(suggestion))
-    tracking.log_artifact(run_id, png)
+                                 "plan": result["plan"], "trains": result["trains"], "lr_of": result["lr_of"],
+                                 "suggestion_is": result["suggestion_is"], "batch_size": cfg.batch_size,
+                                 "optimizer": recipe.optimizer, "min_lr": result["min_lr"], "max_lr": result["max_lr"],
+                                 "num_training": result["num_training"]})
+    for key in ("suggested_lr", "curve_min_lr", "lightning_suggestion"):
+        if result[key] is not None:
+            tracking.client().log_metric(run_id, key, float(result[key]))
+    tracking.log_artifact(run_id, Path(result["plot"]))
     tracking.write_json(output / "lr_find.json", result)
     tracking.log_artifact(run_id, output / "lr_find.json")
     tracking.client().set_terminated(run_id, "FINISHED")
-    result["mlflow_run_id"] = run_id
-    return result
+    return run_id
