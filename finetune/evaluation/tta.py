@@ -52,14 +52,17 @@ def predict_sources(net: nn.Module, sources: Sequence[Any], data_config: dict[st
     The network runs on `rt`'s device and precision (the CPU when not given) and is left where it was.
     """
     from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
 
     rt = rt or runtime.cpu()
     ds = ViewsDataset(sources, CropViews(data_config, mode), data_config, max_pixels)
     loader = DataLoader(ds, batch_size=batch_size, collate_fn=collate_views, **rt.loader_kwargs())
     out: list[torch.Tensor] = []
     errors: list[str] = []
+    # Minutes for a large split on a CPU (more with 10crop): show progress.
+    bar = tqdm(loader, desc=f"Predicting {len(ds)} images ({mode})", unit="batch", dynamic_ncols=True, leave=False)
     with runtime.evaluating_on(net, rt.device), rt.autocast():
-        for views, _, errs in loader:
+        for views, _, errs in bar:
             probs = predict_views(net, views.to(rt.device, non_blocking=True)).cpu().clone()
             bad = torch.tensor([bool(e) for e in errs])
             probs[bad] = float("nan")
