@@ -8,10 +8,11 @@ the version uv.lock pins. bench/gpu_check.sh installs them there with
 `pip install --no-index --no-deps --target /tmp/site .whl/*.whl`.
 
 Only what `finetune` needs: import `mlflow` / `mlflow.pyfunc`, create runs and log metrics in a SQLite
-store, log, load and predict with the pyfunc model. MLflow's server-side requirements (flask, gunicorn,
-graphene, huey, docker, cryptography, skops, fastapi/uvicorn for `mlflow models serve`, gitpython for
-the source-version tag, databricks-sdk) are left out: MLflow imports them lazily, and the check below
-imports and runs the model without them. `optuna` (only `finetune sweep`) is left out too.
+store, log, load and predict with the pyfunc model. `import mlflow` needs fastapi/starlette and the
+databricks-sdk package, and the SQLite registry needs cryptography (with cffi), so those are in.
+MLflow's server-side requirements (flask, gunicorn, graphene, huey, docker, skops, uvicorn for
+`mlflow models serve`, gitpython for the source-version tag) are left out: MLflow imports them lazily,
+and the check imports and runs the model without them. `optuna` (only `finetune sweep`) is left out too.
 
     python3 bench/gpu_wheels.py            # download (pip download --no-deps ...), prune, print sizes
     python3 bench/gpu_wheels.py --list     # the NAME==VERSION list only

@@ -22,9 +22,8 @@ uv run python - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-print(f"{'run':<10} {'val_acc':>8} {'val_acc_raw':>12} {'val_acc_ema':>12} {'val_loss':>9} weights")
+print(f"{'run':<10} {'val_acc':>8} {'val_loss':>9} {'best_epoch':>10} weights")
 for name in ("default", "baseline"):
     m = json.loads((out / name / "summary.json").read_text())["metrics"]
-    print(f"{name:<10} {m['val_acc']:>8.4f} {m.get('val_acc_raw', m['val_acc']):>12.4f} "
-          f"{m.get('val_acc_ema', float('nan')):>12.4f} {m['val_loss']:>9.4f} {m['weights']}")
+    print(f"{name:<10} {m['val_acc']:>8.4f} {m['val_loss']:>9.4f} {m['best_epoch']:>10} {m['weights']}")
 PY

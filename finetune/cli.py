@@ -46,7 +46,7 @@ def train_options(f):
         click.option("--batch-size", type=int, help="Images per batch."),
         click.option("--image-size", type=int, help="Input size (default: the model's pretrained size)."),
         click.option("--lr", type=float, help="Learning rate of the new head."),
-        click.option("--weight-decay", type=float, help="Weight decay (not on norms and biases)."),
+        click.option("--weight-decay", type=float, help="Weight decay (not on norms, biases, position embeddings; default: the plan's: 0.05 when fine-tuning, chosen on val for a linear head)."),
         click.option("--val-fraction", type=float, help="Fraction held out for validation when the folder "
                      "has no val/ split (stratified)."),
         click.option("--seed", type=int, help="Random seed (split, init, augmentation)."),
@@ -61,7 +61,7 @@ def train_options(f):
         click.option("--devices", help="Number of devices or 'auto' (Lightning)."),
         click.option("--num-nodes", type=int, help="Machines in a multi-node DDP run (Lightning; default 1)."),
         click.option("--strategy", help="Lightning strategy: auto, ddp, ..."),
-        click.option("--precision", help="Lightning precision (default: bf16-mixed on GPU, 32-true on CPU)."),
+        click.option("--precision", help="Lightning precision (default: bf16-mixed on GPUs with native bf16, 16-mixed on older ones, 32-true on CPU)."),
         *recipe_options(),
     ]
     for option in reversed(options):

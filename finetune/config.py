@@ -63,7 +63,7 @@ class TrainConfig:
     cutmix: float | None = None
     label_smoothing: float | None = None
     optimizer: str = "adamw"
-    momentum: float = 0.9
+    momentum: float | None = None  # sgd and rmsprop only; 0.9 when not given
     nesterov: bool = False
     schedule: str | None = None
     warmup_epochs: float | None = None
@@ -208,6 +208,9 @@ def validate_recipe(cfg: TrainConfig) -> None:
     if cfg.ema is not None and not (cfg.ema == 0.0 or 0.0 < cfg.ema < 1.0):
         raise UserError(f"ema is the decay of the weight average: 0 (off) or between 0 and 1, e.g. 0.999 "
                         f"(got {cfg.ema}).")
+    if cfg.momentum is not None and cfg.optimizer not in ("sgd", "rmsprop"):
+        raise UserError(f"--momentum applies to --optimizer sgd or rmsprop; {cfg.optimizer} has its own "
+                        "(betas). Leave it out, or choose sgd / rmsprop.")
     if cfg.lr_gamma is not None and not 0.0 < cfg.lr_gamma <= 1.0:
         raise UserError(f"lr_gamma must be in (0, 1] (got {cfg.lr_gamma}).")
     if cfg.step_epochs is not None and cfg.step_epochs < 1:

@@ -173,7 +173,7 @@ def _lightning_classes() -> dict[str, type]:
 
     Built on first use, so that importing this module (and predicting in one process) does not import
     Lightning. They are reachable as module attributes (`__getattr__` below), so pickling them for
-    `ddp_spawn` and `from serve.batch_predict import CsvRowWriter` (bench/) keep working.
+    `ddp_spawn` keeps working.
     """
     if _LIGHTNING_CLASSES:
         return _LIGHTNING_CLASSES

@@ -59,8 +59,18 @@ def test_mixup_needs_an_even_batch():
 
 def test_yaml_values_are_typed_and_cli_wins():
     cfg = resolve_config({"optimizer": "sgd", "momentum": "0.8", "nesterov": True, "ema": "0.99", "schedule": "step"},
-                         {"data_dir": "x", "optimizer": "adam"})
-    assert (cfg.optimizer, cfg.momentum, cfg.nesterov, cfg.ema, cfg.schedule) == ("adam", 0.8, True, 0.99, "step")
+                         {"data_dir": "x", "optimizer": "rmsprop"})
+    assert (cfg.optimizer, cfg.momentum, cfg.nesterov, cfg.ema, cfg.schedule) == ("rmsprop", 0.8, True, 0.99, "step")
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"optimizer": "adamw", "momentum": 0.8}, "--momentum applies to --optimizer sgd or rmsprop"),
+    ({"schedule": "cosine", "step_epochs": 2}, "--step-epochs applies to --schedule step"),
+    ({"lr_gamma": 0.5}, "--lr-gamma applies to --schedule step or exponential"),  # the default schedule: cosine
+])
+def test_optimizer_and_schedule_options_the_run_would_ignore_are_refused(values, message):
+    with pytest.raises(UserError, match=message):
+        resolve_recipe(resolve_config({}, {"data_dir": "x", **values}), "large-similar")
 
 
 @pytest.mark.parametrize("scenario", sorted(DEFAULT_RECIPES))

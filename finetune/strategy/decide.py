@@ -67,7 +67,7 @@ class ScenarioDefaults:
     epochs_scale: float  # epochs = ceil(--epochs * epochs_scale)
     weight_decay_grid: tuple[float, ...] = (0.0,)  # candidates for the head, chosen on the val split
     aug_views: int = 0  # augmented views per image in the feature cache (feature plans)
-    augment: str = "light"  # training augmentation preset (network plans)
+    augment: str = "light"  # preset of the cached augmented views (feature plans)
 
 
 @dataclass

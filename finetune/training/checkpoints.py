@@ -2,7 +2,7 @@
 
 Lightning does the heavy lifting: `ModelCheckpoint(save_last=True)` writes `last.ckpt` atomically after
 every epoch, and `trainer.fit(ckpt_path=...)` restores weights, optimizer, scheduler, loop counters and
-the state of every callback that implements `state_dict` (EMA, unfreezing, ...). What this module adds:
+the state of every callback that implements `state_dict` (EMA, RNG state, ...). What this module adds:
 
 * `last.ckpt` after every epoch (Lightning 2.6's `save_last` rewrites it only when the monitored
   metric improved);

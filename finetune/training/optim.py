@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 # momentum SGD; --nesterov picks between them.
 _TIMM_NAMES = {"adagrad": "adagrad", "rmsprop": "rmsprop", "adam": "adam", "adamw": "adamw"}
 WARMUP_START_FACTOR = 0.01
+DEFAULT_MOMENTUM = 0.9
 
 
 def no_weight_decay_params(model: nn.Module) -> set[int]:
@@ -84,10 +85,10 @@ def create_optimizer(cfg: Recipe | TrainConfig, param_groups: list[dict[str, Any
     kwargs: dict[str, Any] = {}
     if cfg.optimizer == "sgd":
         name = "sgd" if cfg.nesterov else "momentum"
-        kwargs["momentum"] = cfg.momentum
+        kwargs["momentum"] = DEFAULT_MOMENTUM if cfg.momentum is None else cfg.momentum
     elif cfg.optimizer == "rmsprop":
         name = "rmsprop"
-        kwargs["momentum"] = cfg.momentum
+        kwargs["momentum"] = DEFAULT_MOMENTUM if cfg.momentum is None else cfg.momentum
     else:
         name = _TIMM_NAMES[cfg.optimizer]
     if cfg.nesterov and cfg.optimizer != "sgd":

@@ -38,7 +38,7 @@ class Recipe:
     lr: float = 1e-3
     weight_decay: float = 0.05
     optimizer: str = "adamw"
-    momentum: float = 0.9
+    momentum: float | None = None  # None: 0.9 (sgd, rmsprop)
     nesterov: bool = False
     step_epochs: int | None = None
     lr_gamma: float | None = None
@@ -86,7 +86,19 @@ def resolve_recipe(cfg: TrainConfig, scenario: str) -> Recipe:
         given = getattr(cfg, f.name)
         if given is not None or f.name not in values:
             values[f.name] = given
-    return Recipe(**values)
+    recipe = Recipe(**values)
+    _check_schedule_options(recipe)
+    return recipe
+
+
+def _check_schedule_options(recipe: Recipe) -> None:
+    """Refuse schedule options the resolved schedule ignores."""
+    if recipe.step_epochs is not None and recipe.schedule != "step":
+        raise UserError(f"--step-epochs applies to --schedule step; this run's schedule is {recipe.schedule}. "
+                        "Leave it out, or pass --schedule step.")
+    if recipe.lr_gamma is not None and recipe.schedule not in ("step", "exponential"):
+        raise UserError(f"--lr-gamma applies to --schedule step or exponential; this run's schedule is "
+                        f"{recipe.schedule}. Leave it out, or pass one of those schedules.")
 
 
 def model_kwargs(recipe: Recipe) -> dict[str, Any]:

@@ -173,7 +173,7 @@ def feature_metrics(features: FeatureSet, stage: str, weight: torch.Tensor, bias
 def prepare_network(cfg: TrainConfig, decision: Decision, recipe: Recipe, backbone: Backbone, splits: FolderSplits,
                     rt: runtime.Runtime | None = None, warm_up: bool = True
                     ) -> tuple[list[dict[str, Any]], list[Any], dict[str, Any]]:
-    """Large-data plans: warm the head up on cached features, then freeze/unfreeze groups.
+    """Large-data plans: warm the head up on cached features, then freeze the plan's groups.
 
     `warm_up=False` skips fitting the head (the other ranks of a DDP run: they get rank 0's head when
     DDP wraps the model). Returns the optimizer's param groups, the Lightning callbacks, and what to report.
