@@ -146,6 +146,18 @@ def test_sanity_reports_failure_when_it_cannot_overfit(tmp_path: Path):
     assert "FAIL" in result.output
 
 
+@pytest.mark.parametrize("command, extra, flag", [
+    ("sanity", ["--devices", "2", "--strategy", "ddp"], "--devices, --strategy"),
+    ("lr-find", ["--register", "x"], "--register"),
+    ("plan", ["--register", "x"], "--register"),
+])
+def test_options_these_commands_ignore_are_refused(tmp_path: Path, command: str, extra: list[str], flag: str):
+    data = make_folder(tmp_path / "data", per_class=4)
+    result = _run([command, str(data), "--model", TINY_MODEL, "--weights", "none", "--image-size", "32",
+                   "--num-workers", "0", *extra])
+    assert result.exit_code != 0 and flag in result.output and "Traceback" not in result.output, result.output
+
+
 def test_lr_find_writes_a_png_and_logs_it(image_folder: Path, tmp_path: Path, isolated_mlflow: str):
     out = tmp_path / "lrf"
     result = _run(["lr-find", str(image_folder), "--model", TINY_MODEL, "--weights", "none", "--image-size", "32",

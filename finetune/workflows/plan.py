@@ -8,6 +8,7 @@ import pytorch_lightning as pl
 
 from finetune.config import TrainConfig
 from finetune.data.folders import scan_folder
+from finetune.errors import UserError
 from finetune.model.backbone import create_backbone
 from finetune.strategy.measure import Decision, measure_and_decide
 from finetune.strategy.report import group_table
@@ -18,6 +19,9 @@ from finetune.workflows.preflight import check_forced_scenario
 def plan_folder(cfg: TrainConfig) -> tuple[Decision, list[dict[str, Any]]]:
     """Scan the folder, build the backbone, measure and decide: what `finetune plan` shows."""
     check_forced_scenario(cfg)  # `plan` takes train's options: it refuses what train would refuse
+    if cfg.register is not None:
+        raise UserError("--register: `finetune plan` trains and registers nothing. Leave it out, or run "
+                        "`finetune train` with it.")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     splits = scan_folder(cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_image_pixels)
     backbone = create_backbone(cfg.model, cfg.weights, len(splits.classes), cfg.image_size, keep_source_head=True)
