@@ -89,38 +89,10 @@ def random_weights_file(model: str, path: Path) -> Path:
 
 def finetune_train_epochs(args, cfg, splits, data_config, net, device, out: Path) -> float:
     """bench/throughput.py's finetune_train over `--train-epochs` epochs; the first epoch is not timed."""
-    import pytorch_lightning as pl
-    from pytorch_lightning.loggers import MLFlowLogger
-
     import throughput as cpu
-    from finetune import tracking
-    from finetune.data.transforms import eval_transform, resize_size, train_transform
-    from finetune.training.callbacks import recipe_callbacks
-    from finetune.data.loaders import FolderDataModule
-    from finetune.training.module import Classifier
-    from finetune.training.optim import make_optimizer_factory
-    from finetune.training.recipe import resolve_recipe
 
-    recipe = resolve_recipe(cfg, args.scenario)
-    size = resize_size(data_config)
-    dm = FolderDataModule(splits, train_transform(data_config, recipe.augment), eval_transform(data_config),
-                          batch_size=args.batch_size, num_workers=args.rt.workers, pin_memory=args.rt.pin_memory,
-                          max_pixels=cfg.max_image_pixels, draft_size=(size, size))
-    module = Classifier(net, len(splits.classes),
-                        make_optimizer_factory(cfg, [{"params": list(net.parameters()), "lr": cfg.lr, "name": "all"}],
-                                               recipe.schedule, recipe.warmup_epochs),
-                        label_smoothing=recipe.label_smoothing)
-    experiment_id = tracking.ensure_experiment("bench-gpu-throughput")
-    run_id = tracking.client().create_run(experiment_id, run_name="gpu-throughput").info.run_id
-    logger = MLFlowLogger(experiment_name="bench-gpu-throughput", tracking_uri=tracking.tracking_uri(), run_id=run_id)
-    per_epoch = len(dm.train_dataloader())
-    clock = cpu.BatchClock(per_epoch)  # the whole first epoch (workers starting, cuDNN autotune) is warm-up
-    trainer = pl.Trainer(max_epochs=args.train_epochs, limit_val_batches=0, logger=logger,
-                         callbacks=[clock, *recipe_callbacks(recipe, len(splits.classes), None)],
-                         default_root_dir=out, **{**cpu.trainer_kwargs(args, device), "precision": args.train_precision})
-    trainer.fit(module, datamodule=dm)
-    tracking.client().set_terminated(run_id, "FINISHED")
-    return clock.images_per_s()
+    return cpu.finetune_train(args, cfg, splits, data_config, net, device, out, epochs=args.train_epochs,
+                              untimed_epochs=1, experiment="bench-gpu-throughput")
 
 
 def finetune_predict(args, net, data_config, paths, classes, mode, device, out: Path) -> float:

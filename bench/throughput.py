@@ -130,7 +130,13 @@ def trainer_kwargs(args, device) -> dict:
                 enable_progress_bar=False, num_sanity_val_steps=0, log_every_n_steps=1)
 
 
-def finetune_train(args, cfg, splits, data_config, net, device, out: Path) -> float:
+def finetune_train(args, cfg, splits, data_config, net, device, out: Path, epochs: int = 1,
+                   untimed_epochs: int = 0, experiment: str = "bench-throughput") -> float:
+    """finetune's training pipeline (DataModule, recipe, Classifier, callbacks, MLflow logging).
+
+    By default one epoch of `--train-batches` with `--warmup` untimed batches; with `untimed_epochs`,
+    `epochs` whole epochs of which the first ones are warm-up (bench/gpu_throughput.py: workers
+    starting, cuDNN autotune)."""
     recipe = resolve_recipe(cfg, args.scenario)
     size = resize_size(data_config)
     dm = FolderDataModule(splits, train_transform(data_config, recipe.augment), eval_transform(data_config),
@@ -140,15 +146,17 @@ def finetune_train(args, cfg, splits, data_config, net, device, out: Path) -> fl
                         make_optimizer_factory(cfg, [{"params": list(net.parameters()), "lr": cfg.lr, "name": "all"}],
                                                recipe.schedule, recipe.warmup_epochs),
                         label_smoothing=recipe.label_smoothing)
-    experiment_id = tracking.ensure_experiment("bench-throughput")
-    run_id = tracking.client().create_run(experiment_id, run_name="throughput").info.run_id
+    experiment_id = tracking.ensure_experiment(experiment)
+    run_id = tracking.client().create_run(experiment_id, run_name=experiment).info.run_id
     from pytorch_lightning.loggers import MLFlowLogger
 
-    logger = MLFlowLogger(experiment_name="bench-throughput", tracking_uri=tracking.tracking_uri(), run_id=run_id)
-    clock = BatchClock(args.warmup)
-    trainer = pl.Trainer(max_epochs=1, limit_train_batches=args.train_batches, limit_val_batches=0, logger=logger,
+    logger = MLFlowLogger(experiment_name=experiment, tracking_uri=tracking.tracking_uri(), run_id=run_id)
+    clock = BatchClock(untimed_epochs * len(dm.train_dataloader()) if untimed_epochs else args.warmup)
+    precision = getattr(args, "train_precision", args.precision)
+    trainer = pl.Trainer(max_epochs=epochs, limit_train_batches=None if untimed_epochs else args.train_batches,
+                         limit_val_batches=0, logger=logger,
                          callbacks=[clock, *recipe_callbacks(recipe, len(splits.classes), None)],
-                         default_root_dir=out, **{**trainer_kwargs(args, device), "precision": args.precision})
+                         default_root_dir=out, **{**trainer_kwargs(args, device), "precision": precision})
     trainer.fit(module, datamodule=dm)
     tracking.client().set_terminated(run_id, "FINISHED")
     return clock.images_per_s()
