@@ -36,6 +36,21 @@ def image_folder(tmp_path: Path) -> Path:
     return make_folder(tmp_path / "data")
 
 
+@pytest.fixture
+def weights_file(tmp_path: Path) -> Path:
+    """A 'pretrained' TINY_MODEL with a 10-class source head, as a local weights file."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = timm.create_model(TINY_MODEL, num_classes=10)
+    path = tmp_path / "weights" / "tiny.safetensors"
+    path.parent.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
 @pytest.fixture(scope="session")
 def _empty_mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Creating an MLflow SQLite store runs its schema migrations (seconds): do it once, copy it."""

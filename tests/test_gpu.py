@@ -28,20 +28,6 @@ def cuda_allocations() -> int:
     return torch.cuda.memory_stats().get("allocation.all.allocated", 0)
 
 
-@pytest.fixture
-def weights_file(tmp_path: Path) -> Path:
-    """A 'pretrained' test_resnet with a 10-class source head, as a local weights file (as in test_plan_cli)."""
-    import timm
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    model = timm.create_model(TINY_MODEL, num_classes=10)
-    path = tmp_path / "weights" / "tiny.safetensors"
-    path.parent.mkdir()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
-
-
 def train(data: Path, weights: Path, out: Path, scenario: str, *extra: str) -> dict:
     """`finetune train` in this process on the default accelerator; returns summary.json."""
     from click.testing import CliRunner

@@ -6,26 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
-from safetensors.torch import save_file
 
 from finetune.model.artifact import load_model
 from finetune.cli import cli
 from tests.conftest import TINY_MODEL, tiny_train_args
-
-
-@pytest.fixture
-def weights_file(tmp_path: Path) -> Path:
-    """A 'pretrained' test_resnet with a 10-class source head, as a local weights file."""
-    torch.manual_seed(0)
-    model = timm.create_model(TINY_MODEL, num_classes=10)
-    path = tmp_path / "weights" / "tiny.safetensors"
-    path.parent.mkdir()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
 
 
 def _plan_args(data: Path, weights: Path, *extra: str) -> list[str]:
