@@ -12,7 +12,7 @@ import click
 
 from finetune import console
 from finetune.config import (AUGMENT_PRESETS, CLASS_WEIGHTS, OPTIMIZERS, SAMPLERS, SCENARIOS, SCHEDULES,
-                             TTA_MODES, load_yaml, resolve_config)
+                             FIXED_TTA_MODES, TTA_MODES, load_yaml, resolve_config)
 
 log = logging.getLogger("finetune")
 
@@ -46,11 +46,14 @@ def train_options(f):
         click.option("--batch-size", type=int, help="Images per batch."),
         click.option("--image-size", type=int, help="Input size (default: the model's pretrained size)."),
         click.option("--lr", type=float, help="Learning rate of the new head."),
-        click.option("--weight-decay", type=float, help="Weight decay (not on norms, biases, position embeddings; default: the plan's: 0.05 when fine-tuning, chosen on val for a linear head)."),
+        click.option("--weight-decay", type=float, help="Weight decay (not on norms, biases, position embeddings; default: the plan's: 0.05 when fine-tuning, chosen by cross-validation on train for a linear head)."),
         click.option("--val-fraction", type=float, help="Fraction held out for validation when the folder "
                      "has no val/ split (stratified)."),
+        click.option("--select-fraction", type=float, help="Fine-tuning plans: fraction of train held out to "
+                     "choose the epoch and weights on (default 0.2; val is only reported)."),
         click.option("--seed", type=int, help="Random seed (split, init, augmentation)."),
-        click.option("--tta", type=click.Choice(TTA_MODES), help="Test-time crops for evaluation."),
+        click.option("--tta", type=click.Choice(TTA_MODES), help="Test-time crops the model uses: auto (default) "
+                     "picks centre, 5crop or 10crop by accuracy on held-out training images; or a fixed mode."),
         click.option("--max-image-pixels", type=int, help="Refuse images with more pixels than this."),
         click.option("--num-workers", type=int, help="Data loader workers (default: from the cores)."),
         click.option("--experiment", help="MLflow experiment name."),
@@ -177,9 +180,16 @@ def _print_summary(summary: dict[str, Any]) -> None:
     lines.append(f"Scenario:   {summary['scenario']} ({plan['source']})")
     lines += [f"  - {reason}" for reason in plan.get("reasons", [])]
     lines.append(f"Plan:       {_plan_line(plan)}")
-    kept = (f"warmed-up head kept: fine-tuning reached {m['val_acc_finetuned']:.4f}" if m.get("weights") == "warmup"
-            else f"best epoch {m.get('best_epoch')}" + (", EMA weights" if m.get("weights") == "ema" else ""))
-    lines.append(f"Val:        accuracy {m['val_acc']:.4f}, loss {m['val_loss']:.4f} ({kept})")
+    if "select_acc_finetuned" in m and m.get("weights") == "warmup":
+        kept = f"warmed-up head kept: fine-tuning reached {m['select_acc_finetuned']:.4f}"
+    elif "best_epoch" in m:
+        kept = f"best epoch {m['best_epoch']}" + (", EMA weights" if m.get("weights") == "ema" else "")
+    else:
+        kept = f"{m.get('epochs')} epoch(s), weight decay {plan.get('weight_decay')}"
+    lines.append(f"Chosen on:  {summary['selection']['protocol']}")
+    lines.append(f"            accuracy {m['select_acc']:.4f} ({kept}); test-time crops {summary['tta']['mode']} "
+                 f"({summary['tta']['chosen_by']})")
+    lines.append(f"Val:        accuracy {m['val_acc']:.4f} ({summary['data']['val']} images, read once after training)")
     extra = [f"{k} {v:.4f}" for k, v in m.items()
              if (k.endswith("_tta") or k.startswith("test_acc")) and "top5" not in k]
     if extra:
@@ -263,7 +273,7 @@ def lr_find(data_dir: str, config_file: str | None, min_lr: float, max_lr: float
               help="Log-uniform learning-rate range.")
 @click.option("--wd-range", nargs=2, type=float, default=None,
               help="Log-uniform weight-decay range (default 1e-6 0.1). Fine-tuning plans only: a feature plan's "
-                   "head chooses its weight decay on val in every trial.")
+                   "head chooses its weight decay by cross-validation on train in every trial.")
 @click.option("--search-augment", is_flag=True, help="Also search the augmentation preset (fine-tuning plans only).")
 @train_options
 def sweep(data_dir: str, config_file: str | None, trials: int, lr_range: tuple[float, float],
@@ -271,13 +281,14 @@ def sweep(data_dir: str, config_file: str | None, trials: int, lr_range: tuple[f
     """Hyperparameter search (Optuna) of what acts in the data's plan; trials are child runs of one MLflow run.
 
     Fine-tuning plans: LR and weight decay (and, asked, the augmentation preset). Feature plans (a linear
-    head on cached features): LR; the head chooses its weight decay on val in every trial.
+    head on cached features): LR; the head chooses its weight decay by cross-validation in every trial.
+    Trials are ranked on data inside train (select_acc); val is reported, never ranked on.
     """
     from finetune.workflows.sweep import sweep as run_sweep
 
     cfg = build_config(data_dir, config_file, **options)
     r = run_sweep(cfg, trials, tuple(lr_range), tuple(wd_range) if wd_range else None, search_augment)
-    click.echo(f"best val_acc {r['best_val_acc']:.4f} (trial {r['best_trial']}): "
+    click.echo(f"best select_acc {r['best_select_acc']:.4f} (trial {r['best_trial']}, val_acc {r['best_val_acc']:.4f}): "
                + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["best_params"].items()))
     click.echo(f"best config: {r['best_config']}  (finetune train DATA_DIR --config {r['best_config']})")
     click.echo(f"MLflow parent run: {r['mlflow_run_id']}")
@@ -340,7 +351,7 @@ def demo(workdir: str, model: str, weights: str | None, epochs: int, pretrain_ep
 @cli.command()
 @click.argument("model_uri")
 @click.argument("data_dir", type=click.Path())
-@click.option("--tta", type=click.Choice(TTA_MODES), help="Test-time crops (default: the model's).")
+@click.option("--tta", type=click.Choice(FIXED_TTA_MODES), help="Test-time crops (default: the model's).")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
               help="Crops per forward pass (images per batch = this / crops per image).")
 @click.option("--num-workers", type=click.IntRange(min=0), help="Data loader workers (default: from the cores).")

@@ -15,7 +15,8 @@ import yaml
 from finetune.errors import UserError
 
 SCENARIOS = ("auto", "small-similar", "large-similar", "small-different", "large-different")
-TTA_MODES = ("none", "center", "5crop", "10crop")
+FIXED_TTA_MODES = ("none", "center", "5crop", "10crop")
+TTA_MODES = ("auto", *FIXED_TTA_MODES)  # auto: chosen on held-out training images (evaluation.choose_tta)
 # The training recipe. Presets/values are also listed in finetune.data.transforms / finetune.training.optim.
 AUGMENT_PRESETS = ("none", "light", "standard", "strong")
 OPTIMIZERS = ("sgd", "adagrad", "rmsprop", "adam", "adamw")
@@ -44,8 +45,10 @@ class TrainConfig:
     # fine-tuning plan uses 0.05 (finetune.training.recipe); a value given here is used as it is.
     weight_decay: float | None = None
     val_fraction: float = 0.2
+    # Network plans hold this share of train out to choose the epoch and weights on (val is only reported).
+    select_fraction: float = 0.2
     seed: int = 0
-    tta: str = "center"
+    tta: str = "auto"  # "auto": the crop mode that scores best on data inside train; or a fixed mode
     max_image_pixels: int = 89_478_485  # Pillow's own decompression-bomb limit
     num_workers: int | None = None
     experiment: str = "finetune"
@@ -125,7 +128,8 @@ def resolve_config(file_values: dict[str, Any], cli_values: dict[str, Any]) -> T
 def _coerce_types(cfg: TrainConfig) -> None:
     """YAML gives strings for things like 1e-3 written oddly; cast to the declared types."""
     casts = {"epochs": int, "batch_size": int, "seed": int, "max_image_pixels": int, "num_nodes": int,
-             "lr": float, "val_fraction": float}
+             "lr": float, "val_fraction": float,
+             "select_fraction": float}
     for name, cast in casts.items():
         value = getattr(cfg, name)
         try:
@@ -167,6 +171,8 @@ def validate_config(cfg: TrainConfig) -> None:
         raise UserError(f"batch_size must be at least 1 (got {cfg.batch_size}).")
     if not 0.0 < cfg.val_fraction < 1.0:
         raise UserError(f"val_fraction must be between 0 and 1, exclusive (got {cfg.val_fraction}).")
+    if not 0.0 < cfg.select_fraction < 1.0:
+        raise UserError(f"select_fraction must be between 0 and 1, exclusive (got {cfg.select_fraction}).")
     if cfg.lr <= 0:
         raise UserError(f"lr must be positive (got {cfg.lr}).")
     if cfg.image_size is not None and cfg.image_size < 16:

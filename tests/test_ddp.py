@@ -50,7 +50,7 @@ def test_ddp_two_cpu_processes_train_and_log_once(tmp_path: Path, isolated_mlflo
     assert [r.info.run_id for r in runs] == [summary["mlflow_run_id"]]  # one run, not one per rank
     run = runs[0]
     assert run.info.status == "FINISHED"
-    assert len(client.get_metric_history(run.info.run_id, "val_acc")) == 2  # one point per epoch
+    assert len(client.get_metric_history(run.info.run_id, "select_acc")) == 2  # one point per epoch (selection split)
     assert run.data.metrics["final_val_acc"] == summary["metrics"]["val_acc"]
     assert {"summary.json", "model_files"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
 

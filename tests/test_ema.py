@@ -86,12 +86,12 @@ def test_the_average_after_a_fit_is_timms_and_is_what_validates(tmp_path: Path):
     average = _state(timm_ema.module)
     _assert_same(_state(ema._average_model.module), average)
     assert any(not torch.allclose(average[k], record.states[-1][k]) for k in average if average[k].is_floating_point())
-    # The module ends up holding the average (the EMA weights are the model), and the epoch's val_acc was theirs.
+    # The module ends up holding the average (the EMA weights are the model), and the epoch's select_acc was theirs.
     _assert_same(_state(module), average)
     x, y = val.dataset.tensors
     with torch.no_grad():
         expected = (timm_ema.module.eval()(x).argmax(1) == y).float().mean()
-    assert float(trainer.callback_metrics["val_acc"]) == pytest.approx(float(expected))
+    assert float(trainer.callback_metrics["select_acc"]) == pytest.approx(float(expected))
 
 
 def test_a_checkpoint_round_trip_restores_the_average_and_resume_matches(tmp_path: Path):

@@ -155,7 +155,7 @@ def test_cached_center_probs_match_the_network_prediction(tmp_path: Path):
     torch.manual_seed(2)
     load_linear(bb.model.get_classifier(), torch.randn(3, bb.model.num_features), torch.randn(3))
     val = cached_features(bb, splits.val, batch_size=4, cache_dir=tmp_path / "cache")
-    probs = cached_center_probs(val, FINAL, bb.model)["val"]
+    probs = cached_center_probs(val, FINAL, bb.model)
     net_probs, _ = predict_sources(bb.model.eval(), [s.path for s in splits.val], bb.data_config, "center", 4)
     np.testing.assert_allclose(probs, net_probs.numpy(), atol=1e-5)
 

@@ -79,10 +79,11 @@ def test_linear_head_returns_cpu_weights_and_keeps_cpu_candidates():
     def factory(groups, module):
         return create_optimizer(cfg, [{**g, "lr": 0.1} for g in groups])
 
-    result = fit_linear_head([x], y, np.ones(40, bool), x, y, np.ones(40, bool), 2, [0.0, 1e-3], epochs=3,
-                             batch_size=8, optimizer_factory=factory, rt=runtime.cpu())
+    result = fit_linear_head([x], y, np.ones(40, bool), 2, [0.0, 1e-3], epochs=3, batch_size=8,
+                             optimizer_factory=factory, rt=runtime.cpu(), fold_heads=True)
     assert result.weight.device.type == "cpu" and result.bias.device.type == "cpu"
-    assert result.weight.shape == (2, 6) and result.val_acc > 0.8
+    assert result.weight.shape == (2, 6) and result.select_acc > 0.6
+    assert all(w.device.type == "cpu" and b.device.type == "cpu" for _, w, b in result.fold_heads)
 
 
 class _CountingNet(nn.Module):

@@ -37,7 +37,7 @@ def test_recipe_options_train_with_ema_step_schedule_and_gap(image_folder: Path,
     summary = json.loads((out / "summary.json").read_text())
     assert summary["recipe"]["augment"] == "strong" and summary["recipe"]["ema"] == 0.5
     metrics = summary["metrics"]
-    # With --ema the EMA weights are the model: validated each epoch (val_acc), the best epoch's checkpointed
+    # With --ema the EMA weights are the model: validated each epoch (select_acc), the best epoch's checkpointed
     # as the state_dict with the raw weights beside it, and reported as such.
     assert metrics["weights"] == "ema" and "val_acc_ema" not in metrics and "val_acc_raw" not in metrics
     last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
@@ -48,12 +48,12 @@ def test_recipe_options_train_with_ema_step_schedule_and_gap(image_folder: Path,
 
     client = MlflowClient(isolated_mlflow)
     run_id = summary["mlflow_run_id"]
-    assert len(client.get_metric_history(run_id, "val_acc")) == 2
-    assert max(m.value for m in client.get_metric_history(run_id, "val_acc")) == pytest.approx(metrics["val_acc"])
-    assert len(client.get_metric_history(run_id, "train_val_acc_gap")) == 2
+    assert len(client.get_metric_history(run_id, "select_acc")) == 2
+    assert max(m.value for m in client.get_metric_history(run_id, "select_acc")) == pytest.approx(metrics["select_acc"])
+    assert len(client.get_metric_history(run_id, "train_select_acc_gap")) == 2
     assert client.get_metric_history(run_id, "initial_loss")
     # The LR of every group is logged, and the step schedule drops it at the epoch boundary.
-    steps_per_epoch = summary["data"]["train"] // 4
+    steps_per_epoch = summary["selection"]["fit_images"] // 4  # the network fits on train less the selection split
     for group in ("lr/all", "lr/all/no_decay"):
         history = {m.step: m.value for m in client.get_metric_history(run_id, group)}
         assert history[0] == pytest.approx(0.05)
@@ -126,7 +126,7 @@ def test_early_stopping_stops_when_val_acc_stalls(image_folder: Path, tmp_path: 
                                   "--augment", "none", "--ema", "0"))
     assert result.exit_code == 0, result.output
     run_id = json.loads((out / "summary.json").read_text())["mlflow_run_id"]
-    assert len(MlflowClient(isolated_mlflow).get_metric_history(run_id, "val_acc")) == 2
+    assert len(MlflowClient(isolated_mlflow).get_metric_history(run_id, "select_acc")) == 2
 
 
 def test_sanity_overfits_a_small_subset(tmp_path: Path):
@@ -208,7 +208,7 @@ def test_sweep_runs_child_trials_and_saves_a_usable_best_config(image_folder: Pa
                    "--image-size", "32", "--num-workers", "0", "--batch-size", "4", "--epochs", "1",
                    "--experiment", "sw", "--output", str(out)])
     assert result.exit_code == 0, result.output
-    assert "best val_acc" in result.output
+    assert "best select_acc" in result.output
     client = MlflowClient(isolated_mlflow)
     runs = client.search_runs([client.get_experiment_by_name("sw").experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]

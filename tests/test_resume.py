@@ -22,7 +22,7 @@ def _train(*args: str):
     return CliRunner().invoke(cli, list(args))
 
 
-def _history(uri: str, run_id: str, key: str = "val_acc") -> list[tuple[int, float]]:
+def _history(uri: str, run_id: str, key: str = "select_acc") -> list[tuple[int, float]]:
     return [(m.step, m.value) for m in sorted(MlflowClient(uri).get_metric_history(run_id, key),
                                                 key=lambda m: (m.step, m.timestamp))]
 
@@ -43,7 +43,7 @@ def test_seeded_runs_are_identical_and_resume_matches_uninterrupted(image_folder
     run_a, run_b = _summary(full_a)["mlflow_run_id"], _summary(full_b)["mlflow_run_id"]
     # --seed: same split, init, shuffling and augmentation, so the same numbers in every epoch.
     assert _history(isolated_mlflow, run_a, "train_loss") == _history(isolated_mlflow, run_b, "train_loss")
-    assert _history(isolated_mlflow, run_a, "val_loss") == _history(isolated_mlflow, run_b, "val_loss")
+    assert _history(isolated_mlflow, run_a, "select_loss") == _history(isolated_mlflow, run_b, "select_loss")
 
     r = _train(*tiny_train_args(image_folder, part, "--epochs", "1", "--seed", "7", *recipe))
     assert r.exit_code == 0, r.output
@@ -56,7 +56,7 @@ def test_seeded_runs_are_identical_and_resume_matches_uninterrupted(image_folder
     assert run.info.status == "FINISHED"
     # One point per epoch at the same steps as the uninterrupted run, none duplicated, and the same
     # values within noise: weights, optimizer, RNG and callback states came back from the checkpoint.
-    for key in ("train_loss", "val_loss", "val_acc"):
+    for key in ("train_loss", "select_loss", "select_acc"):
         resumed_h, full_h = _history(isolated_mlflow, run_p, key), _history(isolated_mlflow, run_a, key)
         assert [s for s, _ in resumed_h] == [s for s, _ in full_h], key
         assert resumed_h[0] == full_h[0], key  # the epoch before the interruption is the same run

@@ -46,7 +46,7 @@ def test_store_down_mid_run_keeps_results_and_upload_sends_them_later(
     assert (out / "model" / "model.safetensors").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
     pending = json.loads((out / "mlflow_pending.json").read_text())
     assert pending["run_id"] == summary["mlflow_run_id"] and "store down" in pending["error"]
-    assert {"epoch", "train_acc", "train_loss", "val_acc", "val_acc_top5", "val_loss"} <= {
+    assert {"epoch", "train_acc", "train_loss", "select_acc", "select_acc_top5", "select_loss"} <= {
         m["key"] for m in pending["metrics"]}
     assert pending["finish"] == ["final_metrics", "model_files", "summary", "terminate"]
 
@@ -56,7 +56,7 @@ def test_store_down_mid_run_keeps_results_and_upload_sends_them_later(
     client = MlflowClient(isolated_mlflow)
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED"
-    assert len(client.get_metric_history(run.info.run_id, "val_acc")) == 2
+    assert len(client.get_metric_history(run.info.run_id, "select_acc")) == 2
     assert run.data.metrics["final_val_acc"] == summary["metrics"]["val_acc"]
     assert {"summary.json", "model_files"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     assert not (out / "mlflow_pending.json").exists()

@@ -28,9 +28,10 @@ def test_train_end_to_end_logs_run(image_folder: Path, tmp_path: Path, isolated_
     assert params["weights_source"] == "none"
     assert params["data.train"] == str(summary["data"]["train"])
     assert params["data.classes"] == "2"
-    history = client.get_metric_history(run.info.run_id, "val_acc")
-    assert len(history) == 2  # one point per epoch
-    for metric in ("train_loss", "train_acc", "val_loss", "val_acc_top5"):
+    history = client.get_metric_history(run.info.run_id, "select_acc")
+    assert len(history) == 2  # one point per epoch, on the selection split carved from train
+    assert len(client.get_metric_history(run.info.run_id, "val_acc")) == 1  # val: read once, at the end
+    for metric in ("train_loss", "train_acc", "select_loss", "select_acc_top5"):
         assert client.get_metric_history(run.info.run_id, metric), metric
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.json", "classes.json", "skipped_files.json", "summary.json", "model_files"} <= artifacts
@@ -44,8 +45,8 @@ def test_large_plan_validates_the_warmed_up_head_beside_the_fine_tuned_network(i
     result = CliRunner().invoke(cli, tiny_train_args(image_folder, out, "--scenario", "large-similar"))
     assert result.exit_code == 0, result.output
     m = json.loads((out / "summary.json").read_text())["metrics"]
-    assert m["val_acc"] == max(m["val_acc_finetuned"], m["val_acc_warmup"])
-    assert (m["weights"] == "warmup") == (m["val_acc_warmup"] > m["val_acc_finetuned"])
+    assert m["select_acc"] == max(m["select_acc_finetuned"], m["select_acc_warmup"])
+    assert (m["weights"] == "warmup") == (m["select_acc_warmup"] > m["select_acc_finetuned"])
 
 
 class _StubEvaluator:
@@ -53,7 +54,7 @@ class _StubEvaluator:
 
     def validate(self, module, datamodule=None, verbose=False):
         w = float(module.net.weight.detach().sum())
-        return [{"val_acc": w, "val_loss": 1.0 - w, "val_acc_top5": 1.0}]
+        return [{"select_acc": w, "select_loss": 1.0 - w, "select_acc_top5": 1.0}]
 
 
 def test_warmed_up_head_is_kept_only_when_it_validates_better():
@@ -72,9 +73,9 @@ def test_warmed_up_head_is_kept_only_when_it_validates_better():
         module = Holder(tuned)
         warm_state = {"weight": torch.full((1, 1), warm)}
         metrics = _keep_warmup_if_better(module, _StubEvaluator(), None, warm_state,
-                                         {"val_acc": tuned, "val_loss": 0.1, "val_acc_top5": 1.0, "weights": "raw"})
+                                         {"select_acc": tuned, "select_loss": 0.1, "select_acc_top5": 1.0, "weights": "raw"})
         kept = max(tuned, warm)
         assert float(module.net.weight) == kept  # the network left in place is the one reported
-        assert metrics["val_acc"] == kept and metrics["val_acc_finetuned"] == tuned
-        assert metrics["val_acc_warmup"] == warm
+        assert metrics["select_acc"] == kept and metrics["select_acc_finetuned"] == tuned
+        assert metrics["select_acc_warmup"] == warm
         assert metrics["weights"] == ("warmup" if warm > tuned else "raw")

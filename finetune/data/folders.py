@@ -83,6 +83,16 @@ class FolderSplits:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test),
                 "skipped": len(self.skipped), "classes": len(self.classes)}
 
+    def selection(self, fraction: float, seed: int) -> "FolderSplits":
+        """The training split cut in two for choices made during training: `train` = what the network fits on,
+        `val` = the selection split (stratified, `fraction` of each class, at least one image of each class
+        with two or more). The user's val and test are not in it: they are only read to report."""
+        fit, select = stratified_split(self.train, fraction, seed)
+        if not select:
+            raise UserError(f"Too few training images ({len(self.train)}) to hold out a selection split "
+                            "(each class needs at least 2 images). Add images.")
+        return FolderSplits(self.root, self.layout, self.classes, fit, select)
+
     def evaluation_parts(self) -> dict[str, list[Sample]]:
         """What `finetune evaluate` reports on: the user's val and test splits; only test when val was
         split off train here (its split need not be the one the model was trained with); every image

@@ -1,6 +1,7 @@
 """Evaluation report: top-1/top-5, per-class precision/recall/F1, confusion matrix, top losses.
 
-Runs after training on the val (and test) split with the configured TTA mode, and on its own as
+Runs after training on the val (and test) split, read once each after every choice was made (the
+crop mode too: `choose_tta`), and on its own as
 `finetune evaluate MODEL_URI DATA_DIR` for any logged or registered model. Everything goes to
 `OUTPUT/evaluation/<split>/` and to the MLflow run under `evaluation/<split>/`.
 """
@@ -21,8 +22,10 @@ from finetune.files import write_json
 from finetune.model.artifact import ModelSpec
 from finetune.data.folders import FolderSplits, Sample
 from finetune.data.images import ImageError, load_rgb
-from finetune.data.crops import TTA_VIEWS, is_multi_crop
-from finetune.evaluation.tta import predict_sources
+from finetune.data.crops import TTA_VIEWS, CropViews, is_multi_crop
+from finetune.data.profile import stratified_subset
+from finetune.errors import UserError
+from finetune.evaluation.tta import mode_scores, pick_mode, predict_sources
 
 log = logging.getLogger(__name__)
 
@@ -153,19 +156,53 @@ def evaluate_splits(net: nn.Module, spec: ModelSpec, splits: dict[str, Sequence[
     return {k: v for k, v in metrics.items() if k not in exclude}
 
 
+TTA_MAX_IMAGES = 500  # held-out training images `--tta auto` scores (10 crops each), a stratified subset
+
+
+def choose_tta(requested: str, heldout: Sequence[Any], data_config: dict[str, Any], batch_size: int = 32,
+               max_pixels: int | None = None, rt: runtime.Runtime | None = None,
+               max_images: int = TTA_MAX_IMAGES) -> dict[str, Any]:
+    """The crop mode the model will use: an explicit `requested` mode as it is; with "auto", the candidate
+    (centre, 5crop, 10crop) that scores best on training images the model never fitted on (the selection
+    split, or each cross-validation fold with its out-of-fold head), from one 10-crop pass over at most
+    `max_images` of them. `heldout`: `run_plan.HeldOut`s (samples, and net() -> the model that never saw
+    them). Returns {"mode", "chosen_by", "scores"}."""
+    if requested != "auto":
+        return {"mode": "center" if requested == "none" else requested, "chosen_by": "--tta"}
+    try:
+        CropViews(data_config, "10crop")
+    except UserError:
+        return {"mode": "center", "chosen_by": "auto: the model's eval transform has no centre crop to move"}
+    total = sum(len(h.samples) for h in heldout)
+    per_view, labels = [], []
+    for h in heldout:
+        samples = stratified_subset(h.samples, max(1, round(len(h.samples) * min(1.0, max_images / max(total, 1)))))
+        probs = predict_sources(h.net(), [s.path for s in samples], data_config, "10crop",
+                                max(1, batch_size // 10), max_pixels, rt, per_view=True)[0]
+        per_view.append(probs.numpy())
+        labels.append(np.array([s.label for s in samples], dtype=int))
+    scores = mode_scores(np.concatenate(per_view), np.concatenate(labels))
+    mode = pick_mode(scores)
+    images = scores[mode]["images"]
+    log.info("Test-time crops: %s (accuracy on %d held-out training images: %s)", mode, images,
+             ", ".join(f"{m} {v['acc']:.4f}" for m, v in scores.items()))
+    return {"mode": mode, "chosen_by": f"auto: best accuracy on {images} held-out training images "
+                                       "(ties go to fewer crops)", "scores": scores}
+
+
 def after_training(net: nn.Module, spec: ModelSpec, splits: FolderSplits, cfg: Any, output: Path,
-                   rt: runtime.Runtime, center_probs: dict[str, np.ndarray] | None = None) -> dict[str, float]:
-    """The report of a finished training run on val (and test); `val_acc_tta` when TTA is multi-crop.
+                   rt: runtime.Runtime, mode: str, center_probs: dict[str, np.ndarray] | None = None
+                   ) -> dict[str, float]:
+    """The report of a finished training run: val and test, each read once, after every choice was made.
 
-    The Lightning validation already measured the plain centre-crop accuracy (`val_acc`); this adds
-    the TTA numbers and the report files, and never overwrites `val_acc`. `center_probs` (split ->
-    probabilities from cached centre-crop features) spares a network pass when the mode is centre.
-    Nothing is sent to MLflow here (the caller sends the report with the run's other results).
+    `val_acc` / `test_acc` are the centre crop's; `val_acc_tta` / `test_acc_tta` are added when the model's
+    crop mode (`mode`) is multi-crop. `center_probs` (split -> probabilities from cached centre-crop
+    features) spares a network pass for the centre crop. Nothing is sent to MLflow here (the caller sends
+    the report with the run's other results).
     """
-    mode = cfg.tta if cfg.tta != "none" else "center"
-    return evaluate_splits(
-        net, spec, {"val": splits.val, "test": splits.test}, mode, Path(output),
-        exclude=("val_acc", "val_acc_top5"), precomputed=center_probs if mode == "center" else None,
-        batch_size=cfg.batch_size, max_pixels=cfg.max_image_pixels, rt=rt)
-
-
+    parts = {"val": splits.val, "test": splits.test}
+    kwargs = dict(batch_size=cfg.batch_size, max_pixels=cfg.max_image_pixels, rt=rt)
+    metrics = evaluate_splits(net, spec, parts, "center", Path(output), precomputed=center_probs, **kwargs)
+    if is_multi_crop(mode):  # the mode's report files replace the centre crop's
+        metrics.update(evaluate_splits(net, spec, parts, mode, Path(output), **kwargs))
+    return metrics

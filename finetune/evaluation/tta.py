@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -31,8 +32,9 @@ def average_softmax(logits: torch.Tensor, views: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_views(net: nn.Module, views: torch.Tensor) -> torch.Tensor:
-    """A batch ``[B, V, 3, H, W]`` -> class probabilities ``[B, K]``.
+def predict_views(net: nn.Module, views: torch.Tensor, average: bool = True) -> torch.Tensor:
+    """A batch ``[B, V, 3, H, W]`` -> class probabilities ``[B, K]`` (``[B, V, K]``, one row per view,
+    with ``average=False``).
 
     The B*V crops go through the network B at a time: the forward batch stays the one the user chose
     for images. One forward over all of them (10x the batch with 10crop) runs slower per crop: its
@@ -41,13 +43,16 @@ def predict_views(net: nn.Module, views: torch.Tensor) -> torch.Tensor:
     v = views.shape[1]
     flat = views.flatten(0, 1)
     logits = torch.cat([net(part) for part in flat.split(views.shape[0])])
+    if not average:
+        return logits.float().softmax(dim=-1).view(-1, v, logits.shape[-1])
     return average_softmax(logits, v)
 
 
 def predict_sources(net: nn.Module, sources: Sequence[Any], data_config: dict[str, Any], mode: str,
                     batch_size: int = 32, max_pixels: int | None = None,
-                    rt: runtime.Runtime | None = None) -> tuple[torch.Tensor, list[str]]:
-    """Probabilities ``[N, K]`` (CPU) for N images (rows of failed images are NaN) and one error per image.
+                    rt: runtime.Runtime | None = None, per_view: bool = False) -> tuple[torch.Tensor, list[str]]:
+    """Probabilities ``[N, K]`` (CPU) for N images (rows of failed images are NaN) and one error per image;
+    ``[N, V, K]`` with ``per_view``.
 
     The network runs on `rt`'s device and precision (the CPU when not given) and is left where it was.
     """
@@ -63,10 +68,39 @@ def predict_sources(net: nn.Module, sources: Sequence[Any], data_config: dict[st
     bar = tqdm(loader, desc=f"Predicting {len(ds)} images ({mode})", unit="batch", dynamic_ncols=True, leave=False)
     with runtime.evaluating_on(net, rt.device), rt.autocast():
         for views, _, errs in bar:
-            probs = predict_views(net, views.to(rt.device, non_blocking=True)).cpu().clone()
+            probs = predict_views(net, views.to(rt.device, non_blocking=True), average=not per_view).cpu().clone()
             bad = torch.tensor([bool(e) for e in errs])
             probs[bad] = float("nan")
             out.append(probs)
             errors.extend(errs)
     return torch.cat(out) if out else torch.empty(0, 0), errors
 
+
+
+# --- `--tta auto`: the crop mode chosen on data inside the training split -------------------------
+
+# Scored from one 10-crop pass: torchvision's ten_crop is five_crop (four corners, then the centre) followed
+# by the same five of the flipped image, so view 4 is the centre crop (pixel-identical to the eval
+# transform), views 0-4 are 5crop and all ten are 10crop.
+AUTO_CANDIDATES = {"center": [4], "5crop": [0, 1, 2, 3, 4], "10crop": list(range(10))}
+
+
+def mode_scores(per_view: np.ndarray, labels: np.ndarray) -> dict[str, dict[str, float]]:
+    """Accuracy and mean negative log-likelihood of every candidate mode from per-view probabilities
+    ``[N, 10, K]`` (NaN rows: images that failed, left out)."""
+    ok = ~np.isnan(per_view).any(axis=(1, 2))
+    per_view, labels = per_view[ok], labels[ok]
+    scores = {}
+    for mode, views in AUTO_CANDIDATES.items():
+        probs = per_view[:, views].mean(axis=1)
+        p_true = np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0)
+        scores[mode] = {"acc": float((probs.argmax(axis=1) == labels).mean()) if len(labels) else float("nan"),
+                        "nll": float(-np.log(p_true).mean()) if len(labels) else float("nan"),
+                        "views": len(views), "images": int(len(labels))}
+    return scores
+
+
+def pick_mode(scores: dict[str, dict[str, float]]) -> str:
+    """The mode with the best accuracy; a tie goes to the cheaper mode (fewer views): more crops must
+    earn their cost on held-out images."""
+    return max(scores, key=lambda m: (scores[m]["acc"], -scores[m]["views"]))

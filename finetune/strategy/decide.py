@@ -289,3 +289,4 @@ def resolve_frozen_count(plan: Plan, n_backbone_groups: int) -> int:
         return plan.freeze_groups
     trainable = math.ceil(plan.trainable_fraction * n_backbone_groups - 1e-9)
     return n_backbone_groups - min(n_backbone_groups, max(0, trainable))
+

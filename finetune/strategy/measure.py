@@ -41,11 +41,12 @@ class Decision:
     groups: list[GroupSetting]  # the plan resolved against the model's layer groups
     probe_images: int
     timings: dict[str, float] = field(default_factory=dict)
+    pilot: dict[str, Any] | None = None  # where the signals were unclear: the candidates, their scores, the cost
 
     def to_dict(self) -> dict[str, Any]:
         return {"scenario": self.plan.scenario, "plan": self.plan.to_dict(), "profile": self.profile.to_dict(),
                 "similarity": self.similarity.to_dict(), "groups": [dataclasses.asdict(g) for g in self.groups],
-                "probe_images": self.probe_images, "timings": self.timings}
+                "probe_images": self.probe_images, "timings": self.timings, "pilot": self.pilot}
 
     def params(self) -> dict[str, Any]:
         """The flat numbers worth a column in MLflow (params)."""
@@ -114,6 +115,14 @@ def _measure_and_decide(cfg: TrainConfig, splits: FolderSplits, backbone: Backbo
     groups = plan_groups(backbone.model, plan, cfg.lr)
     timings = {"features_s": round(extracted, 2), "features_cached": not feats.extracted, "probe_s": round(probed, 2)}
     return Decision(profile, similarity, plan, groups, len(feats.labels), timings)
+
+
+def plan_for(decision: Decision, scenario: str, cfg: TrainConfig) -> Plan:
+    """The plan of `scenario` on the same measurements, with the user's overrides (a pilot's candidate)."""
+    defaults = {name: load_scenario_defaults(name) for name in SCENARIO_NAMES}
+    return decide(decision.profile.to_dict(), decision.similarity.to_dict(), load_thresholds(), defaults,
+                  base_epochs=cfg.epochs, forced=scenario, freeze_groups=cfg.freeze_groups,
+                  backbone_lr_mult=cfg.backbone_lr_mult, aug_views=cfg.aug_views, weight_decay=cfg.weight_decay)
 
 
 def with_plan(decision: Decision, plan: Plan, model: nn.Module, head_lr: float) -> Decision:

@@ -41,6 +41,7 @@ def describe(decision: Decision, groups: list[dict[str, Any]]) -> str:
             lines.append(f"  {k:<18} {v:.3f}")
     lines += ["", f"Scenario  {plan.scenario}  ({plan.source})"]
     lines += [f"  - {r}" for r in plan.reasons]
+    lines += pilot_lines(decision.pilot)
     lines += ["", "Plan",
               f"  head on        {plan.head_stage}" + ("  (cached features)" if plan.train_on_features else ""),
               f"  epochs         {plan.epochs}" + (f" after {plan.warmup_epochs} head warm-up epochs on cached features"
@@ -48,7 +49,7 @@ def describe(decision: Decision, groups: list[dict[str, Any]]) -> str:
               f"  BatchNorm      {BN_POLICIES[plan.bn_policy]}"]
     if plan.train_on_features:
         lines.append(f"  weight decay   {plan.weight_decay_grid[0]:g}" if len(plan.weight_decay_grid) == 1
-                     else f"  weight decay   chosen on val from {plan.weight_decay_grid}")
+                     else f"  weight decay   chosen by cross-validation on train from {plan.weight_decay_grid}")
         if plan.aug_views:
             lines.append(f"  aug views      {plan.aug_views} per image ({plan.augment})")
     lines += ["", "Layer groups (timm group_matcher; --freeze-groups N freezes the first N)",
@@ -62,3 +63,22 @@ def describe(decision: Decision, groups: list[dict[str, Any]]) -> str:
         lr = "" if st.frozen else f"{st.lr:.2e}"
         lines.append(f"  {g['index']:>3}  {g['name'][:34]:<34} {g['params']:>10,}  {state:<8} {lr:>9}")
     return "\n".join(lines)
+
+
+def pilot_lines(pilot: dict[str, Any] | None) -> list[str]:
+    """The pilot's candidates, what each cost and scored, and the winner."""
+    if not pilot:
+        return []
+    lines = ["", f"Pilot  {pilot['seconds']:.0f} s: the signals are unclear, so the candidates competed on "
+                 f"{pilot['select_images']} held-out training images (val untouched)"]
+    lines += [f"  - {r}" for r in pilot["reasons"]]
+    lines.append(f"  {'candidate':<16} {'select acc':>10} {'epochs':>7} {'images':>7} {'seconds':>8}")
+    for scenario in pilot["candidates"]:
+        if scenario in pilot["scores"]:
+            v = pilot["scores"][scenario]
+            mark = "  <- goes on" if scenario == pilot["winner"] else ""
+            lines.append(f"  {scenario:<16} {v['select_acc']:>10.3f} {v['epochs']:>7} {v['fit_images']:>7} "
+                         f"{v['seconds']:>8.1f}{mark}")
+        else:
+            lines.append(f"  {scenario:<16} not run: {pilot['skipped'].get(scenario, '')}")
+    return lines

@@ -59,7 +59,7 @@ class EMA(WeightAveraging):
     """Polyak averaging: an exponential moving average of the weights, with timm's decay warm-up.
 
     Lightning's `WeightAveraging` does the rest: the average is updated after every optimizer step, swapped
-    in for validation (so with --ema `val_acc` is the EMA weights' accuracy, what the best checkpoint and
+    in for validation (so with --ema `select_acc` is the EMA weights' accuracy, what the best checkpoint and
     early stopping follow), saved as the checkpoints' `state_dict` (the raw weights beside it in
     `current_model_state`, both restored on --resume) and copied into the model when training ends: the
     EMA weights are the model. Under DDP every rank averages the same (synchronised) weights.
@@ -140,13 +140,13 @@ class DivergenceCallback(pl.Callback):
 
 
 class TrainValGapCallback(pl.Callback):
-    """Logs `train_val_acc_gap` = train_acc - val_acc each epoch: a growing gap is overfitting."""
+    """Logs `train_select_acc_gap` = train_acc - select_acc each epoch: a growing gap is overfitting."""
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         metrics = trainer.callback_metrics
-        if "train_acc" in metrics and "val_acc" in metrics:
-            gap = float(metrics["train_acc"]) - float(metrics["val_acc"])
-            pl_module.log("train_val_acc_gap", gap, sync_dist=False)
+        if "train_acc" in metrics and "select_acc" in metrics:
+            gap = float(metrics["train_acc"]) - float(metrics["select_acc"])
+            pl_module.log("train_select_acc_gap", gap, sync_dist=False)
 
 
 @torch.no_grad()
@@ -191,7 +191,7 @@ def recipe_callbacks(recipe: Recipe, num_classes: int, checkpoint: pl.callbacks.
     if recipe.ema:
         callbacks.append(EMA(recipe.ema))
     if recipe.patience:
-        # Patience counts validation epochs without a better val_acc (the EMA weights' with --ema, as the
+        # Patience counts validation epochs without a better select_acc (the EMA weights' with --ema, as the
         # best checkpoint).
-        callbacks.append(EarlyStopping(monitor="val_acc", mode="max", patience=recipe.patience))
+        callbacks.append(EarlyStopping(monitor="select_acc", mode="max", patience=recipe.patience))
     return callbacks

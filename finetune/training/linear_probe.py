@@ -1,9 +1,11 @@
-"""Training linear heads on cached features, several weight decays side by side in one fit."""
+"""Training linear heads on cached features, several weight decays side by side in one fit, the weight decay
+and the number of epochs chosen by cross-validation on the training rows."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 import logging
+import warnings
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -62,7 +64,11 @@ def _batch_as_is(batch):
 
 
 class HeadSearch(pl.LightningModule):
-    """One linear head per weight-decay candidate, trained side by side on the same batches."""
+    """One linear head per weight-decay candidate, trained side by side on the same batches.
+
+    Each validation epoch appends every candidate's (correct, loss sum, count) on the held-out rows to
+    `history`: cross-validation sums them over the folds to choose a weight decay and an epoch.
+    """
 
     def __init__(self, in_features: int, num_classes: int, weight_decays: Sequence[float],
                  optimizer_factory: Callable[[list[dict[str, Any]], nn.Module], Any],
@@ -78,8 +84,7 @@ class HeadSearch(pl.LightningModule):
             nn.init.zeros_(h.weight)
             nn.init.zeros_(h.bias)
         self.optimizer_factory = optimizer_factory
-        self.best: list[dict[str, Any]] = [{"acc": -1.0, "loss": float("inf"), "epoch": -1, "state": None}
-                                           for _ in self.weight_decays]
+        self.history: list[list[tuple[float, float, float]]] = [[] for _ in self.weight_decays]
         self._val: list[list[float]] = []
 
     def training_step(self, batch, batch_idx):
@@ -94,32 +99,25 @@ class HeadSearch(pl.LightningModule):
         return F.cross_entropy(logits, y, weight=self.class_weights, label_smoothing=self.label_smoothing)
 
     def on_validation_epoch_start(self) -> None:
-        self._val = [[0.0, 0.0, 0.0] for _ in self.heads]  # loss sum, correct, count
+        self._val = [[0.0, 0.0, 0.0] for _ in self.heads]  # correct, loss sum, count
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
         for i, h in enumerate(self.heads):
             logits = h(x)
-            self._val[i][0] += float(F.cross_entropy(logits, y, reduction="sum"))
-            self._val[i][1] += float((logits.argmax(1) == y).sum())
+            self._val[i][0] += float((logits.argmax(1) == y).sum())
+            self._val[i][1] += float(F.cross_entropy(logits, y, reduction="sum"))
             self._val[i][2] += len(y)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             return
-        results = []
-        for i, (loss_sum, correct, n) in enumerate(self._val):
-            acc, loss = correct / max(n, 1), loss_sum / max(n, 1)
-            results.append((acc, loss))
-            self.log(f"val_acc_wd{i}", acc)
-            b = self.best[i]
-            if (acc, -loss) > (b["acc"], -b["loss"]):
-                # Kept on the CPU: the head trains wherever Lightning put it, the result is folded on the CPU.
-                self.best[i] = {"acc": acc, "loss": loss, "epoch": self.current_epoch,
-                                "state": {k: v.detach().cpu().clone() for k, v in self.heads[i].state_dict().items()}}
-        acc, loss = max(results, key=lambda r: (r[0], -r[1]))
-        self.log("val_acc", acc, prog_bar=True)
-        self.log("val_loss", loss, prog_bar=True)
+        for i, (correct, loss_sum, n) in enumerate(self._val):
+            self.history[i].append((correct, loss_sum, n))
+
+    def state_of(self, i: int) -> dict[str, torch.Tensor]:
+        """Head `i`'s weights on the CPU (the heads train wherever Lightning put them)."""
+        return {k: v.detach().cpu().clone() for k, v in self.heads[i].state_dict().items()}
 
     def configure_optimizers(self):
         groups = [{"params": list(h.parameters()), "weight_decay": wd, "name": f"head wd={wd:g}"}
@@ -144,10 +142,14 @@ class HeadResult:
     weight: torch.Tensor  # [classes, features], for raw (unstandardised) features
     bias: torch.Tensor
     weight_decay: float
-    val_acc: float
-    val_loss: float
-    best_epoch: int
+    select_acc: float  # cross-validated accuracy of the chosen (weight decay, epochs) on the training rows
+    select_loss: float
+    epochs: int  # the chosen number of epochs (the refit on every training row runs this many)
+    folds: int
     candidates: list[dict[str, float]] = field(default_factory=list)
+    # Per fold: (held-out rows, weight, bias) of the head refitted on the other folds with the chosen weight
+    # decay and epochs: the out-of-fold models later choices (test-time crops) are scored with.
+    fold_heads: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
 @dataclass
@@ -155,45 +157,122 @@ class HeadData:
     """Standardised cached features, as a linear head trains on them."""
 
     train: DataLoader
-    val: DataLoader
+    val: DataLoader | None
     mean: np.ndarray
     std: np.ndarray
     in_features: int
 
 
-def head_data(train_views: Sequence[np.ndarray], train_labels: np.ndarray, train_valid: np.ndarray,
-              val_features: np.ndarray, val_labels: np.ndarray, val_valid: np.ndarray, num_classes: int,
-              batch_size: int, seed: int = 0, balanced: bool = False) -> HeadData:
-    """The loaders a head trains on: features standardised with the clean training view's statistics."""
-    clean = np.asarray(train_views[0][0], dtype=np.float64)[train_valid]
+def standardisation(clean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and scale of the clean training view's channels [N, C]."""
+    clean = np.asarray(clean, dtype=np.float64)
     mean = clean.mean(axis=0).astype(np.float32)
     std = clean.std(axis=0).astype(np.float32)
     # Nearly constant channels would get a huge weight once the standardisation is folded in, and any
     # drift of those channels would then swamp the logits: floor the scale at a tenth of the median
     # channel's (docs/decisions.md).
-    std = np.maximum(std, 0.1 * float(np.median(std)) + 1e-6).astype(np.float32)
-    train_rows = np.flatnonzero(train_valid)
-    val_rows = np.flatnonzero(val_valid)
+    return mean, np.maximum(std, 0.1 * float(np.median(std)) + 1e-6).astype(np.float32)
+
+
+def head_data(train_views: Sequence[np.ndarray], labels: np.ndarray, train_rows: np.ndarray,
+              val_rows: np.ndarray | None, num_classes: int, batch_size: int, seed: int = 0,
+              balanced: bool = False) -> HeadData:
+    """The loaders a head trains on: `train_rows` of every view, and (when given) `val_rows` of the clean
+    view held out; features standardised with the clean view's statistics over the training rows."""
+    mean, std = standardisation(np.asarray(train_views[0][0])[train_rows])
     generator = torch.Generator().manual_seed(seed)
-    train_ds = _FeatureViews(train_views, train_labels, train_rows, mean, std, random_view=True, generator=generator)
+    train_ds = _FeatureViews(train_views, labels, train_rows, mean, std, random_view=True, generator=generator)
     train_loader = head_train_loader(train_ds, min(batch_size, len(train_rows)), num_classes, balanced, generator)
-    val_loader = DataLoader(_FeatureViews([val_features], val_labels, val_rows, mean, std, random_view=False),
-                            batch_size=max(batch_size, 512), collate_fn=_batch_as_is)
-    return HeadData(train_loader, val_loader, mean, std, clean.shape[1])
+    val_loader = None
+    if val_rows is not None:
+        val_loader = DataLoader(_FeatureViews([train_views[0]], labels, val_rows, mean, std, random_view=False),
+                                batch_size=max(batch_size, 512), collate_fn=_batch_as_is)
+    return HeadData(train_loader, val_loader, mean, std, mean.shape[0])
+
+
+@dataclass
+class HeadFit:
+    """How each head of a search trains: what `fit_linear_head` passes to every fold and to the refit."""
+
+    num_classes: int
+    batch_size: int
+    optimizer_factory: Callable[[list[dict[str, Any]], nn.Module], Any]
+    seed: int = 0
+    rt: runtime.Runtime | None = None
+    class_weights: torch.Tensor | None = None
+    balanced: bool = False
+    label_smoothing: float = 0.0
+
+    def run(self, views: Sequence[np.ndarray], labels: np.ndarray, train_rows: np.ndarray,
+            val_rows: np.ndarray | None, weight_decays: Sequence[float], epochs: int,
+            logger: Any = False) -> tuple[HeadSearch, HeadData]:
+        rt = self.rt or runtime.cpu()
+        data = head_data(views, labels, train_rows, val_rows, self.num_classes, self.batch_size, self.seed,
+                         self.balanced)
+        module = HeadSearch(data.in_features, self.num_classes, weight_decays, self.optimizer_factory,
+                            self.class_weights, self.label_smoothing)
+        trainer = pl.Trainer(max_epochs=epochs, accelerator=rt.accelerator, devices=rt.lightning_devices,
+                             logger=logger, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1,
+                             deterministic=False)
+        trainer.fit(module, data.train, data.val)
+        return module, data
+
+    def folded(self, module: HeadSearch, data: HeadData, i: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head `i` with the standardisation folded in: W (x - m) / s + b == (W / s) x + (b - W m / s)."""
+        state = module.state_of(i)
+        w, b = state["weight"].float(), state["bias"].float()
+        s_t, m_t = torch.from_numpy(data.std), torch.from_numpy(data.mean)
+        return w / s_t, b - (w * (m_t / s_t)).sum(dim=1)
+
+
+def cv_folds(labels: np.ndarray, rows: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified (train rows, held-out rows) pairs over `rows`: `folds` of them, fewer when the smallest
+    class has fewer images (at least 2: a class of one image is then always on the training side)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    y = labels[rows]
+    counts = np.bincount(y)
+    k = int(max(2, min(folds, counts[counts > 0].min())))
+    if len(rows) < 2 * k:
+        raise ValueError(f"{len(rows)} images are too few for {k}-fold cross-validation")
+    with warnings.catch_warnings():  # "least populated class has only 1 member": that class trains in every fold
+        warnings.simplefilter("ignore", UserWarning)
+        splits = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(rows, y)
+        return [(rows[a], rows[b]) for a, b in splits]
+
+
+def _cv_choice(modules: list[HeadSearch], weight_decays: Sequence[float]) -> tuple[int, int, list[dict[str, Any]]]:
+    """(weight decay index, epoch index, per-candidate summary) with the best accuracy summed over the folds
+    (ties: lower loss, then fewer epochs)."""
+    best: tuple[float, float, int] | None = None
+    chosen, candidates = (0, 0), []
+    for i, wd in enumerate(weight_decays):
+        curves = np.array([m.history[i] for m in modules], dtype=np.float64)  # [folds, epochs, 3]
+        correct, loss, n = curves.sum(axis=0).T
+        acc, mean_loss = correct / np.maximum(n, 1), loss / np.maximum(n, 1)
+        e = max(range(len(acc)), key=lambda j: (acc[j], -mean_loss[j], -j))
+        candidates.append({"weight_decay": wd, "cv_acc": round(float(acc[e]), 4), "cv_loss": round(float(mean_loss[e]), 4),
+                           "epochs": e + 1})
+        key = (float(acc[e]), -float(mean_loss[e]), -e)
+        if best is None or key > best:
+            best, chosen = key, (i, e)
+    return chosen[0], chosen[1], candidates
 
 
 def fit_linear_head(train_views: Sequence[np.ndarray], train_labels: np.ndarray, train_valid: np.ndarray,
-                    val_features: np.ndarray, val_labels: np.ndarray, val_valid: np.ndarray, num_classes: int,
-                    weight_decays: Sequence[float], epochs: int, batch_size: int,
-                    optimizer_factory: Callable[[list[dict[str, Any]], nn.Module], Any], seed: int = 0,
-                    logger: Any = False, rt: runtime.Runtime | None = None, class_weights: torch.Tensor | None = None,
-                    balanced: bool = False, label_smoothing: float = 0.0) -> HeadResult:
-    """Train a linear head on cached features; choose the weight decay on the validation split.
+                    num_classes: int, weight_decays: Sequence[float], epochs: int, batch_size: int,
+                    optimizer_factory: Callable[[list[dict[str, Any]], nn.Module], Any], folds: int = 5,
+                    seed: int = 0, logger: Any = False, rt: runtime.Runtime | None = None,
+                    class_weights: torch.Tensor | None = None, balanced: bool = False,
+                    label_smoothing: float = 0.0, fold_heads: bool = False) -> HeadResult:
+    """Train a linear head on cached features, its weight decay and epochs chosen by cross-validation on the
+    training rows alone; then refit on every training row. No other split is read.
 
     Args:
         train_views: arrays [V, N, C] of training features (clean view and augmented views); each
-            epoch every image contributes one view picked at random.
-        val_features: array [1, M, C] (clean view).
+            epoch every image contributes one view picked at random. Held-out rows are scored on the clean view.
+        folds: stratified folds of the cross-validation (fewer when a class has fewer images).
         optimizer_factory: (param groups, module) -> optimizer; each group carries its own
             weight_decay and gets its LR from the factory.
         rt: where the heads train (this process's own device); the CPU when not given. The returned
@@ -201,27 +280,22 @@ def fit_linear_head(train_views: Sequence[np.ndarray], train_labels: np.ndarray,
         class_weights: per-class weights of the training loss ([num_classes]; --class-weights auto).
         balanced: draw every class equally often (with replacement) instead of shuffling (--sampler balanced).
         label_smoothing: of the training loss (--label-smoothing).
+        fold_heads: also refit each fold's head with the chosen weight decay and epochs (out-of-fold models).
     """
-    rt = rt or runtime.cpu()
-    data = head_data(train_views, train_labels, train_valid, val_features, val_labels, val_valid, num_classes,
-                     batch_size, seed, balanced)
-    train_loader, val_loader, mean, std = data.train, data.val, data.mean, data.std
-    module = HeadSearch(data.in_features, num_classes, weight_decays, optimizer_factory, class_weights, label_smoothing)
-    trainer = pl.Trainer(max_epochs=epochs, accelerator=rt.accelerator, devices=rt.lightning_devices, logger=logger,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         num_sanity_val_steps=0, log_every_n_steps=1, deterministic=False)
-    trainer.fit(module, train_loader, val_loader)
-    best_i = max(range(len(module.best)), key=lambda i: (module.best[i]["acc"], -module.best[i]["loss"]))
-    best = module.best[best_i]
-    w = best["state"]["weight"].detach().float()
-    b = best["state"]["bias"].detach().float()
-    # Fold the standardisation in: W (x - m) / s + b == (W / s) x + (b - W m / s).
-    s_t, m_t = torch.from_numpy(std), torch.from_numpy(mean)
-    weight = w / s_t
-    bias = b - (w * (m_t / s_t)).sum(dim=1)
-    candidates = [{"weight_decay": wd, "val_acc": round(r["acc"], 4), "val_loss": round(r["loss"], 4),
-                   "best_epoch": r["epoch"]} for wd, r in zip(module.weight_decays, module.best)]
-    log.info("Linear head: weight decay %g chosen on val (acc %.4f); candidates %s",
-             module.weight_decays[best_i], best["acc"], candidates)
-    return HeadResult(weight, bias, module.weight_decays[best_i], best["acc"], best["loss"], best["epoch"],
-                      candidates)
+    fit = HeadFit(num_classes, batch_size, optimizer_factory, seed, rt, class_weights, balanced, label_smoothing)
+    rows = np.flatnonzero(train_valid)
+    splits = cv_folds(np.asarray(train_labels), rows, folds, seed)
+    modules = [fit.run(train_views, train_labels, a, b, weight_decays, epochs)[0] for a, b in splits]
+    wd_i, epoch_i, candidates = _cv_choice(modules, weight_decays)
+    chosen = candidates[wd_i]
+    wd = float(weight_decays[wd_i])
+    module, data = fit.run(train_views, train_labels, rows, None, [wd], epoch_i + 1, logger)
+    weight, bias = fit.folded(module, data)
+    oof = []
+    if fold_heads:
+        for a, b in splits:
+            m, d = fit.run(train_views, train_labels, a, None, [wd], epoch_i + 1)
+            oof.append((b, *fit.folded(m, d)))
+    log.info("Linear head: weight decay %g, %d epoch(s), chosen by %d-fold cross-validation on train (acc %.4f); "
+             "candidates %s", wd, epoch_i + 1, len(splits), chosen["cv_acc"], candidates)
+    return HeadResult(weight, bias, wd, chosen["cv_acc"], chosen["cv_loss"], epoch_i + 1, len(splits), candidates, oof)

@@ -11,6 +11,9 @@ from torch import nn
 from torchmetrics.functional.classification import multiclass_accuracy
 
 
+SELECT = "select"  # the name of the validation loop's metrics: select_acc, select_loss, select_acc_top5
+
+
 class Classifier(pl.LightningModule):
     """Cross-entropy classifier around any network that maps images to logits.
 
@@ -80,9 +83,11 @@ class Classifier(pl.LightningModule):
         return sum((p.sum() * 0.0 for p in self.parameters() if p.requires_grad), zero)
 
     def validation_step(self, batch, batch_idx):
+        # Lightning's validation loop runs on the selection split carved from train (run_plan): what
+        # chooses the epoch, EMA or raw, warm-up or fine-tuned. Its metrics are named select_*.
         if batch is None:
             return None
-        return self.model_step(batch, "val")
+        return self.model_step(batch, SELECT)
 
     def test_step(self, batch, batch_idx):
         if batch is None:

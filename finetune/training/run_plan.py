@@ -4,6 +4,11 @@
 head on cached features of the frozen backbone; network plans (large-*, and everything from random
 init) warm the head up on cached features, then fine-tune the planned layer groups with Lightning,
 and the best checkpoint (or the warmed-up head, when fine-tuning did not beat it) is what returns.
+
+Every choice is made on data inside the training split: cross-validation on cached features for
+linear heads, a selection split carved from train for the network. The user's val and test splits
+are not read here, except a feature plan's cached centre-crop probabilities on them, computed after
+its head is final, for the report.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from torch import nn
 
 from finetune import runtime
 from finetune.config import TrainConfig
-from finetune.data.folders import FolderSplits
+from finetune.data.folders import FolderSplits, Sample
 from finetune.data.loaders import EpochShuffle, FolderDataModule, balanced_sampler_factory
 from finetune.data.transforms import eval_transform, make_mixup, resize_size, train_transform
 from finetune.errors import UserError
@@ -48,14 +53,32 @@ from finetune.training.recipe import Recipe, class_weights
 log = logging.getLogger(__name__)
 
 
+CV_FOLDS = 5  # folds of the cross-validation that chooses a linear head's weight decay and epochs
+
+
+@dataclass
+class HeldOut:
+    """Training images a model never fitted on, and that model (built on demand): what choices made after
+    training (the test-time crops) are scored on. The user's val and test are never held-out data."""
+
+    samples: list[Sample]
+    net: Callable[[], nn.Module]
+
+
 @dataclass
 class FitResult:
-    """What a plan's execution hands to evaluation and tracking (on global rank 0)."""
+    """What a plan's execution hands to evaluation and tracking (on global rank 0).
+
+    Every choice in it (epochs, weights, weight decay) was made on data inside the training split: the
+    metrics are select_* (the selection split or cross-validation, `selection` says which images).
+    """
 
     net: nn.Module  # the network to save: trained head, or fine-tuned (or warmed-up) network
-    metrics: dict[str, Any]  # val_acc, val_loss, val_acc_top5, best_epoch, and what was compared
+    metrics: dict[str, Any]  # select_acc, select_loss, best_epoch / epochs, and what was compared
+    selection: dict[str, Any]  # how the choices were made and on which images
     report: dict[str, Any] = field(default_factory=dict)  # plan-specific: head search, warm-up
-    center_probs: dict[str, np.ndarray] | None = None  # feature plans: val probabilities from the cache
+    center_probs: dict[str, np.ndarray] | None = None  # feature plans: val/test probabilities from the cache
+    heldout: list[HeldOut] = field(default_factory=list)
     ddp: dict[str, Any] | None = None  # world size and whether the ranks ended in sync
 
 
@@ -80,19 +103,44 @@ def run_plan(cfg: TrainConfig, decision: Decision, recipe: Recipe, backbone: Bac
 
 def _fit_head(cfg: TrainConfig, decision: Decision, recipe: Recipe, backbone: Backbone, splits: FolderSplits,
               logger: Any, rt: runtime.Runtime) -> FitResult:
-    """Feature plans: the linear head on cached features, its network, and its cached val predictions."""
+    """Feature plans: the linear head on cached features (weight decay and epochs cross-validated on train),
+    its network, and its cached centre-crop probabilities on val and test (to report, never to choose)."""
     plan = decision.plan
     # What of the recipe acts on a linear head: its optimizer options, and the training loss and sampling
     # (the other recipe options are refused for feature plans: recipe.check_feature_plan_options).
-    result = _head_on_features(cfg, recipe, backbone, splits, plan, plan.head_stage, plan.epochs, plan.aug_views,
-                               logger, rt, **_head_options(recipe, splits))
+    result = _head_on_features(cfg, recipe, backbone, splits.train, len(splits.classes), plan, plan.head_stage,
+                               plan.epochs, plan.aug_views, logger, rt, fold_heads=True, **_head_options(recipe, splits))
     net = head_network(backbone, plan, len(splits.classes))
-    classifier = net.head if isinstance(net, StageClassifier) else net.get_classifier()
-    load_linear(classifier, result.weight, result.bias)
-    val = cached_features(backbone, splits.val, **_feature_kwargs(cfg, rt))
-    metrics = {**feature_metrics(val, plan.head_stage, result.weight, result.bias), "best_epoch": result.best_epoch}
-    return FitResult(net.eval(), metrics, {"weight_decay": result.weight_decay, "head_search": result.candidates},
-                     center_probs=cached_center_probs(val, plan.head_stage, net))
+    load_linear(_linear_of(net), result.weight, result.bias)
+    kwargs = _feature_kwargs(cfg, rt)
+    probs = {name: cached_center_probs(cached_features(backbone, samples, **kwargs), plan.head_stage, net)
+             for name, samples in (("val", splits.val), ("test", splits.test)) if samples}
+    metrics = {"select_acc": result.select_acc, "select_loss": result.select_loss, "epochs": result.epochs}
+    selection = {"protocol": f"{result.folds}-fold cross-validation on the training split's cached features "
+                             "(weight decay and epochs); the head is then refitted on every training image",
+                 "images": len(splits.train), "folds": result.folds}
+    return FitResult(net.eval(), metrics, selection,
+                     {"weight_decay": result.weight_decay, "head_search": result.candidates},
+                     center_probs=probs, heldout=_fold_models(net, splits.train, result.fold_heads))
+
+
+def _linear_of(net: nn.Module) -> nn.Module:
+    return net.head if isinstance(net, StageClassifier) else net.get_classifier()
+
+
+def _fold_models(net: nn.Module, train: list[Sample], fold_heads: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]]
+                 ) -> list[HeldOut]:
+    """Each fold's held-out images with the feature plan's network carrying that fold's out-of-fold head
+    (one copy of the network, its head swapped per fold)."""
+    copy_of: list[nn.Module] = []
+
+    def model(weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
+        if not copy_of:
+            copy_of.append(copy.deepcopy(net))
+        load_linear(_linear_of(copy_of[0]), weight, bias)
+        return copy_of[0]
+
+    return [HeldOut([train[int(r)] for r in rows], lambda w=w, b=b: model(w, b)) for rows, w, b in fold_heads]
 
 
 def _head_options(recipe: Recipe, splits: FolderSplits) -> dict[str, Any]:
@@ -104,16 +152,17 @@ def _head_options(recipe: Recipe, splits: FolderSplits) -> dict[str, Any]:
         balanced=recipe.sampler == "balanced", label_smoothing=recipe.label_smoothing)
 
 
-def _head_inputs(cfg: TrainConfig, backbone: Backbone, splits: FolderSplits, plan: Plan, stage: str, aug_views: int,
-                 rt: runtime.Runtime | None) -> tuple[list[np.ndarray], FeatureSet, FeatureSet, runtime.Runtime]:
-    """The cached features a head trains on: training views (clean, plus augmented ones), val, and where."""
+def _head_inputs(cfg: TrainConfig, backbone: Backbone, train_samples: list[Sample], plan: Plan, stage: str,
+                 aug_views: int, rt: runtime.Runtime | None) -> tuple[list[np.ndarray], FeatureSet, runtime.Runtime]:
+    """The cached features a head trains on: training views (clean, plus augmented ones), and where."""
     kwargs = _feature_kwargs(cfg, rt)
-    train = cached_features(backbone, splits.train, **kwargs)
+    train = cached_features(backbone, train_samples, **kwargs)
     views = [train.arrays[stage]]
     if aug_views:
-        aug = cached_features(backbone, splits.train, views=aug_views, aug_preset=plan.augment, seed=cfg.seed, **kwargs)
+        aug = cached_features(backbone, train_samples, views=aug_views, aug_preset=plan.augment, seed=cfg.seed,
+                              **kwargs)
         views.append(aug.arrays[stage])
-    return views, train, cached_features(backbone, splits.val, **kwargs), kwargs["rt"]
+    return views, train, kwargs["rt"]
 
 
 def _head_optimizer(recipe: Recipe) -> Callable[[list[dict[str, Any]], nn.Module], Any]:
@@ -124,15 +173,16 @@ def _head_optimizer(recipe: Recipe) -> Callable[[list[dict[str, Any]], nn.Module
     return factory
 
 
-def _head_on_features(cfg: TrainConfig, recipe: Recipe, backbone: Backbone, splits: FolderSplits, plan: Plan, stage: str,
-                      epochs: int, aug_views: int, logger: Any, rt: runtime.Runtime | None,
-                      **head_options: Any) -> HeadResult:
-    """A linear head on the cached features of `stage`: a feature plan's model, or a network plan's head
-    warm-up (which trains with the plain loss: `head_options` are the feature plan's)."""
-    views, train, val, rt = _head_inputs(cfg, backbone, splits, plan, stage, aug_views, rt)
-    return fit_linear_head(views, train.labels, train.valid, val.arrays[stage], val.labels, val.valid,
-                           len(splits.classes), plan.weight_decay_grid, epochs, cfg.batch_size, _head_optimizer(recipe),
-                           seed=cfg.seed, logger=logger, rt=rt, **head_options)
+def _head_on_features(cfg: TrainConfig, recipe: Recipe, backbone: Backbone, train_samples: list[Sample],
+                      num_classes: int, plan: Plan, stage: str, epochs: int, aug_views: int, logger: Any,
+                      rt: runtime.Runtime | None, fold_heads: bool = False, **head_options: Any) -> HeadResult:
+    """A linear head on the cached features of `stage` of `train_samples` (weight decay and epochs chosen by
+    cross-validation on them): a feature plan's model, or a network plan's head warm-up (which trains with
+    the plain loss: `head_options` are the feature plan's)."""
+    views, train, rt = _head_inputs(cfg, backbone, train_samples, plan, stage, aug_views, rt)
+    return fit_linear_head(views, train.labels, train.valid, num_classes, plan.weight_decay_grid,
+                           epochs, cfg.batch_size, _head_optimizer(recipe), folds=CV_FOLDS, seed=cfg.seed,
+                           logger=logger, rt=rt, fold_heads=fold_heads, **head_options)
 
 
 def head_network(backbone: Backbone, plan: Plan, num_classes: int) -> nn.Module:
@@ -146,28 +196,16 @@ def head_network(backbone: Backbone, plan: Plan, num_classes: int) -> nn.Module:
 
 
 
-def cached_center_probs(val: FeatureSet, stage: str, net: nn.Module) -> dict[str, np.ndarray]:
-    """Validation probabilities of a feature plan's head on its cached centre-crop features (NaN rows
-    for images that failed to decode): the after-training report needs no network pass for them."""
-    classifier = net.head if isinstance(net, StageClassifier) else net.get_classifier()
-    x = torch.from_numpy(np.asarray(val.arrays[stage][0], dtype=np.float32))
+def cached_center_probs(features: FeatureSet, stage: str, net: nn.Module) -> np.ndarray:
+    """Probabilities of a feature plan's head on cached centre-crop features (NaN rows for images that
+    failed to decode): the after-training report needs no network pass for them."""
+    classifier = _linear_of(net)
+    x = torch.from_numpy(np.asarray(features.arrays[stage][0], dtype=np.float32))
     with torch.no_grad():  # on the head's own device, wherever that is; the result on the CPU
         logits = classifier(x.to(runtime.module_device(classifier))).float().cpu()
     probs = logits.softmax(dim=1).numpy().astype(np.float64)
-    probs[~val.valid] = np.nan
-    return {"val": probs}
-
-
-def feature_metrics(features: FeatureSet, stage: str, weight: torch.Tensor, bias: torch.Tensor) -> dict[str, float]:
-    """Accuracy, loss and top-5 of a linear head on cached features (valid images)."""
-    x, y = features.matrix(stage)
-    logits = F.linear(torch.from_numpy(x), weight, bias)
-    target = torch.from_numpy(y)
-    k = min(5, logits.shape[1])
-    top = logits.topk(k, dim=1).indices
-    return {"val_acc": float((top[:, 0] == target).float().mean()),
-            "val_loss": float(F.cross_entropy(logits, target)),
-            "val_acc_top5": float((top == target[:, None]).any(dim=1).float().mean())}
+    probs[~features.valid] = np.nan
+    return probs
 
 
 def prepare_network(cfg: TrainConfig, decision: Decision, recipe: Recipe, backbone: Backbone, splits: FolderSplits,
@@ -183,33 +221,37 @@ def prepare_network(cfg: TrainConfig, decision: Decision, recipe: Recipe, backbo
     if plan.warmup_epochs and warm_up:
         started = time.perf_counter()
         with preserved_rng():  # cached or not, the fine-tuning that follows starts from the same RNG state
-            result = _head_on_features(cfg, recipe, backbone, splits, plan, FINAL, plan.warmup_epochs, 0, False, rt)
+            result = _head_on_features(cfg, recipe, backbone, splits.train, len(splits.classes), plan, FINAL,
+                                       plan.warmup_epochs, 0, False, rt)
         load_linear(backbone.model.get_classifier(), result.weight, result.bias)
-        info["warmup"] = {"val_acc": result.val_acc, "weight_decay": result.weight_decay,
+        info["warmup"] = {"cv_acc": result.select_acc, "weight_decay": result.weight_decay, "epochs": result.epochs,
                           "seconds": round(time.perf_counter() - started, 2)}
-        log.info("Head warm-up on cached features: val acc %.4f", result.val_acc)
+        log.info("Head warm-up on cached features: cross-validated acc %.4f", result.select_acc)
     param_groups, callback = apply_plan(backbone.model, decision.groups, plan.bn_policy)
     return param_groups, [callback], info
 
 
 def _fit_network(cfg: TrainConfig, decision: Decision, recipe: Recipe, backbone: Backbone, splits: FolderSplits,
                  ctx: RunContext, rt: runtime.Runtime) -> FitResult | None:
-    """Network plans: head warm-up (rank 0 alone: DDP gives every rank rank 0's weights when it wraps the
-    model), frozen groups, Lightning fit; the best checkpoint, or the warmed-up head when it validates better."""
+    """Network plans, on the training split cut in two (`FolderSplits.selection`): the network fits on one
+    part, and every choice (the epoch, EMA or raw, warm-up or fine-tuned) is made on the other, the
+    selection split. Head warm-up (rank 0 alone: DDP gives every rank rank 0's weights when it wraps the
+    model), frozen groups, Lightning fit; the best checkpoint, or the warmed-up head when it scores better."""
     plan = decision.plan
-    datamodule = _datamodule(cfg, recipe, backbone, splits, rt)
+    inner = splits.selection(cfg.select_fraction, cfg.seed)
+    datamodule = _datamodule(cfg, recipe, backbone, inner, rt)
     prepared = None
 
     def warm_up() -> dict[str, Any]:
         nonlocal prepared
-        prepared = prepare_network(cfg, decision, recipe, backbone, splits, rt)
+        prepared = prepare_network(cfg, decision, recipe, backbone, inner, rt)
         return prepared[2]
 
     report = distributed.on_rank_zero(warm_up)
-    param_groups, plan_callbacks, _ = prepared or prepare_network(cfg, decision, recipe, backbone, splits, rt,
+    param_groups, plan_callbacks, _ = prepared or prepare_network(cfg, decision, recipe, backbone, inner, rt,
                                                                  warm_up=False)
-    module = _classifier(cfg, recipe, backbone, splits, param_groups)
-    # The warmed-up head on the pretrained backbone is a candidate too: fine-tuning must beat it on val.
+    module = _classifier(cfg, recipe, backbone, inner, param_groups)
+    # The warmed-up head on the pretrained backbone is a candidate too: fine-tuning must beat it.
     warm_state = _cpu_state(module.net) if "warmup" in report else None
     trainer, checkpoint, rank_sync = _trainer(cfg, recipe, plan, ctx, rt, plan_callbacks, len(splits.classes))
     # A warmed-up head is not fresh: its loss is rightly below ln(C).
@@ -219,7 +261,11 @@ def _fit_network(cfg: TrainConfig, decision: Decision, recipe: Recipe, backbone:
     if not trainer.is_global_zero:
         return None
     metrics = _pick_weights(module, datamodule, trainer, checkpoint, warm_state, ctx.output, rt)
-    return FitResult(module.net, metrics, report,
+    selection = {"protocol": f"selection split: {len(inner.val)} training images held out (stratified, "
+                             f"--select-fraction {cfg.select_fraction:g}, seed {cfg.seed}); the network fitted on "
+                             f"the other {len(inner.train)}",
+                 "images": len(inner.val), "fit_images": len(inner.train)}
+    return FitResult(module.net, metrics, selection, report, heldout=[HeldOut(inner.val, lambda: module.net)],
                      ddp=rank_sync.report(trainer.world_size) if trainer.world_size > 1 else None)
 
 
@@ -251,7 +297,7 @@ def _trainer(cfg: TrainConfig, recipe: Recipe, plan: Plan, ctx: RunContext, rt: 
              plan_callbacks: list[pl.Callback], num_classes: int
              ) -> tuple[pl.Trainer, ModelCheckpoint, distributed.RankSyncCheck]:
     folder = checkpoints.checkpoint_dir(ctx.output)
-    best = ModelCheckpoint(dirpath=folder, filename="best", monitor="val_acc", mode="max", save_weights_only=False)
+    best = ModelCheckpoint(dirpath=folder, filename="best", monitor="select_acc", mode="max", save_weights_only=False)
     rank_sync = distributed.RankSyncCheck()
     trainer = pl.Trainer(
         max_epochs=plan.epochs, accelerator=cfg.accelerator, devices=runtime.parse_devices(cfg.devices),
@@ -308,9 +354,10 @@ def _babysit_initial_loss(module: Classifier, datamodule: FolderDataModule, num_
 def _pick_weights(module: Classifier, datamodule: FolderDataModule, trainer: pl.Trainer,
                   checkpoint: ModelCheckpoint, warm_state: dict[str, torch.Tensor] | None, output: Path,
                   rt: runtime.Runtime) -> dict[str, Any]:
-    """Load the best checkpoint and validate it, then the warm-up candidate; `module` ends up holding
-    whichever validates best. With --ema the checkpoints hold the EMA weights (Lightning's weight averaging
-    validated and saved them): they are the fine-tuned model, `weights` says "ema"."""
+    """Load the best checkpoint (by selection accuracy) and score it on the selection split, then the
+    warm-up candidate; `module` ends up holding whichever scores best. With --ema the checkpoints hold the
+    EMA weights (Lightning's weight averaging validated and saved them): they are the fine-tuned model,
+    `weights` says "ema"."""
     best_path = checkpoint.best_model_path or str(checkpoints.checkpoint_dir(output) / checkpoints.LAST_CHECKPOINT)
     best = checkpoints.load_checkpoint(best_path)
     module.load_state_dict(best["state_dict"])
@@ -318,9 +365,9 @@ def _pick_weights(module: Classifier, datamodule: FolderDataModule, trainer: pl.
     evaluator = pl.Trainer(accelerator=rt.accelerator, devices=rt.lightning_devices, logger=False,
                            enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
                            precision=rt.precision)
-    val_metrics = evaluator.validate(module, datamodule=datamodule, verbose=False)[0]
-    metrics = {"val_acc": float(val_metrics["val_acc"]), "val_loss": float(val_metrics["val_loss"]),
-               "val_acc_top5": float(val_metrics["val_acc_top5"]), "best_epoch": int(best["epoch"]),
+    scored = evaluator.validate(module, datamodule=datamodule, verbose=False)[0]
+    metrics = {"select_acc": float(scored["select_acc"]), "select_loss": float(scored["select_loss"]),
+               "select_acc_top5": float(scored["select_acc_top5"]), "best_epoch": int(best["epoch"]),
                "weights": "ema" if any(isinstance(cb, EMA) for cb in trainer.callbacks) else "raw"}
     if warm_state is not None:
         metrics = _keep_warmup_if_better(module, evaluator, datamodule, warm_state, metrics)
@@ -328,13 +375,13 @@ def _pick_weights(module: Classifier, datamodule: FolderDataModule, trainer: pl.
 
 
 def _try_weights(module: Classifier, evaluator: pl.Trainer, datamodule: FolderDataModule,
-                 state: dict[str, torch.Tensor], val_acc: float) -> tuple[dict[str, float], bool]:
-    """Validate `state` in place of the module's weights: keep it when it beats `val_acc`, else put the
-    weights back. Returns its validation metrics and whether it was kept."""
+                 state: dict[str, torch.Tensor], select_acc: float) -> tuple[dict[str, float], bool]:
+    """Score `state` on the selection split in place of the module's weights: keep it when it beats
+    `select_acc`, else put the weights back. Returns its metrics and whether it was kept."""
     current = {k: v.clone() for k, v in module.net.state_dict().items()}
     module.net.load_state_dict(state)
     candidate = {k: float(v) for k, v in evaluator.validate(module, datamodule=datamodule, verbose=False)[0].items()}
-    if candidate["val_acc"] > val_acc:
+    if candidate["select_acc"] > select_acc:
         return candidate, True
     module.net.load_state_dict(current)
     return candidate, False
@@ -342,17 +389,17 @@ def _try_weights(module: Classifier, evaluator: pl.Trainer, datamodule: FolderDa
 
 def _keep_warmup_if_better(module: Classifier, evaluator: pl.Trainer, datamodule: FolderDataModule,
                            warm_state: dict[str, torch.Tensor], metrics: dict[str, Any]) -> dict[str, Any]:
-    """Validate the network as it was after the head warm-up (pretrained backbone + warmed-up head)
-    and keep it when fine-tuning did not beat it: a short schedule can leave the moved features
-    behind the frozen ones (omniglot at 128 px, 2 epochs: 0.84 fine-tuned vs 0.875 warmed up)."""
-    warm, kept = _try_weights(module, evaluator, datamodule, warm_state, metrics["val_acc"])
-    metrics = {**metrics, "val_acc_finetuned": metrics["val_acc"], "val_acc_warmup": warm["val_acc"]}
+    """Score the network as it was after the head warm-up (pretrained backbone + warmed-up head) and keep
+    it when fine-tuning did not beat it: a short schedule can leave the moved features behind the frozen
+    ones (omniglot at 128 px, 2 epochs: 0.84 fine-tuned vs 0.875 warmed up)."""
+    warm, kept = _try_weights(module, evaluator, datamodule, warm_state, metrics["select_acc"])
+    metrics = {**metrics, "select_acc_finetuned": metrics["select_acc"], "select_acc_warmup": warm["select_acc"]}
     if kept:
-        log.warning("Fine-tuning did not beat the warmed-up head on val (%.4f <= %.4f): keeping the pretrained "
-                    "backbone with the warmed-up head. More --epochs, or a lower --lr, may let fine-tuning win.",
-                    metrics["val_acc"], metrics["val_acc_warmup"])
-        return {**metrics, "val_acc": warm["val_acc"], "val_loss": warm["val_loss"],
-                "val_acc_top5": warm["val_acc_top5"], "weights": "warmup", "best_epoch": -1}
+        log.warning("Fine-tuning did not beat the warmed-up head on the selection split (%.4f <= %.4f): keeping the "
+                    "pretrained backbone with the warmed-up head. More --epochs, or a lower --lr, may let "
+                    "fine-tuning win.", metrics["select_acc"], metrics["select_acc_warmup"])
+        return {**metrics, "select_acc": warm["select_acc"], "select_loss": warm["select_loss"],
+                "select_acc_top5": warm["select_acc_top5"], "weights": "warmup", "best_epoch": -1}
     return metrics
 
 
@@ -394,10 +441,10 @@ def _find(trainer: pl.Trainer, module: pl.LightningModule, test: RangeTest, **da
 
 def _head_range_test(cfg: TrainConfig, plan: Plan, recipe: Recipe, backbone: Backbone, splits: FolderSplits,
                      rt: runtime.Runtime, test: RangeTest) -> tuple[Any, dict[str, Any]]:
-    views, train, val, head_rt = _head_inputs(cfg, backbone, splits, plan, plan.head_stage, plan.aug_views, rt)
+    views, train, head_rt = _head_inputs(cfg, backbone, splits.train, plan, plan.head_stage, plan.aug_views, rt)
     options = _head_options(recipe, splits)
-    data = head_data(views, train.labels, train.valid, val.arrays[plan.head_stage], val.labels, val.valid,
-                     len(splits.classes), cfg.batch_size, cfg.seed, options["balanced"])
+    data = head_data(views, train.labels, np.flatnonzero(train.valid), None, len(splits.classes), cfg.batch_size,
+                     cfg.seed, options["balanced"])
     module = HeadSearch(data.in_features, len(splits.classes), plan.weight_decay_grid, _head_optimizer(recipe),
                         options["class_weights"], options["label_smoothing"])
     finder = _find(_range_trainer(head_rt, test, len(data.train), progress=False), module, test,
@@ -411,6 +458,8 @@ def _head_range_test(cfg: TrainConfig, plan: Plan, recipe: Recipe, backbone: Bac
 
 def _network_range_test(cfg: TrainConfig, decision: Decision, recipe: Recipe, backbone: Backbone,
                         splits: FolderSplits, rt: runtime.Runtime, test: RangeTest) -> tuple[Any, dict[str, Any]]:
+    # The same cut of train as `train` makes (Lightning's finder validates too): val is not read.
+    splits = splits.selection(cfg.select_fraction, cfg.seed)
     datamodule = _datamodule(cfg, recipe, backbone, splits, rt)
     param_groups, plan_callbacks, report = prepare_network(cfg, decision, recipe, backbone, splits, rt)
     module = _classifier(cfg, recipe, backbone, splits, param_groups, schedule=False)

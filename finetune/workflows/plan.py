@@ -1,4 +1,5 @@
-"""`finetune plan`: scan, measure and decide, without training; what `plan` shows and `train` would run."""
+"""`finetune plan`: scan, measure and decide (with the pilot where the signals are unclear), without
+training the final model; what `plan` shows and `train` would run."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from finetune.config import TrainConfig
 from finetune.data.folders import scan_folder
 from finetune.errors import UserError
 from finetune.model.backbone import create_backbone
-from finetune.strategy.measure import Decision, measure_and_decide
+from finetune.strategy.measure import Decision, measure_and_decide, process_runtime
+from finetune.workflows import pilot
 from finetune.strategy.report import group_table
 from finetune.training.recipe import check_feature_plan_options
 from finetune.workflows.preflight import check_forced_scenario
@@ -25,7 +27,8 @@ def plan_folder(cfg: TrainConfig) -> tuple[Decision, list[dict[str, Any]]]:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     splits = scan_folder(cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_image_pixels)
     backbone = create_backbone(cfg.model, cfg.weights, len(splits.classes), cfg.image_size, keep_source_head=True)
-    decision = measure_and_decide(cfg, splits, backbone)
+    rt = process_runtime(cfg)
+    decision = pilot.settle(cfg, measure_and_decide(cfg, splits, backbone, rt), backbone, splits, rt)
     if decision.plan.train_on_features:
         check_feature_plan_options(cfg, decision.plan.scenario)
     return decision, group_table(backbone.model)

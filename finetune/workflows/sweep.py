@@ -121,7 +121,9 @@ def sweep(cfg: TrainConfig, trials: int, lr_range: tuple[float, float] = DEFAULT
             trial.set_user_attr("diverged", True)
             return 0.0
         trial.set_user_attr("mlflow_run_id", summary["mlflow_run_id"])
-        return float(summary["metrics"]["val_acc"])
+        trial.set_user_attr("val_acc", summary["metrics"]["val_acc"])  # reported, never ranked on
+        # Trials are ranked on data inside train (the selection split or cross-validation): val only reports.
+        return float(summary["metrics"]["select_acc"])
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=cfg.seed))
@@ -130,17 +132,24 @@ def sweep(cfg: TrainConfig, trials: int, lr_range: tuple[float, float] = DEFAULT
     except BaseException:
         tracking.client().set_terminated(parent_id, "FAILED")
         raise
+    return _finish(cfg, study, parent_id, output)
+
+
+def _finish(cfg: TrainConfig, study: optuna.Study, parent_id: str, output: Path) -> dict[str, Any]:
+    """The best trial's config file, its numbers on the parent run, and every trial's row."""
     best = study.best_trial
     config_path = output / "best_config.yaml"
     config_path.write_text(yaml.safe_dump(best_config(cfg, best.params), sort_keys=False))
     c = tracking.client()
-    c.log_metric(parent_id, "best_val_acc", float(best.value))
+    c.log_metric(parent_id, "best_select_acc", float(best.value))
+    c.log_metric(parent_id, "best_trial_val_acc", float(best.user_attrs.get("val_acc", float("nan"))))
     for key, value in best.params.items():
         c.set_tag(parent_id, f"best.{key}", str(value))
     tracking.log_artifact(parent_id, config_path)
-    rows = [{"trial": t.number, **t.params, "val_acc": t.value, **t.user_attrs} for t in study.trials]
+    rows = [{"trial": t.number, **t.params, "select_acc": t.value, **t.user_attrs} for t in study.trials]
     tracking.write_json(output / "trials.json", rows)
     tracking.log_artifact(parent_id, output / "trials.json")
     c.set_terminated(parent_id, "FINISHED")
-    return {"best_val_acc": float(best.value), "best_params": best.params, "best_trial": best.number,
-            "best_config": str(config_path.resolve()), "trials": rows, "mlflow_run_id": parent_id}
+    return {"best_select_acc": float(best.value), "best_val_acc": best.user_attrs.get("val_acc"),
+            "best_params": best.params, "best_trial": best.number, "best_config": str(config_path.resolve()),
+            "trials": rows, "mlflow_run_id": parent_id}

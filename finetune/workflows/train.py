@@ -26,6 +26,7 @@ from finetune.strategy.decide import SCENARIO_NAMES, Plan, stage_index
 from finetune.strategy.measure import Decision, measure_and_decide, with_plan
 from finetune.tracking import registry
 from finetune.training import distributed
+from finetune.workflows import pilot
 from finetune.model.heads import init_head
 from finetune.training.recipe import Recipe, check_feature_plan_options, model_kwargs, resolve_recipe
 from finetune.training.run_plan import FitResult, RunContext, run_plan
@@ -90,11 +91,14 @@ def train(cfg: TrainConfig, tags: dict[str, str] | None = None, resume_from: Res
     fit = run_plan(cfg, decision, recipe, backbone, splits, ctx, rt)
     if fit is None:
         return None  # rank 0 evaluates, writes and logs
-    spec = _model_spec(cfg, backbone, splits, decision.plan)
+    # The crop mode is a choice too: made on held-out training images, then stored with the model.
+    tta = evaluate.choose_tta(cfg.tta, fit.heldout, backbone.data_config, cfg.batch_size, cfg.max_image_pixels, rt)
+    spec = _model_spec(cfg, backbone, splits, decision.plan, tta["mode"])
     model_dir = save_model(output / "model", fit.net, spec)
-    # TTA + report, computed and written locally first; sent to MLflow below with the other results.
-    eval_metrics = evaluate.after_training(fit.net, spec, splits, cfg, output, rt, fit.center_probs)
+    # Val and test, read once now that every choice is made; written locally first, sent to MLflow below.
+    eval_metrics = evaluate.after_training(fit.net, spec, splits, cfg, output, rt, tta["mode"], fit.center_probs)
     summary = _summary(cfg, decision, recipe, splits, fit, eval_metrics, run_id, model_dir, output, started)
+    summary["tta"] = tta
     if resume_from is not None:
         summary["resumed_from_epoch"] = resume_from.epochs_done
     tracking.write_json(output / "summary.json", summary)
@@ -126,7 +130,7 @@ def _measure_and_decide(cfg: TrainConfig, rt: runtime.Runtime, plan_override: Ca
                             f"({len(splits.train)} images). Use --batch-size {len(splits.train)} or less.")
         # The source head is kept for the similarity measure (how sure the pretrained classifier is).
         backbone = create_backbone(cfg.model, cfg.weights, len(splits.classes), cfg.image_size, keep_source_head=True)
-        decision = measure_and_decide(cfg, splits, backbone, rt)
+        decision = pilot.settle(cfg, measure_and_decide(cfg, splits, backbone, rt), backbone, splits, rt)
         if plan_override is not None:
             decision = with_plan(decision, plan_override(decision.plan), backbone.model, cfg.lr)
         log.info("Scenario %s (%s)", decision.plan.scenario, decision.plan.source)
@@ -179,11 +183,22 @@ def _start_run(cfg: TrainConfig, tags: dict[str, str] | None, resume_from: Resum
     return run_id, output.resolve()
 
 
-def _model_spec(cfg: TrainConfig, backbone: Backbone, splits: FolderSplits, plan: Plan) -> ModelSpec:
+def _model_spec(cfg: TrainConfig, backbone: Backbone, splits: FolderSplits, plan: Plan, tta: str) -> ModelSpec:
     return ModelSpec(architecture=backbone.model_name.split(".")[0], num_classes=len(splits.classes),
                      class_names=splits.classes, data_config=backbone.data_config,
                      create_kwargs=backbone.create_kwargs, weights_source=backbone.weights_source,
-                     scenario=plan.scenario, default_tta=cfg.tta, head_stage=stage_index(plan.head_stage))
+                     scenario=plan.scenario, default_tta=tta, head_stage=stage_index(plan.head_stage))
+
+
+def metric_sources(splits: FolderSplits, fit: FitResult) -> dict[str, str]:
+    """Which images each number of the summary comes from."""
+    val_from = {"split-folders": "the val folder", "class-folders": "split off the class folders (--val-fraction)",
+                "train-test-folders": "split off the train folder (--val-fraction)"}[splits.layout]
+    sources = {"select_*": f"choices (epochs, weights, head, crop mode): {fit.selection['protocol']}",
+               "val_*": f"val: {len(splits.val)} images, {val_from}; read once, after every choice was made"}
+    if splits.test:
+        sources["test_*"] = f"test: {len(splits.test)} images, the test folder; read once, after every choice"
+    return sources
 
 
 def _summary(cfg: TrainConfig, decision: Decision, recipe: Recipe, splits: FolderSplits, fit: FitResult,
@@ -197,6 +212,8 @@ def _summary(cfg: TrainConfig, decision: Decision, recipe: Recipe, splits: Folde
         "similarity": decision.similarity.to_dict(),
         "recipe": recipe.to_dict(),
         "metrics": {**fit.metrics, **eval_metrics},
+        "metric_sources": metric_sources(splits, fit),
+        "selection": fit.selection,
         "mlflow_run_id": run_id,
         "mlflow_tracking_uri": tracking.tracking_uri(),
         "experiment": cfg.experiment,
@@ -220,7 +237,9 @@ def _publish(cfg: TrainConfig, summary: dict[str, Any], eval_metrics: dict[str, 
     if not pending.active:
         try:
             log_evaluation(run_id, output, eval_metrics)
-            summary.update(registry.publish(run_id, model_dir, summary, cfg.tta, cfg.register,
+            tracking.log_dict(run_id, {"metric_sources": summary["metric_sources"], "tta": summary["tta"]},
+                              "metric_sources.json")
+            summary.update(registry.publish(run_id, model_dir, summary, summary["tta"]["mode"], cfg.register,
                                             cfg.max_image_pixels))
             tracking.write_json(output / "summary.json", summary)
         except UserError:

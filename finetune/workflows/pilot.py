@@ -1,0 +1,133 @@
+"""The pilot: where the table's signals are near a boundary or disagree, the candidate plans compete.
+
+Each candidate (`strategy.decide.pilot_candidates`) is executed by `run_plan` on a budget: the fit part
+of the training split (capped at `PILOT_MAX_IMAGES`, stratified) for a share of the epochs, feature
+plans in full (a head on cached features costs seconds). Every candidate is then scored the same way,
+centre crop, on the selection part of train, which none of them fitted on or chose anything with. The
+best goes on; a tie goes to the measured cell. The user's val and test are not read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from finetune import runtime
+from finetune.config import TrainConfig
+from finetune.data.folders import FolderSplits
+from finetune.data.profile import stratified_subset
+from finetune.errors import UserError
+from finetune.evaluation.tta import predict_sources
+from finetune.model.backbone import Backbone, create_backbone
+from finetune.strategy.decide import Plan, load_thresholds, pilot_candidates
+from finetune.strategy.measure import Decision, plan_for, preserved_rng, with_plan
+from finetune.model.heads import init_head
+from finetune.training.recipe import check_feature_plan_options, model_kwargs, resolve_recipe
+from finetune.training.run_plan import RunContext, run_plan
+
+log = logging.getLogger(__name__)
+
+PILOT_MAX_IMAGES = 1000  # training images a network candidate fits on in the pilot (stratified subset)
+PILOT_EPOCH_SHARE = 0.4  # of the plan's epochs, for a network candidate (at least 1)
+
+
+@dataclass
+class PilotResult:
+    """What the pilot ran and measured; `winner` is the plan that goes on."""
+
+    candidates: list[str]
+    reasons: list[str]
+    winner: str
+    scores: dict[str, dict[str, Any]] = field(default_factory=dict)  # scenario -> select_acc, seconds, epochs
+    skipped: dict[str, str] = field(default_factory=dict)  # scenario -> why it could not run
+    select_images: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def pilot_epochs(epochs: int) -> int:
+    return max(1, math.ceil(epochs * PILOT_EPOCH_SHARE))
+
+
+def run_pilot(cfg: TrainConfig, decision: Decision, candidates: list[str], reasons: list[str], backbone: Backbone,
+              splits: FolderSplits, rt: runtime.Runtime) -> PilotResult:
+    """Run each candidate on the budget and score it on the selection part of train."""
+    started = time.perf_counter()
+    inner = splits.selection(cfg.select_fraction, cfg.seed)
+    budget = dataclasses.replace(inner, train=stratified_subset(inner.train, PILOT_MAX_IMAGES))
+    result = PilotResult(candidates, reasons, candidates[0], select_images=len(inner.val))
+    with preserved_rng(), tempfile.TemporaryDirectory(prefix="finetune-pilot-") as workdir:
+        for scenario in candidates:
+            try:
+                result.scores[scenario] = _run_candidate(cfg, decision, scenario, backbone, budget, rt, Path(workdir))
+            except UserError as e:  # an option the candidate cannot honour (e.g. --mixup on a feature plan)
+                result.skipped[scenario] = e.message
+    ran = [s for s in candidates if s in result.scores]
+    if ran:  # candidates keep their order (the measured cell first): a tie goes to the earlier one
+        result.winner = max(ran, key=lambda s: (result.scores[s]["select_acc"], -ran.index(s)))
+    result.seconds = round(time.perf_counter() - started, 1)
+    log.info("Pilot (%.0f s): %s -> %s", result.seconds,
+             ", ".join(f"{s} {v['select_acc']:.4f}" for s, v in result.scores.items()), result.winner)
+    return result
+
+
+def _run_candidate(cfg: TrainConfig, decision: Decision, scenario: str, backbone: Backbone, splits: FolderSplits,
+                   rt: runtime.Runtime, workdir: Path) -> dict[str, Any]:
+    started = time.perf_counter()
+    plan = plan_for(decision, scenario, cfg)
+    if plan.train_on_features:
+        check_feature_plan_options(cfg, scenario)
+    else:
+        plan = dataclasses.replace(plan, epochs=pilot_epochs(plan.epochs))
+    recipe = resolve_recipe(cfg, scenario)
+    # A fresh network each (fine-tuning moves the weights; the feature cache is keyed by the pretrained ones),
+    # built as `train` builds it.
+    net = create_backbone(cfg.model, cfg.weights, len(splits.classes), cfg.image_size, keep_source_head=True,
+                          **({} if plan.train_on_features else model_kwargs(recipe)))
+    init_head(net.model, recipe.drop_connect)
+    candidate = with_plan(decision, plan, net.model, cfg.lr)
+    ctx = RunContext(run_id=f"pilot-{scenario}", output=workdir / scenario, logger=False, set_status=lambda s: None)
+    fit = run_plan(cfg, candidate, recipe, net, splits, ctx, rt)
+    probs = predict_sources(fit.net, [s.path for s in splits.val], net.data_config, "center", cfg.batch_size,
+                            cfg.max_image_pixels, rt)[0].numpy()
+    labels = np.array([s.label for s in splits.val])
+    ok = ~np.isnan(probs).any(axis=1)
+    acc = float((probs[ok].argmax(axis=1) == labels[ok]).mean()) if ok.any() else 0.0
+    return {"select_acc": round(acc, 4), "seconds": round(time.perf_counter() - started, 1),
+            "epochs": plan.epochs, "fit_images": len(splits.train)}
+
+
+def pilot_plan(decision: Decision, winner: Plan, pilot: PilotResult) -> Plan:
+    """The winner's plan, saying that the pilot chose it and on what."""
+    scores = ", ".join(f"{s} {v['select_acc']:.3f}" for s, v in pilot.scores.items())
+    why = (f"pilot ({pilot.seconds:.0f} s): {' '.join(pilot.reasons)}; candidates scored on {pilot.select_images} "
+           f"held-out training images: {scores} -> {pilot.winner}")
+    measured = [r for r in decision.plan.reasons if "forced" not in r]
+    return dataclasses.replace(winner, source="pilot", reasons=[why, *measured, *winner.reasons[1:]])
+
+
+def settle(cfg: TrainConfig, decision: Decision, backbone: Backbone, splits: FolderSplits,
+           rt: runtime.Runtime) -> Decision:
+    """The measured decision, or, where its signals are unclear, the pilot's winner (`decision.pilot` says).
+    A forced scenario, or a network without pretrained weights, is not piloted."""
+    if decision.plan.source != "measured" or backbone.weights_source == "none":
+        return decision
+    candidates, reasons = pilot_candidates(decision.profile.to_dict(), decision.similarity.to_dict(),
+                                           load_thresholds())
+    if len(candidates) < 2:
+        return decision
+    pilot = run_pilot(cfg, decision, candidates, reasons, backbone, splits, rt)
+    plan = pilot_plan(decision, plan_for(decision, pilot.winner, cfg), pilot)
+    settled = with_plan(decision, plan, backbone.model, cfg.lr)
+    return dataclasses.replace(settled, pilot=pilot.to_dict(),
+                               timings={**decision.timings, "pilot_s": pilot.seconds})
