@@ -52,6 +52,16 @@ class Thresholds:
     probe_folds: int = 5
     probe_alpha: float = 100.0  # ridge penalty of the probe (standardised features)
     probe_max_images: int = 4000  # the probe uses a stratified subset of at most this many images
+    # Where the table is unclear, candidate plans compete in a pilot (`pilot_candidates`):
+    pilot_band: float = 0.08  # a score (or a component) this close to similar_min_score is unclear
+    pilot_disagree_share: float = 0.25  # components disagree when each side carries this share of the weight
+    pilot_size_factor: float = 2.0  # size is unclear when thresholds moved by this factor would flip it
+
+    def __post_init__(self):
+        if self.pilot_band < 0 or self.pilot_size_factor < 1 or not 0 <= self.pilot_disagree_share <= 1:
+            raise UserError(f"Strategy config: pilot_band must be >= 0, pilot_size_factor >= 1 and "
+                            f"pilot_disagree_share in [0, 1] (got {self.pilot_band}, {self.pilot_size_factor}, "
+                            f"{self.pilot_disagree_share}).")
 
 
 @dataclass(frozen=True)
@@ -275,6 +285,80 @@ def _head_stage(rule: str, similarity: Mapping[str, Any]) -> tuple[str, str]:
                        f"stage {earlier} {scores.get(earlier, 0):.2f})")
     return best, (f"head on {best}, the stage whose features probe best ({scores.get(best, 0):.2f} vs final "
                   f"{scores.get(FINAL, 0):.2f})")
+
+
+# --- where the table is unclear: the candidates of a pilot ---------------------------------------
+
+def pilot_candidates(profile: Mapping[str, Any], similarity: Mapping[str, Any],
+                     thresholds: Thresholds) -> tuple[list[str], list[str]]:
+    """The scenarios worth piloting, the measured cell first, without duplicates; and why.
+
+    One scenario is a clear case: the table's cell runs as decided. Several mean the measurements
+    leave the cell open, and the candidates compete on the selection split (`training.pilot`):
+
+    * the score within ``pilot_band`` of ``similar_min_score``, or components that disagree (on each
+      side of the threshold, beyond the band, components carrying ``pilot_disagree_share`` of the
+      weight): both domains;
+    * a size cell that thresholds moved by ``pilot_size_factor`` (either way) would flip: both sizes;
+    * little data: the fine-tuning plan of each candidate domain as well, because fine-tuning every
+      layer on few images is cheap: measure it rather than rule it out.
+
+    Callers pilot only a measured plan with pretrained weights (``plan.source == "measured"`` and a
+    backbone whose ``weights_source != "none"``): a forced scenario is the user's choice, and from
+    random init every layer learns whatever the cell (`decide`); those plans run as decided.
+    """
+    t = thresholds
+    n, per_class, score = int(profile["n_train"]), float(profile["per_class_median"]), float(similarity["score"])
+    size, _ = classify_size(n, per_class, t)
+    domain, _ = classify_domain(score, similarity["components"], t)
+    sizes, domains, reasons = [size], [domain], []
+    domain_reason = _domain_unclear(score, similarity["components"], similarity.get("weights") or
+                                    t.similarity_weights, t)
+    if domain_reason:
+        domains.append("different" if domain == "similar" else "similar")
+        reasons.append(domain_reason)
+    if _size_unclear(n, per_class, t):
+        sizes.append("small" if size == "large" else "large")
+        reasons.append(f"size unclear: {n} training images, median {per_class:g} per class, within a factor "
+                       f"{t.pilot_size_factor:g} of the thresholds ({t.large_min_images}, "
+                       f"{t.large_min_per_class:g} per class): both sizes are piloted")
+    elif size == "small":
+        sizes.append("large")
+        reasons.append(f"little data ({n} training images): fine-tuning every layer is cheap on so few, so the "
+                       "fine-tuning plan is piloted too rather than ruled out")
+    candidates = [f"{s}-{d}" for d in domains for s in sizes]
+    if len(candidates) == 1:
+        reasons.append(f"clear case: {candidates[0]}, far from every threshold; no pilot")
+    return candidates, reasons
+
+
+def _domain_unclear(score: float, components: Mapping[str, float], weights: Mapping[str, float],
+                    t: Thresholds) -> str | None:
+    """Why the domain is unclear (the score near the threshold, or the signals disagree), else None."""
+    low, high = t.similar_min_score - t.pilot_band, t.similar_min_score + t.pilot_band
+    if low < score < high:
+        return (f"similarity {score:.2f} is within {t.pilot_band:g} of the {t.similar_min_score:.2f} threshold: "
+                "both domains are piloted")
+    used = {k: float(w) for k, w in weights.items()
+            if w > 0 and k in components and not math.isnan(float(components[k]))}
+    total = sum(used.values())
+    above = [k for k in used if components[k] >= high]
+    below = [k for k in used if components[k] <= low]
+    if not (total and above and below):
+        return None
+    if min(sum(used[k] for k in above), sum(used[k] for k in below)) / total < t.pilot_disagree_share:
+        return None
+    say = lambda ks: ", ".join(f"{k} {float(components[k]):.2f}" for k in ks)  # noqa: E731
+    return (f"the signals disagree: {say(above)} say similar, {say(below)} say different (beyond "
+            f"{t.pilot_band:g} of {t.similar_min_score:.2f}): both domains are piloted")
+
+
+def _size_unclear(n_train: int, per_class_median: float, t: Thresholds) -> bool:
+    """True when size thresholds lowered or raised by `pilot_size_factor` would give different cells."""
+    f = t.pilot_size_factor
+    large_if_lower = n_train >= t.large_min_images / f and per_class_median >= t.large_min_per_class / f
+    large_if_higher = n_train >= t.large_min_images * f and per_class_median >= t.large_min_per_class * f
+    return large_if_lower != large_if_higher
 
 
 def resolve_frozen_count(plan: Plan, n_backbone_groups: int) -> int:
