@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     opts = Options(args.model, args.weights, args.epochs, args.head_epochs, args.batch_size, args.image_size,
                    args.tta, args.seed, plans, str(args.out),
-                   started + args.max_seconds if args.max_seconds else float("inf"),
+                   started + args.max_seconds if args.max_seconds is not None else float("inf"),
                    max(1, runtime.available_cores() // max(1, args.jobs)))
     print(f"{len(datasets)} dataset(s), plans {', '.join(plans)}, {args.jobs} process(es) of {opts.cores} core(s); "
           f"rows -> {args.out}", flush=True)
