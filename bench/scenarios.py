@@ -50,6 +50,12 @@ FIELDS = ["dataset", "n_train", "n_val", "classes", "per_class_median", "graysca
           "is_auto", "epochs", "val_acc", "time_s", "extract_s"]
 
 
+# The naive baseline's recipe (TrainConfig options, on top of large-different's): light augmentation, constant LR,
+# nothing else.
+NAIVE_RECIPE = dict(augment="light", mixup=0.0, cutmix=0.0, label_smoothing=0.0, schedule="constant",
+                    warmup_epochs=0.0, dropout=0.0, drop_path=0.0, drop_connect=0.0, ema=0.0)
+
+
 def naive(plan: Plan, epochs: int) -> Plan:
     """Full fine-tune, one learning rate for every layer, plain BatchNorm, no warm-up, --epochs as given (and, in
     `bench_dataset`, a plain recipe: light augmentation, constant LR, no regularisers)."""
@@ -102,10 +108,7 @@ def bench_dataset(data_dir: Path, args: argparse.Namespace, workdir: Path, write
     rows = []
     for name in args.plans:
         epochs = args.head_epochs if name.startswith("small") else args.epochs
-        # The naive baseline also gets a plain recipe: light augmentation, constant LR, nothing else.
-        plain = dict(augment="light", mixup=0.0, cutmix=0.0, label_smoothing=0.0, schedule="constant",
-                     warmup_epochs=0.0, dropout=0.0, drop_path=0.0, drop_connect=0.0, ema=0.0)
-        overrides = plain if name == "naive" else dict(augment="none", ema=0.0) if name in EXTRA else {}
+        overrides = dict(NAIVE_RECIPE) if name == "naive" else dict(augment="none", ema=0.0) if name in EXTRA else {}
         scenario = {"naive": "large-different", "large-similar-plain": "large-similar"}.get(name, name)
         cfg = TrainConfig(data_dir=str(folder), epochs=epochs, output=str(workdir / "runs" / f"{data_dir.name}-{name}"),
                           run_name=f"bench-{data_dir.name}-{name}", scenario=scenario, **base, **overrides)

@@ -1,0 +1,246 @@
+"""Every plan on every bench domain (issue 13): the rows bench/calibrate.py fits the thresholds on.
+
+    uv run --frozen python bench/domains.py variants .bench-data/pack .bench-data/domains
+    uv run --frozen python bench/domain_bench.py --manifest .bench-data/domains/domains.json --epochs 3 --jobs 4
+
+For each dataset of the manifest (bench/domains.py writes it; the packed base sets are in it): scan, build the
+backbone, measure and decide as `finetune train` does, then run every plan -- the four scenarios forced, and a
+naive full fine-tune (bench/scenarios.py's `naive`) -- with the executor `run_plan`, and report it with
+`evaluate.after_training` (test when the dataset has a test split, else val). One JSON row per result is
+appended to --out as soon as it exists (schema: bench/calibrate.py), so a killed run keeps what it measured.
+
+Built for a bare, offline GPU machine without MLflow: nothing here imports it (checked at the end of a run).
+`--jobs N` benches N datasets at a time in N processes, each owning cores // N cores (torch threads and loader
+workers split as finetune does); `--max-seconds` stops starting new work after that wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import logging
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DEFAULT_MANIFEST = ROOT / ".bench-data" / "domains" / "domains.json"
+DEFAULT_WEIGHTS = ROOT.parent / "shared" / "weights" / "mobilenetv2_100.coral_in1k.safetensors"
+DEFAULT_OUT = ROOT / "bench" / "results" / "domain_bench.jsonl"
+
+
+@dataclass(frozen=True)
+class Options:
+    """What one worker process needs (picklable: it crosses to the --jobs processes)."""
+
+    model: str
+    weights: str
+    epochs: int
+    head_epochs: int | None
+    batch_size: int
+    image_size: int | None
+    tta: str
+    seed: int
+    plans: tuple[str, ...]
+    out: str
+    deadline: float  # time.time() after which no new work starts
+    cores: int  # this process's share of the machine
+
+
+def append_row(path: str, row: dict[str, Any]) -> None:
+    """One line, one write, append mode: rows of parallel processes do not interleave."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def pilot_rows(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+    """TODO(lead): the pilot rows ({"kind": "pilot", "dataset", "plan", "select_acc", "seconds"}, one per candidate
+    scenario of `finetune.strategy.decide.pilot_candidates`) once `finetune.training.pilot` exists."""
+    raise NotImplementedError("pilot rows need finetune.training.pilot (issue 13, being written)")
+
+
+def _configure(opts: Options):
+    """This process's runtime: torch threads and loader workers within its share of the cores."""
+    import torch
+
+    from finetune import runtime
+
+    split = runtime.split_cores(opts.cores, torch.cuda.is_available())
+    return runtime.configure("auto", "auto", "auto", None, split.workers, split.threads)
+
+
+def bench_dataset(name: str, path: str, opts: Options) -> list[dict[str, Any]]:
+    """Measure one dataset and run every plan on it; the rows, also appended to opts.out as they come."""
+    import pytorch_lightning as pl
+
+    from bench.scenarios import NAIVE_RECIPE, naive
+    from finetune.config import TrainConfig
+    from finetune.data.folders import scan_folder
+    from finetune.evaluation import evaluate
+    from finetune.model.artifact import ModelSpec
+    from finetune.model.backbone import create_backbone
+    from finetune.model.heads import init_head
+    from finetune.strategy.decide import SCENARIO_NAMES, decide, load_scenario_defaults, load_thresholds, stage_index
+    from finetune.strategy.measure import measure_and_decide, with_plan
+    from finetune.training.distributed import QuietLogger
+    from finetune.training.recipe import model_kwargs, resolve_recipe
+    from finetune.training.run_plan import RunContext, run_plan
+
+    rows: list[dict[str, Any]] = []
+    if time.time() > opts.deadline:
+        return rows
+    rt = _configure(opts)
+    base = dict(data_dir=path, model=opts.model, weights=opts.weights, batch_size=opts.batch_size,
+                image_size=opts.image_size, tta=opts.tta, seed=opts.seed, num_workers=rt.workers,
+                experiment="bench-domains")
+
+    def emit(row: dict[str, Any]) -> None:
+        append_row(opts.out, row)
+        rows.append(row)
+
+    started = time.perf_counter()
+    cfg = TrainConfig(epochs=opts.epochs, **base)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    splits = scan_folder(cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_image_pixels)
+    backbone = create_backbone(cfg.model, cfg.weights, len(splits.classes), cfg.image_size, keep_source_head=True)
+    measured = measure_and_decide(cfg, splits, backbone, rt)
+    profile, similarity = measured.profile.to_dict(), measured.similarity.to_dict()
+    emit({"kind": "measure", "dataset": name, "profile": profile, "similarity": similarity,
+          "seconds": round(time.perf_counter() - started, 2), "auto": measured.plan.scenario,
+          "layout": splits.layout, "counts": splits.counts()})
+    has_test = bool(splits.test)
+    thresholds = load_thresholds()
+    defaults = {s: load_scenario_defaults(s) for s in SCENARIO_NAMES}
+
+    for plan_name in opts.plans:
+        if time.time() > opts.deadline:
+            break
+        t0 = time.perf_counter()
+        small = plan_name.startswith("small-")
+        epochs = opts.head_epochs if small and opts.head_epochs else opts.epochs
+        # The naive baseline: large-different's settings replaced by one LR for all layers and a plain recipe.
+        cfg = TrainConfig(epochs=epochs, scenario="large-different" if plan_name == "naive" else plan_name,
+                          **base, **(NAIVE_RECIPE if plan_name == "naive" else {}))
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
+        net_backbone = create_backbone(cfg.model, cfg.weights, len(splits.classes), cfg.image_size,
+                                       keep_source_head=True)  # fresh weights: the last plan trained the old ones
+        plan = decide(profile, similarity, thresholds, defaults, base_epochs=cfg.epochs, forced=cfg.scenario)
+        plan = naive(plan, epochs) if plan_name == "naive" else plan
+        decision = with_plan(measured, plan, net_backbone.model, cfg.lr)
+        # As `train` does (workflows/train.py _recipe_and_network, not imported: that module pulls in MLflow).
+        recipe = resolve_recipe(cfg, cfg.scenario)
+        if model_kwargs(recipe) and not plan.train_on_features:
+            net_backbone = create_backbone(cfg.model, cfg.weights, len(splits.classes), cfg.image_size,
+                                           keep_source_head=True, **model_kwargs(recipe))
+            decision = with_plan(decision, plan, net_backbone.model, cfg.lr)
+        init_head(net_backbone.model, recipe.drop_connect)
+        with tempfile.TemporaryDirectory(prefix=f"bench-{name}-{plan_name}-") as tmp:
+            ctx = RunContext(run_id="bench", output=Path(tmp), logger=QuietLogger("bench"),
+                             set_status=lambda status: None)
+            fit = run_plan(cfg, decision, recipe, net_backbone, splits, ctx, rt)
+            spec = ModelSpec(architecture=net_backbone.model_name.split(".")[0], num_classes=len(splits.classes),
+                             class_names=splits.classes, data_config=net_backbone.data_config,
+                             create_kwargs=net_backbone.create_kwargs, weights_source=net_backbone.weights_source,
+                             scenario=plan.scenario, default_tta=cfg.tta, head_stage=stage_index(plan.head_stage))
+            metrics = {**fit.metrics, **evaluate.after_training(fit.net, spec, splits, cfg, Path(tmp), rt,
+                                                                fit.center_probs)}
+        split = "test" if has_test else "val"
+        key = evaluate.metric_names(split, cfg.tta if cfg.tta != "none" else "center")[0]
+        emit({"kind": "plan", "dataset": name, "plan": plan_name, "acc": float(metrics[key]), "reported_split": split,
+              # TODO(lead): select_acc only once run_plan reports it (until then this is the val accuracy).
+              "select_acc": float(fit.metrics.get("select_acc", fit.metrics.get("val_acc"))),
+              "seconds": round(time.perf_counter() - t0, 2), "epochs": plan.epochs,
+              "is_auto": plan_name == measured.plan.scenario,
+              **{k: float(v) for k, v in metrics.items() if k.startswith(("val_acc", "test_acc"))}})
+        print(f"  {name:<22} {plan_name:<16} {split} acc {metrics[key]:.4f}  {rows[-1]['seconds']:>7.1f}s",
+              flush=True)
+    return rows
+
+
+def _worker_main(name: str, path: str, opts: Options) -> tuple[str, int, list[str]]:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("pytorch_lightning", "lightning", "lightning.pytorch"):  # "GPU available" etc. for every plan
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*is smaller than the logging interval.*")
+    rows = bench_dataset(name, path, opts)
+    return name, len(rows), [m for m in sys.modules if m == "mlflow" or m.startswith("mlflow.")]
+
+
+def load_manifest(path: Path, only: list[str] | None) -> list[tuple[str, str, int]]:
+    """(name, absolute path, images) of the manifest's datasets, `only` those when given."""
+    data = json.loads(path.read_text())["datasets"]
+    unknown = sorted(set(only or ()) - set(data))
+    if unknown:
+        raise SystemExit(f"unknown dataset(s) {', '.join(unknown)}; in {path}: {', '.join(data)}")
+    return [(n, str((path.parent / d["path"]).resolve()), sum(d["splits"].values()))
+            for n, d in data.items() if not only or n in only]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.scenarios import PLANS
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST, help="domains.json (bench/domains.py)")
+    parser.add_argument("--datasets", default="", help="comma-separated names (default: all in the manifest)")
+    parser.add_argument("--model", default="mobilenetv2_100")
+    parser.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--head-epochs", type=int, default=None,
+                        help="epochs of the small-* plans' heads on cached features (default: --epochs, as train)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=None)
+    parser.add_argument("--tta", default="center")
+    parser.add_argument("--plans", default=",".join(PLANS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=1, help="datasets benched at once, one process each")
+    parser.add_argument("--max-seconds", type=float, default=None, help="start no new plan after this wall time")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSONL, appended to")
+    args = parser.parse_args(argv)
+    plans = tuple(p for p in args.plans.split(",") if p)
+    bad = sorted(set(plans) - set(PLANS))
+    if bad:
+        raise SystemExit(f"unknown plan(s) {', '.join(bad)}; valid: {', '.join(PLANS)}")
+    datasets = load_manifest(args.manifest, [n for n in args.datasets.split(",") if n] or None)
+    if args.jobs > 1:
+        datasets.sort(key=lambda d: -d[2])  # the biggest first: the last ones to finish are short
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    from finetune import runtime
+
+    started = time.time()
+    opts = Options(args.model, args.weights, args.epochs, args.head_epochs, args.batch_size, args.image_size,
+                   args.tta, args.seed, plans, str(args.out),
+                   started + args.max_seconds if args.max_seconds is not None else float("inf"),
+                   max(1, runtime.available_cores() // max(1, args.jobs)))
+    print(f"{len(datasets)} dataset(s), plans {', '.join(plans)}, {args.jobs} process(es) of {opts.cores} core(s); "
+          f"rows -> {args.out}", flush=True)
+    mlflow_seen: dict[str, list[str]] = {}
+    if args.jobs <= 1:
+        for name, path, _ in datasets:
+            _, _, seen = _worker_main(name, path, opts)
+            mlflow_seen[name] = seen
+    else:
+        # spawn: CUDA does not survive fork, and each worker sets its own threads from scratch.
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
+            futures = {ex.submit(_worker_main, name, path, opts): name for name, path, _ in datasets}
+            for fut in concurrent.futures.as_completed(futures):
+                name, n_rows, seen = fut.result()
+                mlflow_seen[name] = seen
+                print(f"{name}: {n_rows} row(s)", flush=True)
+    print(f"done in {time.time() - started:.0f}s; rows in {args.out}")
+    pulled = {n: s for n, s in mlflow_seen.items() if s} or ({"main": ["mlflow"]} if "mlflow" in sys.modules else {})
+    assert not pulled, f"mlflow was imported (the GPU machine has none): {pulled}"
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

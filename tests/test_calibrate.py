@@ -1,0 +1,134 @@
+"""bench/calibrate.py: leave-one-dataset-out fitting of the scenario thresholds, on synthetic bench results."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_calibrate():
+    spec = importlib.util.spec_from_file_location("bench_calibrate", ROOT / "bench" / "calibrate.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+calibrate = _load_calibrate()
+
+# name: (n_train, per-class median, similarity score, the scenario that does best on it)
+DATASETS = {
+    "A": (200, 20.0, 0.70, "small-similar"),
+    "B": (3000, 300.0, 0.90, "large-similar"),
+    "C": (2500, 500.0, 0.40, "large-different"),
+    "D": (300, 60.0, 0.50, "small-different"),
+}
+PLAN_SECONDS = 60.0
+
+
+def _rows(best: dict[str, str], pilots: dict[str, dict[str, tuple[float, float]]] | None = None) -> list[dict]:
+    """A bench JSONL: per dataset a measure row and one plan row per plan; the `best` plan scores 0.9, the others
+    lower (naive lowest), so which plan is best is known."""
+    rows = []
+    for name, (n, per_class, score, _) in DATASETS.items():
+        rows.append({"kind": "measure", "dataset": name, "seconds": 5.0,
+                     "profile": {"n_train": n, "per_class_median": per_class},
+                     "similarity": {"score": score, "components": {"probe": score}, "best_stage": "stage3",
+                                    "best_earlier_stage": "stage3", "probes": []}})
+        for i, plan in enumerate(calibrate.PLANS):
+            acc = 0.9 if plan == best[name] else 0.5 - 0.1 * i
+            rows.append({"kind": "plan", "dataset": name, "plan": plan, "acc": acc, "reported_split": "test",
+                         "select_acc": acc, "seconds": PLAN_SECONDS})
+        for plan, (select_acc, seconds) in (pilots or {}).get(name, {}).items():
+            rows.append({"kind": "pilot", "dataset": name, "plan": plan, "select_acc": select_acc,
+                         "seconds": seconds})
+    return rows
+
+
+def _results(tmp_path: Path, rows: list[dict]):
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return calibrate.read_results(path)
+
+
+def _by_name(rows):
+    return {r.dataset: r for r in rows}
+
+
+def test_leave_one_out_fit_ignores_the_held_out_dataset(tmp_path):
+    best = {name: d[3] for name, d in DATASETS.items()}
+    rows, all_fit, _ = calibrate.calibrate(_results(tmp_path, _rows(best)), calibrate.no_pilot)
+    # A's accuracies now say it is a different domain (small-different far ahead): only fits that see A may move.
+    changed = _by_name(calibrate.calibrate(_results(tmp_path, _rows({**best, "A": "small-different"})),
+                                           calibrate.no_pilot)[0])
+    before = _by_name(rows)
+    assert changed["A"].fitted == before["A"].fitted
+    # ... and they do move (the check above could not pass by the fit ignoring accuracies altogether).
+    assert any(changed[n].fitted != before[n].fitted for n in "BCD")
+    # Every dataset in its own right cell: the thresholds separating them, ties broken towards the config.
+    assert all_fit.values == {"similar_min_score": pytest.approx(0.62), "large_min_images": 1000,
+                              "large_min_per_class": 100}
+    assert all_fit.mean_acc == pytest.approx(0.9)
+
+
+def test_pick_and_gap_columns(tmp_path):
+    best = {**{name: d[3] for name, d in DATASETS.items()}, "A": "small-different"}
+    rows = _by_name(calibrate.calibrate(_results(tmp_path, _rows(best)), calibrate.no_pilot)[0])
+    a = rows["A"]
+    # Fitted without A (B, C, D all in their own cells): A's score 0.70 is similar, its 200 images little data.
+    assert (a.pick.cell, a.pick.auto, a.pick.candidates) == ("small-similar", "small-similar", ())
+    assert a.best_forced == "small-different"
+    assert a.auto_acc == pytest.approx(0.5)  # small-similar is PLANS[0]: 0.5 - 0.1 * 0
+    assert a.gap == pytest.approx(-40.0)
+    assert a.pilot_share is None
+    for name in "BCD":
+        assert rows[name].pick.auto == rows[name].best_forced == DATASETS[name][3]
+        assert rows[name].gap == pytest.approx(0.0)
+    text = calibrate.markdown(list(rows.values()), calibrate.fit(calibrate.Rule(calibrate.no_pilot),
+                              list(calibrate.read_results(tmp_path / "results.jsonl").values())), [],
+                              calibrate.load_thresholds())
+    assert "worst gap -40.0 pt, mean gap -10.0 pt" in text
+    assert "on 3/4 datasets (B, C, D)" in text
+
+
+def test_a_pilot_picks_the_candidate_that_scored_best_inside_train(tmp_path):
+    pilots = {"C": {"large-similar": (0.95, 10.0), "large-different": (0.70, 30.0)}}
+    best = {name: d[3] for name, d in DATASETS.items()}
+
+    def candidates(profile, similarity, thresholds):  # C is the unclear case; the others are clear
+        return ["large-similar", "large-different"] if profile["n_train"] == 2500 else ["ignored"]
+
+    rows = _by_name(calibrate.calibrate(_results(tmp_path, _rows(best, pilots)), candidates)[0])
+    c = rows["C"]
+    assert c.pick.cell == "large-different"
+    assert c.pick.candidates == ("large-similar", "large-different")
+    assert c.pick.auto == "large-similar"  # the pilot's choice, not the cell
+    assert c.auto_acc == pytest.approx(0.5 - 0.1 * calibrate.PLANS.index("large-similar"))
+    assert c.gap == pytest.approx((c.auto_acc - 0.9) * 100)
+    assert c.pilot_share == pytest.approx(40.0 / (40.0 + PLAN_SECONDS))
+    assert rows["A"].pick.candidates == ()  # one candidate: a clear case, no pilot
+
+
+def test_cli_writes_the_table_and_needs_pilot_candidates(tmp_path, monkeypatch, capsys):
+    best = {name: d[3] for name, d in DATASETS.items()}
+    rows = _rows(best)
+    rows.append({"kind": "measure", "dataset": "E", "profile": {"n_train": 10, "per_class_median": 5},
+                 "similarity": {"score": 0.5, "components": {}}, "seconds": 1.0})  # killed before its plans ran
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "calibrate.md"
+    assert calibrate.main([str(path), "--no-pilot", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text == capsys.readouterr().out
+    assert "similar_min_score: 0.620" in text and "Not scored" in text and "| E |" not in text
+    import finetune.strategy.decide as decide_module
+
+    monkeypatch.delattr(decide_module, "pilot_candidates", raising=False)
+    with pytest.raises(SystemExit, match="pilot_candidates does not exist yet"):
+        calibrate.main([str(path)])
