@@ -86,14 +86,10 @@ def read_results(path: Path) -> dict[str, DatasetResults]:
 
 
 def default_candidates() -> CandidatesFn:
-    """`finetune.strategy.decide.pilot_candidates`, imported when first needed."""
-    from finetune.strategy import decide as decide_module
+    """`finetune.strategy.decide.pilot_candidates`, its candidates only (not its reasons)."""
+    from finetune.strategy.decide import pilot_candidates
 
-    fn = getattr(decide_module, "pilot_candidates", None)
-    if fn is None:
-        raise SystemExit("finetune.strategy.decide.pilot_candidates does not exist yet (issue 13 adds it). "
-                         "Run with --no-pilot to score the table's cell alone.")
-    return fn
+    return lambda profile, similarity, thresholds: pilot_candidates(profile, similarity, thresholds)[0]
 
 
 def no_pilot(profile: Mapping[str, Any], similarity: Mapping[str, Any], thresholds: Thresholds) -> list[str]:

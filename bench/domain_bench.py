@@ -62,10 +62,16 @@ def append_row(path: str, row: dict[str, Any]) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-def pilot_rows(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
-    """TODO(lead): the pilot rows ({"kind": "pilot", "dataset", "plan", "select_acc", "seconds"}, one per candidate
-    scenario of `finetune.strategy.decide.pilot_candidates`) once `finetune.training.pilot` exists."""
-    raise NotImplementedError("pilot rows need finetune.training.pilot (issue 13, being written)")
+def pilot_rows(name: str, cfg, measured, backbone, splits, rt) -> list[dict[str, Any]]:
+    """The pilot (workflows/pilot.py) run on all four scenarios, the measured cell first: one row per scenario
+    ({"kind": "pilot", "dataset", "plan", "select_acc", "seconds"}), so bench/calibrate.py can replay the pilot
+    of any candidate set a fitted rule would ask for."""
+    from finetune.strategy.decide import SCENARIO_NAMES
+    from finetune.workflows.pilot import run_pilot
+
+    order = [measured.plan.scenario, *[s for s in SCENARIO_NAMES if s != measured.plan.scenario]]
+    result = run_pilot(cfg, measured, order, ["bench: every scenario"], backbone, splits, rt)
+    return [{"kind": "pilot", "dataset": name, "plan": s, **v} for s, v in result.scores.items()]
 
 
 def _configure(opts: Options):
@@ -117,6 +123,13 @@ def bench_dataset(name: str, path: str, opts: Options) -> list[dict[str, Any]]:
     emit({"kind": "measure", "dataset": name, "profile": profile, "similarity": similarity,
           "seconds": round(time.perf_counter() - started, 2), "auto": measured.plan.scenario,
           "layout": splits.layout, "counts": splits.counts()})
+    from finetune.strategy.decide import pilot_candidates
+
+    candidates, _ = pilot_candidates(profile, similarity, load_thresholds())
+    rows[-1]["shipped_candidates"] = candidates
+    if time.time() <= opts.deadline:
+        for row in pilot_rows(name, cfg, measured, backbone, splits, rt):
+            emit(row)
     has_test = bool(splits.test)
     thresholds = load_thresholds()
     defaults = {s: load_scenario_defaults(s) for s in SCENARIO_NAMES}
@@ -147,17 +160,18 @@ def bench_dataset(name: str, path: str, opts: Options) -> list[dict[str, Any]]:
             ctx = RunContext(run_id="bench", output=Path(tmp), logger=QuietLogger("bench"),
                              set_status=lambda status: None)
             fit = run_plan(cfg, decision, recipe, net_backbone, splits, ctx, rt)
+            tta = evaluate.choose_tta(cfg.tta, fit.heldout, net_backbone.data_config, cfg.batch_size,
+                                      cfg.max_image_pixels, rt)
             spec = ModelSpec(architecture=net_backbone.model_name.split(".")[0], num_classes=len(splits.classes),
                              class_names=splits.classes, data_config=net_backbone.data_config,
                              create_kwargs=net_backbone.create_kwargs, weights_source=net_backbone.weights_source,
-                             scenario=plan.scenario, default_tta=cfg.tta, head_stage=stage_index(plan.head_stage))
+                             scenario=plan.scenario, default_tta=tta["mode"], head_stage=stage_index(plan.head_stage))
             metrics = {**fit.metrics, **evaluate.after_training(fit.net, spec, splits, cfg, Path(tmp), rt,
-                                                                fit.center_probs)}
+                                                                tta["mode"], fit.center_probs)}
         split = "test" if has_test else "val"
-        key = evaluate.metric_names(split, cfg.tta if cfg.tta != "none" else "center")[0]
+        key = evaluate.metric_names(split, tta["mode"])[0]  # the model's own crop mode, chosen on train
         emit({"kind": "plan", "dataset": name, "plan": plan_name, "acc": float(metrics[key]), "reported_split": split,
-              # TODO(lead): select_acc only once run_plan reports it (until then this is the val accuracy).
-              "select_acc": float(fit.metrics.get("select_acc", fit.metrics.get("val_acc"))),
+              "select_acc": float(fit.metrics["select_acc"]), "tta": tta["mode"],
               "seconds": round(time.perf_counter() - t0, 2), "epochs": plan.epochs,
               "is_auto": plan_name == measured.plan.scenario,
               **{k: float(v) for k, v in metrics.items() if k.startswith(("val_acc", "test_acc"))}})
@@ -199,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="epochs of the small-* plans' heads on cached features (default: --epochs, as train)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=None)
-    parser.add_argument("--tta", default="center")
+    parser.add_argument("--tta", default="auto")
     parser.add_argument("--plans", default=",".join(PLANS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=1, help="datasets benched at once, one process each")

@@ -127,8 +127,9 @@ def test_cli_writes_the_table_and_needs_pilot_candidates(tmp_path, monkeypatch, 
     text = out.read_text()
     assert text == capsys.readouterr().out
     assert "similar_min_score: 0.620" in text and "Not scored" in text and "| E |" not in text
-    import finetune.strategy.decide as decide_module
+    # The default rule is the shipped one: pilot_candidates' candidates (its reasons dropped).
+    fn = calibrate.default_candidates()
+    profile, similarity = {"n_train": 5000, "per_class_median": 500}, {"score": 0.95, "components": {}}
+    from finetune.strategy.decide import load_thresholds, pilot_candidates
 
-    monkeypatch.delattr(decide_module, "pilot_candidates", raising=False)
-    with pytest.raises(SystemExit, match="pilot_candidates does not exist yet"):
-        calibrate.main([str(path)])
+    assert fn(profile, similarity, load_thresholds()) == pilot_candidates(profile, similarity, load_thresholds())[0]
