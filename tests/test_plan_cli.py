@@ -44,6 +44,20 @@ def test_plan_json_and_report(image_folder: Path, weights_file: Path):
     assert json.loads(again.stdout)["timings"]["features_cached"] is True
 
 
+def test_source_components_are_measured_at_the_weights_input_size(image_folder: Path, weights_file: Path):
+    """probe and depth at the training size; source_confidence and bn_match at the weights' own (test_resnet:
+    160 px), so they do not move with --image-size, and the plan says so when the sizes differ."""
+    runner = CliRunner()
+    small, native = (json.loads(runner.invoke(cli, _plan_args(image_folder, weights_file, "--json",
+                                                               "--image-size", size)).stdout) for size in ("32", "160"))
+    for key in ("source_confidence", "bn_match"):
+        assert small["similarity"]["components"][key] == native["similarity"]["components"][key]
+    assert small["similarity"]["details"]["image_size"] == 32
+    assert small["similarity"]["details"]["source_image_size"] == native["similarity"]["details"]["image_size"] == 160
+    assert any("measured at 32 px" in r and "at 160 px" in r for r in small["plan"]["reasons"])
+    assert not any("pretraining size" in r for r in native["plan"]["reasons"])
+
+
 def test_plan_forced_scenario_and_overrides(image_folder: Path, weights_file: Path):
     runner = CliRunner()
     result = runner.invoke(cli, _plan_args(image_folder, weights_file, "--json", "--scenario", "large-similar",

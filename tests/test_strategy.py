@@ -61,6 +61,18 @@ def test_each_scenario_plan(scenario, on_features, fraction, lr_mult, epochs, wa
     assert (plan.epochs, plan.warmup_epochs) == (epochs, warmup)
 
 
+@pytest.mark.parametrize("sizes, pretrained, explained", [
+    ({"image_size": 160, "source_image_size": 224}, True, True),
+    ({"image_size": 224, "source_image_size": 224}, True, False),
+    ({}, True, False),  # measured before the sizes were recorded
+    ({"image_size": 160, "source_image_size": 224}, False, False),  # random init: the cell is not the domain's
+])
+def test_plan_explains_a_training_size_other_than_the_weights(sizes, pretrained, explained):
+    sim = {**similarity(0.9), "details": sizes}
+    plan = decide(profile(245, 122), sim, T, DEFAULTS, base_epochs=1, pretrained=pretrained)
+    assert any("measured at 160 px" in r and "224 px" in r for r in plan.reasons) == explained
+
+
 def test_large_different_moves_lower_layers_more_and_longer_than_large_similar():
     sim = decide(profile(3000, 300), similarity(0.9), T, DEFAULTS, base_epochs=10)
     diff = decide(profile(3000, 300), similarity(0.1), T, DEFAULTS, base_epochs=10)

@@ -52,6 +52,7 @@ class Thresholds:
     probe_folds: int = 5
     probe_alpha: float = 100.0  # ridge penalty of the probe (standardised features)
     probe_max_images: int = 4000  # the probe uses a stratified subset of at most this many images
+    source_max_images: int = 500  # ... and the source components, when measured at another size (extra pass)
     # Where the table is unclear, candidate plans compete in a pilot (`pilot_candidates`):
     pilot_band: float = 0.08  # a score (or a component) this close to similar_min_score is unclear
     pilot_disagree_share: float = 0.25  # components disagree when each side carries this share of the weight
@@ -175,6 +176,8 @@ def decide(profile: Mapping[str, Any], similarity: Mapping[str, Any], thresholds
         pretrained: False for a randomly initialised backbone: nothing to keep, so every layer learns.
     """
     scenario, source, reasons = _choose_scenario(profile, similarity, thresholds, forced, pretrained)
+    size_reason = _input_size_reason(similarity) if pretrained else None
+    reasons += [size_reason] if size_reason else []
     d = defaults[scenario]
     size, domain = scenario.split("-")
     _check_overrides(scenario, d, freeze_groups, backbone_lr_mult, aug_views)
@@ -227,6 +230,19 @@ def _choose_scenario(profile: Mapping[str, Any], similarity: Mapping[str, Any], 
         raise UserError(f"Invalid scenario {forced!r}. Valid values: auto, {', '.join(SCENARIO_NAMES)}.")
     return forced, "forced", [f"scenario {forced} forced by the user (the measurements say {measured}: "
                               f"{size_reason}; {domain_reason})"]
+
+
+def _input_size_reason(similarity: Mapping[str, Any]) -> str | None:
+    """Why the score is not the one the weights' own input size gives, when training uses another size."""
+    details = similarity.get("details") or {}
+    size, native = details.get("image_size"), details.get("source_image_size")
+    if size is None or native is None or size == native:
+        return None
+    return (f"similarity measured at {size:g} px, the training size, for probe and depth (the features the plan "
+            f"trains on), and at {native:g} px, the weights' pretraining size, for source_confidence and bn_match "
+            "(away from it they follow the resolution, not the domain); probe and depth move with the size, "
+            "mostly downwards below it, so the score is not size-invariant (docs/decisions.md, "
+            "'Similarity across input sizes')")
 
 
 def _check_overrides(scenario: str, d: ScenarioDefaults, freeze_groups: int | None,

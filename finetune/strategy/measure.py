@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from finetune.model.backbone import Backbone
+from finetune.model.backbone import Backbone, resolve_data_config
 from finetune.config import TrainConfig
 from finetune.data.folders import FolderSplits
 from finetune import runtime
@@ -92,6 +92,22 @@ def preserved_rng():
             np.random.set_state(np_state)
 
 
+def image_size(backbone: Backbone) -> int:
+    return int(backbone.data_config["input_size"][-1])
+
+
+def native_backbone(backbone: Backbone) -> Backbone:
+    """The backbone with its weights' own preprocessing (input size), or itself when training uses it.
+
+    The source classifier's confidence and the BatchNorm match compare the images with the pretraining
+    data as the network saw it, at this size (`finetune.strategy.similarity`).
+    """
+    native = resolve_data_config(backbone.model)
+    if native["input_size"] == list(backbone.data_config["input_size"]):
+        return backbone
+    return dataclasses.replace(backbone, data_config=native)
+
+
 def measure_and_decide(cfg: TrainConfig, splits: FolderSplits, backbone: Backbone,
                        rt: runtime.Runtime | None = None) -> Decision:
     """Profile, measure the similarity on (cached) features, and decide the plan."""
@@ -106,8 +122,12 @@ def _measure_and_decide(cfg: TrainConfig, splits: FolderSplits, backbone: Backbo
     profile = profile_splits(splits)
     started = time.perf_counter()
     feats = train_features(cfg, backbone, splits, thresholds.probe_max_images, rt)
+    native = native_backbone(backbone) if backbone.weights_source != "none" else backbone  # random init: no source
+    source = None if native is backbone else train_features(cfg, native, splits, thresholds.source_max_images, rt)
     extracted = time.perf_counter() - started
-    similarity = measure(feats, thresholds.similarity_weights, thresholds.probe_folds, thresholds.probe_alpha)
+    similarity = measure(feats, thresholds.similarity_weights, thresholds.probe_folds, thresholds.probe_alpha,
+                         source=source)
+    similarity.details.update(image_size=image_size(backbone), source_image_size=image_size(native))
     probed = time.perf_counter() - started - extracted
     plan = decide(profile.to_dict(), similarity.to_dict(), thresholds, defaults, base_epochs=cfg.epochs,
                   forced=cfg.scenario, freeze_groups=cfg.freeze_groups, backbone_lr_mult=cfg.backbone_lr_mult,

@@ -18,6 +18,12 @@ Several signals, because each alone is confounded:
   shift). Only as good as those statistics (see ../shared/weights/README.md: the shared MobileNet's
   were re-estimated from few photos), so it gets a small weight by default.
 
+Input size: ``probe`` and ``depth`` describe the features a plan trains on, so they are measured at the
+size training uses. ``source_confidence`` and ``bn_match`` compare the images with the pretraining
+data as the network saw it, so they are measured at the weights' own input size (`source` features):
+away from it they follow the resolution rather than the domain (the source classifier grows surer
+as images shrink). See docs/decisions.md, "Similarity across input sizes".
+
 The score is the weighted mean of the components present (weights from configs/strategy.yaml;
 models without a source head or without BatchNorm simply lack that component).
 """
@@ -124,8 +130,13 @@ def bn_shift(bn_stats: Mapping[str, Mapping[str, np.ndarray]], eps: float = 1e-5
     return float(np.mean(shifts)) if shifts else float("nan")
 
 
-def measure(features: FeatureSet, weights: Mapping[str, float], folds: int = 5, alpha: float = 100.0) -> Similarity:
-    """Similarity of the images in `features` (clean view) to the backbone's pretraining data."""
+def measure(features: FeatureSet, weights: Mapping[str, float], folds: int = 5, alpha: float = 100.0,
+            source: FeatureSet | None = None) -> Similarity:
+    """Similarity of the images in `features` (clean view) to the backbone's pretraining data.
+
+    `source`: clean-view features at the weights' own input size, for ``source_confidence`` and
+    ``bn_match`` (default: `features`, when training uses that size).
+    """
     unknown = set(weights) - set(COMPONENTS)
     assert not unknown, f"unknown similarity components {unknown}"
     probes = probe_all_stages(features, folds, alpha)
@@ -139,12 +150,13 @@ def measure(features: FeatureSet, weights: Mapping[str, float], folds: int = 5, 
     depth = (final.normalized - middle.normalized) / gap if gap > 1e-6 else float(final.normalized >= middle.normalized)
     components: dict[str, float] = {"probe": final.normalized, "depth": float(np.clip(depth, 0.0, 1.0))}
     details: dict[str, float] = {"best_stage_normalized": best.normalized, "middle_stage_normalized": middle.normalized}
-    if features.logits is not None:
-        conf = source_confidence(features.logits[features.valid])
+    source = source if source is not None else features
+    if source.logits is not None:
+        conf = source_confidence(source.logits[source.valid])
         details.update(conf)
         components["source_confidence"] = 1.0 - conf["source_entropy"]
-    if features.bn_stats:
-        shift = bn_shift(features.bn_stats)
+    if source.bn_stats:
+        shift = bn_shift(source.bn_stats)
         details["bn_shift"] = shift
         components["bn_match"] = math.exp(-shift)
     used = {k: float(w) for k, w in weights.items() if k in components and w > 0}
