@@ -4,7 +4,7 @@ SHELL := /bin/bash
 UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow test-all test-gpu gpu-wheels env clean bench
+.PHONY: demo test test-slow test-all test-gpu gpu-wheels domains-pack env clean bench
 
 $(UV):
 	python3 -m pip install --user --quiet uv || python3 -m pip install --quiet uv || \
@@ -35,6 +35,12 @@ test-gpu: env
 # versions, into .whl/ (git-ignored) for bench/gpu_check.sh; prints each size and the total.
 gpu-wheels:
 	python3 bench/gpu_wheels.py
+
+# The domain bench's data for the GPU machine (bench/gpu_domains.sh): a <= 40 MiB archive of the shared sets
+# and the shared weights, under .bench-data/ (git-ignored). Needs ../shared.
+domains-pack: env
+	$(UV) run --frozen python bench/domains.py pack ../shared/data .bench-data/pack --archive .bench-data/pack.tar.gz
+	mkdir -p .bench-data/weights && cp ../shared/weights/mobilenetv2_100.coral_in1k.* .bench-data/weights/
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -25,7 +25,15 @@ def test_plan_json_and_report(image_folder: Path, weights_file: Path):
     result = runner.invoke(cli, _plan_args(image_folder, weights_file, "--json"))
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
-    assert out["scenario"] in ("small-similar", "small-different")  # 12 training images: little data
+    # 12 training images: little data, so the fine-tuning plan is piloted beside the measured small-* cell.
+    pilot = out["pilot"]
+    assert pilot["candidates"][0] in ("small-similar", "small-different") and len(pilot["candidates"]) >= 2
+    assert any(c.startswith("large-") for c in pilot["candidates"])
+    assert set(pilot["scores"]) == set(pilot["candidates"]) and pilot["seconds"] > 0
+    best = max(pilot["scores"][c]["select_acc"] for c in pilot["candidates"])
+    assert out["scenario"] == pilot["winner"] and pilot["scores"][pilot["winner"]]["select_acc"] == best
+    assert out["plan"]["source"] == "pilot" and out["plan"]["reasons"][0].startswith("pilot")
+    assert out["timings"]["pilot_s"] == pilot["seconds"]
     assert out["plan"]["scenario"] == out["scenario"] and out["plan"]["reasons"]
     assert out["profile"]["n_train"] == 12 and out["profile"]["n_classes"] == 2
     sim = out["similarity"]
@@ -37,7 +45,8 @@ def test_plan_json_and_report(image_folder: Path, weights_file: Path):
 
     report = runner.invoke(cli, _plan_args(image_folder, weights_file))
     assert report.exit_code == 0, report.output
-    for heading in ("Dataset profile", "Domain similarity", f"Scenario  {out['scenario']}", "Layer groups"):
+    for heading in ("Dataset profile", "Domain similarity", f"Scenario  {out['scenario']}", "Pilot", "<- goes on",
+                    "Layer groups"):
         assert heading in report.output
     # The second run read the features from the cache.
     again = runner.invoke(cli, _plan_args(image_folder, weights_file, "--json"))

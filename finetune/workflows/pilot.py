@@ -31,6 +31,7 @@ from finetune.strategy.decide import Plan, load_thresholds, pilot_candidates
 from finetune.strategy.measure import Decision, plan_for, preserved_rng, with_plan
 from finetune.model.heads import init_head
 from finetune.training.recipe import check_feature_plan_options, model_kwargs, resolve_recipe
+from finetune.training.distributed import QuietLogger
 from finetune.training.run_plan import RunContext, run_plan
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,9 @@ def _run_candidate(cfg: TrainConfig, decision: Decision, scenario: str, backbone
                           **({} if plan.train_on_features else model_kwargs(recipe)))
     init_head(net.model, recipe.drop_connect)
     candidate = with_plan(decision, plan, net.model, cfg.lr)
-    ctx = RunContext(run_id=f"pilot-{scenario}", output=workdir / scenario, logger=False, set_status=lambda s: None)
+    # Nothing of a candidate is tracked (a logger that keeps nothing: the LR monitor needs one).
+    ctx = RunContext(run_id=f"pilot-{scenario}", output=workdir / scenario, logger=QuietLogger(f"pilot-{scenario}"),
+                     set_status=lambda s: None)
     fit = run_plan(cfg, candidate, recipe, net, splits, ctx, rt)
     probs = predict_sources(fit.net, [s.path for s in splits.val], net.data_config, "center", cfg.batch_size,
                             cfg.max_image_pixels, rt)[0].numpy()
