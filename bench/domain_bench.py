@@ -54,6 +54,7 @@ class Options:
     out: str
     deadline: float  # time.time() after which no new work starts
     cores: int  # this process's share of the machine
+    workers: int | None = None  # data loader workers (None: finetune's split of `cores`)
 
 
 def append_row(path: str, row: dict[str, Any]) -> None:
@@ -81,7 +82,8 @@ def _configure(opts: Options):
     from finetune import runtime
 
     split = runtime.split_cores(opts.cores, torch.cuda.is_available())
-    return runtime.configure("auto", "auto", "auto", None, split.workers, split.threads)
+    workers = split.workers if opts.workers is None else opts.workers
+    return runtime.configure("auto", "auto", "auto", None, workers, split.threads)
 
 
 def bench_dataset(name: str, path: str, opts: Options) -> list[dict[str, Any]]:
@@ -120,13 +122,12 @@ def bench_dataset(name: str, path: str, opts: Options) -> list[dict[str, Any]]:
     backbone = create_backbone(cfg.model, cfg.weights, len(splits.classes), cfg.image_size, keep_source_head=True)
     measured = measure_and_decide(cfg, splits, backbone, rt)
     profile, similarity = measured.profile.to_dict(), measured.similarity.to_dict()
-    emit({"kind": "measure", "dataset": name, "profile": profile, "similarity": similarity,
-          "seconds": round(time.perf_counter() - started, 2), "auto": measured.plan.scenario,
-          "layout": splits.layout, "counts": splits.counts()})
     from finetune.strategy.decide import pilot_candidates
 
     candidates, _ = pilot_candidates(profile, similarity, load_thresholds())
-    rows[-1]["shipped_candidates"] = candidates
+    emit({"kind": "measure", "dataset": name, "profile": profile, "similarity": similarity,
+          "seconds": round(time.perf_counter() - started, 2), "auto": measured.plan.scenario,
+          "shipped_candidates": candidates, "layout": splits.layout, "counts": splits.counts()})
     if time.time() <= opts.deadline:
         for row in pilot_rows(name, cfg, measured, backbone, splits, rt):
             emit(row)
@@ -217,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plans", default=",".join(PLANS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=1, help="datasets benched at once, one process each")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="data loader workers per process (default: finetune's split of its cores). 0 on the "
+                             "gVisor GPU machine: forking a process that holds a CUDA context took ~50 s there")
     parser.add_argument("--max-seconds", type=float, default=None, help="start no new plan after this wall time")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSONL, appended to")
     args = parser.parse_args(argv)
@@ -234,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = Options(args.model, args.weights, args.epochs, args.head_epochs, args.batch_size, args.image_size,
                    args.tta, args.seed, plans, str(args.out),
                    started + args.max_seconds if args.max_seconds is not None else float("inf"),
-                   max(1, runtime.available_cores() // max(1, args.jobs)))
+                   max(1, runtime.available_cores() // max(1, args.jobs)), args.workers)
     print(f"{len(datasets)} dataset(s), plans {', '.join(plans)}, {args.jobs} process(es) of {opts.cores} core(s); "
           f"rows -> {args.out}", flush=True)
     mlflow_seen: dict[str, list[str]] = {}

@@ -8,7 +8,7 @@
 #
 # Knobs (environment): EPOCHS (default 4), JOBS (datasets at once, default 4), MAX_SECONDS (no new plan after
 # this, default 420), DATASETS / ONLY (comma-separated subsets), IMAGE_SIZE (default: the model's own, 224),
-# PY (python3). Rows stream into $OUT/domain_bench.jsonl, so a run cut short keeps what it measured.
+# WORKERS (loader workers per process), PY (python3). Rows stream into $OUT/domain_bench.jsonl, so a run cut short keeps what it measured.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the folder for the results}
@@ -23,7 +23,7 @@ echo "pack + variants: $(( $(date +%s) - started )) s"
 "$PY" bench/domain_bench.py --manifest "$WORK/domains/domains.json" \
   --weights .bench-data/weights/mobilenetv2_100.coral_in1k.safetensors --epochs "${EPOCHS:-4}" --jobs "${JOBS:-4}" \
   --max-seconds "${MAX_SECONDS:-420}" --out "$OUT/domain_bench.jsonl" ${DATASETS:+--datasets "$DATASETS"} \
-  ${IMAGE_SIZE:+--image-size "$IMAGE_SIZE"} > "$OUT/bench.log" 2>&1 || { tail -n 60 "$OUT/bench.log"; exit 1; }
+  ${IMAGE_SIZE:+--image-size "$IMAGE_SIZE"} ${WORKERS:+--workers "$WORKERS"} > "$OUT/bench.log" 2>&1 || { tail -n 60 "$OUT/bench.log"; exit 1; }
 [ -f "$OUT/domain_bench.jsonl" ] || { echo "no rows"; exit 1; }
 "$PY" - "$OUT/domain_bench.jsonl" <<'PYEOF'
 import json, sys
