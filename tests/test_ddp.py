@@ -66,13 +66,14 @@ def _fresh_store(tmp_path: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/fresh/mlflow.db"}
 
 
-def test_torchrun_two_ranks_make_one_run_one_folder_one_version(tmp_path: Path):
+def test_torchrun_two_ranks_make_one_run_one_folder_one_version(tmp_path: Path, weights_file: Path):
     """torchrun starts both ranks itself, without --output / --run-name, against a new store: rank 0
     shares the run and the folder through the process group; rank 1 never opens the store."""
     data = make_folder(tmp_path / "data", per_class=8)
     env = _fresh_store(tmp_path)
     args = tiny_train_args(data, tmp_path / "unused", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
                            "--scenario", "large-similar", "--freeze-groups", "2", "--register", "ddp-model")
+    args[args.index("--weights") + 1] = str(weights_file)  # pretrained: the head is warmed up (on rank 0 alone)
     args = args[:args.index("--output")] + args[args.index("--output") + 2:]  # the default folder
     proc = run_bounded(_torchrun("-m", "finetune.cli", *args), timeout=300, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

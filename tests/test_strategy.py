@@ -97,6 +97,11 @@ def test_random_init_trains_every_layer():
     # Random features: one LR for all, no warm-up of a head on them.
     assert (plan.backbone_lr_mult, plan.layer_decay, plan.warmup_epochs) == (1.0, 1.0, 0)
     assert "no pretrained weights" in plan.reasons[0]
+    # Forced, the plan keeps its layer-wise LRs, but still no head warm-up on random features (BatchNorm then
+    # trains in train mode: the network would not compute the eval-mode features the head was fitted on).
+    forced = decide(profile(3000, 300), similarity(0.9), T, DEFAULTS, base_epochs=3, pretrained=False,
+                    forced="large-similar")
+    assert forced.warmup_epochs == 0 and forced.layer_decay == DEFAULTS["large-similar"].layer_decay
 
 
 def test_overrides():

@@ -40,9 +40,12 @@ def test_train_end_to_end_logs_run(image_folder: Path, tmp_path: Path, isolated_
 
 
 def test_large_plan_validates_the_warmed_up_head_beside_the_fine_tuned_network(image_folder: Path, tmp_path: Path,
-                                                                               isolated_mlflow: str):
+                                                                               isolated_mlflow: str,
+                                                                               weights_file: Path):
     out = tmp_path / "out"
-    result = CliRunner().invoke(cli, tiny_train_args(image_folder, out, "--scenario", "large-similar"))
+    args = tiny_train_args(image_folder, out, "--scenario", "large-similar")
+    args[args.index("--weights") + 1] = str(weights_file)  # pretrained: random features get no head warm-up
+    result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     m = json.loads((out / "summary.json").read_text())["metrics"]
     assert m["select_acc"] == max(m["select_acc_finetuned"], m["select_acc_warmup"])

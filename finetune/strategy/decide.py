@@ -190,10 +190,13 @@ def decide(profile: Mapping[str, Any], similarity: Mapping[str, Any], thresholds
     epochs = max(1, math.ceil(base_epochs * scale))
     lr_mult = d.backbone_lr_mult if backbone_lr_mult is None else float(backbone_lr_mult)
     layer_decay, warmup = float(d.layer_decay), int(d.warmup_epochs)
-    if not pretrained and forced == "auto":
-        # Random features: nothing to protect with lower LRs, nothing for a warm-up to build on.
+    if not pretrained:
+        # Random features: nothing for a head warm-up to build on (and BatchNorm then trains in train mode, so
+        # the network computes other features than the eval-mode ones a warm-up would fit), forced or not.
+        warmup = 0
+    if not pretrained and forced == "auto":  # ... and nothing to protect with lower LRs
         lr_mult = 1.0 if backbone_lr_mult is None else lr_mult
-        layer_decay, warmup = 1.0, 0
+        layer_decay = 1.0
     views = d.aug_views if aug_views is None else int(aug_views)
     bn_policy = "eval" if pretrained else "train"
     grid = [float(w) for w in d.weight_decay_grid]

@@ -108,6 +108,11 @@ def _launched_outside() -> bool:
     return int(os.environ.get("SLURM_NTASKS", 1)) > 1 and SLURMEnvironment.detect()
 
 
+def is_multi_process() -> bool:
+    """Whether this run has joined other ranks (`start` made the one-time group)."""
+    return _one_time_group is not None
+
+
 def on_rank_zero(fn: Callable[[], T]) -> T:
     """Run `fn` on global rank 0 only; every other rank waits and gets its result, or raises its error.
 

@@ -91,6 +91,7 @@ class RunContext:
     logger: Any  # the Lightning logger (MLflow on rank 0)
     set_status: Callable[[str], None]  # marks the MLflow run FAILED / KILLED
     resume_checkpoint: Path | None = None
+    progress: bool = True  # Lightning's progress bar (on stdout); the pilot's candidates run without it
 
 
 def run_plan(cfg: TrainConfig, decision: Decision, recipe: Recipe, backbone: Backbone, splits: FolderSplits,
@@ -306,9 +307,10 @@ def _trainer(cfg: TrainConfig, recipe: Recipe, plan: Plan, ctx: RunContext, rt: 
         # restored on --resume by Lightning; its state must be tensors and plain data (weights_only).
         callbacks=[best, checkpoints.epoch_checkpoint(ctx.output), checkpoints.RngState(cfg.seed),
                    checkpoints.SaveOnInterrupt(folder / checkpoints.LAST_CHECKPOINT), rank_sync,
-                   TQDMProgressBar(refresh_rate=1), *plan_callbacks,
+                   *([TQDMProgressBar(refresh_rate=1)] if ctx.progress else []), *plan_callbacks,
                    *recipe_callbacks(recipe, num_classes, best)],
-        default_root_dir=ctx.output, log_every_n_steps=1, num_sanity_val_steps=0, enable_model_summary=False)
+        default_root_dir=ctx.output, log_every_n_steps=1, num_sanity_val_steps=0, enable_model_summary=False,
+        enable_progress_bar=ctx.progress)
     return trainer, best, rank_sync
 
 

@@ -31,6 +31,7 @@ from finetune.strategy.decide import Plan, load_thresholds, pilot_candidates
 from finetune.strategy.measure import Decision, plan_for, preserved_rng, with_plan
 from finetune.model.heads import init_head
 from finetune.training.recipe import check_feature_plan_options, model_kwargs, resolve_recipe
+from finetune.training import distributed
 from finetune.training.distributed import QuietLogger
 from finetune.training.run_plan import RunContext, run_plan
 
@@ -99,7 +100,7 @@ def _run_candidate(cfg: TrainConfig, decision: Decision, scenario: str, backbone
     candidate = with_plan(decision, plan, net.model, cfg.lr)
     # Nothing of a candidate is tracked (a logger that keeps nothing: the LR monitor needs one).
     ctx = RunContext(run_id=f"pilot-{scenario}", output=workdir / scenario, logger=QuietLogger(f"pilot-{scenario}"),
-                     set_status=lambda s: None)
+                     set_status=lambda s: None, progress=False)
     fit = run_plan(cfg, candidate, recipe, net, splits, ctx, rt)
     probs = predict_sources(fit.net, [s.path for s in splits.val], net.data_config, "center", cfg.batch_size,
                             cfg.max_image_pixels, rt)[0].numpy()
@@ -113,8 +114,9 @@ def _run_candidate(cfg: TrainConfig, decision: Decision, scenario: str, backbone
 def pilot_plan(decision: Decision, winner: Plan, pilot: PilotResult) -> Plan:
     """The winner's plan, saying that the pilot chose it and on what."""
     scores = ", ".join(f"{s} {v['select_acc']:.3f}" for s, v in pilot.scores.items())
+    skipped = "".join(f"; {s} not run ({why})" for s, why in pilot.skipped.items())
     why = (f"pilot ({pilot.seconds:.0f} s): {' '.join(pilot.reasons)}; candidates scored on {pilot.select_images} "
-           f"held-out training images: {scores} -> {pilot.winner}")
+           f"held-out training images: {scores}{skipped} -> {pilot.winner}")
     measured = [r for r in decision.plan.reasons if "forced" not in r]
     return dataclasses.replace(winner, source="pilot", reasons=[why, *measured, *winner.reasons[1:]])
 
@@ -129,6 +131,12 @@ def settle(cfg: TrainConfig, decision: Decision, backbone: Backbone, splits: Fol
                                            load_thresholds())
     if len(candidates) < 2:
         return decision
+    if distributed.is_multi_process():  # rank 0 alone, inside the one-time work: it cannot start Trainers
+        note = (f"pilot skipped: the table is unclear ({' '.join(reasons)}) but a multi-process run cannot pilot; "
+                f"run `finetune plan` on one device to compare {', '.join(candidates)}, then pass --scenario")
+        log.warning(note)
+        return dataclasses.replace(decision, plan=dataclasses.replace(decision.plan,
+                                                                      reasons=[*decision.plan.reasons, note]))
     pilot = run_pilot(cfg, decision, candidates, reasons, backbone, splits, rt)
     plan = pilot_plan(decision, plan_for(decision, pilot.winner, cfg), pilot)
     settled = with_plan(decision, plan, backbone.model, cfg.lr)

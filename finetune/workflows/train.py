@@ -210,6 +210,7 @@ def _summary(cfg: TrainConfig, decision: Decision, recipe: Recipe, splits: Folde
         "plan": {**plan.to_dict(), "groups": [dataclasses.asdict(g) for g in decision.groups], **fit.report},
         "profile": decision.profile.to_dict(),
         "similarity": decision.similarity.to_dict(),
+        "pilot": decision.pilot,
         "recipe": recipe.to_dict(),
         "metrics": {**fit.metrics, **eval_metrics},
         "metric_sources": metric_sources(splits, fit),
