@@ -15,6 +15,7 @@ import yaml
 from finetune.errors import UserError
 
 SCENARIOS = ("auto", "small-similar", "large-similar", "small-different", "large-different")
+DEFAULT_SELECT_FRACTION = 0.2
 FIXED_TTA_MODES = ("none", "center", "5crop", "10crop")
 TTA_MODES = ("auto", *FIXED_TTA_MODES)  # auto: chosen on held-out training images (evaluation.choose_tta)
 # The training recipe. Presets/values are also listed in finetune.data.transforms / finetune.training.optim.
@@ -45,8 +46,8 @@ class TrainConfig:
     # fine-tuning plan uses 0.05 (finetune.training.recipe); a value given here is used as it is.
     weight_decay: float | None = None
     val_fraction: float = 0.2
-    # Network plans hold this share of train out to choose the epoch and weights on (val is only reported).
-    select_fraction: float = 0.2
+    # Network plans (and the pilot) hold this share of train out to choose on; None: 0.2 (`select_share`).
+    select_fraction: float | None = None
     seed: int = 0
     tta: str = "auto"  # "auto": the crop mode that scores best on data inside train; or a fixed mode
     max_image_pixels: int = 89_478_485  # Pillow's own decompression-bomb limit
@@ -82,6 +83,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def select_share(self) -> float:
+        """The share of train held out as the selection split (--select-fraction; 0.2 when not given)."""
+        return DEFAULT_SELECT_FRACTION if self.select_fraction is None else self.select_fraction
 
 
 def config_keys() -> list[str]:
@@ -128,8 +134,7 @@ def resolve_config(file_values: dict[str, Any], cli_values: dict[str, Any]) -> T
 def _coerce_types(cfg: TrainConfig) -> None:
     """YAML gives strings for things like 1e-3 written oddly; cast to the declared types."""
     casts = {"epochs": int, "batch_size": int, "seed": int, "max_image_pixels": int, "num_nodes": int,
-             "lr": float, "val_fraction": float,
-             "select_fraction": float}
+             "lr": float, "val_fraction": float}
     for name, cast in casts.items():
         value = getattr(cfg, name)
         try:
@@ -151,7 +156,7 @@ def _coerce_types(cfg: TrainConfig) -> None:
     cfg.devices = str(cfg.devices)
     optional = {"weight_decay": float, "mixup": float, "cutmix": float, "label_smoothing": float, "warmup_epochs": float,
                 "step_epochs": int, "lr_gamma": float, "dropout": float, "drop_path": float,
-                "drop_connect": float, "ema": float, "patience": int}
+                "drop_connect": float, "ema": float, "patience": int, "select_fraction": float}
     for name, cast in {**optional, "momentum": float}.items():
         value = getattr(cfg, name)
         if value is not None:
@@ -171,7 +176,7 @@ def validate_config(cfg: TrainConfig) -> None:
         raise UserError(f"batch_size must be at least 1 (got {cfg.batch_size}).")
     if not 0.0 < cfg.val_fraction < 1.0:
         raise UserError(f"val_fraction must be between 0 and 1, exclusive (got {cfg.val_fraction}).")
-    if not 0.0 < cfg.select_fraction < 1.0:
+    if cfg.select_fraction is not None and not 0.0 < cfg.select_fraction < 1.0:
         raise UserError(f"select_fraction must be between 0 and 1, exclusive (got {cfg.select_fraction}).")
     if cfg.lr <= 0:
         raise UserError(f"lr must be positive (got {cfg.lr}).")

@@ -197,3 +197,17 @@ def test_sweep_refuses_augment_search_for_a_feature_plan(image_folder: Path, tmp
                                       "--output", str(tmp_path / "sweep")])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "--search-augment: the plan small-similar is a feature plan" in result.output
+
+
+def test_select_fraction_acts_on_a_network_plan_and_is_refused_by_a_feature_plan(image_folder: Path, tmp_path: Path):
+    refused = CliRunner().invoke(cli, tiny_train_args(image_folder, tmp_path / "a", "--scenario", "small-similar",
+                                                      "--select-fraction", "0.3"))
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
+    assert "--select-fraction: the plan small-similar is a feature plan" in refused.output
+    out = tmp_path / "b"
+    result = CliRunner().invoke(cli, tiny_train_args(image_folder, out, "--scenario", "large-similar",
+                                                     "--select-fraction", "0.5"))
+    assert result.exit_code == 0, result.output
+    selection = json.loads((out / "summary.json").read_text())["selection"]
+    # 12 training images, 6 per class: half of each class held out.
+    assert (selection["images"], selection["fit_images"]) == (6, 6) and "--select-fraction 0.5" in selection["protocol"]

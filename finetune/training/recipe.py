@@ -139,3 +139,12 @@ def check_feature_plan_options(cfg: TrainConfig, scenario: str) -> None:
                         f"which ignores {'this option' if len(given) == 1 else 'these options'}. Leave "
                         f"{'it' if len(given) == 1 else 'them'} out, or force a fine-tuning plan with "
                         "--scenario large-similar or --scenario large-different.")
+
+
+def check_selection_option(cfg: TrainConfig, scenario: str, piloted: bool) -> None:
+    """--select-fraction acts on a fine-tuning plan and on the pilot; a feature plan that was not piloted
+    chooses by cross-validation and holds no selection split: refuse it there rather than ignore it."""
+    if cfg.select_fraction is not None and not piloted:
+        raise UserError(f"--select-fraction: the plan {scenario} is a feature plan, which chooses its head by "
+                        "cross-validation on train and holds no selection split. Leave it out, or force a "
+                        "fine-tuning plan with --scenario large-similar or --scenario large-different.")

@@ -239,7 +239,7 @@ def _fit_network(cfg: TrainConfig, decision: Decision, recipe: Recipe, backbone:
     selection split. Head warm-up (rank 0 alone: DDP gives every rank rank 0's weights when it wraps the
     model), frozen groups, Lightning fit; the best checkpoint, or the warmed-up head when it scores better."""
     plan = decision.plan
-    inner = splits.selection(cfg.select_fraction, cfg.seed)
+    inner = splits.selection(cfg.select_share, cfg.seed)
     datamodule = _datamodule(cfg, recipe, backbone, inner, rt)
     prepared = None
 
@@ -263,7 +263,7 @@ def _fit_network(cfg: TrainConfig, decision: Decision, recipe: Recipe, backbone:
         return None
     metrics = _pick_weights(module, datamodule, trainer, checkpoint, warm_state, ctx.output, rt)
     selection = {"protocol": f"selection split: {len(inner.val)} training images held out (stratified, "
-                             f"--select-fraction {cfg.select_fraction:g}, seed {cfg.seed}); the network fitted on "
+                             f"--select-fraction {cfg.select_share:g}, seed {cfg.seed}); the network fitted on "
                              f"the other {len(inner.train)}",
                  "images": len(inner.val), "fit_images": len(inner.train)}
     return FitResult(module.net, metrics, selection, report, heldout=[HeldOut(inner.val, lambda: module.net)],
@@ -461,7 +461,7 @@ def _head_range_test(cfg: TrainConfig, plan: Plan, recipe: Recipe, backbone: Bac
 def _network_range_test(cfg: TrainConfig, decision: Decision, recipe: Recipe, backbone: Backbone,
                         splits: FolderSplits, rt: runtime.Runtime, test: RangeTest) -> tuple[Any, dict[str, Any]]:
     # The same cut of train as `train` makes (Lightning's finder validates too): val is not read.
-    splits = splits.selection(cfg.select_fraction, cfg.seed)
+    splits = splits.selection(cfg.select_share, cfg.seed)
     datamodule = _datamodule(cfg, recipe, backbone, splits, rt)
     param_groups, plan_callbacks, report = prepare_network(cfg, decision, recipe, backbone, splits, rt)
     module = _classifier(cfg, recipe, backbone, splits, param_groups, schedule=False)

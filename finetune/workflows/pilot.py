@@ -65,7 +65,7 @@ def run_pilot(cfg: TrainConfig, decision: Decision, candidates: list[str], reaso
               splits: FolderSplits, rt: runtime.Runtime) -> PilotResult:
     """Run each candidate on the budget and score it on the selection part of train."""
     started = time.perf_counter()
-    inner = splits.selection(cfg.select_fraction, cfg.seed)
+    inner = splits.selection(cfg.select_share, cfg.seed)
     budget = dataclasses.replace(inner, train=stratified_subset(inner.train, PILOT_MAX_IMAGES))
     result = PilotResult(candidates, reasons, candidates[0], select_images=len(inner.val))
     with preserved_rng(), tempfile.TemporaryDirectory(prefix="finetune-pilot-") as workdir:

@@ -14,7 +14,7 @@ from finetune.model.backbone import create_backbone
 from finetune.strategy.measure import Decision, measure_and_decide, process_runtime
 from finetune.workflows import pilot
 from finetune.strategy.report import group_table
-from finetune.training.recipe import check_feature_plan_options
+from finetune.training.recipe import check_feature_plan_options, check_selection_option
 from finetune.workflows.preflight import check_forced_scenario
 
 
@@ -31,4 +31,5 @@ def plan_folder(cfg: TrainConfig) -> tuple[Decision, list[dict[str, Any]]]:
     decision = pilot.settle(cfg, measure_and_decide(cfg, splits, backbone, rt), backbone, splits, rt)
     if decision.plan.train_on_features:
         check_feature_plan_options(cfg, decision.plan.scenario)
+        check_selection_option(cfg, decision.plan.scenario, piloted=decision.pilot is not None)
     return decision, group_table(backbone.model)

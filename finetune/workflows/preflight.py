@@ -11,7 +11,7 @@ from finetune.model.backbone import check_model_name
 from finetune.config import TrainConfig
 from finetune.errors import UserError
 from finetune.strategy.decide import SCENARIO_NAMES, load_scenario_defaults
-from finetune.training.recipe import check_feature_plan_options
+from finetune.training.recipe import check_feature_plan_options, check_selection_option
 
 
 def check(cfg: TrainConfig, devices, precision: str) -> None:
@@ -47,3 +47,4 @@ def check_forced_scenario(cfg: TrainConfig) -> None:
     ignore now, before the data scan and the measurement (a measured one is checked after the decision)."""
     if cfg.scenario in SCENARIO_NAMES and load_scenario_defaults(cfg.scenario).train_on_features:
         check_feature_plan_options(cfg, cfg.scenario)
+        check_selection_option(cfg, cfg.scenario, piloted=False)  # a forced scenario is never piloted

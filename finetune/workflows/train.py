@@ -28,7 +28,8 @@ from finetune.tracking import registry
 from finetune.training import distributed
 from finetune.workflows import pilot
 from finetune.model.heads import init_head
-from finetune.training.recipe import Recipe, check_feature_plan_options, model_kwargs, resolve_recipe
+from finetune.training.recipe import (Recipe, check_feature_plan_options, check_selection_option, model_kwargs,
+                                      resolve_recipe)
 from finetune.training.run_plan import FitResult, RunContext, run_plan
 from finetune.workflows import preflight
 from finetune.workflows.evaluate import log_evaluation
@@ -77,6 +78,7 @@ def train(cfg: TrainConfig, tags: dict[str, str] | None = None, resume_from: Res
     splits, decision, backbone = _measure_and_decide(cfg, rt, plan_override)
     if decision.plan.train_on_features:  # measured (or forced, and already checked by the preflight)
         check_feature_plan_options(cfg, decision.plan.scenario)
+        check_selection_option(cfg, decision.plan.scenario, piloted=decision.pilot is not None)
     recipe, backbone, decision = _recipe_and_network(cfg, splits, decision, backbone)
     run_id, output = distributed.on_rank_zero(
         lambda: _start_run(cfg, tags, resume_from, backbone, splits, decision, recipe))
