@@ -174,3 +174,29 @@ def test_a_stage_head_network_leaves_the_backbone_whole(tmp_path: Path):
     assert isinstance(net, StageClassifier)
     assert weights_fingerprint(bb) == before
     assert bb.model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+
+
+def test_fold_heads_on_cached_crop_features_match_the_network_on_those_crops(tmp_path: Path, monkeypatch):
+    """`--tta auto` scores a feature plan's out-of-fold heads on cached 10-crop features instead of running the
+    network: the per-crop probabilities must be the network's own through the TTA code path."""
+    from finetune.config import TrainConfig
+    from finetune.evaluation.tta import predict_sources
+    from finetune.training import run_plan
+
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))
+    data = make_folder(tmp_path / "data", classes=("a", "b", "c"), per_class=4, size=40)
+    splits = scan_folder(data)
+    bb = _backbone("test_resnet", num_classes=3)
+    torch.manual_seed(3)
+    weight, bias = torch.randn(3, bb.model.num_features), torch.randn(3)
+    rows = np.array([0, 2, 5])
+    cfg = TrainConfig(batch_size=4, num_workers=0)
+    fold = run_plan._fold_crop_probs(cfg, bb, splits.train, FINAL, [(rows, weight, bias)], None)[0]
+    probs, labels = fold()
+    load_linear(bb.model.get_classifier(), weight, bias)
+    expected, _ = predict_sources(bb.model.eval(), [splits.train[r].path for r in rows], bb.data_config, "10crop",
+                                  2, per_view=True)
+    assert probs.shape == (3, 10, 3) and list(labels) == [splits.train[r].label for r in rows]
+    np.testing.assert_allclose(probs, expected.numpy(), atol=1e-5)
+    # The second call reads the crops from the cache.
+    assert any((tmp_path / "cache").rglob("meta.json"))

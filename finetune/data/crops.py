@@ -46,6 +46,9 @@ class CropViews:
             self.resize = T.Compose(steps[:crops[0]])
             self.to_tensor = T.Compose(steps[crops[0] + 1:])
 
+    def __repr__(self) -> str:  # stable: part of the feature cache's key
+        return f"CropViews({self.mode}, {self.transform!r})"
+
     def __call__(self, img: Image.Image) -> torch.Tensor:
         if self.views == 1:
             return self.transform(img).unsqueeze(0)

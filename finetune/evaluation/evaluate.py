@@ -18,6 +18,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from torch import nn
 
 from finetune import runtime
+from finetune.config import TTA_MAX_IMAGES
 from finetune.files import write_json
 from finetune.model.artifact import ModelSpec
 from finetune.data.folders import FolderSplits, Sample
@@ -156,9 +157,6 @@ def evaluate_splits(net: nn.Module, spec: ModelSpec, splits: dict[str, Sequence[
     return {k: v for k, v in metrics.items() if k not in exclude}
 
 
-TTA_MAX_IMAGES = 500  # held-out training images `--tta auto` scores (10 crops each), a stratified subset
-
-
 def choose_tta(requested: str, heldout: Sequence[Any], data_config: dict[str, Any], batch_size: int = 32,
                max_pixels: int | None = None, rt: runtime.Runtime | None = None,
                max_images: int = TTA_MAX_IMAGES) -> dict[str, Any]:
@@ -166,7 +164,8 @@ def choose_tta(requested: str, heldout: Sequence[Any], data_config: dict[str, An
     (centre, 5crop, 10crop) that scores best on training images the model never fitted on (the selection
     split, or each cross-validation fold with its out-of-fold head), from one 10-crop pass over at most
     `max_images` of them. `heldout`: `run_plan.HeldOut`s (samples, and net() -> the model that never saw
-    them). Returns {"mode", "chosen_by", "scores"}."""
+    them; or per_view() -> their per-crop probabilities, computed from cached crop features). Returns
+    {"mode", "chosen_by", "scores"}."""
     if requested != "auto":
         return {"mode": "center" if requested == "none" else requested, "chosen_by": "--tta"}
     try:
@@ -176,6 +175,11 @@ def choose_tta(requested: str, heldout: Sequence[Any], data_config: dict[str, An
     total = sum(len(h.samples) for h in heldout)
     per_view, labels = [], []
     for h in heldout:
+        if h.per_view is not None:  # a feature plan: its heads on cached crop features, no network pass
+            probs_np, y = h.per_view()
+            per_view.append(probs_np)
+            labels.append(y)
+            continue
         samples = stratified_subset(h.samples, max(1, round(len(h.samples) * min(1.0, max_images / max(total, 1)))))
         probs = predict_sources(h.net(), [s.path for s in samples], data_config, "10crop",
                                 max(1, batch_size // 10), max_pixels, rt, per_view=True)[0]

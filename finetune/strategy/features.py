@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from finetune import runtime
+from finetune.data.crops import CropViews
 from finetune.data.transforms import eval_transform, resize_size, train_transform
 from finetune.model.backbone import Backbone
 from finetune.data.folders import Sample
@@ -199,7 +200,10 @@ class _ViewDataset(Dataset):
             item_seed = (self.seed * 1_000_003 + view * 100_003 + i) % (2**31)
             random.seed(item_seed)
             torch.manual_seed(item_seed)
-        return self.transform(img), index, True
+        out = self.transform(img)
+        if isinstance(self.transform, CropViews):  # every crop of the image; this item is crop `view`
+            out = out[view]
+        return out, index, True
 
 
 class _BatchNormStats:
@@ -331,7 +335,8 @@ def _load(directory: Path, extracted: bool, seconds: float) -> FeatureSet:
 
 def cached_features(backbone: Backbone, samples: Sequence[Sample], *, views: int = 0, aug_preset: str = "light",
                     seed: int = 0, batch_size: int = 32, max_pixels: int | None = None,
-                    cache_dir: str | Path | None = None, rt: runtime.Runtime | None = None) -> FeatureSet:
+                    cache_dir: str | Path | None = None, rt: runtime.Runtime | None = None,
+                    crops: str | None = None) -> FeatureSet:
     """Features of `samples`, from the cache when the same images went through the same backbone.
 
     Args:
@@ -343,11 +348,16 @@ def cached_features(backbone: Backbone, samples: Sequence[Sample], *, views: int
         seed: seed of the augmented views.
         rt: where the backbone runs (device, precision, loader workers); this process's CPU threads
             and no workers when not given.
+        crops: a multi-crop test-time mode ("5crop", "10crop"): view k is its k-th crop (no augmentation).
     """
     augmented = views > 0
-    n_views = views if augmented else 1
-    transform = (train_transform(backbone.data_config, aug_preset) if augmented
-                 else eval_transform(backbone.data_config))
+    if crops is not None:
+        transform: Callable = CropViews(backbone.data_config, crops)
+        n_views = transform.views
+    else:
+        n_views = views if augmented else 1
+        transform = (train_transform(backbone.data_config, aug_preset) if augmented
+                     else eval_transform(backbone.data_config))
     key = cache_key(backbone, samples, transform, views, seed)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     directory = root / _key_digest(key)
@@ -359,7 +369,7 @@ def cached_features(backbone: Backbone, samples: Sequence[Sample], *, views: int
     started = time.perf_counter()
     try:
         _extract(backbone, samples, transform, n_views, seed, augmented, tmp, batch_size, rt or runtime.cpu(),
-                 max_pixels, with_stats=not augmented)
+                 max_pixels, with_stats=not augmented and crops is None)
         (tmp / "key.json").write_text(json.dumps(key, indent=1, default=str))
         try:
             os.replace(tmp, directory)

@@ -31,8 +31,9 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import nn
 
 from finetune import runtime
-from finetune.config import TrainConfig
+from finetune.config import TTA_MAX_IMAGES, TrainConfig
 from finetune.data.folders import FolderSplits, Sample
+from finetune.data.profile import stratified_subset
 from finetune.data.loaders import EpochShuffle, FolderDataModule, balanced_sampler_factory
 from finetune.data.transforms import eval_transform, make_mixup, resize_size, train_transform
 from finetune.errors import UserError
@@ -63,6 +64,9 @@ class HeldOut:
 
     samples: list[Sample]
     net: Callable[[], nn.Module]
+    # Or, for a feature plan's folds: () -> (per-crop probabilities [N, 10, K], labels [N]) of (a stratified
+    # subset of) these images, from cached 10-crop features: no network pass once the cache holds them.
+    per_view: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None
 
 
 @dataclass
@@ -120,9 +124,38 @@ def _fit_head(cfg: TrainConfig, decision: Decision, recipe: Recipe, backbone: Ba
     selection = {"protocol": f"{result.folds}-fold cross-validation on the training split's cached features "
                              "(weight decay and epochs); the head is then refitted on every training image",
                  "images": len(splits.train), "folds": result.folds}
+    heldout = _fold_models(net, splits.train, result.fold_heads)
+    crop_probs = _fold_crop_probs(cfg, backbone, splits.train, plan.head_stage, result.fold_heads, rt)
+    for h, fold in zip(heldout, crop_probs):
+        h.per_view = fold
     return FitResult(net.eval(), metrics, selection,
                      {"weight_decay": result.weight_decay, "head_search": result.candidates},
-                     center_probs=probs, heldout=_fold_models(net, splits.train, result.fold_heads))
+                     center_probs=probs, heldout=heldout)
+
+
+def _fold_crop_probs(cfg: TrainConfig, backbone: Backbone, train: list[Sample], stage: str,
+                     fold_heads: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]], rt: runtime.Runtime
+                     ) -> list[Callable[[], tuple[np.ndarray, np.ndarray]]]:
+    """Per fold, on demand: its out-of-fold head on the cached 10-crop features of its held-out images (of a
+    stratified subset of train of at most TTA_MAX_IMAGES, extracted once for all folds and cached)."""
+    keep = stratified_subset(train, TTA_MAX_IMAGES)
+    row_of = {id(sample): i for i, sample in enumerate(keep)}
+    cache: list[FeatureSet] = []
+
+    def crops() -> FeatureSet:
+        if not cache:
+            cache.append(cached_features(backbone, keep, crops="10crop", **_feature_kwargs(cfg, rt)))
+        return cache[0]
+
+    def fold_probs(rows: np.ndarray, weight: torch.Tensor, bias: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        feats = crops()
+        mine = [row_of[id(train[int(r)])] for r in rows if id(train[int(r)]) in row_of]
+        mine = [j for j in mine if feats.valid[j]]
+        x = torch.from_numpy(np.asarray(feats.arrays[stage][:, mine], dtype=np.float32))  # [10, n, C]
+        probs = torch.softmax(x @ weight.T + bias, dim=-1).permute(1, 0, 2)  # [n, 10, K]
+        return probs.numpy().astype(np.float64), feats.labels[mine]
+
+    return [lambda rows=rows, w=w, b=b: fold_probs(rows, w, b) for rows, w, b in fold_heads]
 
 
 def _linear_of(net: nn.Module) -> nn.Module:
