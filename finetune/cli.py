@@ -52,6 +52,9 @@ def train_options(f):
         click.option("--select-fraction", type=float, help="Fine-tuning plans: fraction of train held out to "
                      "choose the epoch and weights on (default 0.2; val is only reported)."),
         click.option("--seed", type=int, help="Random seed (split, init, augmentation)."),
+        click.option("--exclude", type=click.Path(dir_okay=False), help="A file of image paths, one per line "
+                     "(e.g. reviewed findings of `finetune audit`), left out of training and evaluation; "
+                     "nothing is moved or deleted."),
         click.option("--tta", type=click.Choice(TTA_MODES), help="Test-time crops the model uses: auto (default) "
                      "picks centre, 5crop or 10crop by accuracy on held-out training images; or a fixed mode."),
         click.option("--max-image-pixels", type=int, help="Refuse images with more pixels than this."),
