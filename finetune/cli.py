@@ -161,6 +161,24 @@ def plan(data_dir: str, config_file: str | None, as_json: bool, **options: Any) 
         click.echo(describe(decision, groups))
 
 
+@cli.command()
+@click.argument("data_dir", type=click.Path())
+@train_options
+@click.option("--json", "as_json", is_flag=True, help="Print audit.json's content instead of the summary.")
+def audit(data_dir: str, config_file: str | None, as_json: bool, **options: Any) -> None:
+    """Audit DATA_DIR before training: likely mislabeled images, duplicates, leakage across splits, outliers.
+
+    Reads the pretrained features `plan` and `train` cache (extracts them when missing), writes
+    OUTPUT/audit.json (every finding, with paths and scores) and contact sheets (PNG), and prints a
+    summary. Nothing is moved or deleted: review the findings and pass a list of paths to leave out
+    with --exclude FILE.
+    """
+    from finetune.workflows.audit import audit_folder, summary_lines
+
+    result = audit_folder(build_config(data_dir, config_file, **options))
+    click.echo(json.dumps(result, default=str) if as_json else "\n".join(summary_lines(result)))
+
+
 def _plan_line(plan: dict[str, Any]) -> str:
     if plan.get("train_on_features"):
         where = "final features" if plan["head_stage"] == "final" else f"{plan['head_stage']} features"
