@@ -14,7 +14,7 @@ from PIL import Image
 
 from finetune.cli import cli
 from finetune.config import TrainConfig
-from finetune.data.folders import scan_folder
+from finetune.data.folders import read_exclude_list, scan_folder
 from finetune.strategy import audit as audit_mod
 from finetune.strategy.audit import AuditTable, similar_pairs
 from finetune.workflows.audit import audit_folder
@@ -147,7 +147,8 @@ def test_exclude_leaves_out_exactly_the_listed_files(tmp_path: Path):
     data = make_textured(tmp_path / "data", {"red": 6, "green": 6})
     listed = tmp_path / "exclude.txt"
     listed.write_text(f"# reviewed\n{data / 'red' / 'red_1.png'}\n\nred/red_2.png\n")  # absolute, and relative to DATA
-    splits = scan_folder(data, exclude=["" + str(data / "red" / "red_1.png"), "red/red_2.png"])
+    assert read_exclude_list(listed) == [str(data / "red" / "red_1.png"), "red/red_2.png"]
+    splits = scan_folder(data, exclude=read_exclude_list(listed))
     everything = scan_folder(data)
     names = {Path(s.path).name for s in splits.train + splits.val}
     assert names == {Path(s.path).name for s in everything.train + everything.val} - {"red_1.png", "red_2.png"}
