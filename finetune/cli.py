@@ -52,6 +52,9 @@ def train_options(f):
         click.option("--select-fraction", type=float, help="Fine-tuning plans: fraction of train held out to "
                      "choose the epoch and weights on (default 0.2; val is only reported)."),
         click.option("--seed", type=int, help="Random seed (split, init, augmentation)."),
+        click.option("--exclude", type=click.Path(dir_okay=False), help="A file of image paths, one per line "
+                     "(e.g. reviewed findings of `finetune audit`), left out of training and evaluation; "
+                     "nothing is moved or deleted."),
         click.option("--tta", type=click.Choice(TTA_MODES), help="Test-time crops the model uses: auto (default) "
                      "picks centre, 5crop or 10crop by accuracy on held-out training images; or a fixed mode."),
         click.option("--max-image-pixels", type=int, help="Refuse images with more pixels than this."),
@@ -156,6 +159,24 @@ def plan(data_dir: str, config_file: str | None, as_json: bool, **options: Any) 
         click.echo(json.dumps({**decision.to_dict(), "layer_groups": groups}, default=str))
     else:
         click.echo(describe(decision, groups))
+
+
+@cli.command()
+@click.argument("data_dir", type=click.Path())
+@train_options
+@click.option("--json", "as_json", is_flag=True, help="Print audit.json's content instead of the summary.")
+def audit(data_dir: str, config_file: str | None, as_json: bool, **options: Any) -> None:
+    """Audit DATA_DIR before training: likely mislabeled images, duplicates, leakage across splits, outliers.
+
+    Reads the pretrained features `plan` and `train` cache (extracts them when missing), writes
+    OUTPUT/audit.json (every finding, with paths and scores) and contact sheets (PNG), and prints a
+    summary. Nothing is moved or deleted: review the findings and pass a list of paths to leave out
+    with --exclude FILE.
+    """
+    from finetune.workflows.audit import audit_folder, summary_lines
+
+    result = audit_folder(build_config(data_dir, config_file, **options))
+    click.echo(json.dumps(result, default=str) if as_json else "\n".join(summary_lines(result)))
 
 
 def _plan_line(plan: dict[str, Any]) -> str:

@@ -47,6 +47,7 @@ class TrainConfig:
     # fine-tuning plan uses 0.05 (finetune.training.recipe); a value given here is used as it is.
     weight_decay: float | None = None
     val_fraction: float = 0.2
+    exclude: str | None = None  # a file listing images (one path a line) to leave out of every split
     # Network plans (and the pilot) hold this share of train out to choose on; None: 0.2 (`select_share`).
     select_fraction: float | None = None
     seed: int = 0

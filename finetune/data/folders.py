@@ -78,6 +78,7 @@ class FolderSplits:
     val: list[Sample]
     test: list[Sample] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
+    excluded: list[str] = field(default_factory=list)  # left out by --exclude, as display paths
 
     def counts(self) -> dict[str, int]:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test),
@@ -242,22 +243,74 @@ def _final_splits(root: Path, layout: str, parts: dict[str, Path], split_samples
     return train, val, test
 
 
+def read_exclude_list(path: str | Path | None) -> list[str] | None:
+    """The paths of an --exclude file: one per line; blank lines and lines starting with # are ignored."""
+    if path is None:
+        return None
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="surrogateescape")
+    except OSError as e:
+        raise UserError(f"Cannot read the --exclude file {display_path(path)}: {e.strerror or e}.") from None
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _excluded_files(root: Path, all_paths: Sequence[str], exclude: Sequence[str]) -> set[str]:
+    """The scanned files named by `exclude` (absolute, or relative to the working folder or to `root`).
+
+    Every entry must name a scanned image file: a typo would otherwise train on the image it meant
+    to leave out, silently.
+    """
+    by_real = {os.path.realpath(p): p for p in all_paths}
+    found: set[str] = set()
+    unknown = []
+    for entry in exclude:
+        candidates = [os.path.realpath(entry), os.path.realpath(root / entry)]
+        hit = next((by_real[c] for c in candidates if c in by_real), None)
+        if hit is None:
+            unknown.append(entry)
+        else:
+            found.add(hit)
+    if unknown:
+        first = ", ".join(display_path(u) for u in unknown[:3]) + (" ..." if len(unknown) > 3 else "")
+        raise UserError(f"--exclude: {len(unknown)} listed path(s) are not image files of {display_path(root)}: "
+                        f"{first}. List paths as `finetune audit` prints them (absolute, or relative to the "
+                        "working folder or to DATA_DIR), one per line.")
+    return found
+
+
+def _without_excluded(root: Path, files_per_part: dict[str, dict[str, list[str]]], exclude: Sequence[str] | None
+                      ) -> tuple[dict[str, dict[str, list[str]]], set[str]]:
+    if not exclude:
+        return files_per_part, set()
+    every = [p for per_class in files_per_part.values() for files in per_class.values() for p in files]
+    excluded = _excluded_files(root, every, exclude)
+    return ({part: {c: [p for p in files if p not in excluded] for c, files in per_class.items()}
+             for part, per_class in files_per_part.items()}, excluded)
+
+
 def scan_folder(root: str | Path, val_fraction: float = 0.2, seed: int = 0,
-                max_pixels: int = 89_478_485) -> FolderSplits:
-    """Scan and validate an image folder; raise UserError for folders that cannot be trained on."""
+                max_pixels: int = 89_478_485, exclude: Sequence[str] | None = None,
+                min_classes: int = 2) -> FolderSplits:
+    """Scan and validate an image folder; raise UserError for folders that cannot be trained on.
+
+    Args:
+        exclude: paths of images to leave out of every split (`--exclude`); nothing is moved or deleted.
+        min_classes: 1 for commands that only look at the data (`finetune audit`).
+    """
     root = Path(root)
     if not root.exists():
         raise UserError(f"Data folder not found: {display_path(root)}")
     if not root.is_dir():
         raise UserError(f"Data path is not a folder: {display_path(root)}")
     layout, parts = _detect_layout(root)
-    files_per_part = {name: _class_files(path) for name, path in parts.items()}
+    files_per_part, excluded = _without_excluded(root, {name: _class_files(path) for name, path in parts.items()},
+                                                 exclude)
     primary = files_per_part["train" if "train" in parts else "all"]
     classes = sorted(primary)
     if not classes:
         raise UserError(f"No class folders in {display_path(parts.get('train', parts.get('all', root)))}: "
                         "expected one subfolder per class, each holding images.")
-    if len(classes) < 2:
+    if len(classes) < min_classes:
         raise UserError(f"Only one class folder ({classes[0]!r}) in {display_path(root)}: "
                         "a classifier needs at least 2 classes, one subfolder each.")
     for part, per_class in files_per_part.items():
@@ -287,7 +340,8 @@ def scan_folder(root: str | Path, val_fraction: float = 0.2, seed: int = 0,
                             "Add images or remove the folder.")
 
     train, val, test = _final_splits(root, layout, parts, split_samples, val_fraction, seed)
-    result = FolderSplits(str(root), layout, classes, train, val, test, skipped)
+    result = FolderSplits(str(root), layout, classes, train, val, test, skipped,
+                          sorted(display_path(p) for p in excluded))
     if skipped:
         log.warning(result.skipped_report())
     return result

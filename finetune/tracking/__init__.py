@@ -85,6 +85,10 @@ def log_dict(run_id: str, data: Any, artifact_file: str) -> None:
     client().log_dict(run_id, data, artifact_file)
 
 
+def log_text(run_id: str, text: str, artifact_file: str) -> None:
+    client().log_text(run_id, text, artifact_file)
+
+
 def log_artifact(run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
     path = Path(path)
     if path.is_dir():

@@ -8,7 +8,7 @@ from typing import Any
 import pytorch_lightning as pl
 
 from finetune.config import TrainConfig
-from finetune.data.folders import scan_folder
+from finetune.data.folders import read_exclude_list, scan_folder
 from finetune.errors import UserError
 from finetune.model.backbone import create_backbone
 from finetune.strategy.measure import Decision, measure_and_decide, process_runtime
@@ -25,7 +25,8 @@ def plan_folder(cfg: TrainConfig) -> tuple[Decision, list[dict[str, Any]]]:
         raise UserError("--register: `finetune plan` trains and registers nothing. Leave it out, or run "
                         "`finetune train` with it.")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    splits = scan_folder(cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_image_pixels)
+    splits = scan_folder(cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_image_pixels,
+                         exclude=read_exclude_list(cfg.exclude))
     backbone = create_backbone(cfg.model, cfg.weights, len(splits.classes), cfg.image_size, keep_source_head=True)
     rt = process_runtime(cfg)
     decision = pilot.settle(cfg, measure_and_decide(cfg, splits, backbone, rt), backbone, splits, rt)

@@ -26,7 +26,7 @@ from finetune.model.backbone import Backbone, create_backbone
 from finetune.training.callbacks import initial_loss
 from finetune.config import TrainConfig
 from finetune.data.loaders import FolderDataModule
-from finetune.data.folders import FolderSplits, Sample, scan_folder
+from finetune.data.folders import FolderSplits, Sample, read_exclude_list, scan_folder
 from finetune.errors import UserError
 from finetune.training.module import Classifier
 from finetune.training.optim import make_optimizer_factory
@@ -101,7 +101,8 @@ def sanity(cfg: TrainConfig, samples: int = 20, epochs: int | None = None) -> di
     if samples < 2:
         raise UserError(f"--samples must be at least 2 (got {samples}).")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    splits = scan_folder(cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_image_pixels)
+    splits = scan_folder(cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_image_pixels,
+                         exclude=read_exclude_list(cfg.exclude))
     subset = small_subset(splits.train, samples)
     # Train and validate on the same images, without augmentation: validation reads the train accuracy.
     tiny = replace(splits, train=subset, val=subset, test=[])

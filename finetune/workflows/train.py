@@ -17,7 +17,7 @@ import pytorch_lightning as pl
 
 from finetune import runtime, tracking
 from finetune.config import TrainConfig
-from finetune.data.folders import FolderSplits, scan_folder
+from finetune.data.folders import FolderSplits, read_exclude_list, scan_folder
 from finetune.errors import UserError
 from finetune.evaluation import evaluate
 from finetune.model.artifact import ModelSpec, save_model
@@ -126,7 +126,8 @@ def _measure_and_decide(cfg: TrainConfig, rt: runtime.Runtime, plan_override: Ca
 
     def measure() -> tuple[FolderSplits, Decision]:
         nonlocal backbone
-        splits = scan_folder(cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_image_pixels)
+        splits = scan_folder(cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_image_pixels,
+                             exclude=read_exclude_list(cfg.exclude))
         if cfg.batch_size > len(splits.train):
             raise UserError(f"batch_size {cfg.batch_size} is larger than the training split "
                             f"({len(splits.train)} images). Use --batch-size {len(splits.train)} or less.")
@@ -223,6 +224,7 @@ def _summary(cfg: TrainConfig, decision: Decision, recipe: Recipe, splits: Folde
         "classes": splits.classes,
         "data": dataset_params(splits),
         "skipped_files": [s.path for s in splits.skipped],
+        "excluded": len(splits.excluded),
         "model_dir": str(model_dir.resolve()),
         "output": str(output.resolve()),
         "wall_time_s": round(time.time() - started, 1),
@@ -270,4 +272,6 @@ def _log_run_inputs(cfg: TrainConfig, run_id: str, backbone, splits: FolderSplit
     tracking.log_dict(run_id, {"count": len(splits.skipped),
                                "files": [{"path": s.path, "reason": s.reason} for s in splits.skipped]},
                       "skipped_files.json")
+    if splits.excluded:  # what --exclude left out, as it matched the folder
+        tracking.log_text(run_id, "\n".join(splits.excluded) + "\n", "excluded.txt")
     tracking.write_json(output / "config.json", cfg.to_dict())
