@@ -148,17 +148,20 @@ def plan(data_dir: str, config_file: str | None, as_json: bool, **options: Any) 
 
     Profiles the data, runs the pretrained backbone once over the training images (cached for
     `train`), measures how similar they are to the pretraining data, and prints the scenario of the
-    four-scenario table, the reasons, and the plan (frozen layer groups, learning rates, epochs).
+    four-scenario table, the reasons, and the plan (frozen layer groups, learning rates, epochs),
+    then the audit of `finetune audit` (OUTPUT/audit.json and contact sheets, from the same features).
     """
     from finetune.strategy.report import describe
-    from finetune.workflows.plan import plan_folder
+    from finetune.workflows.audit import summary_lines
+    from finetune.workflows.plan import plan_and_audit
 
     cfg = build_config(data_dir, config_file, **options)
-    decision, groups = plan_folder(cfg)
+    decision, groups, audit = plan_and_audit(cfg)
     if as_json:
-        click.echo(json.dumps({**decision.to_dict(), "layer_groups": groups}, default=str))
+        click.echo(json.dumps({**decision.to_dict(), "layer_groups": groups, "audit": audit}, default=str))
     else:
-        click.echo(describe(decision, groups))
+        lines = [f"  skipped: {audit['skipped']}"] if "skipped" in audit else ["  " + line for line in summary_lines(audit)]
+        click.echo(describe(decision, groups) + "\n\nAudit\n" + "\n".join(lines))
 
 
 @cli.command()
@@ -189,6 +192,25 @@ def _plan_line(plan: dict[str, Any]) -> str:
     return f"fine-tune {len(groups) - frozen} of {len(groups)} layer groups, {plan['epochs']} epochs{warmup}"
 
 
+def _audit_lines(summary: dict[str, Any]) -> list[str]:
+    """The audit's counts, and val/test accuracy without the images that have a duplicate in train."""
+    audit, m = summary.get("audit") or {}, summary["metrics"]
+    if "skipped" in audit:
+        return [f"Audit:      skipped ({audit['skipped']})"]
+    if "counts" not in audit:
+        return []
+    c = audit["counts"]
+    lines = [f"Audit:      {c['label_issues']} label issue(s), duplicate pairs {c['leakage_pairs']} leakage / "
+             f"{c['conflicting_pairs']} conflicting / {c['redundant_pairs']} redundant, {c['outliers']} outlier(s) "
+             f"({audit['report']})"]
+    for split in ("val", "test"):
+        if f"{split}_acc_no_leakage" in m:
+            n = int(m[f"{split}_leaked_images"])
+            lines.append(f"Leakage:    {n} {split} image(s) with a (near-)duplicate in train; {split} accuracy "
+                         f"without them {m[f'{split}_acc_no_leakage']:.4f} ({split}_acc_no_leakage)")
+    return lines
+
+
 def _print_summary(summary: dict[str, Any]) -> None:
     """The end of `train`: the scenario and why, the plan, the numbers, and where everything is."""
     m, plan = summary["metrics"], summary["plan"]
@@ -212,9 +234,10 @@ def _print_summary(summary: dict[str, Any]) -> None:
                  f"({summary['tta']['chosen_by']})")
     lines.append(f"Val:        accuracy {m['val_acc']:.4f} ({summary['data']['val']} images, read once after training)")
     extra = [f"{k} {v:.4f}" for k, v in m.items()
-             if (k.endswith("_tta") or k.startswith("test_acc")) and "top5" not in k]
+             if (k.endswith("_tta") or k.startswith("test_acc")) and "top5" not in k and "no_leakage" not in k]
     if extra:
         lines.append(f"            {', '.join(extra)}")
+    lines += _audit_lines(summary)
     lines += [f"Model:      {summary['model_dir']}",
               f"Summary:    {summary['output']}/summary.json",
               f"MLflow run: {summary['mlflow_run_id']}  ({summary['mlflow_tracking_uri']})"]

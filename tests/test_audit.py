@@ -180,3 +180,103 @@ def test_train_with_exclude_logs_the_list(tmp_path: Path):
     assert summary["data"]["train"] + summary["data"]["val"] == 10
     text = Path(MlflowClient().download_artifacts(summary["mlflow_run_id"], "excluded.txt", str(tmp_path))).read_text()
     assert sorted(Path(line).name for line in text.split()) == ["green_4.png", "red_1.png"]
+
+
+# --- the audit inside `train` and `plan` ---------------------------------------------------------
+
+def _leaky_folder(root: Path) -> tuple[Path, Path]:
+    """train/ and val/ folders, with an exact copy of a training image planted in val."""
+    make_textured(root / "train", {"red": 8, "green": 8})
+    make_textured(root / "val", {"red": 3, "green": 3}, seed=1)
+    copy = root / "val" / "green" / "copy.png"
+    shutil.copyfile(root / "train" / "green" / "green_2.png", copy)
+    return root, copy
+
+
+def _pretrained_train_args(data: Path, out: Path, weights: Path) -> list[str]:
+    args = tiny_train_args(data, out, "--scenario", "small-similar")
+    args[args.index("--weights") + 1] = str(weights)
+    return args
+
+
+@pytest.fixture
+def exact_duplicates_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TINY_MODEL's features put every val image near some training image: count exact copies only."""
+    import functools
+
+    from finetune.workflows import audit as audit_workflow
+
+    monkeypatch.setattr(audit_workflow, "run_audit", functools.partial(audit_mod.run_audit, near_threshold=1.01))
+
+
+def test_train_reports_val_accuracy_without_the_leaked_image(tmp_path: Path, weights_file: Path,
+                                                             exact_duplicates_only: None):
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from finetune.evaluation.tta import predict_sources
+    from finetune.model.artifact import load_model
+
+    data, copy = _leaky_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, _pretrained_train_args(data, out, weights_file))
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    m = summary["metrics"]
+    assert m["val_leaked_images"] == 1
+    assert [Path(p).name for p in summary["audit"]["leaked"]["val"]] == ["copy.png"]
+    assert summary["audit"]["counts"]["leakage_pairs"] >= 1
+    # val_acc_no_leakage: the same model's predictions over the other 6 val images.
+    net, spec = load_model(out / "model")
+    others = sorted(p for p in (data / "val").rglob("*.png") if p != copy)
+    with torch.no_grad():
+        probs = predict_sources(net, [str(p) for p in others], spec.data_config, "center", 8)[0].numpy()
+    labels = np.array([spec.class_names.index(p.parent.name) for p in others])
+    assert m["val_acc_no_leakage"] == pytest.approx(float((probs.argmax(1) == labels).mean()))
+    assert "Leakage:    1 val image(s)" in res.output and "val_acc_no_leakage" in res.output
+    assert (out / "audit.json").is_file() and (out / "duplicates.png").is_file()
+    client = MlflowClient()
+    run = client.get_run(summary["mlflow_run_id"])
+    assert "audit.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"audit/duplicates.png", "audit/label_issues.png"} <= {a.path for a in client.list_artifacts(run.info.run_id, "audit")}
+    assert run.data.params["audit.leakage_pairs"] == str(summary["audit"]["counts"]["leakage_pairs"])
+    assert run.data.metrics["val_leaked_images"] == 1
+
+
+def test_a_failing_audit_does_not_fail_training(tmp_path: Path, weights_file: Path, monkeypatch: pytest.MonkeyPatch):
+    from finetune.workflows import audit as audit_workflow
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("planted failure")
+
+    monkeypatch.setattr(audit_workflow, "audit_splits", broken)
+    data, _ = _leaky_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, _pretrained_train_args(data, out, weights_file))
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert "planted failure" in summary["audit"]["skipped"]
+    assert "val_acc_no_leakage" not in summary["metrics"] and "val_acc" in summary["metrics"]
+    assert "Audit:      skipped" in res.output
+
+
+def test_plan_shows_the_audit(tmp_path: Path, weights_file: Path):
+    data, _ = _leaky_folder(tmp_path / "data")
+    args = ["plan", str(data), "--model", TINY_MODEL, "--weights", str(weights_file), "--image-size", "32",
+            "--batch-size", "4", "--num-workers", "0", "--scenario", "small-similar", "--output", str(tmp_path / "out")]
+    res = CliRunner().invoke(cli, args + ["--json"])
+    assert res.exit_code == 0, res.output
+    audit = json.loads(res.stdout)["audit"]
+    assert audit["counts"]["leakage"] >= 1 and (tmp_path / "out" / "audit.json").is_file()
+    text = CliRunner().invoke(cli, args)
+    assert text.exit_code == 0, text.output
+    assert "Audit" in text.output and "Duplicates, leakage:" in text.output
+
+
+def test_accuracy_without_leaked_images():
+    from finetune.evaluation.evaluate import without_leaked
+
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [np.nan, np.nan]])
+    labels = np.array([0, 0, 1, 1])
+    result = without_leaked(probs, labels, ["a", "b", "c", "d"], {"b"})
+    assert result == {"leaked_images": 1, "images": 2, "top1": 0.5}

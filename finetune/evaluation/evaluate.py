@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
@@ -22,7 +22,7 @@ from finetune.config import TTA_MAX_IMAGES
 from finetune.files import write_json
 from finetune.model.artifact import ModelSpec
 from finetune.data.folders import FolderSplits, Sample
-from finetune.data.images import ImageError, load_rgb
+from finetune.data.images import ImageError, display_path, load_rgb
 from finetune.data.crops import TTA_VIEWS, CropViews, is_multi_crop
 from finetune.data.profile import stratified_subset
 from finetune.errors import UserError
@@ -112,14 +112,26 @@ def plot_top_losses(paths: Sequence[str], probs: np.ndarray, labels: np.ndarray,
     return path
 
 
+def without_leaked(probs: np.ndarray, labels: np.ndarray, paths: Sequence[str],
+                   leaked: Collection[str]) -> dict[str, Any]:
+    """Top-1 over the images that are not in `leaked` (display paths of images duplicated in train)."""
+    leaked = set(leaked)
+    keep = np.array([display_path(p) not in leaked for p in paths], dtype=bool)
+    ok = keep & ~np.isnan(probs).any(axis=1)
+    top1 = float((probs[ok].argmax(axis=1) == labels[ok]).mean()) if ok.any() else float("nan")
+    return {"leaked_images": int((~keep).sum()), "images": int(ok.sum()), "top1": top1}
+
+
 def evaluate_samples(net: nn.Module, spec: ModelSpec, samples: Sequence[Sample], mode: str, out_dir: Path,
                      batch_size: int = 32, max_pixels: int | None = None, rt: runtime.Runtime | None = None,
-                     label_map: Sequence[int] | None = None, probs: np.ndarray | None = None) -> dict[str, Any]:
+                     label_map: Sequence[int] | None = None, probs: np.ndarray | None = None,
+                     leaked: Collection[str] | None = None) -> dict[str, Any]:
     """Predict one split with TTA and write report.json, confusion_matrix.png and top_losses.png.
 
     `probs` ([N, K], NaN rows for failed images): predictions already made with exactly this
     preprocessing (a frozen-backbone plan's head on its cached centre-crop features), used instead
-    of running the network again.
+    of running the network again. `leaked` (display paths of images with a duplicate in train, from
+    the audit): the same predictions are scored without them too, under `no_leakage`.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [s.path for s in samples]
@@ -129,6 +141,8 @@ def evaluate_samples(net: nn.Module, spec: ModelSpec, samples: Sequence[Sample],
         probs = predict_sources(net, paths, spec.data_config, mode, images_per_batch, max_pixels, rt)[0].numpy()
     probs_np = np.asarray(probs)
     result = {"tta": mode, **report(probs_np, labels, spec.class_names)}
+    if leaked is not None:
+        result["no_leakage"] = without_leaked(probs_np, labels, paths, leaked)
     write_json(out_dir / "report.json", result)
     plot_confusion(result["confusion_matrix"], spec.class_names, out_dir / "confusion_matrix.png")
     plot_top_losses(paths, probs_np, labels, spec.class_names, out_dir / "top_losses.png")
@@ -142,16 +156,24 @@ def metric_names(split: str, mode: str) -> tuple[str, str]:
 
 def evaluate_splits(net: nn.Module, spec: ModelSpec, splits: dict[str, Sequence[Sample]], mode: str,
                     output: Path, exclude: Sequence[str] = (),
-                    precomputed: dict[str, np.ndarray] | None = None, **kwargs: Any) -> dict[str, float]:
-    """Evaluate each named split (report files under OUTPUT/evaluation/<split>/); return the metrics but `exclude`."""
+                    precomputed: dict[str, np.ndarray] | None = None,
+                    leaked: dict[str, Collection[str]] | None = None, **kwargs: Any) -> dict[str, float]:
+    """Evaluate each named split (report files under OUTPUT/evaluation/<split>/); return the metrics but `exclude`.
+
+    With `leaked` (split -> images duplicated in train), also `<split>_acc[_tta]_no_leakage` and
+    `<split>_leaked_images`: the same predictions without those images."""
     metrics: dict[str, float] = {}
     for name, samples in splits.items():
         if not samples:
             continue
         result = evaluate_samples(net, spec, samples, mode, output / "evaluation" / name,
-                                  probs=(precomputed or {}).get(name), **kwargs)
+                                  probs=(precomputed or {}).get(name),
+                                  leaked=None if leaked is None else leaked.get(name, ()), **kwargs)
         top1, top5 = metric_names(name, mode)
         metrics[top1], metrics[top5] = result["top1"], result["top5"]
+        if "no_leakage" in result:
+            metrics[f"{top1}_no_leakage"] = result["no_leakage"]["top1"]
+            metrics[f"{name}_leaked_images"] = result["no_leakage"]["leaked_images"]
         log.info("%s: top-1 %.4f top-5 %.4f (tta %s, %d images)", name, result["top1"], result["top5"], mode,
                  result["images"])
     return {k: v for k, v in metrics.items() if k not in exclude}
@@ -195,17 +217,18 @@ def choose_tta(requested: str, heldout: Sequence[Any], data_config: dict[str, An
 
 
 def after_training(net: nn.Module, spec: ModelSpec, splits: FolderSplits, cfg: Any, output: Path,
-                   rt: runtime.Runtime, mode: str, center_probs: dict[str, np.ndarray] | None = None
-                   ) -> dict[str, float]:
+                   rt: runtime.Runtime, mode: str, center_probs: dict[str, np.ndarray] | None = None,
+                   leaked: dict[str, Collection[str]] | None = None) -> dict[str, float]:
     """The report of a finished training run: val and test, each read once, after every choice was made.
 
     `val_acc` / `test_acc` are the centre crop's; `val_acc_tta` / `test_acc_tta` are added when the model's
     crop mode (`mode`) is multi-crop. `center_probs` (split -> probabilities from cached centre-crop
     features) spares a network pass for the centre crop. Nothing is sent to MLflow here (the caller sends
-    the report with the run's other results).
+    the report with the run's other results). `leaked` (split -> images with a duplicate in train, from
+    the audit) adds `val_acc_no_leakage` / `val_leaked_images` (and test's), from the same predictions.
     """
     parts = {"val": splits.val, "test": splits.test}
-    kwargs = dict(batch_size=cfg.batch_size, max_pixels=cfg.max_image_pixels, rt=rt)
+    kwargs = dict(batch_size=cfg.batch_size, max_pixels=cfg.max_image_pixels, rt=rt, leaked=leaked)
     metrics = evaluate_splits(net, spec, parts, "center", Path(output), precomputed=center_probs, **kwargs)
     if is_multi_crop(mode):  # the mode's report files replace the centre crop's
         metrics.update(evaluate_splits(net, spec, parts, mode, Path(output), **kwargs))

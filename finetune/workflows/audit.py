@@ -4,6 +4,7 @@ folder is moved or deleted; a reviewed list of paths goes back in with `--exclud
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
@@ -20,16 +21,20 @@ from finetune.files import write_json
 from finetune.model.backbone import create_backbone
 from finetune.strategy.audit import AuditTable, run_audit
 from finetune.strategy.features import FINAL, cached_features
+from finetune import runtime
 from finetune.strategy.measure import process_runtime
+
+log = logging.getLogger(__name__)
 
 SHEET_IMAGES = 16  # findings per contact sheet
 
 
-def audit_table(cfg: TrainConfig, splits: FolderSplits) -> tuple[AuditTable, dict[str, float]]:
+def audit_table(cfg: TrainConfig, splits: FolderSplits, rt: runtime.Runtime | None = None
+                ) -> tuple[AuditTable, dict[str, float]]:
     """Final features of train, val and test (from the cache when `plan`/`train` extracted them)."""
     backbone = create_backbone(cfg.model, cfg.weights, max(2, len(splits.classes)), cfg.image_size,
                                keep_source_head=True)  # as `plan` builds it: the same cache entries
-    rt = process_runtime(cfg)
+    rt = rt or process_runtime(cfg)
     paths, labels, names, xs, valid, seconds = [], [], [], [], [], {}
     for name in ("train", "val", "test"):
         samples = getattr(splits, name)
@@ -48,16 +53,26 @@ def audit_table(cfg: TrainConfig, splits: FolderSplits) -> tuple[AuditTable, dic
     return table, seconds
 
 
+def default_output(cfg: TrainConfig) -> Path:
+    return Path(cfg.output or Path("outputs") / f"audit-{Path(cfg.data_dir).resolve().name}-"
+                                                f"{time.strftime('%Y%m%d-%H%M%S')}")
+
+
 def audit_folder(cfg: TrainConfig) -> dict[str, Any]:
     """Audit the folder of `cfg`; returns what audit.json holds (plus `output`)."""
     if cfg.register is not None:
         raise UserError("--register: `finetune audit` trains and registers nothing. Leave it out.")
     splits = scan_folder(cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_image_pixels,
                          exclude=read_exclude_list(cfg.exclude), min_classes=1)
-    output = Path(cfg.output or Path("outputs") / f"audit-{Path(cfg.data_dir).resolve().name}-"
-                                                   f"{time.strftime('%Y%m%d-%H%M%S')}")
+    return audit_splits(cfg, splits, default_output(cfg))
+
+
+def audit_splits(cfg: TrainConfig, splits: FolderSplits, output: Path, rt: runtime.Runtime | None = None
+                 ) -> dict[str, Any]:
+    """Audit scanned splits: OUTPUT/audit.json and the contact sheets; returns audit.json's content
+    plus `sheets` and `output` (what `plan` and `train` run too, on the splits they scanned)."""
     output.mkdir(parents=True, exist_ok=True)
-    table, timings = audit_table(cfg, splits)
+    table, timings = audit_table(cfg, splits, rt)
     started = time.perf_counter()
     audit = run_audit(table, seed=cfg.seed)
     timings["audit_s"] = round(time.perf_counter() - started, 2)
@@ -72,6 +87,36 @@ def audit_folder(cfg: TrainConfig) -> dict[str, Any]:
     result["sheets"] = write_sheets(result, output)
     result["output"] = str(output.resolve())
     return result
+
+
+def audit_or_note(cfg: TrainConfig, splits: FolderSplits, output: Path, weights_source: str,
+                  rt: runtime.Runtime | None = None) -> dict[str, Any]:
+    """`audit_splits` for `plan` and `train`, which go on without it: a failure (or random-init weights,
+    whose features mean nothing) gives {"skipped": why} and a warning instead of an error."""
+    if weights_source == "none":
+        return {"skipped": "no pretrained weights (--weights none): no features to audit"}
+    try:
+        return audit_splits(cfg, splits, output, rt)
+    except Exception as e:  # KeyboardInterrupt and SystemExit still stop the run
+        log.warning("The audit failed (%s: %s); going on without it", type(e).__name__, e)
+        return {"skipped": f"the audit failed: {type(e).__name__}: {str(e)[:300]}"}
+
+
+def leaked_images(result: dict[str, Any]) -> dict[str, list[str]]:
+    """The val and test images with an exact or near duplicate in train (each once), per split."""
+    leaked: dict[str, set[str]] = {"val": set(), "test": set()}
+    for pair in result.get("duplicates", []):
+        if pair["kind"] == "leakage":  # the training image is `a`
+            leaked.setdefault(pair["b_split"], set()).add(pair["b"])
+    return {split: sorted(paths) for split, paths in leaked.items()}
+
+
+def audit_counts(result: dict[str, Any]) -> dict[str, int]:
+    """The counts `train` logs as params (`audit.label_issues`, `audit.leakage_pairs`, ...)."""
+    c = result.get("counts", {})
+    return {"label_issues": c.get("label_issues", 0), "leakage_pairs": c.get("leakage", 0),
+            "conflicting_pairs": c.get("conflicting", 0), "redundant_pairs": c.get("redundant", 0),
+            "outliers": c.get("outliers", 0)}
 
 
 # --- contact sheets ------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from finetune.training.recipe import (Recipe, check_feature_plan_options, check_
                                       resolve_recipe)
 from finetune.training.run_plan import FitResult, RunContext, run_plan
 from finetune.workflows import preflight
+from finetune.workflows.audit import audit_counts, audit_or_note, leaked_images
 from finetune.workflows.evaluate import log_evaluation
 from finetune.workflows.resume import DATA_TAG, OUTPUT_TAG, ResumePoint
 
@@ -82,6 +83,7 @@ def train(cfg: TrainConfig, tags: dict[str, str] | None = None, resume_from: Res
     recipe, backbone, decision = _recipe_and_network(cfg, splits, decision, backbone)
     run_id, output = distributed.on_rank_zero(
         lambda: _start_run(cfg, tags, resume_from, backbone, splits, decision, recipe))
+    audit = distributed.on_rank_zero(lambda: _audit(cfg, splits, output, run_id, backbone.weights_source, rt))
     if decision.plan.train_on_features and not distributed.is_global_zero():
         return None  # a head on cached features is trained by one process
     pending = tracking.PendingLog(output, run_id)
@@ -98,9 +100,10 @@ def train(cfg: TrainConfig, tags: dict[str, str] | None = None, resume_from: Res
     spec = _model_spec(cfg, backbone, splits, decision.plan, tta["mode"])
     model_dir = save_model(output / "model", fit.net, spec)
     # Val and test, read once now that every choice is made; written locally first, sent to MLflow below.
-    eval_metrics = evaluate.after_training(fit.net, spec, splits, cfg, output, rt, tta["mode"], fit.center_probs)
+    eval_metrics = evaluate.after_training(fit.net, spec, splits, cfg, output, rt, tta["mode"], fit.center_probs,
+                                           leaked=audit.get("leaked"))
     summary = _summary(cfg, decision, recipe, splits, fit, eval_metrics, run_id, model_dir, output, started)
-    summary["tta"] = tta
+    summary["tta"], summary["audit"] = tta, audit
     if resume_from is not None:
         summary["resumed_from_epoch"] = resume_from.epochs_done
     tracking.write_json(output / "summary.json", summary)
@@ -184,6 +187,24 @@ def _start_run(cfg: TrainConfig, tags: dict[str, str] | None, resume_from: Resum
     tracking.log_params(run_id, decision.params())
     tracking.log_dict(run_id, decision.to_dict(), "plan.json")
     return run_id, output.resolve()
+
+
+def _audit(cfg: TrainConfig, splits: FolderSplits, output: Path, run_id: str, weights_source: str,
+           rt: runtime.Runtime) -> dict[str, Any]:
+    """The audit of `finetune audit` on the scanned splits (rank 0; features mostly cached by the
+    measurement): OUTPUT/audit.json and the sheets, also in the run. Plain data; never fails the run."""
+    result = audit_or_note(cfg, splits, output, weights_source, rt)
+    if "skipped" in result:
+        return result
+    audit = {"report": str(output / "audit.json"), "counts": audit_counts(result), "leaked": leaked_images(result)}
+    try:
+        tracking.log_artifact(run_id, output / "audit.json")
+        for sheet in result["sheets"]:
+            tracking.log_artifact(run_id, sheet, "audit")
+        tracking.log_params(run_id, {"audit": audit["counts"]})
+    except Exception as e:  # the store's trouble shows again (and is handled) when the run logs its metrics
+        log.warning("The audit could not be logged to MLflow (%s: %s); it is in %s", type(e).__name__, e, output)
+    return audit
 
 
 def _model_spec(cfg: TrainConfig, backbone: Backbone, splits: FolderSplits, plan: Plan, tta: str) -> ModelSpec:
