@@ -60,7 +60,8 @@ def top_losses(probs: np.ndarray, labels: np.ndarray, n: int = 16) -> list[int]:
     return wrong[np.argsort(-loss, kind="stable")][:n].tolist()
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only): the report's plots and the audit's contact sheets."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a window
@@ -72,7 +73,7 @@ def _pyplot():
 def plot_confusion(cm: list[list[int]], class_names: Sequence[str], path: Path) -> Path:
     from sklearn.metrics import ConfusionMatrixDisplay
 
-    plt = _pyplot()
+    plt = pyplot()
     size = max(4.0, 0.5 * len(class_names) + 2)
     fig, ax = plt.subplots(figsize=(size, size))
     ConfusionMatrixDisplay(np.array(cm), display_labels=list(class_names)).plot(
@@ -86,7 +87,7 @@ def plot_confusion(cm: list[list[int]], class_names: Sequence[str], path: Path) 
 
 def plot_top_losses(paths: Sequence[str], probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
                     path: Path, n: int = 16) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     worst = top_losses(probs, labels, n)
     cols = max(1, min(4, len(worst)))
     rows = max(1, math.ceil(len(worst) / cols))

@@ -17,6 +17,7 @@ from finetune.data.folders import FolderSplits, read_exclude_list, scan_folder
 from finetune.data.images import ImageError, display_path, load_rgb
 from finetune.data.profile import profile_splits
 from finetune.errors import UserError
+from finetune.evaluation.evaluate import pyplot
 from finetune.files import write_json
 from finetune.model.backbone import create_backbone
 from finetune.strategy.audit import AuditTable, run_audit
@@ -121,15 +122,6 @@ def audit_counts(result: dict[str, Any]) -> dict[str, int]:
 
 # --- contact sheets ------------------------------------------------------------------------------
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _show(ax, path: str, title: str) -> None:
     ax.axis("off")
     try:
@@ -143,7 +135,7 @@ def _show(ax, path: str, title: str) -> None:
 
 def _sheet(cells: Sequence[Sequence[tuple[str, str]]], title: str, path: Path) -> Path:
     """A grid: one row per finding, one image per cell (path, caption)."""
-    plt = _pyplot()
+    plt = pyplot()
     width = max((len(r) for r in cells), default=1)
     cols = max(1, 4 // width) * width  # several findings side by side
     per_row = cols // width
