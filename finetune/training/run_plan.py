@@ -63,9 +63,9 @@ class HeldOut:
     training (the test-time crops) are scored on. The user's val and test are never held-out data."""
 
     samples: list[Sample]
-    net: Callable[[], nn.Module]
-    # Or, for a feature plan's folds: () -> (per-crop probabilities [N, 10, K], labels [N]) of (a stratified
-    # subset of) these images, from cached 10-crop features: no network pass once the cache holds them.
+    net: Callable[[], nn.Module] | None = None  # a network plan: its network, which scores the images
+    # A feature plan's fold: () -> (per-crop probabilities [N, 10, K], labels [N]) of (a stratified subset of)
+    # these images from its out-of-fold head on cached 10-crop features: no network pass once they are cached.
     per_view: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None
 
 
@@ -124,10 +124,9 @@ def _fit_head(cfg: TrainConfig, decision: Decision, recipe: Recipe, backbone: Ba
     selection = {"protocol": f"{result.folds}-fold cross-validation on the training split's cached features "
                              "(weight decay and epochs); the head is then refitted on every training image",
                  "images": len(splits.train), "folds": result.folds}
-    heldout = _fold_models(net, splits.train, result.fold_heads)
     crop_probs = _fold_crop_probs(cfg, backbone, splits.train, plan.head_stage, result.fold_heads, rt)
-    for h, fold in zip(heldout, crop_probs):
-        h.per_view = fold
+    heldout = [HeldOut([splits.train[int(r)] for r in rows], per_view=fold)
+               for (rows, _, _), fold in zip(result.fold_heads, crop_probs)]
     return FitResult(net.eval(), metrics, selection,
                      {"weight_decay": result.weight_decay, "head_search": result.candidates},
                      center_probs=probs, heldout=heldout)
@@ -160,21 +159,6 @@ def _fold_crop_probs(cfg: TrainConfig, backbone: Backbone, train: list[Sample], 
 
 def _linear_of(net: nn.Module) -> nn.Module:
     return net.head if isinstance(net, StageClassifier) else net.get_classifier()
-
-
-def _fold_models(net: nn.Module, train: list[Sample], fold_heads: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]]
-                 ) -> list[HeldOut]:
-    """Each fold's held-out images with the feature plan's network carrying that fold's out-of-fold head
-    (one copy of the network, its head swapped per fold)."""
-    copy_of: list[nn.Module] = []
-
-    def model(weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
-        if not copy_of:
-            copy_of.append(copy.deepcopy(net))
-        load_linear(_linear_of(copy_of[0]), weight, bias)
-        return copy_of[0]
-
-    return [HeldOut([train[int(r)] for r in rows], lambda w=w, b=b: model(w, b)) for rows, w, b in fold_heads]
 
 
 def _head_options(recipe: Recipe, splits: FolderSplits) -> dict[str, Any]:
@@ -299,7 +283,7 @@ def _fit_network(cfg: TrainConfig, decision: Decision, recipe: Recipe, backbone:
                              f"--select-fraction {cfg.select_share:g}, seed {cfg.seed}); the network fitted on "
                              f"the other {len(inner.train)}",
                  "images": len(inner.val), "fit_images": len(inner.train)}
-    return FitResult(module.net, metrics, selection, report, heldout=[HeldOut(inner.val, lambda: module.net)],
+    return FitResult(module.net, metrics, selection, report, heldout=[HeldOut(inner.val, net=lambda: module.net)],
                      ddp=rank_sync.report(trainer.world_size) if trainer.world_size > 1 else None)
 
 
