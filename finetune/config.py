@@ -16,6 +16,7 @@ from finetune.errors import UserError
 
 SCENARIOS = ("auto", "small-similar", "large-similar", "small-different", "large-different")
 DEFAULT_SELECT_FRACTION = 0.2
+BANK_MAX_IMAGES = 2000  # training images whose features a model keeps for its unknown score (stratified)
 TTA_MAX_IMAGES = 500  # held-out training images `--tta auto` scores (10 crops each), a stratified subset
 FIXED_TTA_MODES = ("none", "center", "5crop", "10crop")
 TTA_MODES = ("auto", *FIXED_TTA_MODES)  # auto: chosen on held-out training images (evaluation.choose_tta)

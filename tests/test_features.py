@@ -143,11 +143,11 @@ def test_profile_from_scan_info(tmp_path: Path):
     assert 40 <= p.median_width <= 48
 
 
-def test_cached_center_probs_match_the_network_prediction(tmp_path: Path):
+def test_cached_center_outputs_match_the_network_prediction(tmp_path: Path):
     """The after-training report of a feature plan reads cached features instead of running the
-    network: the probabilities must be the ones the network gives through the TTA code path."""
-    from finetune.evaluation.tta import predict_sources
-    from finetune.training.run_plan import cached_center_probs
+    network: logits and (pooled) features must be the ones the network gives through the TTA code path."""
+    from finetune.evaluation.tta import source_outputs
+    from finetune.training.run_plan import cached_center_outputs
 
     data = make_folder(tmp_path / "data", classes=("a", "b", "c"), per_class=4)
     splits = scan_folder(data)
@@ -155,9 +155,10 @@ def test_cached_center_probs_match_the_network_prediction(tmp_path: Path):
     torch.manual_seed(2)
     load_linear(bb.model.get_classifier(), torch.randn(3, bb.model.num_features), torch.randn(3))
     val = cached_features(bb, splits.val, batch_size=4, cache_dir=tmp_path / "cache")
-    probs = cached_center_probs(val, FINAL, bb.model)
-    net_probs, _ = predict_sources(bb.model.eval(), [s.path for s in splits.val], bb.data_config, "center", 4)
-    np.testing.assert_allclose(probs, net_probs.numpy(), atol=1e-5)
+    cached = cached_center_outputs(val, FINAL, bb.model)
+    net = source_outputs(bb.model.eval(), [s.path for s in splits.val], bb.data_config, "center", 4, pool=True)
+    np.testing.assert_allclose(cached.logits.numpy(), net.logits.numpy(), atol=1e-4)
+    np.testing.assert_allclose(cached.features.numpy(), net.features.numpy(), atol=1e-5)
 
 
 def test_a_stage_head_network_leaves_the_backbone_whole(tmp_path: Path):
@@ -178,9 +179,9 @@ def test_a_stage_head_network_leaves_the_backbone_whole(tmp_path: Path):
 
 def test_fold_heads_on_cached_crop_features_match_the_network_on_those_crops(tmp_path: Path, monkeypatch):
     """`--tta auto` scores a feature plan's out-of-fold heads on cached 10-crop features instead of running the
-    network: the per-crop probabilities must be the network's own through the TTA code path."""
+    network: the per-crop logits and features must be the network's own through the TTA code path."""
     from finetune.config import TrainConfig
-    from finetune.evaluation.tta import predict_sources
+    from finetune.evaluation.tta import source_outputs
     from finetune.training import run_plan
 
     monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))
@@ -191,12 +192,12 @@ def test_fold_heads_on_cached_crop_features_match_the_network_on_those_crops(tmp
     weight, bias = torch.randn(3, bb.model.num_features), torch.randn(3)
     rows = np.array([0, 2, 5])
     cfg = TrainConfig(batch_size=4, num_workers=0)
-    fold = run_plan._fold_crop_probs(cfg, bb, splits.train, FINAL, [(rows, weight, bias)], None)[0]
-    probs, labels = fold()
+    fold = run_plan._fold_crop_outputs(cfg, bb, splits.train, FINAL, [(rows, weight, bias)], None)[0]
+    logits, feats, labels = fold()
     load_linear(bb.model.get_classifier(), weight, bias)
-    expected, _ = predict_sources(bb.model.eval(), [splits.train[r].path for r in rows], bb.data_config, "10crop",
-                                  2, per_view=True)
-    assert probs.shape == (3, 10, 3) and list(labels) == [splits.train[r].label for r in rows]
-    np.testing.assert_allclose(probs, expected.numpy(), atol=1e-5)
+    expected = source_outputs(bb.model.eval(), [splits.train[r].path for r in rows], bb.data_config, "10crop", 2)
+    assert logits.shape == (3, 10, 3) and list(labels) == [splits.train[r].label for r in rows]
+    np.testing.assert_allclose(logits, expected.logits.numpy(), atol=1e-4)
+    np.testing.assert_allclose(feats, expected.features.numpy(), atol=1e-4)
     # The second call reads the crops from the cache.
     assert any((tmp_path / "cache").rglob("meta.json"))

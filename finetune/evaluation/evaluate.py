@@ -1,7 +1,7 @@
 """Evaluation report: top-1/top-5, per-class precision/recall/F1, confusion matrix, top losses.
 
 Runs after training on the val (and test) split, read once each after every choice was made (the
-crop mode too: `choose_tta`), and on its own as
+crop mode, temperature and unknown threshold too: `trust.choose_after_training`), and on its own as
 `finetune evaluate MODEL_URI DATA_DIR` for any logged or registered model. Everything goes to
 `OUTPUT/evaluation/<split>/` and to the MLflow run under `evaluation/<split>/`.
 """
@@ -14,19 +14,21 @@ from pathlib import Path
 from typing import Any, Collection, Sequence
 
 import numpy as np
+import torch
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from torch import nn
 
 from finetune import runtime
-from finetune.config import TTA_MAX_IMAGES
 from finetune.files import write_json
 from finetune.model.artifact import ModelSpec
 from finetune.data.folders import FolderSplits, Sample
 from finetune.data.images import ImageError, display_path, load_rgb
-from finetune.data.crops import TTA_VIEWS, CropViews, is_multi_crop
-from finetune.data.profile import stratified_subset
+from finetune.data.crops import TTA_VIEWS, is_multi_crop
 from finetune.errors import UserError
-from finetune.evaluation.tta import mode_scores, pick_mode, predict_sources
+from finetune.evaluation.trust import ECE_BINS, ece
+from finetune.evaluation.tta import source_outputs
+from finetune.model.outputs import Outputs
+from finetune.model.scoring import Scoring, calibrated_probs
 
 log = logging.getLogger(__name__)
 
@@ -125,29 +127,69 @@ def without_leaked(probs: np.ndarray, labels: np.ndarray, paths: Sequence[str],
 
 def evaluate_samples(net: nn.Module, spec: ModelSpec, samples: Sequence[Sample], mode: str, out_dir: Path,
                      batch_size: int = 32, max_pixels: int | None = None, rt: runtime.Runtime | None = None,
-                     label_map: Sequence[int] | None = None, probs: np.ndarray | None = None,
-                     leaked: Collection[str] | None = None) -> dict[str, Any]:
-    """Predict one split with TTA and write report.json, confusion_matrix.png and top_losses.png.
+                     label_map: Sequence[int] | None = None, outputs: Outputs | None = None,
+                     leaked: Collection[str] | None = None, scoring: Scoring | None = None) -> dict[str, Any]:
+    """Predict one split with TTA and write report.json, confusion_matrix.png, reliability.png and top_losses.png.
 
-    `probs` ([N, K], NaN rows for failed images): predictions already made with exactly this
-    preprocessing (a frozen-backbone plan's head on its cached centre-crop features), used instead
-    of running the network again. `leaked` (display paths of images with a duplicate in train, from
-    the audit): the same predictions are scored without them too, under `no_leakage`.
+    `outputs`: logits and features already computed with exactly this preprocessing (a frozen-backbone
+    plan's head on its cached centre-crop features), used instead of running the network again. `scoring`
+    (the model's temperature and unknown detector; none: uncalibrated, no unknown score): the report gives
+    the expected calibration error before and after the temperature, and the share of images the model
+    calls unknown. `leaked` (display paths of images with a duplicate in train, from the audit): the same
+    predictions are scored without them too, under `no_leakage`.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [s.path for s in samples]
     labels = np.array([label_map[s.label] if label_map else s.label for s in samples], dtype=int)
-    if probs is None:
+    if outputs is None:
         images_per_batch = max(1, batch_size // TTA_VIEWS[mode])  # keep a forward pass near batch_size crops
-        probs = predict_sources(net, paths, spec.data_config, mode, images_per_batch, max_pixels, rt)[0].numpy()
-    probs_np = np.asarray(probs)
+        outputs = source_outputs(net, paths, spec.data_config, mode, images_per_batch, max_pixels, rt, pool=True)
+    scoring = scoring or Scoring()
+    probs_np = scoring.probs(outputs.logits).double().numpy()
     result = {"tta": mode, **report(probs_np, labels, spec.class_names)}
+    result["calibration"] = calibration_report(outputs.logits, probs_np, labels, scoring.temperature,
+                                               out_dir / "reliability.png")
+    if scoring.ood:
+        flagged = scoring.unknown(scoring.ood_score(outputs.features)).numpy()
+        ok = ~np.isnan(probs_np).any(axis=1)
+        result["unknown"] = {"threshold": scoring.threshold, "share": float(flagged[ok].mean()) if ok.any() else 0.0}
     if leaked is not None:
         result["no_leakage"] = without_leaked(probs_np, labels, paths, leaked)
     write_json(out_dir / "report.json", result)
     plot_confusion(result["confusion_matrix"], spec.class_names, out_dir / "confusion_matrix.png")
     plot_top_losses(paths, probs_np, labels, spec.class_names, out_dir / "top_losses.png")
     return result
+
+
+def calibration_report(logits: torch.Tensor, probs: np.ndarray, labels: np.ndarray, temperature: float,
+                       path: Path) -> dict[str, float]:
+    """ECE of the uncalibrated (T = 1) and the model's (calibrated) probabilities, and the reliability diagram."""
+    raw = calibrated_probs(logits, 1.0).double().numpy()
+    plot_reliability({"uncalibrated": raw, f"temperature {temperature:.2f}": probs}, labels, path)
+    return {"temperature": float(temperature), "ece_uncalibrated": ece(raw, labels), "ece": ece(probs, labels)}
+
+
+def plot_reliability(curves: dict[str, np.ndarray], labels: np.ndarray, path: Path, bins: int = ECE_BINS) -> Path:
+    """Accuracy against confidence of the top label, in equal-width bins, one line per set of probabilities."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
+    edges = np.linspace(0, 1, bins + 1)
+    for name, probs in curves.items():
+        ok = ~np.isnan(probs).any(axis=1)
+        conf, right = probs[ok].max(axis=1), probs[ok].argmax(axis=1) == labels[ok]
+        which = np.clip(np.digitize(conf, edges) - 1, 0, bins - 1)
+        xs = [conf[which == b].mean() for b in range(bins) if (which == b).any()]
+        ys = [right[which == b].mean() for b in range(bins) if (which == b).any()]
+        ax.plot(xs, ys, marker="o", label=f"{name} (ECE {ece(probs, labels):.3f})")
+    ax.set_xlabel("confidence (top label)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("Reliability")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def metric_names(split: str, mode: str) -> tuple[str, str]:
@@ -157,80 +199,52 @@ def metric_names(split: str, mode: str) -> tuple[str, str]:
 
 def evaluate_splits(net: nn.Module, spec: ModelSpec, splits: dict[str, Sequence[Sample]], mode: str,
                     output: Path, exclude: Sequence[str] = (),
-                    precomputed: dict[str, np.ndarray] | None = None,
+                    precomputed: dict[str, Outputs] | None = None,
                     leaked: dict[str, Collection[str]] | None = None, **kwargs: Any) -> dict[str, float]:
     """Evaluate each named split (report files under OUTPUT/evaluation/<split>/); return the metrics but `exclude`.
 
     With `leaked` (split -> images duplicated in train), also `<split>_acc[_tta]_no_leakage` and
-    `<split>_leaked_images`: the same predictions without those images."""
+    `<split>_leaked_images`: the same predictions without those images. With a `scoring` (kwargs),
+    `<split>_ece[_tta]` / `<split>_ece_uncalibrated[_tta]` and `<split>_unknown_share[_tta]`."""
     metrics: dict[str, float] = {}
     for name, samples in splits.items():
         if not samples:
             continue
         result = evaluate_samples(net, spec, samples, mode, output / "evaluation" / name,
-                                  probs=(precomputed or {}).get(name),
+                                  outputs=(precomputed or {}).get(name),
                                   leaked=None if leaked is None else leaked.get(name, ()), **kwargs)
         top1, top5 = metric_names(name, mode)
+        suffix = top1[len(f"{name}_acc"):]
         metrics[top1], metrics[top5] = result["top1"], result["top5"]
+        metrics[f"{name}_ece{suffix}"] = result["calibration"]["ece"]
+        metrics[f"{name}_ece_uncalibrated{suffix}"] = result["calibration"]["ece_uncalibrated"]
+        if "unknown" in result:
+            metrics[f"{name}_unknown_share{suffix}"] = result["unknown"]["share"]
         if "no_leakage" in result:
             metrics[f"{top1}_no_leakage"] = result["no_leakage"]["top1"]
             metrics[f"{name}_leaked_images"] = result["no_leakage"]["leaked_images"]
-        log.info("%s: top-1 %.4f top-5 %.4f (tta %s, %d images)", name, result["top1"], result["top5"], mode,
+        log.info("%s: top-1 %.4f top-5 %.4f ECE %.4f (uncalibrated %.4f) (tta %s, %d images)", name, result["top1"],
+                 result["top5"], result["calibration"]["ece"], result["calibration"]["ece_uncalibrated"], mode,
                  result["images"])
     return {k: v for k, v in metrics.items() if k not in exclude}
 
 
-def choose_tta(requested: str, heldout: Sequence[Any], data_config: dict[str, Any], batch_size: int = 32,
-               max_pixels: int | None = None, rt: runtime.Runtime | None = None,
-               max_images: int = TTA_MAX_IMAGES) -> dict[str, Any]:
-    """The crop mode the model will use: an explicit `requested` mode as it is; with "auto", the candidate
-    (centre, 5crop, 10crop) that scores best on training images the model never fitted on (the selection
-    split, or each cross-validation fold with its out-of-fold head), from one 10-crop pass over at most
-    `max_images` of them. `heldout`: `run_plan.HeldOut`s (samples, and net() -> the model that never saw
-    them; or per_view() -> their per-crop probabilities, computed from cached crop features). Returns
-    {"mode", "chosen_by", "scores"}."""
-    if requested != "auto":
-        return {"mode": "center" if requested == "none" else requested, "chosen_by": "--tta"}
-    try:
-        CropViews(data_config, "10crop")
-    except UserError:
-        return {"mode": "center", "chosen_by": "auto: the model's eval transform has no centre crop to move"}
-    total = sum(len(h.samples) for h in heldout)
-    per_view, labels = [], []
-    for h in heldout:
-        if h.per_view is not None:  # a feature plan: its heads on cached crop features, no network pass
-            probs_np, y = h.per_view()
-            per_view.append(probs_np)
-            labels.append(y)
-            continue
-        samples = stratified_subset(h.samples, max(1, round(len(h.samples) * min(1.0, max_images / max(total, 1)))))
-        probs = predict_sources(h.net(), [s.path for s in samples], data_config, "10crop",
-                                max(1, batch_size // 10), max_pixels, rt, per_view=True)[0]
-        per_view.append(probs.numpy())
-        labels.append(np.array([s.label for s in samples], dtype=int))
-    scores = mode_scores(np.concatenate(per_view), np.concatenate(labels))
-    mode = pick_mode(scores)
-    images = scores[mode]["images"]
-    log.info("Test-time crops: %s (accuracy on %d held-out training images: %s)", mode, images,
-             ", ".join(f"{m} {v['acc']:.4f}" for m, v in scores.items()))
-    return {"mode": mode, "chosen_by": f"auto: best accuracy on {images} held-out training images "
-                                       "(ties go to fewer crops)", "scores": scores}
-
-
 def after_training(net: nn.Module, spec: ModelSpec, splits: FolderSplits, cfg: Any, output: Path,
-                   rt: runtime.Runtime, mode: str, center_probs: dict[str, np.ndarray] | None = None,
-                   leaked: dict[str, Collection[str]] | None = None) -> dict[str, float]:
+                   rt: runtime.Runtime, mode: str, center_outputs: dict[str, Outputs] | None = None,
+                   leaked: dict[str, Collection[str]] | None = None, scoring: Scoring | None = None
+                   ) -> dict[str, float]:
     """The report of a finished training run: val and test, each read once, after every choice was made.
 
     `val_acc` / `test_acc` are the centre crop's; `val_acc_tta` / `test_acc_tta` are added when the model's
-    crop mode (`mode`) is multi-crop. `center_probs` (split -> probabilities from cached centre-crop
-    features) spares a network pass for the centre crop. Nothing is sent to MLflow here (the caller sends
-    the report with the run's other results). `leaked` (split -> images with a duplicate in train, from
-    the audit) adds `val_acc_no_leakage` / `val_leaked_images` (and test's), from the same predictions.
+    crop mode (`mode`) is multi-crop. Both with the model's temperature (`scoring`). `center_outputs` (split ->
+    outputs from cached centre-crop features) spares a network pass for the centre crop. Nothing is sent to
+    MLflow here (the caller sends the report with the run's other results). `leaked` (split -> images with a
+    duplicate in train, from the audit) adds `val_acc_no_leakage` / `val_leaked_images` (and test's), from the
+    same predictions.
     """
     parts = {"val": splits.val, "test": splits.test}
-    kwargs = dict(batch_size=cfg.batch_size, max_pixels=cfg.max_image_pixels, rt=rt, leaked=leaked)
-    metrics = evaluate_splits(net, spec, parts, "center", Path(output), precomputed=center_probs, **kwargs)
+    kwargs = dict(batch_size=cfg.batch_size, max_pixels=cfg.max_image_pixels, rt=rt, leaked=leaked, scoring=scoring)
+    metrics = evaluate_splits(net, spec, parts, "center", Path(output), precomputed=center_outputs, **kwargs)
     if is_multi_crop(mode):  # the mode's report files replace the centre crop's
         metrics.update(evaluate_splits(net, spec, parts, mode, Path(output), **kwargs))
     return metrics

@@ -22,7 +22,9 @@ import torch
 from torch import nn
 
 from finetune import runtime
-from finetune.data.crops import CropViews, ViewsDataset, collate_views
+from finetune.data.crops import TTA_VIEWS, CropViews, ViewsDataset, collate_views
+from finetune.model.outputs import LogitsAndFeatures, Outputs
+from finetune.model.scoring import Scoring, pooled_features
 
 
 def average_softmax(logits: torch.Tensor, views: int) -> torch.Tensor:
@@ -31,15 +33,32 @@ def average_softmax(logits: torch.Tensor, views: int) -> torch.Tensor:
     return probs.view(-1, views, probs.shape[-1]).mean(dim=1)
 
 
+def _outputs_module(net: Any) -> Any:
+    """`net` as a callable images -> (logits, features): a network is wrapped, a runner that already returns
+    both (an ONNX session, `LogitsAndFeatures`) is used as it is."""
+    return net if getattr(net, "returns_features", False) or isinstance(net, LogitsAndFeatures) else LogitsAndFeatures(net)
+
+
 @torch.no_grad()
-def predict_views(net: nn.Module, views: torch.Tensor, average: bool = True) -> torch.Tensor:
-    """A batch ``[B, V, 3, H, W]`` -> class probabilities ``[B, K]`` (``[B, V, K]``, one row per view,
-    with ``average=False``).
+def forward_views(net: Any, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch ``[B, V, 3, H, W]`` -> logits ``[B, V, K]`` and features ``[B, V, C]`` (the classifier's input).
 
     The B*V crops go through the network B at a time: the forward batch stays the one the user chose
     for images. One forward over all of them (10x the batch with 10crop) runs slower per crop: its
     activations no longer fit the caches (docs/decisions.md).
     """
+    b, v = views.shape[:2]
+    run = _outputs_module(net)
+    outs = [run(part) for part in views.flatten(0, 1).split(b)]
+    logits = torch.cat([o[0] for o in outs]).float()
+    feats = torch.cat([o[1] for o in outs]).float()
+    return logits.view(b, v, -1), feats.view(b, v, -1)
+
+
+@torch.no_grad()
+def predict_views(net: nn.Module, views: torch.Tensor, average: bool = True) -> torch.Tensor:
+    """A batch ``[B, V, 3, H, W]`` -> class probabilities ``[B, K]`` (``[B, V, K]``, one row per view,
+    with ``average=False``), uncalibrated (see `score_views`)."""
     v = views.shape[1]
     flat = views.flatten(0, 1)
     logits = torch.cat([net(part) for part in flat.split(views.shape[0])])
@@ -48,33 +67,49 @@ def predict_views(net: nn.Module, views: torch.Tensor, average: bool = True) -> 
     return average_softmax(logits, v)
 
 
+@torch.no_grad()
+def score_views(net: Any, views: torch.Tensor, scoring: Scoring) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch ``[B, V, 3, H, W]`` -> the model's calibrated probabilities ``[B, K]`` and unknown scores ``[B]``."""
+    logits, feats = forward_views(net, views)
+    return scoring.probs(logits), scoring.ood_score(feats)
+
+
 def predict_sources(net: nn.Module, sources: Sequence[Any], data_config: dict[str, Any], mode: str,
                     batch_size: int = 32, max_pixels: int | None = None,
                     rt: runtime.Runtime | None = None, per_view: bool = False) -> tuple[torch.Tensor, list[str]]:
-    """Probabilities ``[N, K]`` (CPU) for N images (rows of failed images are NaN) and one error per image;
-    ``[N, V, K]`` with ``per_view``.
+    """Probabilities ``[N, K]`` (CPU, uncalibrated) for N images (rows of failed images are NaN) and one error
+    per image; ``[N, V, K]`` with ``per_view``."""
+    out = source_outputs(net, sources, data_config, mode, batch_size, max_pixels, rt)
+    probs = out.logits.softmax(dim=-1)
+    return (probs if per_view else probs.mean(dim=1)), out.errors
 
-    The network runs on `rt`'s device and precision (the CPU when not given) and is left where it was.
-    """
+
+def source_outputs(net: Any, sources: Sequence[Any], data_config: dict[str, Any], mode: str,
+                   batch_size: int = 32, max_pixels: int | None = None, rt: runtime.Runtime | None = None,
+                   pool: bool = False) -> Outputs:
+    """Logits and features of every crop of N images; the network runs on `rt`'s device and precision (the
+    CPU when not given) and is left where it was."""
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
     rt = rt or runtime.cpu()
     ds = ViewsDataset(sources, CropViews(data_config, mode), data_config, max_pixels)
     loader = DataLoader(ds, batch_size=batch_size, collate_fn=collate_views, **rt.loader_kwargs())
-    out: list[torch.Tensor] = []
-    errors: list[str] = []
+    logits, feats, errors = [], [], []
     # Minutes for a large split on a CPU (more with 10crop): show progress.
     bar = tqdm(loader, desc=f"Predicting {len(ds)} images ({mode})", unit="batch", dynamic_ncols=True, leave=False)
     with runtime.evaluating_on(net, rt.device), rt.autocast():
         for views, _, errs in bar:
-            probs = predict_views(net, views.to(rt.device, non_blocking=True), average=not per_view).cpu().clone()
+            z, f = forward_views(net, views.to(rt.device, non_blocking=True))
+            z, f = z.cpu().clone(), (pooled_features(f)[:, None] if pool else f).cpu().clone()
             bad = torch.tensor([bool(e) for e in errs])
-            probs[bad] = float("nan")
-            out.append(probs)
+            z[bad], f[bad] = float("nan"), float("nan")
+            logits.append(z)
+            feats.append(f)
             errors.extend(errs)
-    return torch.cat(out) if out else torch.empty(0, 0), errors
-
+    if not logits:
+        return Outputs(torch.empty(0, TTA_VIEWS[mode], 0), torch.empty(0, 1, 0), [])
+    return Outputs(torch.cat(logits), torch.cat(feats), errors)
 
 
 # --- `--tta auto`: the crop mode chosen on data inside the training split -------------------------

@@ -33,6 +33,9 @@ class ModelSpec:
     # None: the timm model with its own classifier. An int i: the model cut after feature_info
     # stage i, pooled, and a linear head (finetune.model.heads.StageClassifier; small-different plans).
     head_stage: int | None = None
+    # Calibration and unknown detection (finetune.model.scoring), chosen on held-out training images.
+    temperature: float = 1.0
+    ood: dict[str, Any] | None = None  # {"method": "knn", "k", "threshold", "kept", ...}; bank in BANK_FILE
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -59,6 +62,13 @@ def save_model(directory: str | Path, net: nn.Module, spec: ModelSpec) -> Path:
     save_file(state, str(directory / WEIGHTS_FILE))
     (directory / SPEC_FILE).write_text(json.dumps(asdict(spec), indent=2, default=str) + "\n")
     return directory
+
+
+def load_scoring(directory: str | Path, spec: ModelSpec):
+    """The model's `finetune.model.scoring.Scoring` (temperature, unknown detector and its bank)."""
+    from finetune.model.scoring import Scoring
+
+    return Scoring.load(directory, spec.temperature, spec.ood)
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelSpec]:

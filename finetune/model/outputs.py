@@ -9,6 +9,8 @@ export traces: its graph has the outputs ``logits`` and ``features``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
@@ -42,3 +44,14 @@ class LogitsAndFeatures(nn.Module):
         finally:
             hook.remove()
         return logits, seen[-1].flatten(1)
+
+
+@dataclass
+class Outputs:
+    """A network's outputs on N images: logits ``[N, V, K]`` (V crops), features ``[N, V, C]`` (or pooled to
+    ``[N, 1, C]``: the normalised mean over the crops), one error per image ("" when fine; failed images
+    have NaN rows)."""
+
+    logits: torch.Tensor
+    features: torch.Tensor
+    errors: list[str] = field(default_factory=list)

@@ -11,6 +11,14 @@ for `mlflow models serve`):
 * ``path_root`` / ``FINETUNE_PATH_ROOT``: the only folder a request's `path` column may read from.
   Unset: `path` is refused, so a server never reads arbitrary files.
 * ``max_image_pixels`` / ``FINETUNE_MAX_IMAGE_PIXELS``: larger images are refused before decoding.
+* ``ood_threshold``: the unknown score above which an image is ``unknown`` (default: the model's own,
+  set on held-out training images so that 95% of in-distribution images are kept).
+* ``reject_unknown``: replace the label of an unknown image by ``unknown`` (default false: the label is
+  kept and the ``unknown`` column says so).
+
+Per request, ``params`` may override ``tta``, ``top_k``, ``ood_threshold`` and ``reject_unknown``.
+Every output has ``ood_score`` (higher: less like the training images) and ``unknown`` beside ``label``
+and ``score``; scores are calibrated (the model's temperature, `finetune.model.scoring`).
 """
 
 from __future__ import annotations
@@ -31,10 +39,10 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
 from finetune import runtime
-from finetune.model.artifact import load_model
+from finetune.model.artifact import load_model, load_scoring
 from finetune.data.images import DEFAULT_MAX_PIXELS
 from finetune.data.crops import TTA_VIEWS, CropViews, ViewsDataset
-from finetune.evaluation.tta import predict_views
+from finetune.evaluation.tta import score_views
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +91,9 @@ class ImageClassifierModel(PythonModel):
         config = dict(context.model_config or {})
         self.runtime = runtime.resolve()  # this process's GPU when it has one, with training's precision
         self.net, self.spec = load_model(context.artifacts[MODEL_DIR_ARTIFACT], self.runtime.device)
+        self.scoring = load_scoring(context.artifacts[MODEL_DIR_ARTIFACT], self.spec)
+        self.ood_threshold = _optional_float(config.get("ood_threshold"), "ood_threshold")
+        self.reject_unknown = _flag(config.get("reject_unknown", False), "reject_unknown")
         self.batch_size = int(config.get("batch_size") or DEFAULT_BATCH_SIZE)
         self.default_tta = config.get("default_tta") or self.spec.default_tta or "center"
         self.plan = config.get("plan")
@@ -94,7 +105,7 @@ class ImageClassifierModel(PythonModel):
     def class_names(self) -> list[str]:
         return list(self.spec.class_names)
 
-    def _params(self, params: dict[str, Any] | None) -> tuple[str, int]:
+    def _params(self, params: dict[str, Any] | None) -> dict[str, Any]:
         params = params or {}
         tta = params.get("tta") or self.default_tta
         if tta not in TTA_VIEWS:
@@ -105,7 +116,11 @@ class ImageClassifierModel(PythonModel):
             raise BadRequest(f"top_k must be an integer, not {params.get('top_k')!r}.") from None
         if top_k < 1:
             raise BadRequest(f"top_k must be at least 1 (got {top_k}).")
-        return tta, min(top_k, len(self.class_names))
+        threshold = _optional_float(params.get("ood_threshold"), "ood_threshold")
+        reject = params.get("reject_unknown")
+        return {"tta": tta, "top_k": min(top_k, len(self.class_names)),
+                "threshold": self.ood_threshold if threshold is None else threshold,
+                "reject": self.reject_unknown if reject is None else _flag(reject, "reject_unknown")}
 
     def _sources(self, frame: pd.DataFrame) -> list[bytes | str]:
         if "image" not in frame.columns and "path" not in frame.columns:
@@ -125,27 +140,33 @@ class ImageClassifierModel(PythonModel):
         return sources
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        tta, top_k = self._params(params)
+        options = self._params(params)
         if not isinstance(model_input, pd.DataFrame):
             model_input = pd.DataFrame(model_input)
         sources = self._sources(model_input)
-        probs = self.predict_proba(sources, tta)
-        return format_predictions(probs, self.class_names, top_k)
+        probs, ood = self.predict_scores(sources, options["tta"])
+        unknown = self.scoring.unknown(ood, options["threshold"])
+        return format_predictions(probs, self.class_names, options["top_k"], ood, unknown, options["reject"])
 
     def predict_proba(self, sources: list[bytes | str], tta: str) -> torch.Tensor:
-        """Probabilities ``[N, K]``; any unusable image fails the whole request with its row number."""
+        """Calibrated probabilities ``[N, K]``; any unusable image fails the whole request with its row number."""
+        return self.predict_scores(sources, tta)[0]
+
+    def predict_scores(self, sources: list[bytes | str], tta: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Calibrated probabilities ``[N, K]`` and unknown scores ``[N]``; an unusable image fails the request."""
         ds = ViewsDataset(sources, CropViews(self.spec.data_config, tta), self.spec.data_config, self.max_pixels)
         items = [ds[i] for i in range(len(ds))]
         bad = [f"row {i}: {err}" for _, i, err in items if err]
         if bad:
             raise BadRequest("Unusable image(s): " + "; ".join(bad[:10]))
         if not items:
-            return torch.empty(0, len(self.class_names))
+            return torch.empty(0, len(self.class_names)), torch.empty(0)
         views = torch.stack([v for v, _, _ in items])
         # A request can hold any number of images: forward them batch_size at a time (bounded memory).
         with torch.no_grad(), self.runtime.autocast():
-            return torch.cat([predict_views(self.net, chunk.to(self.runtime.device)).float().cpu()
-                              for chunk in views.split(self.batch_size)])
+            parts = [score_views(self.net, chunk.to(self.runtime.device), self.scoring)
+                     for chunk in views.split(self.batch_size)]
+        return torch.cat([p.float().cpu() for p, _ in parts]), torch.cat([o.float().cpu() for _, o in parts])
 
     @property
     def device(self) -> torch.device:
@@ -167,15 +188,47 @@ def load_logged_model(model_uri: str) -> "ImageClassifierModel":
                         "or models:/NAME@ALIAS (or models:/NAME/VERSION).") from None
 
 
-def format_predictions(probs: torch.Tensor, class_names: list[str], top_k: int) -> pd.DataFrame:
-    """One row per image: label, score, the top-k labels/scores and every class probability."""
-    scores, indices = probs.topk(top_k, dim=1) if len(probs) else (probs, probs.long())
+UNKNOWN_LABEL = "unknown"
+COLUMNS = ["label", "score", "top_labels", "top_scores", "probabilities", "ood_score", "unknown"]
+
+
+def format_predictions(probs: torch.Tensor, class_names: list[str], top_k: int, ood: torch.Tensor | None = None,
+                       unknown: torch.Tensor | None = None, reject_unknown: bool = False) -> pd.DataFrame:
+    """One row per image: label, score, the top-k labels/scores, every class probability, the unknown score
+    (NaN for a model without one) and whether the image is unknown (its label then is ``unknown`` with
+    `reject_unknown`)."""
+    n = len(probs)
+    ood = torch.full((n,), float("nan")) if ood is None else ood
+    unknown = torch.zeros(n, dtype=torch.bool) if unknown is None else unknown
+    scores, indices = probs.topk(top_k, dim=1) if n else (probs, probs.long())
     rows = []
-    for p, s, idx in zip(probs.tolist(), scores.tolist(), indices.tolist()):
-        rows.append({"label": class_names[idx[0]], "score": float(s[0]),
+    for p, s, idx, o, u in zip(probs.tolist(), scores.tolist(), indices.tolist(), ood.tolist(), unknown.tolist()):
+        label = UNKNOWN_LABEL if (u and reject_unknown) else class_names[idx[0]]
+        rows.append({"label": label, "score": float(s[0]),
                      "top_labels": [class_names[i] for i in idx], "top_scores": [float(v) for v in s],
-                     "probabilities": dict(zip(class_names, (float(v) for v in p)))})
-    return pd.DataFrame(rows, columns=["label", "score", "top_labels", "top_scores", "probabilities"])
+                     "probabilities": dict(zip(class_names, (float(v) for v in p))),
+                     "ood_score": float(o), "unknown": bool(u)})
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _optional_float(value: Any, name: str) -> float | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise BadRequest(f"{name} must be a number, not {value!r}.") from None
+
+
+def _flag(value: Any, name: str) -> bool:
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no", ""):
+        return False
+    raise BadRequest(f"{name} must be true or false, not {value!r}.")
 
 
 def example_image_bytes(size: int = 8) -> bytes:

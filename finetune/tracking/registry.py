@@ -40,7 +40,9 @@ def signature(class_names: list[str], default_tta: str) -> ModelSignature:
     example_out = format_predictions(torch.full((1, len(class_names)), 1.0 / len(class_names)),
                                      class_names, min(DEFAULT_TOP_K, len(class_names)))
     outputs = infer_signature(model_output=example_out).outputs
-    params = ParamSchema([ParamSpec("tta", "string", default_tta), ParamSpec("top_k", "long", DEFAULT_TOP_K)])
+    # None: the model's own setting (its load-time model_config, or what training set).
+    params = ParamSchema([ParamSpec("tta", "string", default_tta), ParamSpec("top_k", "long", DEFAULT_TOP_K),
+                          ParamSpec("ood_threshold", "double", None), ParamSpec("reject_unknown", "boolean", None)])
     return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 
@@ -63,7 +65,8 @@ def log_pyfunc(run_id: str, model_dir: str | Path, class_names: list[str], defau
     tracking.client()
     # MLflow lets load-time model_config override only keys logged here, so every setting is present.
     config = {"default_tta": default_tta, "plan": plan or {}, "path_root": "",
-              "max_image_pixels": int(max_image_pixels or DEFAULT_MAX_PIXELS)}
+              "max_image_pixels": int(max_image_pixels or DEFAULT_MAX_PIXELS), "ood_threshold": "",
+              "reject_unknown": False}
     example = pd.DataFrame({"image": [example_image_bytes()]})
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(

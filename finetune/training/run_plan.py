@@ -31,7 +31,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import nn
 
 from finetune import runtime
-from finetune.config import TTA_MAX_IMAGES, TrainConfig
+from finetune.config import BANK_MAX_IMAGES, TTA_MAX_IMAGES, TrainConfig
 from finetune.data.folders import FolderSplits, Sample
 from finetune.data.profile import stratified_subset
 from finetune.data.loaders import EpochShuffle, FolderDataModule, balanced_sampler_factory
@@ -39,6 +39,7 @@ from finetune.data.transforms import eval_transform, make_mixup, resize_size, tr
 from finetune.errors import UserError
 from finetune.model.backbone import Backbone
 from finetune.model.heads import StageClassifier, load_linear
+from finetune.model.outputs import Outputs
 from finetune.strategy.decide import Plan, stage_index
 from finetune.strategy.features import FINAL, FeatureSet, cached_features
 from finetune.strategy.measure import Decision, _feature_kwargs, preserved_rng
@@ -60,13 +61,20 @@ CV_FOLDS = 5  # folds of the cross-validation that chooses a linear head's weigh
 @dataclass
 class HeldOut:
     """Training images a model never fitted on, and that model (built on demand): what choices made after
-    training (the test-time crops) are scored on. The user's val and test are never held-out data."""
+    training (the test-time crops, the temperature, the unknown threshold) are scored on. The user's val
+    and test are never held-out data."""
 
     samples: list[Sample]
     net: Callable[[], nn.Module] | None = None  # a network plan: its network, which scores the images
-    # A feature plan's fold: () -> (per-crop probabilities [N, 10, K], labels [N]) of (a stratified subset of)
-    # these images from its out-of-fold head on cached 10-crop features: no network pass once they are cached.
-    per_view: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None
+    # A feature plan's fold: () -> (per-crop logits [N, 10, K], per-crop features [N, 10, C], labels [N]) of (a
+    # stratified subset of) these images, from its out-of-fold head on cached 10-crop features: no network
+    # pass once they are cached.
+    per_view: Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
+    # What an image's unknown score is measured against (model.scoring.knn_score): the images this model
+    # fitted on, as () -> their normalised features [M, C] (feature plans: cached), or as samples that the
+    # network still has to see (network plans; evaluation runs them, at most BANK_MAX_IMAGES, stratified).
+    bank: Callable[[], torch.Tensor] | None = None
+    fit_samples: list[Sample] | None = None
 
 
 @dataclass
@@ -81,8 +89,9 @@ class FitResult:
     metrics: dict[str, Any]  # select_acc, select_loss, best_epoch / epochs, and what was compared
     selection: dict[str, Any]  # how the choices were made and on which images
     report: dict[str, Any] = field(default_factory=dict)  # plan-specific: head search, warm-up
-    center_probs: dict[str, np.ndarray] | None = None  # feature plans: val/test probabilities from the cache
+    center_outputs: dict[str, Outputs] | None = None  # feature plans: val/test centre-crop outputs from the cache
     heldout: list[HeldOut] = field(default_factory=list)
+    bank: Callable[[], torch.Tensor] | None = None  # the saved model's unknown-score bank (see HeldOut.bank)
     ddp: dict[str, Any] | None = None  # world size and whether the ranks ended in sync
 
 
@@ -118,25 +127,28 @@ def _fit_head(cfg: TrainConfig, decision: Decision, recipe: Recipe, backbone: Ba
     net = head_network(backbone, plan, len(splits.classes))
     load_linear(_linear_of(net), result.weight, result.bias)
     kwargs = _feature_kwargs(cfg, rt)
-    probs = {name: cached_center_probs(cached_features(backbone, samples, **kwargs), plan.head_stage, net)
+    probs = {name: cached_center_outputs(cached_features(backbone, samples, **kwargs), plan.head_stage, net)
              for name, samples in (("val", splits.val), ("test", splits.test)) if samples}
     metrics = {"select_acc": result.select_acc, "select_loss": result.select_loss, "epochs": result.epochs}
     selection = {"protocol": f"{result.folds}-fold cross-validation on the training split's cached features "
                              "(weight decay and epochs); the head is then refitted on every training image",
                  "images": len(splits.train), "folds": result.folds}
-    crop_probs = _fold_crop_probs(cfg, backbone, splits.train, plan.head_stage, result.fold_heads, rt)
-    heldout = [HeldOut([splits.train[int(r)] for r in rows], per_view=fold)
-               for (rows, _, _), fold in zip(result.fold_heads, crop_probs)]
+    crop_outputs = _fold_crop_outputs(cfg, backbone, splits.train, plan.head_stage, result.fold_heads, rt)
+    train_bank = _feature_bank(cached_features(backbone, splits.train, **kwargs), plan.head_stage)
+    heldout = [HeldOut([splits.train[int(r)] for r in rows], per_view=fold,
+                       bank=lambda rows=rows: train_bank(exclude=rows))
+               for (rows, _, _), fold in zip(result.fold_heads, crop_outputs)]
     return FitResult(net.eval(), metrics, selection,
                      {"weight_decay": result.weight_decay, "head_search": result.candidates},
-                     center_probs=probs, heldout=heldout)
+                     center_outputs=probs, heldout=heldout, bank=train_bank)
 
 
-def _fold_crop_probs(cfg: TrainConfig, backbone: Backbone, train: list[Sample], stage: str,
-                     fold_heads: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]], rt: runtime.Runtime
-                     ) -> list[Callable[[], tuple[np.ndarray, np.ndarray]]]:
+def _fold_crop_outputs(cfg: TrainConfig, backbone: Backbone, train: list[Sample], stage: str,
+                       fold_heads: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]], rt: runtime.Runtime
+                       ) -> list[Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray]]]:
     """Per fold, on demand: its out-of-fold head on the cached 10-crop features of its held-out images (of a
-    stratified subset of train of at most TTA_MAX_IMAGES, extracted once for all folds and cached)."""
+    stratified subset of train of at most TTA_MAX_IMAGES, extracted once for all folds and cached): per-crop
+    logits, the per-crop features themselves (the head's input) and the labels."""
     keep = stratified_subset(train, TTA_MAX_IMAGES)
     row_of = {id(sample): i for i, sample in enumerate(keep)}
     cache: list[FeatureSet] = []
@@ -146,15 +158,44 @@ def _fold_crop_probs(cfg: TrainConfig, backbone: Backbone, train: list[Sample], 
             cache.append(cached_features(backbone, keep, crops="10crop", **_feature_kwargs(cfg, rt)))
         return cache[0]
 
-    def fold_probs(rows: np.ndarray, weight: torch.Tensor, bias: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def fold_outputs(rows: np.ndarray, weight: torch.Tensor, bias: torch.Tensor
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         feats = crops()
         mine = [row_of[id(train[int(r)])] for r in rows if id(train[int(r)]) in row_of]
         mine = [j for j in mine if feats.valid[j]]
-        x = torch.from_numpy(np.asarray(feats.arrays[stage][:, mine], dtype=np.float32))  # [10, n, C]
-        probs = torch.softmax(x @ weight.T + bias, dim=-1).permute(1, 0, 2)  # [n, 10, K]
-        return probs.numpy().astype(np.float64), feats.labels[mine]
+        x = torch.from_numpy(np.asarray(feats.arrays[stage][:, mine], dtype=np.float32)).permute(1, 0, 2)  # [n, 10, C]
+        logits = x @ weight.T + bias  # [n, 10, K]
+        return logits.numpy(), x.numpy(), feats.labels[mine]
 
-    return [lambda rows=rows, w=w, b=b: fold_probs(rows, w, b) for rows, w, b in fold_heads]
+    return [lambda rows=rows, w=w, b=b: fold_outputs(rows, w, b) for rows, w, b in fold_heads]
+
+
+def _feature_bank(train: FeatureSet, stage: str) -> Callable[..., torch.Tensor]:
+    """`bank(exclude=rows)`: the normalised cached centre-crop features of `stage` of the training images (at
+    most BANK_MAX_IMAGES, stratified), without the rows `exclude` (a fold's held-out images)."""
+    x = torch.from_numpy(np.array(train.arrays[stage][0], dtype=np.float32))
+
+    def bank(exclude: np.ndarray | None = None) -> torch.Tensor:
+        keep = train.valid.copy()
+        if exclude is not None:
+            keep[np.asarray(exclude, dtype=int)] = False
+        rows = np.flatnonzero(keep)
+        rows = rows[bank_rows(train.labels[rows], BANK_MAX_IMAGES)]
+        return F.normalize(x[rows], dim=1)
+
+    return bank
+
+
+def bank_rows(labels: np.ndarray, limit: int) -> np.ndarray:
+    """Indices of at most `limit` rows, the same share of each class, deterministic (every k-th row)."""
+    if len(labels) <= limit:
+        return np.arange(len(labels))
+    keep = []
+    for label in np.unique(labels):
+        rows = np.flatnonzero(labels == label)
+        n = max(1, round(len(rows) * limit / len(labels)))
+        keep.append(rows[(np.arange(n) * len(rows) / n).astype(int)])
+    return np.sort(np.concatenate(keep))
 
 
 def _linear_of(net: nn.Module) -> nn.Module:
@@ -214,16 +255,17 @@ def head_network(backbone: Backbone, plan: Plan, num_classes: int) -> nn.Module:
 
 
 
-def cached_center_probs(features: FeatureSet, stage: str, net: nn.Module) -> np.ndarray:
-    """Probabilities of a feature plan's head on cached centre-crop features (NaN rows for images that
-    failed to decode): the after-training report needs no network pass for them."""
+def cached_center_outputs(features: FeatureSet, stage: str, net: nn.Module) -> Outputs:
+    """A feature plan's head on cached centre-crop features: logits ``[N, 1, K]`` and the normalised features
+    ``[N, 1, C]`` (NaN rows for images that failed to decode): the after-training report needs no network pass."""
     classifier = _linear_of(net)
-    x = torch.from_numpy(np.asarray(features.arrays[stage][0], dtype=np.float32))
+    x = torch.from_numpy(np.array(features.arrays[stage][0], dtype=np.float32))
     with torch.no_grad():  # on the head's own device, wherever that is; the result on the CPU
         logits = classifier(x.to(runtime.module_device(classifier))).float().cpu()
-    probs = logits.softmax(dim=1).numpy().astype(np.float64)
-    probs[~features.valid] = np.nan
-    return probs
+    feats = F.normalize(x, dim=1)
+    bad = torch.from_numpy(~features.valid)
+    logits[bad], feats[bad] = float("nan"), float("nan")
+    return Outputs(logits[:, None], feats[:, None], ["" if ok else "not decoded" for ok in features.valid])
 
 
 def prepare_network(cfg: TrainConfig, decision: Decision, recipe: Recipe, backbone: Backbone, splits: FolderSplits,
@@ -283,7 +325,8 @@ def _fit_network(cfg: TrainConfig, decision: Decision, recipe: Recipe, backbone:
                              f"--select-fraction {cfg.select_share:g}, seed {cfg.seed}); the network fitted on "
                              f"the other {len(inner.train)}",
                  "images": len(inner.val), "fit_images": len(inner.train)}
-    return FitResult(module.net, metrics, selection, report, heldout=[HeldOut(inner.val, net=lambda: module.net)],
+    heldout = HeldOut(inner.val, net=lambda: module.net, fit_samples=list(inner.train))
+    return FitResult(module.net, metrics, selection, report, heldout=[heldout],
                      ddp=rank_sync.report(trainer.world_size) if trainer.world_size > 1 else None)
 
 

@@ -19,8 +19,9 @@ from finetune import runtime, tracking
 from finetune.config import TrainConfig
 from finetune.data.folders import FolderSplits, read_exclude_list, scan_folder
 from finetune.errors import UserError
-from finetune.evaluation import evaluate
-from finetune.model.artifact import ModelSpec, save_model
+from finetune.evaluation import evaluate, trust
+from finetune.model.artifact import ModelSpec, load_scoring, save_model
+from finetune.model.scoring import Scoring
 from finetune.model.backbone import Backbone, create_backbone
 from finetune.strategy.decide import SCENARIO_NAMES, Plan, stage_index
 from finetune.strategy.measure import Decision, measure_and_decide, with_plan
@@ -95,13 +96,14 @@ def train(cfg: TrainConfig, tags: dict[str, str] | None = None, resume_from: Res
     fit = run_plan(cfg, decision, recipe, backbone, splits, ctx, rt)
     if fit is None:
         return None  # rank 0 evaluates, writes and logs
-    # The crop mode is a choice too: made on held-out training images, then stored with the model.
-    tta = evaluate.choose_tta(cfg.tta, fit.heldout, backbone.data_config, cfg.batch_size, cfg.max_image_pixels, rt)
-    spec = _model_spec(cfg, backbone, splits, decision.plan, tta["mode"])
-    model_dir = save_model(output / "model", fit.net, spec)
+    # The crop mode, temperature and unknown threshold are choices too: made on held-out training images,
+    # then stored with the model.
+    tta = trust.choose_after_training(cfg.tta, fit.heldout, backbone.data_config, batch_size=cfg.batch_size,
+                                      max_pixels=cfg.max_image_pixels, rt=rt)
+    spec, model_dir = _save(cfg, backbone, splits, decision.plan, fit, tta, output)
     # Val and test, read once now that every choice is made; written locally first, sent to MLflow below.
-    eval_metrics = evaluate.after_training(fit.net, spec, splits, cfg, output, rt, tta["mode"], fit.center_probs,
-                                           leaked=audit.get("leaked"))
+    eval_metrics = evaluate.after_training(fit.net, spec, splits, cfg, output, rt, tta["mode"], fit.center_outputs,
+                                           leaked=audit.get("leaked"), scoring=load_scoring(model_dir, spec))
     summary = _summary(cfg, decision, recipe, splits, fit, eval_metrics, run_id, model_dir, output, started)
     summary["tta"], summary["audit"] = tta, audit
     if resume_from is not None:
@@ -207,11 +209,22 @@ def _audit(cfg: TrainConfig, splits: FolderSplits, output: Path, run_id: str, we
     return audit
 
 
-def _model_spec(cfg: TrainConfig, backbone: Backbone, splits: FolderSplits, plan: Plan, tta: str) -> ModelSpec:
-    return ModelSpec(architecture=backbone.model_name.split(".")[0], num_classes=len(splits.classes),
+def _save(cfg: TrainConfig, backbone: Backbone, splits: FolderSplits, plan: Plan, fit: FitResult,
+          tta: dict[str, Any], output: Path) -> tuple[ModelSpec, Path]:
+    """The trained model on disk (OUTPUT/model): weights, spec (crop mode, temperature, unknown threshold) and
+    the unknown score's bank (the features of the images the saved model fitted on)."""
+    spec = ModelSpec(architecture=backbone.model_name.split(".")[0], num_classes=len(splits.classes),
                      class_names=splits.classes, data_config=backbone.data_config,
                      create_kwargs=backbone.create_kwargs, weights_source=backbone.weights_source,
-                     scenario=plan.scenario, default_tta=tta, head_stage=stage_index(plan.head_stage))
+                     scenario=plan.scenario, default_tta=tta["mode"], head_stage=stage_index(plan.head_stage),
+                     temperature=tta["temperature"])
+    banks = tta.pop("banks")
+    bank = fit.bank() if fit.bank is not None else banks[0]
+    if tta["ood"] is not None and len(bank):
+        spec.ood = {**tta["ood"], "bank_images": int(len(bank))}
+    model_dir = save_model(output / "model", fit.net, spec)
+    Scoring(spec.temperature, spec.ood, bank if spec.ood else None).save_bank(model_dir)
+    return spec, model_dir
 
 
 def metric_sources(splits: FolderSplits, fit: FitResult) -> dict[str, str]:
