@@ -18,7 +18,10 @@ from finetune.cli import cli
 from finetune.data.transforms import eval_crop, eval_transform
 from finetune.evaluation.evaluate import plot_top_losses
 from finetune.evaluation.explain import heatmaps, overlay, target_layer, token_reshape
+from finetune import tracking
+from finetune.model.artifact import ModelSpec, save_model
 from finetune.model.heads import StageClassifier
+from finetune.tracking import registry
 from serve.batch_predict import main as batch_main
 from tests.conftest import TINY_MODEL, make_folder
 from tests.model_helpers import DATA_CONFIG, logged_model
@@ -132,6 +135,20 @@ def test_explain_command_writes_overlays_and_reports_a_bad_image(tmp_path):
     assert result.exit_code == 0, result.output
     result = CliRunner().invoke(cli, ["explain", uri, good[0], "--target", "horse"])
     assert result.exit_code == 2 and "cat, dog" in result.output
+
+
+def test_explain_command_on_a_logged_head_on_an_earlier_stage(tmp_path):
+    """A small-* plan's model (the network cut after a stage, as load_model rebuilds it from model.json)."""
+    net = StageClassifier(timm.create_model(TINY_MODEL, num_classes=2), 1, 2)
+    spec = ModelSpec(architecture=TINY_MODEL, num_classes=2, class_names=["cat", "dog"], data_config=DATA_CONFIG,
+                     head_stage=1)
+    run = tracking.client().create_run(tracking.ensure_experiment("test"))
+    uri = registry.log_pyfunc(run.info.run_id, save_model(tmp_path / "model", net, spec), ["cat", "dog"],
+                              "center", {})
+    image = make_folder(tmp_path / "images", per_class=1) / "dog" / "dog_0.png"
+    result = CliRunner().invoke(cli, ["explain", uri, str(image), "--output", str(tmp_path / "cams")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "cams" / "dog_0_cam.png").is_file()
 
 
 def test_batch_prediction_explains_each_image_it_predicts(tmp_path):
