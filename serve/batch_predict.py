@@ -331,13 +331,6 @@ def predict_sharded(net: torch.nn.Module, loader: torch.utils.data.DataLoader, r
     return trainer.global_rank, trainer.world_size
 
 
-def overlay_names(paths: Sequence[str]) -> list[str]:
-    """`<stem>_cam.png` per path; stems that occur twice get the path's position too, so none overwrites another."""
-    stems = [Path(p).stem for p in paths]
-    repeated = {s for s in stems if stems.count(s) > 1}
-    return [f"{s}_{i}_cam.png" if s in repeated else f"{s}_cam.png" for i, s in enumerate(stems)]
-
-
 def write_overlays(net: torch.nn.Module, spec: Any, rows: Any, paths: Sequence[str], folder: Path,
                    rt: runtime.Runtime, max_pixels: int | None) -> int:
     """`--explain`: each predicted image's Grad-CAM overlay for the label in its row; failed rows are skipped.
@@ -345,7 +338,7 @@ def write_overlays(net: torch.nn.Module, spec: Any, rows: Any, paths: Sequence[s
     `rows`: the output's rows (a DataFrame with `path`, `label`, `score`, `error`). Returns how many were written.
     """
     from finetune.data.images import ImageError, load_rgb
-    from finetune.evaluation.explain import explain_image, titled
+    from finetune.evaluation.explain import explain_image, overlay_names, titled
 
     folder.mkdir(parents=True, exist_ok=True)
     by_path = rows.set_index("path")
@@ -364,16 +357,6 @@ def write_overlays(net: torch.nn.Module, spec: Any, rows: Any, paths: Sequence[s
             titled(cam, f"{row['label']} {float(row['score']):.2f}").save(folder / name)
             written += 1
     return written
-
-
-def check_explainable(net: torch.nn.Module) -> None:
-    """Before predicting: a network Grad-CAM has no layer for fails now, not after the whole run."""
-    from finetune.evaluation.explain import target_layer
-
-    try:
-        target_layer(net)
-    except ValueError as e:
-        raise UserError(f"--explain: {e}. Run without --explain.") from None
 
 
 def predict_to_file(model_uri: str, inputs: str | Sequence[str], output: str | Path, tta: str | None = None,
@@ -400,6 +383,8 @@ def predict_to_file(model_uri: str, inputs: str | Sequence[str], output: str | P
     if mode not in TTA_VIEWS:
         raise UserError(f"Invalid tta {mode!r}. Valid values: {', '.join(TTA_VIEWS)}.")
     if explain:
+        from finetune.evaluation.explain import check_explainable
+
         check_explainable(net)
     top_k = max(1, min(top_k, len(spec.class_names)))
     cols = columns(top_k)

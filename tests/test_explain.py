@@ -17,7 +17,9 @@ from torch import nn
 from finetune.cli import cli
 from finetune.data.transforms import eval_crop, eval_transform
 from finetune.evaluation.evaluate import plot_top_losses
-from finetune.evaluation.explain import heatmaps, overlay, target_layer, token_reshape
+from finetune.errors import UserError
+from finetune.evaluation.explain import (check_explainable, heatmaps, overlay, overlay_names, target_layer,
+                                          token_reshape)
 from finetune import tracking
 from finetune.model.artifact import ModelSpec, save_model
 from finetune.model.heads import StageClassifier
@@ -62,6 +64,12 @@ def test_the_layer_is_the_stage_the_head_reads():
     assert target_layer(timm.create_model(TINY_MODEL, num_classes=3)).__class__ is nn.Sequential
     vit = tiny_vit()  # reads the class token: the last block's patch tokens get no gradient, its norm1 does
     assert target_layer(vit) is vit.blocks[-1].norm1
+
+
+def test_overlay_names_never_overwrite_and_unexplainable_networks_are_refused():
+    assert overlay_names(["a/x.png", "b/y.jpg", "c/x.jpg"]) == ["x_0_cam.png", "y_cam.png", "x_2_cam.png"]
+    with pytest.raises(UserError, match="feature_info"):
+        check_explainable(nn.Sequential(nn.Flatten(), nn.Linear(12, 2)))
 
 
 def test_vit_tokens_go_back_to_the_patch_grid_in_order():

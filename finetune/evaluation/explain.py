@@ -8,6 +8,7 @@ the patch grid, and draws the map over the image exactly as the eval transform c
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from finetune.data.transforms import eval_crop, eval_transform
+from finetune.errors import UserError
 from finetune.model.heads import StageClassifier
 
 # A classifier that reads only the class token sees the last block's patch tokens through nothing, so
@@ -34,6 +36,21 @@ def target_layer(net: nn.Module) -> nn.Module:
     if getattr(net, "global_pool", None) in TOKEN_POOLS and hasattr(layer, "norm1"):
         return layer.norm1
     return layer
+
+
+def check_explainable(net: nn.Module) -> None:
+    """A UserError now, before any work, for a network Grad-CAM has no layer for."""
+    try:
+        target_layer(net)
+    except ValueError as e:
+        raise UserError(f"Cannot explain this model: {e}.") from None
+
+
+def overlay_names(paths: Sequence[str]) -> list[str]:
+    """`<stem>_cam.png` per image; a stem that occurs twice gets the image's position too, so none overwrites another."""
+    stems = [Path(p).stem for p in paths]
+    repeated = {s for s in stems if stems.count(s) > 1}
+    return [f"{s}_{i}_cam.png" if s in repeated else f"{s}_cam.png" for i, s in enumerate(stems)]
 
 
 def token_reshape(net: nn.Module, image_size: Sequence[int]) -> Callable[[torch.Tensor], torch.Tensor]:

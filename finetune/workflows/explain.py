@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -10,15 +9,15 @@ from typing import Sequence
 from finetune import runtime
 from finetune.data.images import ImageError, display_path, load_rgb
 from finetune.errors import UserError
-from finetune.evaluation.explain import explain_image, titled
-
-log = logging.getLogger(__name__)
+from finetune.evaluation.explain import check_explainable, explain_image, overlay_names, titled
 
 
 @dataclass
 class Explained:
+    """What `explain_images` did: the overlays written, and one line per image it could not read."""
+
     written: list[Path] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)  # one line per image that could not be explained
+    errors: list[str] = field(default_factory=list)
 
 
 def class_index(target: str | None, class_names: Sequence[str]) -> int | None:
@@ -33,10 +32,6 @@ def class_index(target: str | None, class_names: Sequence[str]) -> int | None:
                     f"(or an index 0..{len(class_names) - 1}).")
 
 
-def overlay_name(image: str | Path) -> str:
-    return f"{Path(image).stem}_cam.png"
-
-
 def explain_images(model_uri: str, images: Sequence[str], output: str | Path | None = None,
                    target: str | None = None) -> Explained:
     """Write `<stem>_cam.png` per image into `output` (default outputs/explain), titled with the prediction.
@@ -48,11 +43,12 @@ def explain_images(model_uri: str, images: Sequence[str], output: str | Path | N
     model = load_logged_model(model_uri)
     spec = model.spec
     cls = class_index(target, spec.class_names)
+    check_explainable(model.net)
     out = Path(output or Path("outputs") / "explain")
     out.mkdir(parents=True, exist_ok=True)
     result = Explained()
     with runtime.evaluating_on(model.net, model.device):
-        for image in images:
+        for image, name in zip(images, overlay_names(images)):
             try:
                 img = load_rgb(image, model.max_pixels)
             except (ImageError, OSError) as e:
@@ -63,7 +59,7 @@ def explain_images(model_uri: str, images: Sequence[str], output: str | Path | N
             text = f"{spec.class_names[pred]} {probs[pred]:.2f}"
             if cls is not None and cls != pred:
                 text += f"\nheatmap for {spec.class_names[cls]} {probs[cls]:.2f}"
-            path = out / overlay_name(image)
+            path = out / name
             titled(cam, text).save(path)
             result.written.append(path)
     return result
