@@ -418,6 +418,28 @@ def evaluate(model_uri: str, data_dir: str, tta: str | None, batch_size: int, nu
 
 
 @cli.command()
+@click.argument("model_uri")
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--output", help="Output folder (default: outputs/explain).")
+@click.option("--target", help="Class (name or index) to explain (default: each image's predicted class).")
+def explain(model_uri: str, images: tuple[str, ...], output: str | None, target: str | None) -> None:
+    """Grad-CAM heatmaps of MODEL_URI's predictions for IMAGE...: one <stem>_cam.png per image.
+
+    Each overlay shows the image as the model sees it (resized and centre-cropped), the regions that
+    raised the explained class's score in warm colours, and the predicted label and score above it.
+    """
+    from finetune.workflows.explain import explain_images
+
+    result = explain_images(model_uri, images, output, target)
+    for path in result.written:
+        click.echo(str(path))
+    for error in result.errors:
+        click.echo(f"Error: {error}", err=True)
+    if result.errors:
+        sys.exit(1)
+
+
+@cli.command()
 @click.argument("name")
 @click.argument("version")
 def promote(name: str, version: str) -> None:

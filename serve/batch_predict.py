@@ -331,11 +331,43 @@ def predict_sharded(net: torch.nn.Module, loader: torch.utils.data.DataLoader, r
     return trainer.global_rank, trainer.world_size
 
 
+def write_overlays(net: torch.nn.Module, spec: Any, rows: Any, paths: Sequence[str], folder: Path,
+                   rt: runtime.Runtime, max_pixels: int | None) -> int:
+    """`--explain`: each predicted image's Grad-CAM overlay for the label in its row; failed rows are skipped.
+
+    `rows`: the output's rows (a DataFrame with `path`, `label`, `score`, `error`). Returns how many were written.
+    """
+    from finetune.data.images import ImageError, load_rgb
+    from finetune.evaluation.explain import explain_image, overlay_names, titled
+
+    folder.mkdir(parents=True, exist_ok=True)
+    by_path = rows.set_index("path")
+    written = 0
+    with runtime.evaluating_on(net, rt.device):
+        for path, name in zip(paths, overlay_names(paths)):
+            row = by_path.loc[row_path(path)]
+            if row["error"] or not row["label"]:
+                continue
+            try:
+                img = load_rgb(path, max_pixels)
+            except (ImageError, OSError) as e:  # changed since it was predicted
+                log.warning("--explain: %s: %s", row_path(path), e)
+                continue
+            cam, _ = explain_image(net, img, spec.data_config, spec.class_names.index(row["label"]))
+            titled(cam, f"{row['label']} {float(row['score']):.2f}").save(folder / name)
+            written += 1
+    return written
+
+
 def predict_to_file(model_uri: str, inputs: str | Sequence[str], output: str | Path, tta: str | None = None,
                     top_k: int = 3, batch_size: int = 32, num_workers: int | None = None, resume: bool = False,
                     accelerator: str = "auto", devices: str | int = 1, strategy: str = "auto",
-                    max_pixels: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Predict every input image into `output`; returns counts (total, skipped as done, predicted)."""
+                    max_pixels: int | None = None, progress: bool = True,
+                    explain: str | Path | None = None) -> dict[str, Any]:
+    """Predict every input image into `output`; returns counts (total, skipped as done, predicted).
+
+    `explain`: a folder for the Grad-CAM overlay of each image predicted in this run.
+    """
     from finetune.tracking.pyfunc import load_logged_model
 
     # Device, precision (training's), torch threads vs loader workers: one decision for this process.
@@ -350,6 +382,10 @@ def predict_to_file(model_uri: str, inputs: str | Sequence[str], output: str | P
     mode = tta or model.default_tta
     if mode not in TTA_VIEWS:
         raise UserError(f"Invalid tta {mode!r}. Valid values: {', '.join(TTA_VIEWS)}.")
+    if explain:
+        from finetune.evaluation.explain import check_explainable
+
+        check_explainable(net)
     top_k = max(1, min(top_k, len(spec.class_names)))
     cols = columns(top_k)
     if resume:
@@ -374,6 +410,9 @@ def predict_to_file(model_uri: str, inputs: str | Sequence[str], output: str | P
         parts = [partial_path(output, r) for r in range(world_size)]
         # Partial files of earlier runs are already in `done`; only this run's are new.
         finalize(output, done, cols, [p for p in parts if p.exists()] if todo else [])
+        if explain and todo:
+            write_overlays(net, spec, load_done(output, cols), todo, Path(explain), rt,
+                           max_pixels or model.max_pixels)
     return {"total": len(paths), "already_done": len(paths) - len(todo), "predicted": len(todo),
             "output": str(output), "tta": mode}
 
@@ -396,14 +435,16 @@ def predict_to_file(model_uri: str, inputs: str | Sequence[str], output: str | P
 @click.option("--devices", default="1", show_default=True, help="Devices (processes with --strategy ddp).")
 @click.option("--strategy", default="auto", show_default=True,
               help="ddp (with --devices N) shards the inputs over N processes (Lightning).")
+@click.option("--explain", type=click.Path(file_okay=False),
+              help="Also write each predicted image's Grad-CAM overlay (<stem>_cam.png) into this folder.")
 def main(model_uri: str, inputs: str, output: str, tta: str | None, top_k: int, batch_size: int,
          num_workers: int | None, resume: bool, max_image_pixels: int | None, accelerator: str, devices: str,
-         strategy: str) -> None:
+         strategy: str, explain: str | None) -> None:
     """Predict labels for every image of a folder or list into a CSV or Parquet file."""
     console.setup()
     result = predict_to_file(model_uri, inputs, output, tta, top_k, batch_size, num_workers, resume,
                              accelerator, int(devices) if devices.isdigit() else devices, strategy,
-                             max_image_pixels)
+                             max_image_pixels, explain=explain)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
         click.echo(f"{result['predicted']} predicted, {result['already_done']} kept from before, "
                    f"{result['total']} rows in {result['output']}", err=False)

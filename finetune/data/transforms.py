@@ -73,6 +73,13 @@ def eval_transform(data_config: dict[str, Any]) -> Callable:
     return create_transform(is_training=False, **_data_kwargs(data_config))
 
 
+def eval_crop(data_config: dict[str, Any]) -> Callable:
+    """The eval transform's PIL steps only (resize + centre crop): the pixels the network sees, unnormalised."""
+    steps = list(eval_transform(data_config).transforms)
+    tensor_at = next(i for i, t in enumerate(steps) if "ToTensor" in type(t).__name__)
+    return transforms.Compose(steps[:tensor_at])
+
+
 def train_transform(data_config: dict[str, Any], preset: str = "light") -> Callable:
     if preset not in PRESETS:
         raise UserError(f"Unknown augmentation preset {preset!r}. Valid presets: {', '.join(PRESETS)}.")

@@ -87,28 +87,60 @@ def plot_confusion(cm: list[list[int]], class_names: Sequence[str], path: Path) 
     return path
 
 
+def top_loss_heatmaps(net: nn.Module | None, data_config: dict[str, Any] | None, paths: Sequence[str],
+                      probs: np.ndarray, indices: Sequence[int]) -> dict[int, Any]:
+    """Grad-CAM overlays (for the predicted class) of the images `indices`; {} with a warning when
+    there is no network or Grad-CAM fails for it: the sheet is then drawn without heatmaps."""
+    if net is None or data_config is None:
+        log.warning("Top-losses sheet without Grad-CAM heatmaps: no network to explain (predictions given).")
+        return {}
+    from finetune.evaluation.explain import explain_image
+
+    out = {}
+    try:
+        for i in indices:
+            try:
+                img = load_rgb(paths[i])
+            except (ImageError, OSError):
+                continue
+            out[i] = explain_image(net, img, data_config, int(np.argmax(probs[i])))[0]
+    except Exception as e:  # an architecture Grad-CAM cannot handle must not cost the report
+        log.warning("Top-losses sheet without Grad-CAM heatmaps: Grad-CAM failed for %s (%s: %s).",
+                    type(net).__name__, type(e).__name__, e)
+        return {}
+    return out
+
+
 def plot_top_losses(paths: Sequence[str], probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
-                    path: Path, n: int = 16) -> Path:
+                    path: Path, n: int = 16, net: nn.Module | None = None,
+                    data_config: dict[str, Any] | None = None) -> Path:
+    """The most confidently wrong images, each beside its Grad-CAM overlay when `net` can be explained."""
     plt = pyplot()
     worst = top_losses(probs, labels, n)
+    cams = top_loss_heatmaps(net, data_config, paths, probs, worst) if worst else {}
+    per = 2 if cams else 1  # panels per image: image | heatmap
     cols = max(1, min(4, len(worst)))
     rows = max(1, math.ceil(len(worst) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.3 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols * per, figsize=(3 * cols * per, 3.3 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     if not worst:
         axes[0, 0].text(0.5, 0.5, "no misclassified images", ha="center", va="center")
-    for ax, i in zip(axes.flat, worst):
+    for k, i in enumerate(worst):
+        ax = axes.flat[k * per]
         try:
             img = load_rgb(paths[i], draft_size=(160, 160))
             img.thumbnail((160, 160))
             ax.imshow(img)
         except (ImageError, OSError):
             pass
+        if i in cams:
+            axes.flat[k * per + 1].imshow(cams[i])
+            axes.flat[k * per + 1].set_title("Grad-CAM (pred)", fontsize=8)
         pred = int(np.argmax(probs[i]))
         ax.set_title(f"pred {class_names[pred]} {probs[i, pred]:.2f}\ntrue {class_names[labels[i]]} "
                      f"{probs[i, labels[i]]:.2f}", fontsize=8)
-    fig.suptitle("Most confidently wrong (top losses)")
+    fig.suptitle("Most confidently wrong (top losses)" + (", each beside its Grad-CAM heatmap" if cams else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -157,7 +189,8 @@ def evaluate_samples(net: nn.Module, spec: ModelSpec, samples: Sequence[Sample],
         result["no_leakage"] = without_leaked(probs_np, labels, paths, leaked)
     write_json(out_dir / "report.json", result)
     plot_confusion(result["confusion_matrix"], spec.class_names, out_dir / "confusion_matrix.png")
-    plot_top_losses(paths, probs_np, labels, spec.class_names, out_dir / "top_losses.png")
+    plot_top_losses(paths, probs_np, labels, spec.class_names, out_dir / "top_losses.png", net=net,
+                    data_config=spec.data_config)
     return result
 
 
