@@ -38,7 +38,8 @@ from finetune import runtime
 from finetune.data.folders import iter_image_files
 from finetune.errors import UserError
 from finetune.data.crops import TTA_VIEWS, CropViews, ViewsDataset, collate_views
-from finetune.evaluation.tta import predict_views
+from finetune.evaluation.tta import score_views
+from finetune.model.scoring import UNKNOWN_LABEL, Scoring
 
 log = logging.getLogger("serve.batch_predict")
 
@@ -49,7 +50,17 @@ def columns(top_k: int) -> list[str]:
     cols = ["path", "label", "score"]
     for i in range(1, top_k + 1):
         cols += [f"top{i}_label", f"top{i}_score"]
-    return cols + ["error"]
+    return cols + ["ood_score", "unknown", "error"]
+
+
+@dataclasses.dataclass
+class Rejection:
+    """How rows treat unknown images: the threshold on `ood_score` (None: the model's) and whether the label of
+    an unknown image becomes ``unknown`` (`--reject-unknown`) or is kept."""
+
+    scoring: Scoring
+    threshold: float | None = None
+    reject: bool = False
 
 
 def row_path(path: str) -> str:
@@ -135,8 +146,10 @@ class RowWriter:
     loop both hand it ``(probs [B, K], index [B], errors)`` per batch.
     """
 
-    def __init__(self, output: Path, paths: Sequence[str], class_names: list[str], top_k: int):
+    def __init__(self, output: Path, paths: Sequence[str], class_names: list[str], top_k: int,
+                 rejection: Rejection | None = None):
         self.output, self.paths, self.class_names, self.top_k = output, paths, class_names, top_k
+        self.rejection = rejection or Rejection(Scoring())
         self.file = None
         self.writer = None
 
@@ -147,16 +160,20 @@ class RowWriter:
         self.writer.writerow(columns(self.top_k))
         self.file.flush()
 
-    def write(self, probs: torch.Tensor, index: torch.Tensor, errors: Sequence[str]) -> None:
+    def write(self, probs: torch.Tensor, index: torch.Tensor, errors: Sequence[str],
+              ood: torch.Tensor | None = None) -> None:
         scores, top = probs.topk(self.top_k, dim=1)
-        for i, err, s, t in zip(index.tolist(), errors, scores.tolist(), top.tolist()):
+        ood = torch.full((len(probs),), float("nan")) if ood is None else ood
+        unknown = self.rejection.scoring.unknown(ood, self.rejection.threshold).tolist()
+        for i, err, s, t, o, u in zip(index.tolist(), errors, scores.tolist(), top.tolist(), ood.tolist(), unknown):
             path = row_path(self.paths[i])
             if err:
                 # An error may quote the path, so it gets the same treatment.
-                self.writer.writerow([path, "", ""] + ["", ""] * self.top_k + [row_path(err)])
+                self.writer.writerow([path, "", ""] + ["", ""] * self.top_k + ["", "", row_path(err)])
                 continue
             pairs = [v for j, score in zip(t, s) for v in (self.class_names[j], f"{score:.6g}")]
-            self.writer.writerow([path, self.class_names[t[0]], f"{s[0]:.6g}", *pairs, ""])
+            label = UNKNOWN_LABEL if (u and self.rejection.reject) else self.class_names[t[0]]
+            self.writer.writerow([path, label, f"{s[0]:.6g}", *pairs, f"{o:.6g}", str(bool(u)).lower(), ""])
         self.file.flush()
 
     def close(self) -> None:
@@ -169,7 +186,7 @@ _LIGHTNING_CLASSES: dict[str, type] = {}
 
 
 def _lightning_classes() -> dict[str, type]:
-    """`ViewsPredictor` and `CsvRowWriter`, Lightning adapters around `predict_views` and `RowWriter`.
+    """`ViewsPredictor` and `CsvRowWriter`, Lightning adapters around `score_views` and `RowWriter`.
 
     Built on first use, so that importing this module (and predicting in one process) does not import
     Lightning. They are reachable as module attributes (`__getattr__` below), so pickling them for
@@ -183,20 +200,22 @@ def _lightning_classes() -> dict[str, type]:
     class ViewsPredictor(pl.LightningModule):
         """Lightning wrapper for predict: crops of a batch of images -> mean softmax per image."""
 
-        def __init__(self, net: torch.nn.Module):
+        def __init__(self, net: torch.nn.Module, scoring: Scoring):
             super().__init__()
-            self.net = net
+            self.net, self.scoring = net, scoring
 
         def predict_step(self, batch, batch_idx):
             views, index, errors = batch
-            return predict_views(self.net, views).float().cpu(), index.cpu(), errors
+            probs, ood = score_views(self.net, views, self.scoring)
+            return probs.float().cpu(), index.cpu(), errors, ood.float().cpu()
 
     class CsvRowWriter(BasePredictionWriter):
         """`RowWriter` as a Lightning prediction writer: each rank writes its own partial file."""
 
-        def __init__(self, output: Path, paths: Sequence[str], class_names: list[str], top_k: int):
+        def __init__(self, output: Path, paths: Sequence[str], class_names: list[str], top_k: int,
+                     rejection: Rejection):
             super().__init__(write_interval="batch")
-            self.rows = RowWriter(output, paths, class_names, top_k)
+            self.rows = RowWriter(output, paths, class_names, top_k, rejection)
 
         def setup(self, trainer, pl_module, stage=None) -> None:
             self.rows.open(trainer.global_rank)
@@ -303,8 +322,8 @@ def predict_rows(net: torch.nn.Module, loader: torch.utils.data.DataLoader, rows
         with runtime.evaluating_on(net, rt.device), torch.inference_mode(), rt.autocast(), \
                 tqdm(total=len(loader), desc="Predicting", unit="batch", disable=not progress) as bar:
             for views, index, errors in loader:
-                probs = predict_views(net, views.to(rt.device, non_blocking=True))
-                rows.write(probs.float().cpu(), index, errors)
+                probs, ood = score_views(net, views.to(rt.device, non_blocking=True), rows.rejection.scoring)
+                rows.write(probs.float().cpu(), index, errors, ood.float().cpu())
                 bar.update(1)
     finally:
         rows.close()
@@ -321,12 +340,13 @@ def predict_sharded(net: torch.nn.Module, loader: torch.utils.data.DataLoader, r
     from pytorch_lightning.callbacks import TQDMProgressBar
 
     classes = _lightning_classes()
-    writer = classes["CsvRowWriter"](rows.output, rows.paths, rows.class_names, rows.top_k)
+    writer = classes["CsvRowWriter"](rows.output, rows.paths, rows.class_names, rows.top_k, rows.rejection)
     trainer = pl.Trainer(accelerator=accelerator, devices=devices, strategy=strategy, logger=False,
                          enable_checkpointing=False, enable_model_summary=False, precision=rt.precision,
                          callbacks=[writer, TQDMProgressBar(refresh_rate=1)] if progress else [writer],
                          enable_progress_bar=progress)
-    trainer.predict(classes["ViewsPredictor"](net.cpu()), dataloaders=loader, return_predictions=False)
+    trainer.predict(classes["ViewsPredictor"](net.cpu(), rows.rejection.scoring), dataloaders=loader,
+                    return_predictions=False)
     trainer.strategy.barrier()
     return trainer.global_rank, trainer.world_size
 
@@ -363,10 +383,12 @@ def predict_to_file(model_uri: str, inputs: str | Sequence[str], output: str | P
                     top_k: int = 3, batch_size: int = 32, num_workers: int | None = None, resume: bool = False,
                     accelerator: str = "auto", devices: str | int = 1, strategy: str = "auto",
                     max_pixels: int | None = None, progress: bool = True,
-                    explain: str | Path | None = None) -> dict[str, Any]:
+                    explain: str | Path | None = None, ood_threshold: float | None = None,
+                    reject_unknown: bool = False) -> dict[str, Any]:
     """Predict every input image into `output`; returns counts (total, skipped as done, predicted).
 
-    `explain`: a folder for the Grad-CAM overlay of each image predicted in this run.
+    `explain`: a folder for the Grad-CAM overlay of each image predicted in this run. `ood_threshold`
+    (None: the model's) decides `unknown`; `reject_unknown` writes ``unknown`` as the label of those images.
     """
     from finetune.tracking.pyfunc import load_logged_model
 
@@ -400,7 +422,9 @@ def predict_to_file(model_uri: str, inputs: str | Sequence[str], output: str | P
              len(todo), mode)
 
     loader = prediction_loader(todo, spec.data_config, mode, batch_size, rt, max_pixels or model.max_pixels)
-    rows = RowWriter(output, todo, spec.class_names, top_k)
+    rejection = Rejection(model.scoring, model.ood_threshold if ood_threshold is None else ood_threshold,
+                          reject_unknown or model.reject_unknown)
+    rows = RowWriter(output, todo, spec.class_names, top_k, rejection)
     rank, world_size = 0, 1
     if todo and sharded(devices, strategy, rt):
         rank, world_size = predict_sharded(net, loader, rows, rt, accelerator, devices, strategy, progress)
@@ -437,14 +461,19 @@ def predict_to_file(model_uri: str, inputs: str | Sequence[str], output: str | P
               help="ddp (with --devices N) shards the inputs over N processes (Lightning).")
 @click.option("--explain", type=click.Path(file_okay=False),
               help="Also write each predicted image's Grad-CAM overlay (<stem>_cam.png) into this folder.")
+@click.option("--reject-unknown", is_flag=True,
+              help="Write 'unknown' as the label of images the model flags unknown (default: keep the label).")
+@click.option("--ood-threshold", type=float,
+              help="Unknown-score threshold (default: the model's, which keeps 95% of held-out training images).")
 def main(model_uri: str, inputs: str, output: str, tta: str | None, top_k: int, batch_size: int,
          num_workers: int | None, resume: bool, max_image_pixels: int | None, accelerator: str, devices: str,
-         strategy: str, explain: str | None) -> None:
+         strategy: str, explain: str | None, reject_unknown: bool, ood_threshold: float | None) -> None:
     """Predict labels for every image of a folder or list into a CSV or Parquet file."""
     console.setup()
     result = predict_to_file(model_uri, inputs, output, tta, top_k, batch_size, num_workers, resume,
                              accelerator, int(devices) if devices.isdigit() else devices, strategy,
-                             max_image_pixels, explain=explain)
+                             max_image_pixels, explain=explain, ood_threshold=ood_threshold,
+                             reject_unknown=reject_unknown)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
         click.echo(f"{result['predicted']} predicted, {result['already_done']} kept from before, "
                    f"{result['total']} rows in {result['output']}", err=False)

@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from finetune.cli import cli
-from finetune.evaluation.tta import AUTO_CANDIDATES, mode_scores, pick_mode, predict_sources
-from finetune.model.artifact import load_model
+from finetune.evaluation.tta import AUTO_CANDIDATES, mode_scores, pick_mode, source_outputs
+from finetune.model.artifact import load_model, load_scoring
 from tests.conftest import TINY_MODEL, make_folder
 
 
@@ -48,16 +48,22 @@ def test_permuting_val_labels_changes_no_choice_and_no_prediction(tmp_path: Path
 
     # The same choices, made on the same data inside train ...
     assert a["tta"] == b["tta"]
+    assert a["calibration"] == b["calibration"] and a["unknown"] == b["unknown"]  # temperature, unknown threshold
     for key in ("select_acc", "select_loss", "best_epoch", "epochs", "weights"):
         assert a["metrics"].get(key) == b["metrics"].get(key), key
     assert a["plan"].get("weight_decay") == b["plan"].get("weight_decay")
     # ... give the same model: identical predictions on every image of both splits.
     images = sorted(str(p) for p in plain.rglob("*.png"))
-    probs = []
+    probs, ood = [], []
     for summary in (a, b):
         net, spec = load_model(summary["model_dir"])
-        probs.append(predict_sources(net.eval(), images, spec.data_config, summary["tta"]["mode"])[0].numpy())
+        scoring = load_scoring(summary["model_dir"], spec)
+        out = source_outputs(net.eval(), images, spec.data_config, summary["tta"]["mode"])
+        probs.append(scoring.probs(out.logits).numpy())
+        ood.append(scoring.ood_score(out.features).numpy())
     np.testing.assert_array_equal(probs[0], probs[1])
+    np.testing.assert_array_equal(ood[0], ood[1])
+    assert not np.isnan(ood[0]).any()
     # Only the reported val numbers differ (val's labels were swapped: accuracy a -> 1 - a).
     assert a["metrics"]["val_acc"] == pytest.approx(1.0 - b["metrics"]["val_acc"])
     assert "select_*" in a["metric_sources"] and "read once" in a["metric_sources"]["val_*"]
@@ -100,3 +106,4 @@ def test_the_chosen_crop_mode_travels_with_the_model(tmp_path: Path, weights_fil
     result = CliRunner().invoke(cli, [*args[:-2], "--tta", "10crop"])
     assert result.exit_code == 0, result.output
     assert json.loads((out / "summary.json").read_text())["tta"] == {"mode": "10crop", "chosen_by": "--tta"}
+    assert load_model(out / "model")[1].default_tta == "10crop"

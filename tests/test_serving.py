@@ -62,7 +62,9 @@ def test_train_register_load_by_alias_predicts_like_the_in_process_model(image_f
         logits = net(torch.cat([CropViews(spec.data_config, "center")(load_rgb(f)) for f in files]))
     expected = [spec.class_names[i] for i in logits.argmax(1).tolist()]
     assert predicted["label"].tolist() == expected
-    assert predicted["score"].tolist() == pytest.approx(logits.softmax(1).max(1).values.tolist(), abs=1e-5)
+    calibrated = (logits / spec.temperature).softmax(1)  # the model's temperature, fitted on held-out train images
+    assert predicted["score"].tolist() == pytest.approx(calibrated.max(1).values.tolist(), abs=1e-5)
+    assert {"ood_score", "unknown"} <= set(predicted.columns) and not predicted["ood_score"].isna().any()
     assert all(len(t) == 2 for t in predicted["top_labels"])
     assert all(set(p) == {"cat", "dog"} and sum(p.values()) == pytest.approx(1.0) for p in predicted["probabilities"])
     assert model.metadata.signature.params.to_dict()[0]["default"] == "5crop"  # the training's tta

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 BANK_FILE = "ood_bank.safetensors"
+UNKNOWN_LABEL = "unknown"  # the label of an unknown image when the user asks to reject them
 SIMILARITY_CHUNK = 4096  # bank rows compared at once: bounded memory for large banks
 
 

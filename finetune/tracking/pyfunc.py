@@ -40,6 +40,7 @@ from mlflow.pyfunc import PythonModel
 
 from finetune import runtime
 from finetune.model.artifact import load_model, load_scoring
+from finetune.model.scoring import UNKNOWN_LABEL
 from finetune.data.images import DEFAULT_MAX_PIXELS
 from finetune.data.crops import TTA_VIEWS, CropViews, ViewsDataset
 from finetune.evaluation.tta import score_views
@@ -188,7 +189,6 @@ def load_logged_model(model_uri: str) -> "ImageClassifierModel":
                         "or models:/NAME@ALIAS (or models:/NAME/VERSION).") from None
 
 
-UNKNOWN_LABEL = "unknown"
 COLUMNS = ["label", "score", "top_labels", "top_scores", "probabilities", "ood_score", "unknown"]
 
 

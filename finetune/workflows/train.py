@@ -105,7 +105,9 @@ def train(cfg: TrainConfig, tags: dict[str, str] | None = None, resume_from: Res
     eval_metrics = evaluate.after_training(fit.net, spec, splits, cfg, output, rt, tta["mode"], fit.center_outputs,
                                            leaked=audit.get("leaked"), scoring=load_scoring(model_dir, spec))
     summary = _summary(cfg, decision, recipe, splits, fit, eval_metrics, run_id, model_dir, output, started)
-    summary["tta"], summary["audit"] = tta, audit
+    summary["tta"] = {k: tta[k] for k in ("mode", "chosen_by", "scores") if k in tta}
+    summary["calibration"] = {"temperature": spec.temperature, "heldout_images": tta["heldout_images"]}
+    summary["unknown"], summary["audit"] = spec.ood, audit
     if resume_from is not None:
         summary["resumed_from_epoch"] = resume_from.epochs_done
     tracking.write_json(output / "summary.json", summary)
@@ -231,7 +233,8 @@ def metric_sources(splits: FolderSplits, fit: FitResult) -> dict[str, str]:
     """Which images each number of the summary comes from."""
     val_from = {"split-folders": "the val folder", "class-folders": "split off the class folders (--val-fraction)",
                 "train-test-folders": "split off the train folder (--val-fraction)"}[splits.layout]
-    sources = {"select_*": f"choices (epochs, weights, head, crop mode): {fit.selection['protocol']}",
+    sources = {"select_*": f"choices (epochs, weights, head, crop mode, temperature, unknown threshold): "
+                           f"{fit.selection['protocol']}",
                "val_*": f"val: {len(splits.val)} images, {val_from}; read once, after every choice was made"}
     if splits.test:
         sources["test_*"] = f"test: {len(splits.test)} images, the test folder; read once, after every choice"
@@ -276,7 +279,7 @@ def _publish(cfg: TrainConfig, summary: dict[str, Any], eval_metrics: dict[str, 
     if not pending.active:
         try:
             log_evaluation(run_id, output, eval_metrics)
-            tracking.log_dict(run_id, {"metric_sources": summary["metric_sources"], "tta": summary["tta"]},
+            tracking.log_dict(run_id, {k: summary[k] for k in ("metric_sources", "tta", "calibration", "unknown")},
                               "metric_sources.json")
             summary.update(registry.publish(run_id, model_dir, summary, summary["tta"]["mode"], cfg.register,
                                             cfg.max_image_pixels))
