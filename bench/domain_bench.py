@@ -93,7 +93,7 @@ def bench_dataset(name: str, path: str, opts: Options) -> list[dict[str, Any]]:
     from bench.scenarios import NAIVE_RECIPE, naive
     from finetune.config import TrainConfig
     from finetune.data.folders import scan_folder
-    from finetune.evaluation import evaluate
+    from finetune.evaluation import evaluate, trust
     from finetune.model.artifact import ModelSpec
     from finetune.model.backbone import create_backbone
     from finetune.model.heads import init_head
@@ -161,14 +161,14 @@ def bench_dataset(name: str, path: str, opts: Options) -> list[dict[str, Any]]:
             ctx = RunContext(run_id="bench", output=Path(tmp), logger=QuietLogger("bench"),
                              set_status=lambda status: None)
             fit = run_plan(cfg, decision, recipe, net_backbone, splits, ctx, rt)
-            tta = evaluate.choose_tta(cfg.tta, fit.heldout, net_backbone.data_config, cfg.batch_size,
-                                      cfg.max_image_pixels, rt)
+            tta = trust.choose_after_training(cfg.tta, fit.heldout, net_backbone.data_config,
+                                              batch_size=cfg.batch_size, max_pixels=cfg.max_image_pixels, rt=rt)
             spec = ModelSpec(architecture=net_backbone.model_name.split(".")[0], num_classes=len(splits.classes),
                              class_names=splits.classes, data_config=net_backbone.data_config,
                              create_kwargs=net_backbone.create_kwargs, weights_source=net_backbone.weights_source,
                              scenario=plan.scenario, default_tta=tta["mode"], head_stage=stage_index(plan.head_stage))
             metrics = {**fit.metrics, **evaluate.after_training(fit.net, spec, splits, cfg, Path(tmp), rt,
-                                                                tta["mode"], fit.center_probs)}
+                                                                tta["mode"], fit.center_outputs)}
         split = "test" if has_test else "val"
         key = evaluate.metric_names(split, tta["mode"])[0]  # the model's own crop mode, chosen on train
         emit({"kind": "plan", "dataset": name, "plan": plan_name, "acc": float(metrics[key]), "reported_split": split,

@@ -19,7 +19,7 @@ DEFAULT_SELECT_FRACTION = 0.2
 BANK_MAX_IMAGES = 2000  # training images whose features a model keeps for its unknown score (stratified)
 TTA_MAX_IMAGES = 500  # held-out training images `--tta auto` scores (10 crops each), a stratified subset
 FIXED_TTA_MODES = ("none", "center", "5crop", "10crop")
-TTA_MODES = ("auto", *FIXED_TTA_MODES)  # auto: chosen on held-out training images (evaluation.choose_tta)
+TTA_MODES = ("auto", *FIXED_TTA_MODES)  # auto: chosen on held-out training images (evaluation.trust.choose_after_training)
 # The training recipe. Presets/values are also listed in finetune.data.transforms / finetune.training.optim.
 AUGMENT_PRESETS = ("none", "light", "standard", "strong")
 OPTIMIZERS = ("sgd", "adagrad", "rmsprop", "adam", "adamw")

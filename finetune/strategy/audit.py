@@ -3,8 +3,10 @@
 Everything here reads the cached pretrained features (`finetune.strategy.features`), so an audit costs
 no backbone pass once `plan` or `train` has run:
 
-* label issues: out-of-fold class probabilities of a cross-validated logistic-regression probe on the
-  final features, ranked by confident learning (cleanlab's `find_label_issues`, by self-confidence);
+* label issues: out-of-fold class probabilities of a cross-validated, strongly regularised logistic-regression
+  probe on the final features; flagged by confident learning (cleanlab's `find_label_issues`, images whose
+  probability of their given label is below their class's average, as many as the confident joint estimates)
+  and ranked by that probability;
 * duplicates: identical file contents (hash), and near duplicates whose L2-normalised final features
   have a cosine similarity of at least `NEAR_DUPLICATE_COSINE`, searched in row chunks so memory stays
   bounded. A pair is leakage (train vs val/test), conflicting (two classes) or redundant (one class);
@@ -35,6 +37,10 @@ OUTLIER_MADS = 5.0  # robust standard deviations (1.4826 MAD) above the median d
 MIN_MAD = 1e-3  # nearly identical training images: no spread to measure, do not flag every wobble
 MIN_IMAGES_FOR_CV = 3  # a class needs this many training images to be cross-validated
 CV_FOLDS = 5
+# L2 strength of the probe per training image (C = 1 / (PROBE_L2_PER_IMAGE * n) on standardised features): a weak
+# penalty lets the probe learn the wrong labels it should flag. bench/audit.py, docs/decisions.md "Audit probe".
+PROBE_L2_PER_IMAGE = 0.3
+LABEL_FILTER = "low_self_confidence"  # cleanlab's filter (precision first: docs/decisions.md)
 MAX_PAIRS = 5000  # duplicate pairs kept in the report (the most similar); the count is always given
 CHUNK_ELEMENTS = 1 << 24  # similarity entries computed at once (64 MiB of float32)
 PAIR_KINDS = ("leakage", "conflicting", "redundant")
@@ -110,7 +116,8 @@ def out_of_fold_probs(x: np.ndarray, y: np.ndarray, folds: int = CV_FOLDS, seed:
     from sklearn.preprocessing import StandardScaler
 
     n_splits = int(min(folds, np.bincount(y).min()))
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+    c = 1.0 / (PROBE_L2_PER_IMAGE * len(y))
+    probe = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=1000))
     cv = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # dead feature columns, slow convergence on tiny folds: harmless
@@ -138,7 +145,7 @@ def find_label_issues(table: AuditTable, folds: int = CV_FOLDS, seed: int = 0) -
     probs = out_of_fold_probs(table.x[rows], local, folds, seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ranked = cleanlab_issues(local, probs, return_indices_ranked_by="self_confidence")
+        ranked = cleanlab_issues(local, probs, filter_by=LABEL_FILTER, return_indices_ranked_by="self_confidence")
     issues = []
     for i in ranked:
         given = int(local[i])

@@ -1,0 +1,163 @@
+"""Calibrated scores and unknown images on the shared data (issue 15): ECE before/after, and unknown detection.
+
+One run: a model is trained with `finetune train` (the product's own path: the temperature and the unknown
+threshold are fitted on held-out training images) on hymenoptera and on clothing, with the shared
+mobilenetv2_100 weights. Then, through the saved model (`load_model` + `load_scoring`, the code the pyfunc
+model runs):
+
+* ECE (15 bins) of the uncalibrated and the calibrated probabilities on the report split (clothing: test,
+  hymenoptera: val);
+* unknown detection: the model's report split (in-distribution) against at most --ood-images images of each
+  other shared dataset (its val/test, else train), for several scores -- maximum softmax (1 - max p),
+  energy (-T logsumexp(z / T)), and the k-th nearest neighbour cosine distance to the training features
+  (k = 1, 5, 10, 20; the product uses `trust.KNN_K`) -- AUROC (unknown = positive) and FPR at 95% TPR
+  (the share of unknown images kept when 95% of in-distribution images are kept); and with the model's own
+  threshold (set on held-out training images): the share of in-distribution images kept and of unknown ones
+  flagged.
+
+    uv run python bench/trust.py                           # small-similar (a head on cached features)
+    uv run python bench/trust.py --scenario auto --epochs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from finetune.config import TrainConfig  # noqa: E402
+from finetune.data.folders import scan_folder  # noqa: E402
+from finetune.data.profile import stratified_subset  # noqa: E402
+from finetune.evaluation.trust import KNN_K, ece  # noqa: E402
+from finetune.evaluation.tta import source_outputs  # noqa: E402
+from finetune.model.artifact import load_model, load_scoring  # noqa: E402
+from finetune.model.scoring import knn_score, pooled_features  # noqa: E402
+
+SHARED = ROOT.parent / "shared"
+WEIGHTS = SHARED / "weights" / "mobilenetv2_100.coral_in1k.safetensors"
+DATASETS = ("hymenoptera", "clothing", "omniglot")
+KS = (1, 5, 10, 20)
+
+
+def train_model(name: str, args: argparse.Namespace, workdir: Path) -> dict:
+    from finetune.workflows.train import train
+
+    cfg = TrainConfig(data_dir=str(SHARED / "data" / name), model="mobilenetv2_100", weights=str(WEIGHTS),
+                      scenario=args.scenario, epochs=args.epochs, output=str(workdir / name), seed=args.seed,
+                      experiment="bench-trust")
+    return train(cfg)
+
+
+def report_split(name: str) -> tuple[str, list]:
+    splits = scan_folder(str(SHARED / "data" / name))
+    return ("test", splits.test) if splits.test else ("val", splits.val)
+
+
+def other_images(name: str, limit: int) -> list[str]:
+    splits = scan_folder(str(SHARED / "data" / name))
+    pool = splits.test or splits.val or splits.train
+    return [s.path for s in stratified_subset(list(pool), limit)]
+
+
+def scores_of(out, scoring, bank: torch.Tensor) -> dict[str, np.ndarray]:
+    """Unknown scores, higher = more unknown, per candidate."""
+    z = out.logits.float()
+    t = scoring.temperature
+    probs = scoring.probs(z)
+    pooled = pooled_features(out.features)
+    result = {"max softmax": (1 - probs.max(dim=1).values).numpy(),
+              "energy": (-t * torch.logsumexp(z / t, dim=-1).mean(dim=1)).numpy()}
+    for k in KS:
+        result[f"knn k={k}"] = knn_score(pooled, bank, k).numpy()
+    return result
+
+
+def auroc_fpr(known: np.ndarray, unknown: np.ndarray) -> tuple[float, float]:
+    from sklearn.metrics import roc_auc_score
+
+    y = np.r_[np.zeros(len(known)), np.ones(len(unknown))]
+    auroc = float(roc_auc_score(y, np.r_[known, unknown]))
+    keep = np.quantile(known, 0.95)
+    return auroc, float((unknown <= keep).mean())
+
+
+def bench_model(name: str, summary: dict, ood_images: int) -> dict:
+    model_dir = summary["model_dir"]
+    net, spec = load_model(model_dir)
+    scoring = load_scoring(model_dir, spec)
+    split, samples = report_split(name)
+    mode = spec.default_tta
+    known_out = source_outputs(net, [s.path for s in samples], spec.data_config, mode, 8, pool=True)
+    labels = np.array([s.label for s in samples])
+    raw = known_out.logits.softmax(dim=-1).mean(dim=1).numpy()
+    row = {"dataset": name, "split": split, "images": len(samples), "scenario": summary["scenario"], "tta": mode,
+           "temperature": scoring.temperature, "ece_before": ece(raw, labels),
+           "ece_after": ece(scoring.probs(known_out.logits).numpy(), labels), "threshold": scoring.threshold,
+           "bank_images": len(scoring.bank), "ood": {}}
+    known = scores_of(known_out, scoring, scoring.bank)
+    row["kept_at_model_threshold"] = float((known[f"knn k={KNN_K}"] <= scoring.threshold).mean())
+    for other in DATASETS:
+        if other == name:
+            continue
+        out = source_outputs(net, other_images(other, ood_images), spec.data_config, mode, 8, pool=True)
+        unknown = scores_of(out, scoring, scoring.bank)
+        row["ood"][other] = {m: dict(zip(("auroc", "fpr95"), auroc_fpr(known[m], unknown[m]))) for m in known}
+        row["ood"][other]["flagged_at_model_threshold"] = float((unknown[f"knn k={KNN_K}"] > scoring.threshold).mean())
+    return row
+
+
+def print_rows(rows: list[dict]) -> None:
+    print("\n| model | split | T | ECE before | ECE after |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['dataset']} ({r['scenario']}, {r['tta']}) | {r['split']} ({r['images']}) | {r['temperature']:.2f} | "
+              f"{r['ece_before']:.4f} | {r['ece_after']:.4f} |")
+    methods = list(next(iter(rows[0]["ood"].values())))[:-1]
+    print("\n| model vs unknown images | " + " | ".join(methods) + " |")
+    print("|---|" + "---|" * len(methods))
+    for r in rows:
+        for other, res in r["ood"].items():
+            cells = [f"{res[m]['auroc']:.3f} / {res[m]['fpr95']:.2f}" for m in methods]
+            print(f"| {r['dataset']} vs {other} | " + " | ".join(cells) + " |")
+    print("(AUROC / FPR at 95% TPR)")
+    for m in methods:
+        mean = np.mean([res[m]["auroc"] for r in rows for o, res in r["ood"].items()])
+        print(f"mean AUROC {m}: {mean:.3f}")
+    for r in rows:
+        flagged = {o: round(res["flagged_at_model_threshold"], 3) for o, res in r["ood"].items()}
+        print(f"{r['dataset']}: model threshold {r['threshold']:.4f} keeps {r['kept_at_model_threshold']:.3f} of "
+              f"{r['split']}, flags {flagged}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenario", default="small-similar")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--ood-images", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--workdir", help="keep the training outputs (evaluation reports, sheets) here")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench-trust-") as tmp:
+        work = Path(args.workdir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work.resolve()}/mlflow.db")
+        rows = [bench_model(name, train_model(name, args, work), args.ood_images)
+                for name in ("hymenoptera", "clothing")]
+    print_rows(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
