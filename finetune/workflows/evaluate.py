@@ -49,7 +49,8 @@ def evaluate_model(model_uri: str, data_dir: str, tta: str | None = None, batch_
     run_id = run.info.run_id
     tracking.log_params(run_id, {"model_uri": model_uri, "data_dir": str(data_dir), "tta": mode})
     metrics = evaluate_splits(model.net, spec, parts, mode, out, batch_size=batch_size,
-                              max_pixels=max_pixels or model.max_pixels, rt=rt, label_map=label_map)
+                              max_pixels=max_pixels or model.max_pixels, rt=rt, label_map=label_map,
+                              scoring=model.scoring)
     log_evaluation(run_id, out, metrics)
     summary = {"model_uri": model_uri, "data_dir": str(data_dir), "tta": mode, "metrics": metrics,
                "mlflow_run_id": run_id, "output": str(out.resolve())}
