@@ -26,7 +26,7 @@ from torch import nn
 
 from finetune import runtime
 from finetune.errors import UserError
-from finetune.model.artifact import ModelSpec
+from finetune.model.artifact import ModelSpec, build_network
 from finetune.model.outputs import LogitsAndFeatures
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,31 @@ def _metadata(spec: ModelSpec) -> dict[str, str]:
             "outputs": "logits [N, K] (softmax for probabilities), features [N, C] (the classifier's input)"}
 
 
+def exportable_copy(net: nn.Module, spec: ModelSpec) -> nn.Module:
+    """The same network and weights built with timm's export-friendly layers (CPU, eval mode).
+
+    TF-style ``same`` padding (the shared MobileNets) is otherwise computed from the input shape at
+    every call: a chain of Shape/Cast/Concat/Slice/Pad nodes per strided conv in the graph, which ONNX
+    Runtime's int8 quantizer cannot handle ("Graph is not a DAG"). Exportable, the padding is fixed for
+    the spec's input size, which the graph has anyway (only the batch axis is dynamic).
+    """
+    import importlib
+    from unittest import mock
+
+    from timm.layers import set_layer_config
+
+    conv2d_same = importlib.import_module("timm.layers.conv2d_same")  # the module, not its same-named function
+
+    # timm keeps its export conv (Conv2dSameExport: the padding fixed at the first call) behind a module
+    # flag as well as the exportable config; both are set only while the copy is built.
+    with set_layer_config(exportable=True), mock.patch.object(conv2d_same, "_USE_EXPORT_CONV", True):
+        copy = build_network(spec)
+    copy.load_state_dict({k: v.detach().cpu() for k, v in net.state_dict().items()})
+    with torch.no_grad():  # outside the tracer, so the padding is fixed as plain numbers, not traced shape maths
+        copy.eval()(torch.zeros(1, *[int(s) for s in spec.data_config["input_size"]]))
+    return copy
+
+
 def export_onnx(net: nn.Module, spec: ModelSpec, path: str | Path, opset: int = DEFAULT_OPSET) -> Path:
     """Trace ``LogitsAndFeatures(net)`` to `path` (dynamic batch) with the spec in its metadata."""
     onnx = require_onnx()
@@ -76,11 +101,11 @@ def export_onnx(net: nn.Module, spec: ModelSpec, path: str | Path, opset: int = 
     path.parent.mkdir(parents=True, exist_ok=True)
     dummy = torch.zeros(2, *[int(s) for s in spec.data_config["input_size"]])
     dynamic = {name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)}
-    with runtime.evaluating_on(net, "cpu"), torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings():
         # The TorchScript exporter is deprecated in favour of torch.export, which needs onnxscript and
         # more time; this one traces every timm model we use (checked: resnet, vit, mobilenetv2).
         warnings.simplefilter("ignore")
-        torch.onnx.export(LogitsAndFeatures(net).eval(), (dummy,), str(path), input_names=[INPUT_NAME],
+        torch.onnx.export(LogitsAndFeatures(exportable_copy(net, spec)), (dummy,), str(path), input_names=[INPUT_NAME],
                           output_names=list(OUTPUT_NAMES), dynamic_axes=dynamic, opset_version=opset,
                           dynamo=False)
     model = onnx.load(str(path))
