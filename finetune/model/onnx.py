@@ -215,11 +215,13 @@ class _Calibration:
 
 
 def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration_images: torch.Tensor,
-                  batch_size: int = 16, per_channel: bool = False, quant_format: str = "QDQ") -> Path:
+                  batch_size: int = 16, per_channel: bool = True, quant_format: str = "QOperator") -> Path:
     """Static int8 quantization (ONNX Runtime, MinMax) calibrated on preprocessed images ``[N, 3, H, W]``.
 
-    Defaults (QDQ, per-tensor weights): see docs/decisions.md for QDQ/QOperator x per-channel measured on
-    mobilenetv2_100 on this 2-core CPU (`bench/deploy.py --variants`).
+    Per-channel weights: per-tensor lost 25 accuracy points on hymenoptera val with mobilenetv2_100
+    (depthwise convs' channels differ too much for one scale), per-channel none. QOperator
+    (QLinearConv) ran ~1.15x QDQ on this 2-core CPU; both formats measured by `bench/deploy.py
+    --variants` (docs/decisions.md). TensorRT and OpenVINO calibrate the fp32 file themselves.
     """
     require_onnxruntime()
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
