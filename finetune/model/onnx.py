@@ -220,8 +220,8 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration_image
 
     Per-channel weights: per-tensor lost 25 accuracy points on hymenoptera val with mobilenetv2_100
     (depthwise convs' channels differ too much for one scale), per-channel none. QOperator
-    (QLinearConv) ran ~1.15x QDQ on this 2-core CPU; both formats measured by `bench/deploy.py
-    --variants` (docs/decisions.md). TensorRT and OpenVINO calibrate the fp32 file themselves.
+    (QLinearConv) and QDQ ran within noise of each other on this CPU, QOperator ahead in both runs
+    (`bench/deploy.py --variants`, docs/decisions.md). TensorRT and OpenVINO calibrate the fp32 file themselves.
     """
     require_onnxruntime()
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
