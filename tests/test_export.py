@@ -87,6 +87,28 @@ def test_a_head_on_an_earlier_stage_exports_like_pytorch(tmp_path, stage):
     check_export(net, spec, tmp_path)
 
 
+@pytest.mark.parametrize("architecture, create_kwargs", [("test_vit", {}), ("test_efficientnet", {"pad_type": "same"})])
+def test_other_architectures_export_like_pytorch(tmp_path, architecture, create_kwargs):
+    """A transformer (attention, no fused kernel in the graph) and TF-style same padding (fixed in the graph)."""
+    torch.manual_seed(0)
+    size = 160 if architecture == "test_vit" else 48  # the ViT at its own size: no position-embedding resampling
+    spec = ModelSpec(architecture=architecture, num_classes=3, class_names=["a", "b", "c"], create_kwargs=create_kwargs,
+                     data_config={**DATA_CONFIG, "input_size": [3, size, size]})
+    check_export(build_network(spec).eval(), spec, tmp_path)
+    if create_kwargs:
+        onnx = pytest.importorskip("onnx")
+        ops = {n.op_type for n in onnx.load(str(tmp_path / "model.onnx")).graph.node}
+        assert "Pad" in ops and not ops & {"Shape", "Ceil"}  # padding as constants, no shape maths
+
+
+def test_an_operator_onnx_lacks_is_a_clear_error(tmp_path):
+    """A ViT fed another size resamples its position embeddings with antialiased bicubic: not in ONNX."""
+    spec = ModelSpec(architecture="test_vit", num_classes=2, class_names=["a", "b"],
+                     create_kwargs={"dynamic_img_size": True}, data_config={**DATA_CONFIG, "input_size": [3, 64, 64]})
+    with pytest.raises(UserError, match=r"test_vit at input size .* cannot be exported to ONNX opset 17: .*upsample"):
+        onnx_export.export_onnx(build_network(spec), spec, tmp_path / "model.onnx")
+
+
 def test_a_broken_export_is_refused(tmp_path):
     onnx = pytest.importorskip("onnx")
     from onnx import numpy_helper

@@ -105,9 +105,13 @@ def export_onnx(net: nn.Module, spec: ModelSpec, path: str | Path, opset: int = 
         # The TorchScript exporter is deprecated in favour of torch.export, which needs onnxscript and
         # more time; this one traces every timm model we use (checked: resnet, vit, mobilenetv2).
         warnings.simplefilter("ignore")
-        torch.onnx.export(LogitsAndFeatures(exportable_copy(net, spec)), (dummy,), str(path), input_names=[INPUT_NAME],
-                          output_names=list(OUTPUT_NAMES), dynamic_axes=dynamic, opset_version=opset,
-                          dynamo=False)
+        try:
+            torch.onnx.export(LogitsAndFeatures(exportable_copy(net, spec)), (dummy,), str(path),
+                              input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES), dynamic_axes=dynamic,
+                              opset_version=opset, dynamo=False)
+        except torch.onnx.OnnxExporterError as e:
+            raise UserError(f"{spec.architecture} at input size {dummy.shape[-2:]} cannot be exported to ONNX "
+                            f"opset {opset}: {str(e).splitlines()[0][:300]}") from None
     model = onnx.load(str(path))
     onnx.helper.set_model_props(model, _metadata(spec))
     onnx.save(model, str(path))
