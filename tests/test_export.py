@@ -151,6 +151,7 @@ def test_int8_losing_more_than_max_loss_is_refused_and_not_registered(tmp_path, 
     from finetune.workflows import export as workflow
 
     uri, run_id = logged_with_data(tmp_path, register="pets")
+    tracking.client().set_model_version_tag("pets", "1", "onnx_int8", "runs:/earlier/onnx/model.int8.onnx")
     real = workflow.val_accuracy
     calls = []
 

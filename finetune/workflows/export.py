@@ -132,6 +132,16 @@ def int8_check(fp32: Path, splits: FolderSplits, label_map: list[int], spec: Mod
     return report
 
 
+def tag_version(model_version, artifacts: dict[str, str]) -> None:
+    """Tag the version with each accepted file; a format refused now loses the tag an earlier export set."""
+    c = tracking.client()
+    for key in ("onnx", "onnx_int8"):
+        if key in artifacts:
+            c.set_model_version_tag(model_version.name, model_version.version, key, artifacts[key])
+        elif key in (model_version.tags or {}):
+            c.delete_model_version_tag(model_version.name, model_version.version, key)
+
+
 def check_options(options: ExportOptions) -> None:
     if options.fmt != "onnx":
         raise UserError(f"Invalid format {options.fmt!r}. Valid values: onnx.")
@@ -168,8 +178,7 @@ def export_model(model_uri: str, options: ExportOptions) -> dict[str, Any]:
         tracking.log_artifact(run_id, out / name, ONNX_DIR)
     report["artifacts"] = {key: f"runs:/{run_id}/{ONNX_DIR}/{name}" for key, name in report["files"].items()}
     if options.register:
-        for key, uri in report["artifacts"].items():
-            tracking.client().set_model_version_tag(model_version.name, model_version.version, key, uri)
+        tag_version(model_version, report["artifacts"])
         report["registered_model"] = {"name": model_version.name, "version": str(model_version.version)}
     report["output"] = str(out.resolve())
     return report
