@@ -224,7 +224,7 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration_image
 
     Per-channel weights: per-tensor lost 25 accuracy points on hymenoptera val with mobilenetv2_100
     (depthwise convs' channels differ too much for one scale), per-channel none. QOperator
-    (QLinearConv) and QDQ ran within noise of each other on this CPU, QOperator ahead in both runs
+    (QLinearConv) and QDQ ran within noise of each other on this CPU, QOperator ahead in three runs
     (`bench/deploy.py --variants`, docs/decisions.md). TensorRT and OpenVINO calibrate the fp32 file themselves.
     """
     require_onnxruntime()
