@@ -11,7 +11,7 @@ $(UV):
 	  (curl -LsSf https://astral.sh/uv/install.sh | sh)
 
 env: $(UV)
-	$(UV) sync --frozen --python 3.11
+	$(UV) sync --frozen --extra onnx --python 3.11
 
 demo: env
 	$(UV) run --frozen finetune demo

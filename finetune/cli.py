@@ -440,6 +440,47 @@ def explain(model_uri: str, images: tuple[str, ...], output: str | None, target:
 
 
 @cli.command()
+@click.argument("model_uri")
+@click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True,
+              help="Export format.")
+@click.option("--quantize", type=click.Choice(["int8"]), help="Also a static int8 model (ONNX Runtime), "
+              "calibrated on training images and judged by its val accuracy.")
+@click.option("--register", is_flag=True, help="Tag the model's registered version with the exported files.")
+@click.option("--data", "data_dir", type=click.Path(), help="Labelled image folder to check the export on "
+              "(default: the training run's).")
+@click.option("--output", help="Output folder (default: outputs/export-<time>).")
+@click.option("--max-loss", default=1.0, show_default=True, type=click.FloatRange(min=0),
+              help="Val accuracy points int8 may lose against fp32; more and it is refused.")
+def export(model_uri: str, fmt: str, quantize: str | None, register: bool, data_dir: str | None,
+           output: str | None, max_loss: float) -> None:
+    """Export MODEL_URI (runs:/ID/model, models:/NAME@ALIAS) to ONNX, checked against PyTorch.
+
+    The fp32 file must give identical labels and probabilities within 1e-3 of PyTorch on real images
+    (the training run's val images, or --data), else it is refused. The files are logged to the
+    model's MLflow run under onnx/; with --register its registered version gets the tags onnx and
+    onnx_int8. Needs the onnx extra: uv sync --extra onnx (pip install 'finetune[onnx]').
+    """
+    from finetune.workflows.export import ExportOptions, export_model
+
+    report = export_model(model_uri, ExportOptions(fmt=fmt, quantize=quantize, register=register,
+                                                   data_dir=data_dir, output=output, max_loss=max_loss))
+    fp32 = report["fp32"]
+    click.echo(f"onnx fp32: labels identical on {fp32['images']} images, max |dprob| "
+               f"{fp32['max_abs_prob_diff']:.2g} (tolerance {fp32['tolerance']:g})")
+    if "int8" in report:
+        q = report["int8"]
+        click.echo(f"onnx int8: val acc {100 * q['val_acc_fp32']:.2f}% -> {100 * q['val_acc_int8']:.2f}% "
+                   f"({-q['accuracy_loss_points']:+.2f} points, label agreement {q['label_agreement']:.3f})")
+        if not q["accepted"]:
+            click.echo(q["refused"])
+    for key, uri in report["artifacts"].items():
+        click.echo(f"{key}: {uri}")
+    if "registered_model" in report:
+        click.echo(f"tagged: {report['registered_model']['name']} version {report['registered_model']['version']}")
+    click.echo(f"files: {report['output']}")
+
+
+@cli.command()
 @click.argument("name")
 @click.argument("version")
 def promote(name: str, version: str) -> None:

@@ -1,0 +1,256 @@
+"""The trained network as an ONNX file, run by ONNX Runtime, checked against PyTorch, quantized to int8.
+
+The graph is `finetune.model.outputs.LogitsAndFeatures` traced: input ``images`` ``[N, 3, H, W]`` float32
+(normalised, exactly what the eval transform produces; dynamic batch axis), outputs ``logits`` ``[N, K]``
+and ``features`` ``[N, C]``. Temperature scaling and the unknown-image score work on those two outputs
+downstream, so the graph needs nothing else. The file describes itself: its metadata holds the model
+spec (architecture, class names, preprocessing contract, default TTA mode) as JSON.
+
+onnx and onnxruntime are an optional extra (``uv sync --extra onnx``); without it every entry point
+here says so in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from finetune import runtime
+from finetune.errors import UserError
+from finetune.model.artifact import ModelSpec, build_network
+from finetune.model.outputs import LogitsAndFeatures
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("logits", "features")
+DEFAULT_OPSET = 17  # ONNX Runtime, TensorRT and OpenVINO all read it
+SPEC_KEY = "finetune.model_spec"  # metadata_props key of the ModelSpec JSON
+# fp32 ONNX Runtime vs PyTorch differ by float summation order only: measured <= 4e-5 in logits on
+# mobilenetv2_100 @224; 1e-3 in probability leaves room for deeper nets and still catches a wrong graph.
+FP32_TOLERANCE = 1e-3
+INSTALL_MESSAGE = ("ONNX Runtime is not installed (it is an optional extra): uv sync --extra onnx "
+                   "(pip install 'finetune[onnx]').")
+
+
+def require_onnxruntime():
+    """The onnxruntime module, or a UserError naming the extra to install."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UserError(INSTALL_MESSAGE) from None
+    return onnxruntime
+
+
+def require_onnx():
+    """The onnx module, or a UserError naming the extra to install."""
+    try:
+        import onnx
+    except ImportError:
+        raise UserError(INSTALL_MESSAGE.replace("ONNX Runtime", "onnx")) from None
+    return onnx
+
+
+def _metadata(spec: ModelSpec) -> dict[str, str]:
+    """What a consumer of the file needs besides the graph; plain keys for tools that show metadata."""
+    return {SPEC_KEY: json.dumps(asdict(spec), default=str),
+            "class_names": json.dumps(list(spec.class_names)),
+            "preprocessing": json.dumps(spec.data_config, default=str),
+            "default_tta": spec.default_tta, "architecture": spec.architecture,
+            "outputs": "logits [N, K] (softmax for probabilities), features [N, C] (the classifier's input)"}
+
+
+def exportable_copy(net: nn.Module, spec: ModelSpec) -> nn.Module:
+    """The same network and weights built with timm's export-friendly layers (CPU, eval mode).
+
+    TF-style ``same`` padding (the shared MobileNets) is otherwise computed from the input shape at
+    every call: a chain of Shape/Cast/Concat/Slice/Pad nodes per strided conv in the graph, which ONNX
+    Runtime's int8 quantizer cannot handle ("Graph is not a DAG"). Exportable, the padding is fixed for
+    the spec's input size, which the graph has anyway (only the batch axis is dynamic).
+    """
+    import importlib
+    from unittest import mock
+
+    from timm.layers import set_layer_config
+
+    conv2d_same = importlib.import_module("timm.layers.conv2d_same")  # the module, not its same-named function
+
+    # timm keeps its export conv (Conv2dSameExport: the padding fixed at the first call) behind a module
+    # flag as well as the exportable config; both are set only while the copy is built.
+    with set_layer_config(exportable=True), mock.patch.object(conv2d_same, "_USE_EXPORT_CONV", True):
+        copy = build_network(spec)
+    copy.load_state_dict({k: v.detach().cpu() for k, v in net.state_dict().items()})
+    with torch.no_grad():  # outside the tracer, so the padding is fixed as plain numbers, not traced shape maths
+        copy.eval()(torch.zeros(1, *[int(s) for s in spec.data_config["input_size"]]))
+    return copy
+
+
+def export_onnx(net: nn.Module, spec: ModelSpec, path: str | Path, opset: int = DEFAULT_OPSET) -> Path:
+    """Trace ``LogitsAndFeatures(net)`` to `path` (dynamic batch) with the spec in its metadata."""
+    onnx = require_onnx()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dummy = torch.zeros(2, *[int(s) for s in spec.data_config["input_size"]])
+    dynamic = {name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)}
+    with torch.no_grad(), warnings.catch_warnings():
+        # The TorchScript exporter is deprecated in favour of torch.export, which needs onnxscript and
+        # more time; this one traces every timm model we use (checked: resnet, vit, mobilenetv2).
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(LogitsAndFeatures(exportable_copy(net, spec)), (dummy,), str(path),
+                              input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES), dynamic_axes=dynamic,
+                              opset_version=opset, dynamo=False)
+        except torch.onnx.OnnxExporterError as e:
+            raise UserError(f"{spec.architecture} at input size {dummy.shape[-2:]} cannot be exported to ONNX "
+                            f"opset {opset}: {str(e).splitlines()[0][:300]}") from None
+    model = onnx.load(str(path))
+    onnx.helper.set_model_props(model, _metadata(spec))
+    onnx.save(model, str(path))
+    return path
+
+
+def read_spec(path: str | Path) -> ModelSpec:
+    """The ModelSpec an exported file carries in its metadata."""
+    onnx = require_onnx()
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    if SPEC_KEY not in props:
+        raise UserError(f"{path} was not exported by finetune (no {SPEC_KEY} in its metadata).")
+    return ModelSpec.from_dict(json.loads(props[SPEC_KEY]))
+
+
+class OnnxRunner:
+    """An ONNX Runtime session over an exported file: ``runner(images) -> (logits, features)`` as torch
+    tensors, a drop-in for ``LogitsAndFeatures(net)`` in prediction code.
+
+    Args:
+        threads: intra-op threads (ONNX Runtime's default, all cores, when None).
+        device: "cpu", or "cuda" for ONNX Runtime's CUDA provider (an error when it has none).
+    """
+
+    def __init__(self, path: str | Path, threads: int | None = None, device: str = "cpu"):
+        ort = require_onnxruntime()
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = int(threads)
+            options.inter_op_num_threads = 1
+        providers = ["CPUExecutionProvider"]
+        if str(device).startswith("cuda"):
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise UserError("ONNX Runtime here has no CUDA provider: install onnxruntime-gpu, or run on the CPU.")
+            providers.insert(0, "CUDAExecutionProvider")
+        self.path = Path(path)
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+
+    def __call__(self, images: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(images, torch.Tensor):
+            images = images.detach().float().cpu().numpy()
+        logits, features = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(images, np.float32)})
+        return torch.from_numpy(logits), torch.from_numpy(features)
+
+
+class OnnxLogits(nn.Module):
+    """A runner as an ``nn.Module`` returning logits, for code that takes a network (TTA, evaluation)."""
+
+    def __init__(self, runner: OnnxRunner):
+        super().__init__()
+        self.runner = runner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.runner(x)[0].to(x.device)
+
+
+def _in_batches(fn, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return torch.cat([fn(part) for part in images.split(batch_size)])
+
+
+@torch.no_grad()
+def compare(torch_net: nn.Module, runner: OnnxRunner, images: torch.Tensor, batch_size: int = 32) -> dict[str, Any]:
+    """Label agreement and the largest probability / feature differences of a runner vs PyTorch."""
+    with runtime.evaluating_on(torch_net, "cpu"):
+        reference = LogitsAndFeatures(torch_net)
+        ref_logits = _in_batches(lambda x: reference(x)[0], images, batch_size).float()
+        ref_feats = _in_batches(lambda x: reference(x)[1], images, batch_size).float()
+    logits = _in_batches(lambda x: runner(x)[0], images, batch_size)
+    feats = _in_batches(lambda x: runner(x)[1], images, batch_size)
+    same = ref_logits.argmax(1) == logits.argmax(1)
+    return {"images": len(images), "labels_identical": bool(same.all()), "label_mismatches": int((~same).sum()),
+            "max_abs_prob_diff": float((ref_logits.softmax(1) - logits.softmax(1)).abs().max()),
+            "max_abs_logit_diff": float((ref_logits - logits).abs().max()),
+            "max_abs_feature_diff": float((ref_feats - feats).abs().max())}
+
+
+def verify(torch_net: nn.Module, runner: OnnxRunner, images: torch.Tensor,
+           tolerance: float = FP32_TOLERANCE) -> dict[str, Any]:
+    """The export's check: identical labels and max |Δprob| <= `tolerance` on `images`, else a UserError."""
+    if len(images) == 0:
+        raise UserError("No images to verify the export on.")
+    report = {**compare(torch_net, runner, images), "tolerance": tolerance}
+    report["passed"] = report["labels_identical"] and report["max_abs_prob_diff"] <= tolerance
+    if not report["passed"]:
+        raise UserError(f"The ONNX export of {runner.path.name} does not match PyTorch on {report['images']} images: "
+                        f"{report['label_mismatches']} label(s) differ, max |Δprob| {report['max_abs_prob_diff']:.3g} "
+                        f"(tolerance {tolerance:g}). The export is refused.")
+    return report
+
+
+class _Calibration:
+    """onnxruntime's CalibrationDataReader protocol over preprocessed image batches."""
+
+    def __init__(self, batches: Iterable[torch.Tensor]):
+        self.batches = iter(batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self.batches, None)
+        return None if batch is None else {INPUT_NAME: batch.float().cpu().numpy()}
+
+    def rewind(self) -> None:  # one pass is all quantize_static makes with MinMax calibration
+        raise NotImplementedError
+
+
+def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration_images: torch.Tensor,
+                  batch_size: int = 16, per_channel: bool = True, quant_format: str = "QOperator") -> Path:
+    """Static int8 quantization (ONNX Runtime, MinMax) calibrated on preprocessed images ``[N, 3, H, W]``.
+
+    Per-channel weights: per-tensor lost 25 accuracy points on hymenoptera val with mobilenetv2_100
+    (depthwise convs' channels differ too much for one scale), per-channel none. QOperator
+    (QLinearConv) and QDQ ran within noise of each other on this CPU, QOperator ahead in three runs
+    (`bench/deploy.py --variants`, docs/decisions.md). TensorRT and OpenVINO calibrate the fp32 file themselves.
+    """
+    require_onnxruntime()
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if len(calibration_images) == 0:
+        raise UserError("No calibration images for int8 quantization.")
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"  # shapes inferred and BatchNorm folded, as ORT advises
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(out_path), _Calibration(calibration_images.split(batch_size)),
+                        quant_format=QuantFormat[quant_format], per_channel=per_channel, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                        # ranges merged every 4 batches rather than every activation of every image kept to
+                        # the end (200 images of mobilenetv2 @224: peak 2.8 GB instead of 3.0; more with more)
+                        extra_options={"CalibMaxIntermediateOutputs": 4})
+    _copy_metadata(fp32_path, out_path)
+    return out_path
+
+
+def _copy_metadata(source: str | Path, target: Path) -> None:
+    onnx = require_onnx()
+    props = {p.key: p.value for p in onnx.load(str(source), load_external_data=False).metadata_props}
+    model = onnx.load(str(target))
+    onnx.helper.set_model_props(model, {**props, "quantization": "int8 static (ONNX Runtime)"})
+    onnx.save(model, str(target))

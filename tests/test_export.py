@@ -1,0 +1,221 @@
+"""finetune export: ONNX files that match PyTorch for every plan kind, a broken export refused, int8
+judged by its val accuracy, the registry tagged, and the install message without the extra."""
+
+from __future__ import annotations
+
+import builtins
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from finetune.cli import cli
+from finetune.errors import UserError
+from finetune.model import onnx as onnx_export
+from finetune.tracking.pyfunc import load_logged_model
+from finetune import tracking
+from finetune.model.artifact import ModelSpec, build_network
+from finetune.model.heads import StageClassifier
+from finetune.model.outputs import LogitsAndFeatures
+from finetune.tracking import registry
+from finetune.workflows.resume import DATA_TAG
+from tests.conftest import TINY_MODEL, make_folder, tiny_train_args
+from tests.model_helpers import DATA_CONFIG, logged_model
+
+pytest.importorskip("onnxruntime", reason="the onnx extra (uv sync --extra onnx)")
+
+
+def train(tmp_path: Path, scenario: str, *extra: str) -> dict:
+    data = make_folder(tmp_path / "data", classes=("red", "blue", "green"), per_class=6)
+    out = tmp_path / f"run-{scenario}"
+    result = CliRunner().invoke(cli, tiny_train_args(data, out, "--scenario", scenario, "--tta", "center", *extra))
+    assert result.exit_code == 0, result.output
+    return json.loads((out / "summary.json").read_text())
+
+
+def logged_with_data(tmp_path: Path, register: str | None = None) -> tuple[str, str]:
+    """A logged (untrained) model whose run records a data folder of its classes, as train's runs do."""
+    import mlflow
+
+    data = make_folder(tmp_path / "data", classes=("cat", "dog"), per_class=10)
+    uri = logged_model(tmp_path)
+    run_id = mlflow.models.get_model_info(uri).run_id
+    tracking.client().set_tag(run_id, DATA_TAG, str(data))
+    if register:
+        registry.register(uri, register, {})
+    return uri, run_id
+
+
+def generated_images(spec, n: int = 12, seed: int = 0) -> torch.Tensor:
+    """Normalised inputs of the model's size, spread like real preprocessed pixels."""
+    torch.manual_seed(seed)
+    return torch.randn(n, *spec.data_config["input_size"]).clamp(-2.5, 2.5)
+
+
+def check_export(net, spec, tmp_path: Path) -> None:
+    path = onnx_export.export_onnx(net, spec, tmp_path / "model.onnx")
+    runner = onnx_export.OnnxRunner(path, threads=1)
+    images = generated_images(spec)
+    report = onnx_export.verify(net, runner, images)
+    assert report["passed"] and report["labels_identical"] and report["max_abs_prob_diff"] <= 1e-3
+    logits, features = runner(images[:5])  # dynamic batch: 5, not the traced 2
+    ref_logits, ref_features = LogitsAndFeatures(net.eval())(images[:5])
+    assert logits.shape == ref_logits.shape and features.shape == ref_features.shape
+    assert onnx_export.read_spec(path).class_names == spec.class_names
+    assert json.loads(runner.metadata["preprocessing"]) == json.loads(json.dumps(spec.data_config))
+
+
+@pytest.mark.parametrize("scenario", ["small-similar", "large-similar"])
+def test_a_trained_feature_head_and_fine_tuned_network_export_like_pytorch(tmp_path, scenario):
+    """small-similar: a linear head on the final features; large-similar: the fine-tuned network."""
+    summary = train(tmp_path, scenario)
+    assert summary["scenario"] == scenario
+    model = load_logged_model(summary["model_uri"])
+    check_export(model.net, model.spec, tmp_path)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_a_head_on_an_earlier_stage_exports_like_pytorch(tmp_path, stage):
+    """The small-different plans' network; built directly, as which stage wins is measured on real data."""
+    torch.manual_seed(stage)
+    spec = ModelSpec(architecture=TINY_MODEL, num_classes=3, class_names=["a", "b", "c"],
+                     data_config=DATA_CONFIG, scenario="small-different", head_stage=stage)
+    net = build_network(spec).eval()
+    assert isinstance(net, StageClassifier)
+    check_export(net, spec, tmp_path)
+
+
+@pytest.mark.parametrize("architecture, create_kwargs", [("test_vit", {}), ("test_efficientnet", {"pad_type": "same"})])
+def test_other_architectures_export_like_pytorch(tmp_path, architecture, create_kwargs):
+    """A transformer (attention, no fused kernel in the graph) and TF-style same padding (fixed in the graph)."""
+    torch.manual_seed(0)
+    size = 160 if architecture == "test_vit" else 48  # the ViT at its own size: no position-embedding resampling
+    spec = ModelSpec(architecture=architecture, num_classes=3, class_names=["a", "b", "c"], create_kwargs=create_kwargs,
+                     data_config={**DATA_CONFIG, "input_size": [3, size, size]})
+    check_export(build_network(spec).eval(), spec, tmp_path)
+    if create_kwargs:
+        onnx = pytest.importorskip("onnx")
+        ops = {n.op_type for n in onnx.load(str(tmp_path / "model.onnx")).graph.node}
+        assert "Pad" in ops and not ops & {"Shape", "Ceil"}  # padding as constants, no shape maths
+
+
+def test_an_operator_onnx_lacks_is_a_clear_error(tmp_path):
+    """A ViT fed another size resamples its position embeddings with antialiased bicubic: not in ONNX."""
+    spec = ModelSpec(architecture="test_vit", num_classes=2, class_names=["a", "b"],
+                     create_kwargs={"dynamic_img_size": True}, data_config={**DATA_CONFIG, "input_size": [3, 64, 64]})
+    with pytest.raises(UserError, match=r"test_vit at input size .* cannot be exported to ONNX opset 17: .*upsample"):
+        onnx_export.export_onnx(build_network(spec), spec, tmp_path / "model.onnx")
+
+
+def test_a_broken_export_is_refused(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from onnx import numpy_helper
+
+    torch.manual_seed(0)
+    spec = ModelSpec(architecture=TINY_MODEL, num_classes=3, class_names=["a", "b", "c"], data_config=DATA_CONFIG)
+    net = build_network(spec).eval()
+    path = onnx_export.export_onnx(net, spec, tmp_path / "model.onnx")
+    graph = onnx.load(str(path))
+    # The classifier's weight (the last Gemm's) reversed and scaled: the graph runs but says something else.
+    gemm = [n for n in graph.graph.node if n.op_type == "Gemm"][-1]
+    weight = next(t for t in graph.graph.initializer if t.name == gemm.input[1])
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight)[::-1].copy() * 5, weight.name))
+    onnx.save(graph, str(path))
+    with pytest.raises(UserError, match=r"does not match PyTorch on 24 images: \d+ label\(s\) differ, max \|Δprob\|"):
+        onnx_export.verify(net, onnx_export.OnnxRunner(path), generated_images(spec, 24))
+
+
+def test_export_command_checks_logs_quantizes_and_tags_the_registered_version(tmp_path):
+    _, run_id = logged_with_data(tmp_path, register="pets")
+    result = CliRunner().invoke(cli, ["export", "models:/pets@champion", "--quantize", "int8", "--register",
+                                      "--max-loss", "100", "--output", str(tmp_path / "export")])
+    assert result.exit_code == 0, result.output
+    assert "onnx fp32: labels identical" in result.output and "onnx int8: val acc" in result.output
+    report = json.loads((tmp_path / "export" / "onnx" / "export.json").read_text())
+    assert report["fp32"]["passed"] and report["int8"]["accepted"]
+    assert report["int8"]["calibration_images"] == 16 and report["int8"]["val_images"] == 4
+    c = tracking.client()
+    assert {f.path for f in c.list_artifacts(run_id, "onnx")} == {"onnx/model.onnx", "onnx/model.int8.onnx",
+                                                                  "onnx/export.json"}
+    tags = c.get_model_version("pets", "1").tags
+    assert tags["onnx"] == f"runs:/{run_id}/onnx/model.onnx"
+    assert tags["onnx_int8"] == f"runs:/{run_id}/onnx/model.int8.onnx"
+    assert len(c.search_model_versions("name = 'pets'")) == 1  # one entry per trained model
+    int8 = onnx_export.OnnxRunner(tmp_path / "export" / "onnx" / "model.int8.onnx")
+    assert int8.metadata["quantization"].startswith("int8") and json.loads(int8.metadata["class_names"]) == ["cat", "dog"]
+
+
+def test_int8_losing_more_than_max_loss_is_refused_and_not_registered(tmp_path, monkeypatch):
+    from finetune.workflows import export as workflow
+
+    uri, run_id = logged_with_data(tmp_path, register="pets")
+    tracking.client().set_model_version_tag("pets", "1", "onnx_int8", "runs:/earlier/onnx/model.int8.onnx")
+    real = workflow.val_accuracy
+    calls = []
+
+    def int8_worse(runner, *args):  # the int8 model's accuracy 5 points below the fp32 one's
+        acc, pred = real(runner, *args)
+        calls.append(runner.path.name)
+        return (acc - 0.05 if runner.path.name == workflow.INT8_FILE else acc), pred
+
+    monkeypatch.setattr(workflow, "val_accuracy", int8_worse)
+    result = CliRunner().invoke(cli, ["export", uri, "--quantize", "int8", "--register",
+                                      "--output", str(tmp_path / "export")])
+    assert result.exit_code == 0, result.output
+    assert calls == ["model.onnx", "model.int8.onnx"]
+    assert "int8 refused: it loses 5.00 accuracy points on val" in result.output
+    assert "more than --max-loss 1; not logged or registered" in result.output
+    tags = tracking.client().get_model_version("pets", "1").tags
+    assert "onnx" in tags and "onnx_int8" not in tags
+    assert "onnx/model.int8.onnx" not in {f.path for f in tracking.client().list_artifacts(run_id, "onnx")}
+
+
+def test_export_needs_real_images(tmp_path):
+    uri = logged_model(tmp_path)  # its run records no data folder
+    result = CliRunner().invoke(cli, ["export", uri])
+    assert result.exit_code == 2
+    assert "checked on real images, but the run records no data folder: pass --data DIR" in result.output
+    result = CliRunner().invoke(cli, ["export", uri, "--data", str(tmp_path / "gone")])
+    assert result.exit_code == 2 and "gone" in result.output
+
+
+def test_register_needs_a_registered_version(tmp_path):
+    uri, _ = logged_with_data(tmp_path)
+    result = CliRunner().invoke(cli, ["export", uri, "--register"])
+    assert result.exit_code == 2 and "has no registered version to tag" in result.output
+
+
+def test_without_onnxruntime_the_message_names_the_extra(monkeypatch):
+    real_import = builtins.__import__
+
+    def no_onnxruntime(name, *args, **kwargs):
+        if name.split(".")[0] == "onnxruntime":
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_onnxruntime)
+    monkeypatch.delitem(__import__("sys").modules, "onnxruntime", raising=False)
+    with pytest.raises(UserError, match=r"uv sync --extra onnx \(pip install 'finetune\[onnx\]'\)"):
+        onnx_export.require_onnxruntime()
+    result = CliRunner().invoke(cli, ["export", "runs:/0123/model"])
+    assert result.exit_code == 2
+    assert "ONNX Runtime is not installed (it is an optional extra): uv sync --extra onnx" in result.output
+
+
+def test_the_onnx_module_imports_no_lightning_nor_mlflow():
+    import subprocess
+    import sys
+
+    code = ("import sys, finetune.model.onnx; "
+            "print(sorted(m for m in ('pytorch_lightning', 'lightning', 'mlflow') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr[-2000:]
+
+
+def test_export_help_and_bad_format():
+    result = CliRunner().invoke(cli, ["export", "--help"])
+    assert result.exit_code == 0 and "--quantize [int8]" in result.output and "--max-loss" in result.output
+    result = CliRunner().invoke(cli, ["export", "runs:/x/model", "--format", "tflite"])
+    assert result.exit_code == 2 and "'tflite' is not 'onnx'" in result.output
