@@ -21,6 +21,7 @@ row writer, and rank 0 merges them.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import glob
@@ -318,8 +319,10 @@ def predict_rows(net: torch.nn.Module, loader: torch.utils.data.DataLoader, rows
     from tqdm.auto import tqdm
 
     rows.open(rank=0)
+    # An ONNX Runtime session (`--runtime onnx`) is not a module: it has no device or mode to set.
+    placed = runtime.evaluating_on(net, rt.device) if isinstance(net, torch.nn.Module) else contextlib.nullcontext()
     try:
-        with runtime.evaluating_on(net, rt.device), torch.inference_mode(), rt.autocast(), \
+        with placed, torch.inference_mode(), rt.autocast(), \
                 tqdm(total=len(loader), desc="Predicting", unit="batch", disable=not progress) as bar:
             for views, index, errors in loader:
                 probs, ood = score_views(net, views.to(rt.device, non_blocking=True), rows.rejection.scoring)
@@ -345,7 +348,8 @@ def predict_sharded(net: torch.nn.Module, loader: torch.utils.data.DataLoader, r
                          enable_checkpointing=False, enable_model_summary=False, precision=rt.precision,
                          callbacks=[writer, TQDMProgressBar(refresh_rate=1)] if progress else [writer],
                          enable_progress_bar=progress)
-    trainer.predict(classes["ViewsPredictor"](net.cpu(), rows.rejection.scoring), dataloaders=loader,
+    net = net.cpu() if isinstance(net, torch.nn.Module) else net
+    trainer.predict(classes["ViewsPredictor"](net, rows.rejection.scoring), dataloaders=loader,
                     return_predictions=False)
     trainer.strategy.barrier()
     return trainer.global_rank, trainer.world_size
@@ -373,7 +377,8 @@ def write_overlays(net: torch.nn.Module, spec: Any, rows: Any, paths: Sequence[s
             except (ImageError, OSError) as e:  # changed since it was predicted
                 log.warning("--explain: %s: %s", row_path(path), e)
                 continue
-            cam, _ = explain_image(net, img, spec.data_config, spec.class_names.index(row["label"]))
+            label = row["label"] if row["label"] in spec.class_names else row["top1_label"]  # "unknown": its class
+            cam, _ = explain_image(net, img, spec.data_config, spec.class_names.index(label))
             titled(cam, f"{row['label']} {float(row['score']):.2f}").save(folder / name)
             written += 1
     return written
@@ -384,11 +389,12 @@ def predict_to_file(model_uri: str, inputs: str | Sequence[str], output: str | P
                     accelerator: str = "auto", devices: str | int = 1, strategy: str = "auto",
                     max_pixels: int | None = None, progress: bool = True,
                     explain: str | Path | None = None, ood_threshold: float | None = None,
-                    reject_unknown: bool = False) -> dict[str, Any]:
+                    reject_unknown: bool = False, runtime_name: str | None = None) -> dict[str, Any]:
     """Predict every input image into `output`; returns counts (total, skipped as done, predicted).
 
     `explain`: a folder for the Grad-CAM overlay of each image predicted in this run. `ood_threshold`
     (None: the model's) decides `unknown`; `reject_unknown` writes ``unknown`` as the label of those images.
+    `runtime_name`: torch, onnx or onnx-int8 (None: the model's "auto", ONNX Runtime when it carries a graph).
     """
     from finetune.tracking.pyfunc import load_logged_model
 
@@ -399,15 +405,15 @@ def predict_to_file(model_uri: str, inputs: str | Sequence[str], output: str | P
     if not output.parent.is_dir():
         raise UserError(f"Output folder {output.parent} does not exist.")
     paths = list_inputs(inputs) if isinstance(inputs, (str, Path)) else list(inputs)
-    model = load_logged_model(model_uri)
-    net, spec = model.net, model.spec
+    model = load_logged_model(model_uri, {"runtime": runtime_name} if runtime_name else None)
+    net, spec = model.predictor, model.spec
     mode = tta or model.default_tta
     if mode not in TTA_VIEWS:
         raise UserError(f"Invalid tta {mode!r}. Valid values: {', '.join(TTA_VIEWS)}.")
     if explain:
         from finetune.evaluation.explain import check_explainable
 
-        check_explainable(net)
+        check_explainable(model.net)
     top_k = max(1, min(top_k, len(spec.class_names)))
     cols = columns(top_k)
     if resume:
@@ -435,7 +441,7 @@ def predict_to_file(model_uri: str, inputs: str | Sequence[str], output: str | P
         # Partial files of earlier runs are already in `done`; only this run's are new.
         finalize(output, done, cols, [p for p in parts if p.exists()] if todo else [])
         if explain and todo:
-            write_overlays(net, spec, load_done(output, cols), todo, Path(explain), rt,
+            write_overlays(model.net, spec, load_done(output, cols), todo, Path(explain), rt,
                            max_pixels or model.max_pixels)
     return {"total": len(paths), "already_done": len(paths) - len(todo), "predicted": len(todo),
             "output": str(output), "tta": mode}
@@ -463,17 +469,21 @@ def predict_to_file(model_uri: str, inputs: str | Sequence[str], output: str | P
               help="Also write each predicted image's Grad-CAM overlay (<stem>_cam.png) into this folder.")
 @click.option("--reject-unknown", is_flag=True,
               help="Write 'unknown' as the label of images the model flags unknown (default: keep the label).")
+@click.option("--runtime", "runtime_name", type=click.Choice(["auto", "torch", "onnx", "onnx-int8"]),
+              help="torch, or ONNX Runtime (the ONNX version `finetune export --register` registers); default auto: "
+                   "ONNX Runtime when the model carries an ONNX graph.")
 @click.option("--ood-threshold", type=float,
               help="Unknown-score threshold (default: the model's, which keeps 95% of held-out training images).")
 def main(model_uri: str, inputs: str, output: str, tta: str | None, top_k: int, batch_size: int,
          num_workers: int | None, resume: bool, max_image_pixels: int | None, accelerator: str, devices: str,
-         strategy: str, explain: str | None, reject_unknown: bool, ood_threshold: float | None) -> None:
+         strategy: str, explain: str | None, reject_unknown: bool, runtime_name: str | None,
+         ood_threshold: float | None) -> None:
     """Predict labels for every image of a folder or list into a CSV or Parquet file."""
     console.setup()
     result = predict_to_file(model_uri, inputs, output, tta, top_k, batch_size, num_workers, resume,
                              accelerator, int(devices) if devices.isdigit() else devices, strategy,
                              max_image_pixels, explain=explain, ood_threshold=ood_threshold,
-                             reject_unknown=reject_unknown)
+                             reject_unknown=reject_unknown, runtime_name=runtime_name)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
         click.echo(f"{result['predicted']} predicted, {result['already_done']} kept from before, "
                    f"{result['total']} rows in {result['output']}", err=False)

@@ -142,7 +142,12 @@ def test_export_command_checks_logs_quantizes_and_tags_the_registered_version(tm
     tags = c.get_model_version("pets", "1").tags
     assert tags["onnx"] == f"runs:/{run_id}/onnx/model.onnx"
     assert tags["onnx_int8"] == f"runs:/{run_id}/onnx/model.int8.onnx"
-    assert len(c.search_model_versions("name = 'pets'")) == 1  # one entry per trained model
+    # The ONNX pyfunc model: a linked version (tags both ways), aliases left on the trained model's version.
+    assert sorted(int(v.version) for v in c.search_model_versions("name = 'pets'")) == [1, 2]
+    assert tags["onnx_version"] == "2"
+    linked = c.get_model_version("pets", "2").tags
+    assert linked["format"] == "onnx" and linked["source_version"] == "1"
+    assert c.get_registered_model("pets").aliases == {"candidate": 1, "champion": 1}
     int8 = onnx_export.OnnxRunner(tmp_path / "export" / "onnx" / "model.int8.onnx")
     assert int8.metadata["quantization"].startswith("int8") and json.loads(int8.metadata["class_names"]) == ["cat", "dog"]
 
@@ -219,3 +224,52 @@ def test_export_help_and_bad_format():
     assert result.exit_code == 0 and "--quantize [int8]" in result.output and "--max-loss" in result.output
     result = CliRunner().invoke(cli, ["export", "runs:/x/model", "--format", "tflite"])
     assert result.exit_code == 2 and "'tflite' is not 'onnx'" in result.output
+
+
+def test_the_onnx_version_predicts_like_torch_with_the_same_columns(tmp_path):
+    import mlflow
+    import pandas as pd
+
+    from serve.batch_predict import predict_to_file
+
+    logged_with_data(tmp_path, register="pets")
+    result = CliRunner().invoke(cli, ["export", "models:/pets/1", "--register", "--output", str(tmp_path / "x")])
+    assert result.exit_code == 0, result.output
+    images = sorted((tmp_path / "data").rglob("*.png"))
+    frame = pd.DataFrame({"image": [p.read_bytes() for p in images]})
+    torch_model, onnx_model = mlflow.pyfunc.load_model("models:/pets/1"), mlflow.pyfunc.load_model("models:/pets/2")
+    assert torch_model.unwrap_python_model().runtime_name == "torch"
+    assert onnx_model.unwrap_python_model().runtime_name == "onnx"  # auto: the graph is there
+    a, b = torch_model.predict(frame), onnx_model.predict(frame)
+    assert list(a.columns) == list(b.columns) and a["label"].tolist() == b["label"].tolist()
+    assert a["score"].tolist() == pytest.approx(b["score"].tolist(), abs=1e-3)
+    assert a["ood_score"].tolist() == pytest.approx(b["ood_score"].tolist(), abs=1e-3, nan_ok=True)
+    # Batch prediction: the same columns and labels on both runtimes; forcing torch on the ONNX version works.
+    outs = {}
+    for name, uri, runtime_name in (("t", "models:/pets/1", None), ("o", "models:/pets/2", "onnx"),
+                                    ("f", "models:/pets/2", "torch")):
+        predict_to_file(uri, str(tmp_path / "data"), tmp_path / f"{name}.csv", num_workers=0, progress=False,
+                        runtime_name=runtime_name)
+        outs[name] = pd.read_csv(tmp_path / f"{name}.csv")
+    assert list(outs["t"].columns) == list(outs["o"].columns) == list(outs["f"].columns)
+    assert outs["t"]["label"].tolist() == outs["o"]["label"].tolist() == outs["f"]["label"].tolist()
+
+
+def test_runtime_onnx_needs_a_graph_and_onnx_runtime(tmp_path, monkeypatch):
+    from serve.batch_predict import predict_to_file
+
+    uri, _ = logged_with_data(tmp_path)
+    with pytest.raises(UserError, match="has no model.onnx: export it"):
+        predict_to_file(uri, str(tmp_path / "data"), tmp_path / "p.csv", num_workers=0, runtime_name="onnx")
+    # A model that carries a graph, where ONNX Runtime is missing: --runtime onnx names the extra, auto says so
+    # in a log line and runs on torch.
+    monkeypatch.setattr(onnx_export, "require_onnxruntime",
+                        lambda: (_ for _ in ()).throw(UserError(onnx_export.INSTALL_MESSAGE)))
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model.onnx").write_bytes(b"")
+    with pytest.raises(UserError, match=r"uv sync --extra onnx"):
+        onnx_export.choose_runtime("onnx", tmp_path / "m")
+    assert onnx_export.choose_runtime("auto", tmp_path / "m") == "torch"
+    assert onnx_export.choose_runtime(None, tmp_path) == "torch"  # no graph
+    with pytest.raises(UserError, match="Invalid runtime"):
+        onnx_export.choose_runtime("tensorrt", tmp_path)

@@ -15,6 +15,7 @@ pixel-identical to the eval transform used in validation and serving.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Sequence
 
 import numpy as np
@@ -98,7 +99,9 @@ def source_outputs(net: Any, sources: Sequence[Any], data_config: dict[str, Any]
     logits, feats, errors = [], [], []
     # Minutes for a large split on a CPU (more with 10crop): show progress.
     bar = tqdm(loader, desc=f"Predicting {len(ds)} images ({mode})", unit="batch", dynamic_ncols=True, leave=False)
-    with runtime.evaluating_on(net, rt.device), rt.autocast():
+    # An ONNX Runtime session is not a module: it has no device or mode to set.
+    placed = runtime.evaluating_on(net, rt.device) if isinstance(net, nn.Module) else contextlib.nullcontext()
+    with placed, rt.autocast():
         for views, _, errs in bar:
             z, f = forward_views(net, views.to(rt.device, non_blocking=True))
             z, f = z.cpu().clone(), (pooled_features(f)[:, None] if pool else f).cpu().clone()

@@ -136,6 +136,8 @@ class OnnxRunner:
         device: "cpu", or "cuda" for ONNX Runtime's CUDA provider (an error when it has none).
     """
 
+    returns_features = True  # prediction code calls it as it is (evaluation.tta.forward_views)
+
     def __init__(self, path: str | Path, threads: int | None = None, device: str = "cpu"):
         ort = require_onnxruntime()
         options = ort.SessionOptions()
@@ -157,17 +159,6 @@ class OnnxRunner:
             images = images.detach().float().cpu().numpy()
         logits, features = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(images, np.float32)})
         return torch.from_numpy(logits), torch.from_numpy(features)
-
-
-class OnnxLogits(nn.Module):
-    """A runner as an ``nn.Module`` returning logits, for code that takes a network (TTA, evaluation)."""
-
-    def __init__(self, runner: OnnxRunner):
-        super().__init__()
-        self.runner = runner
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.runner(x)[0].to(x.device)
 
 
 def _in_batches(fn, images: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -254,3 +245,35 @@ def _copy_metadata(source: str | Path, target: Path) -> None:
     model = onnx.load(str(target))
     onnx.helper.set_model_props(model, {**props, "quantization": "int8 static (ONNX Runtime)"})
     onnx.save(model, str(target))
+
+
+# --- which runtime a loaded model predicts with ------------------------------------------------------
+
+RUNTIMES = ("auto", "torch", "onnx", "onnx-int8")
+RUNTIME_FILES = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx"}
+
+
+def choose_runtime(requested: str | None, model_dir: str | Path) -> str:
+    """The runtime a model loaded from `model_dir` predicts with: `requested`, or with "auto" (the default)
+    ONNX Runtime when the model carries an ONNX graph (`finetune export --register`) and it is installed,
+    else torch (a log line says why when a graph is there but ONNX Runtime is not)."""
+    requested = (requested or "auto").strip().lower()
+    if requested not in RUNTIMES:
+        raise UserError(f"Invalid runtime {requested!r}. Valid values: {', '.join(RUNTIMES)}.")
+    if requested == "torch":
+        return "torch"
+    if requested == "auto":
+        if not (Path(model_dir) / RUNTIME_FILES["onnx"]).exists():
+            return "torch"
+        try:
+            require_onnxruntime()
+        except UserError as e:
+            log.warning("This model has an ONNX graph, but it runs on torch: %s", e)
+            return "torch"
+        return "onnx"
+    if not (Path(model_dir) / RUNTIME_FILES[requested]).exists():
+        raise UserError(f"This model has no {RUNTIME_FILES[requested]}: export it (finetune export MODEL_URI "
+                        f"--format onnx{' --quantize int8' if requested == 'onnx-int8' else ''} --register) and "
+                        "load the ONNX version it registers, or use --runtime torch.")
+    require_onnxruntime()
+    return requested

@@ -11,6 +11,9 @@ for `mlflow models serve`):
 * ``path_root`` / ``FINETUNE_PATH_ROOT``: the only folder a request's `path` column may read from.
   Unset: `path` is refused, so a server never reads arbitrary files.
 * ``max_image_pixels`` / ``FINETUNE_MAX_IMAGE_PIXELS``: larger images are refused before decoding.
+* ``runtime`` / ``FINETUNE_RUNTIME``: ``auto`` (default: ONNX Runtime when the model carries an ONNX graph,
+  from `finetune export --register`, and ONNX Runtime is installed; else torch), ``torch``, ``onnx`` or
+  ``onnx-int8`` (an error naming what is missing when the graph or ONNX Runtime is not there).
 * ``ood_threshold``: the unknown score above which an image is ``unknown`` (default: the model's own,
   set on held-out training images so that 95% of in-distribution images are kept).
 * ``reject_unknown``: replace the label of an unknown image by ``unknown`` (default false: the label is
@@ -40,6 +43,7 @@ from mlflow.pyfunc import PythonModel
 
 from finetune import runtime
 from finetune.model.artifact import load_model, load_scoring
+from finetune.model.onnx import RUNTIME_FILES, OnnxRunner, choose_runtime
 from finetune.model.scoring import UNKNOWN_LABEL
 from finetune.data.images import DEFAULT_MAX_PIXELS
 from finetune.data.crops import TTA_VIEWS, CropViews, ViewsDataset
@@ -91,8 +95,14 @@ class ImageClassifierModel(PythonModel):
     def load_context(self, context) -> None:
         config = dict(context.model_config or {})
         self.runtime = runtime.resolve()  # this process's GPU when it has one, with training's precision
-        self.net, self.spec = load_model(context.artifacts[MODEL_DIR_ARTIFACT], self.runtime.device)
-        self.scoring = load_scoring(context.artifacts[MODEL_DIR_ARTIFACT], self.spec)
+        self.model_dir = context.artifacts[MODEL_DIR_ARTIFACT]
+        self.net, self.spec = load_model(self.model_dir, self.runtime.device)
+        self.scoring = load_scoring(self.model_dir, self.spec)
+        self.runtime_name = choose_runtime(config.get("runtime") or os.environ.get("FINETUNE_RUNTIME"), self.model_dir)
+        self.runner = None
+        if self.runtime_name != "torch":  # the exported graph: same preprocessing, logits and features
+            self.runner = OnnxRunner(Path(self.model_dir) / RUNTIME_FILES[self.runtime_name],
+                                     threads=torch.get_num_threads(), device=self.runtime.device.type)
         self.ood_threshold = _optional_float(config.get("ood_threshold"), "ood_threshold")
         self.reject_unknown = _flag(config.get("reject_unknown", False), "reject_unknown")
         self.batch_size = int(config.get("batch_size") or DEFAULT_BATCH_SIZE)
@@ -165,16 +175,21 @@ class ImageClassifierModel(PythonModel):
         views = torch.stack([v for v, _, _ in items])
         # A request can hold any number of images: forward them batch_size at a time (bounded memory).
         with torch.no_grad(), self.runtime.autocast():
-            parts = [score_views(self.net, chunk.to(self.runtime.device), self.scoring)
+            parts = [score_views(self.predictor, chunk.to(self.runtime.device), self.scoring)
                      for chunk in views.split(self.batch_size)]
         return torch.cat([p.float().cpu() for p, _ in parts]), torch.cat([o.float().cpu() for _, o in parts])
+
+    @property
+    def predictor(self) -> Any:
+        """What the images go through: the ONNX Runtime session when the model runs on ONNX, else the network."""
+        return self.runner if self.runner is not None else self.net
 
     @property
     def device(self) -> torch.device:
         return self.runtime.device
 
 
-def load_logged_model(model_uri: str) -> "ImageClassifierModel":
+def load_logged_model(model_uri: str, model_config: dict[str, Any] | None = None) -> "ImageClassifierModel":
     """The finetune model behind a logged or registered MLflow model URI; a UserError when there is none."""
     import mlflow
 
@@ -183,7 +198,9 @@ def load_logged_model(model_uri: str) -> "ImageClassifierModel":
 
     tracking.client()
     try:
-        return mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+        return mlflow.pyfunc.load_model(model_uri, model_config=model_config or None).unwrap_python_model()
+    except UserError:
+        raise
     except Exception as e:  # unknown run, name, alias or version
         raise UserError(f"Cannot load model {model_uri!r}: {str(e).splitlines()[0][:300]}. Use runs:/RUN_ID/model "
                         "or models:/NAME@ALIAS (or models:/NAME/VERSION).") from None

@@ -46,12 +46,12 @@ def signature(class_names: list[str], default_tta: str) -> ModelSignature:
     return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 
-def _pip_requirements() -> list[str]:
+def _pip_requirements(names: tuple[str, ...] = _REQUIREMENTS) -> list[str]:
     """Pinned from this environment, as MLflow pins: the public version, without a local label
     (`torch==2.5.1`, not `2.5.1+cpu`, which no package index serves). Without pins MLflow's
     inference would import and run the model (slow)."""
     pins = []
-    for name in _REQUIREMENTS:
+    for name in names:
         try:
             pins.append(f"{name}=={Version(version(name)).public}")
         except PackageNotFoundError:
@@ -60,19 +60,20 @@ def _pip_requirements() -> list[str]:
 
 
 def log_pyfunc(run_id: str, model_dir: str | Path, class_names: list[str], default_tta: str,
-               plan: dict[str, Any] | None, max_image_pixels: int | None = None) -> str:
-    """Log the model as `model` in the run; returns its model URI."""
+               plan: dict[str, Any] | None, max_image_pixels: int | None = None, name: str = MODEL_NAME_IN_RUN,
+               extra_requirements: tuple[str, ...] = ()) -> str:
+    """Log the model as `name` (default `model`) in the run; returns its model URI."""
     tracking.client()
     # MLflow lets load-time model_config override only keys logged here, so every setting is present.
     config = {"default_tta": default_tta, "plan": plan or {}, "path_root": "",
               "max_image_pixels": int(max_image_pixels or DEFAULT_MAX_PIXELS), "ood_threshold": "",
-              "reject_unknown": False}
+              "reject_unknown": False, "runtime": "auto"}
     example = pd.DataFrame({"image": [example_image_bytes()]})
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
-            name=MODEL_NAME_IN_RUN, python_model=MODEL_CODE, artifacts={MODEL_DIR_ARTIFACT: str(model_dir)},
+            name=name, python_model=MODEL_CODE, artifacts={MODEL_DIR_ARTIFACT: str(model_dir)},
             model_config=config, signature=signature(class_names, default_tta), input_example=example,
-            pip_requirements=_pip_requirements())
+            pip_requirements=_pip_requirements(_REQUIREMENTS + tuple(extra_requirements)))
     return info.model_uri
 
 
@@ -84,11 +85,15 @@ def version_tags(summary: dict[str, Any]) -> dict[str, str]:
     return tags
 
 
-def register(model_uri: str, name: str, tags: dict[str, str]) -> str:
-    """Register a version, tag it, alias it `candidate` (and `champion` when there is none)."""
+def register(model_uri: str, name: str, tags: dict[str, str], aliases: bool = True) -> str:
+    """Register a version and tag it; alias it `candidate` (and `champion` when there is none) unless `aliases`
+    is False (a linked version, e.g. a model's ONNX export)."""
     c = tracking.client()
     with contextlib.redirect_stderr(io.StringIO()):  # MLflow prints its own "Successfully registered" lines
         mv = mlflow.register_model(model_uri, name, tags=tags)
+    if not aliases:
+        log.info("Registered %s version %s", name, mv.version)
+        return str(mv.version)
     c.set_registered_model_alias(name, CANDIDATE, mv.version)
     if CHAMPION not in c.get_registered_model(name).aliases:
         c.set_registered_model_alias(name, CHAMPION, mv.version)

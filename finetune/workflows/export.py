@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import logging
+import shutil
 from pathlib import Path
 import time
 from typing import Any, Sequence
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 ONNX_DIR = "onnx"  # artifact folder in the model's run
 FP32_FILE, INT8_FILE, REPORT_FILE = "model.onnx", "model.int8.onnx", "export.json"
+ONNX_MODEL_NAME = "model_onnx"  # the ONNX pyfunc model in the trained model's run
 VERIFY_IMAGES = 64  # val images the fp32 export is compared on
 CALIBRATION_IMAGES = 200  # training images int8 is calibrated on
 DEFAULT_MAX_LOSS = 1.0  # val accuracy points int8 may lose against fp32
@@ -102,7 +104,7 @@ def model_source(model_uri: str) -> tuple[str, Any]:
 def val_accuracy(runner: onnx_export.OnnxRunner, samples: Sequence[Sample], label_map: list[int],
                  spec: ModelSpec, batch_size: int) -> tuple[float, torch.Tensor]:
     """Accuracy (0-1, centre crop) of a runner on `samples`, and its predicted labels (-1: unreadable)."""
-    probs, errors = predict_sources(onnx_export.OnnxLogits(runner), [s.path for s in samples], spec.data_config,
+    probs, errors = predict_sources(runner, [s.path for s in samples], spec.data_config,
                                     "center", batch_size=batch_size)
     pred = torch.where(torch.tensor([bool(e) for e in errors]), -1, probs.nan_to_num(0).argmax(1))
     truth = torch.tensor([label_map[s.label] for s in samples])
@@ -142,6 +144,30 @@ def tag_version(model_version, artifacts: dict[str, str]) -> None:
             c.delete_model_version_tag(model_version.name, model_version.version, key)
 
 
+def log_onnx_model(model: Any, run_id: str, out: Path, files: dict[str, str]) -> str:
+    """The same pyfunc model with the accepted ONNX files beside its weights, logged as `model_onnx` in the run:
+    loaded, it predicts with ONNX Runtime (`runtime` "auto"); returns its model URI."""
+    from finetune.tracking import registry
+
+    model_dir = out / "model"
+    shutil.copytree(model.model_dir, model_dir, dirs_exist_ok=True)
+    for name in files.values():
+        shutil.copy2(out / name, model_dir / name)
+    return registry.log_pyfunc(run_id, model_dir, model.class_names, model.default_tta, model.plan,
+                               model.max_pixels, name=ONNX_MODEL_NAME, extra_requirements=("onnxruntime",))
+
+
+def register_onnx_model(model_uri: str, source) -> dict[str, str]:
+    """The ONNX pyfunc model as a version of the same registered model, linked both ways by tags (`source_version`
+    on it, `onnx_version` on the trained model's version); aliases stay where they are."""
+    from finetune.tracking import registry
+
+    tags = {**(source.tags or {}), "format": "onnx", "source_version": str(source.version)}
+    version_ = registry.register(model_uri, source.name, tags, aliases=False)
+    tracking.client().set_model_version_tag(source.name, source.version, "onnx_version", version_)
+    return {"name": source.name, "version": version_}
+
+
 def check_options(options: ExportOptions) -> None:
     if options.fmt != "onnx":
         raise UserError(f"Invalid format {options.fmt!r}. Valid values: onnx.")
@@ -177,8 +203,10 @@ def export_model(model_uri: str, options: ExportOptions) -> dict[str, Any]:
     for name in [*report["files"].values(), REPORT_FILE]:
         tracking.log_artifact(run_id, out / name, ONNX_DIR)
     report["artifacts"] = {key: f"runs:/{run_id}/{ONNX_DIR}/{name}" for key, name in report["files"].items()}
+    report["model_uri_onnx"] = log_onnx_model(model, run_id, out, report["files"])
     if options.register:
         tag_version(model_version, report["artifacts"])
         report["registered_model"] = {"name": model_version.name, "version": str(model_version.version)}
+        report["registered_onnx"] = register_onnx_model(report["model_uri_onnx"], model_version)
     report["output"] = str(out.resolve())
     return report
