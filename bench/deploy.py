@@ -12,13 +12,18 @@ Every row runs the whole val split, preprocessed once beforehand (centre crop, n
 32; rows are interleaved (row 1, row 2, ..., row 1, ...) so a load change on the machine hits them all,
 and each row's images/s is the median of the repeats. Each row also gives its val accuracy and its label
 agreement with bare eager. A row is a function `row_*(ctx) -> Row` whose `run()` predicts the whole val
-split and returns the labels: the rows for batch prediction (torch / onnx) and REST (torch / onnx) go in
-`ROWS` the same way once the pyfunc model takes `--runtime onnx`.
+split and returns the labels. The model rows (eager, ONNX Runtime fp32 / int8) time the forward pass on
+preprocessed tensors; the batch prediction rows run `serve.batch_predict` over the val files (decoding,
+crops, calibrated scores, unknown score, CSV) on torch, ONNX fp32 and ONNX int8 (the `model_onnx` version the
+export logs); the REST rows start `mlflow models serve` on that version (FINETUNE_RUNTIME torch or onnx) and
+send the val images from 4 concurrent clients, 8 images a request, base64 in `dataframe_split`.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 import os
 from pathlib import Path
@@ -97,7 +102,112 @@ def variant_rows(ctx: Context) -> list[Row]:
     return rows
 
 
-ROWS = [row_eager, row_onnx_fp32, row_onnx_int8]  # batch prediction torch/onnx, REST torch/onnx: later
+def _batch_row(ctx: Context, name: str, uri: str, runtime_name: str) -> Row:
+    """`serve.batch_predict` over the val files (decode, crop, predict, write the CSV), on one runtime."""
+    from serve.batch_predict import predict_to_file
+    import pandas as pd
+
+    out = ctx.onnx_dir.parent / f"batch-{runtime_name}.csv"
+
+    def run() -> torch.Tensor:
+        predict_to_file(uri, ctx.paths, out, batch_size=32, num_workers=ctx.extra["workers"], progress=False,
+                        runtime_name=runtime_name)
+        by_path = pd.read_csv(out).set_index("path")["label"]
+        return torch.tensor([ctx.spec.class_names.index(by_path[p]) for p in ctx.paths])
+    return Row(name, run)
+
+
+def row_batch_torch(ctx: Context) -> Row:
+    return _batch_row(ctx, "batch prediction, torch", ctx.model_uri, "torch")
+
+
+def row_batch_onnx(ctx: Context) -> Row:
+    return _batch_row(ctx, "batch prediction, ONNX fp32", ctx.extra["onnx_uri"], "onnx")
+
+
+def row_batch_int8(ctx: Context) -> Row:
+    return _batch_row(ctx, "batch prediction, ONNX int8", ctx.extra["onnx_uri"], "onnx-int8")
+
+
+def _rest_row(ctx: Context, name: str, runtime_name: str) -> Row:
+    """`mlflow models serve` of the ONNX version with FINETUNE_RUNTIME=<runtime>; CLIENTS concurrent clients send
+    the val images REQUEST_IMAGES at a time (base64 PNG-or-JPEG bytes, `dataframe_split`) until all are done."""
+    server = RestServer(ctx.extra["onnx_uri"], runtime_name, ctx.threads)
+    ctx.extra.setdefault("servers", []).append(server)
+    payloads = [[base64.b64encode(Path(p).read_bytes()).decode() for p in ctx.paths[i:i + REQUEST_IMAGES]]
+                for i in range(0, len(ctx.paths), REQUEST_IMAGES)]
+
+    def run() -> torch.Tensor:
+        server.start()
+        with ThreadPoolExecutor(CLIENTS) as pool:
+            labels = [label for part in pool.map(server.predict, payloads) for label in part]
+        return torch.tensor([ctx.spec.class_names.index(label) for label in labels])
+    return Row(name, run)
+
+
+def row_rest_torch(ctx: Context) -> Row:
+    return _rest_row(ctx, "REST (mlflow models serve), torch", "torch")
+
+
+def row_rest_onnx(ctx: Context) -> Row:
+    return _rest_row(ctx, "REST (mlflow models serve), ONNX fp32", "onnx")
+
+
+CLIENTS, REQUEST_IMAGES, SERVER_START_S = 4, 8, 300
+
+
+class RestServer:
+    """One `mlflow models serve` process (started on first use, stopped at the end of the bench)."""
+
+    def __init__(self, uri: str, runtime_name: str, threads: int):
+        self.uri, self.runtime_name, self.threads = uri, runtime_name, threads
+        self.process = None
+        self.base = ""
+
+    def start(self) -> None:
+        import socket
+        import urllib.request
+
+        if self.process is not None:
+            return
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        mlflow_cli = str(Path(sys.executable).with_name("mlflow"))
+        env = {**os.environ, "FINETUNE_RUNTIME": self.runtime_name}
+        self.process = subprocess.Popen([mlflow_cli, "models", "serve", "-m", self.uri, "--env-manager", "local",
+                                         "-h", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL, start_new_session=True)
+        self.base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + SERVER_START_S
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.base}/ping", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(1)
+        raise RuntimeError(f"mlflow models serve ({self.runtime_name}) did not start in {SERVER_START_S} s")
+
+    def predict(self, images: list[str]) -> list[str]:
+        import json
+        import urllib.request
+
+        body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[i] for i in images]}}).encode()
+        request = urllib.request.Request(f"{self.base}/invocations", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return [row["label"] for row in json.loads(response.read())["predictions"]]
+
+    def stop(self) -> None:
+        import signal
+
+        if self.process is not None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=30)
+
+
+ROWS = [row_eager, row_onnx_fp32, row_onnx_int8, row_batch_torch, row_batch_onnx, row_batch_int8,
+        row_rest_torch, row_rest_onnx]
 
 
 def train_model(data: Path, weights: Path, out: Path) -> str:
@@ -161,6 +271,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variants", action="store_true", help="also int8 QDQ/QOperator x per-channel on/off")
+    parser.add_argument("--workers", type=int, default=0, help="batch prediction's loader workers")
+    parser.add_argument("--no-rest", dest="rest", action="store_false", help="skip the REST rows (servers)")
     args = parser.parse_args()
 
     args.output.mkdir(parents=True, exist_ok=True)
@@ -173,8 +285,9 @@ def main() -> None:
 
     model = load_logged_model(uri)
     batches, labels, paths = val_split(model.spec, args.data, args.batch_size)
-    ctx = Context(uri, model.net, model.spec, Path(report["output"]), batches, labels, paths, args.threads)
-    rows = [make(ctx) for make in ROWS]
+    ctx = Context(uri, model.net, model.spec, Path(report["output"]), batches, labels, paths, args.threads,
+                  extra={"onnx_uri": report["model_uri_onnx"], "workers": args.workers})
+    rows = [make(ctx) for make in ROWS if args.rest or not make.__name__.startswith("row_rest")]
     if args.variants:
         from finetune.data.folders import scan_folder
         from finetune.workflows.export import CALIBRATION_IMAGES, preprocessed, spread
@@ -182,7 +295,11 @@ def main() -> None:
         ctx.extra["calibration"] = preprocessed(spread(scan_folder(args.data).train, CALIBRATION_IMAGES),
                                                 model.spec.data_config)
         rows += variant_rows(ctx)
-    measure(rows, args.repeats, len(labels))
+    try:
+        measure(rows, args.repeats, len(labels))
+    finally:
+        for server in ctx.extra.get("servers", []):
+            server.stop()
     q = report["int8"]
     print(f"{model.spec.architecture} @{model.spec.data_config['input_size'][-1]}px, {len(labels)} val images, "
           f"batch {args.batch_size}, {args.threads} threads; export check: fp32 max |dprob| "

@@ -78,7 +78,7 @@ def test_mlflow_models_serve_round_trip(tmp_path: Path, isolated_mlflow: str):
         assert status == 200, body
         rows = body["predictions"]
         assert len(rows) == 2
-        assert set(rows[0]) == {"label", "score", "top_labels", "top_scores", "probabilities"}
+        assert set(rows[0]) == {"label", "score", "top_labels", "top_scores", "probabilities", "ood_score", "unknown"}
         assert rows[0]["label"] in ("cat", "dog") and rows[0]["label"] == rows[0]["top_labels"][0]
         assert sum(rows[0]["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
 

@@ -98,7 +98,10 @@ class ImageClassifierModel(PythonModel):
         self.model_dir = context.artifacts[MODEL_DIR_ARTIFACT]
         self.net, self.spec = load_model(self.model_dir, self.runtime.device)
         self.scoring = load_scoring(self.model_dir, self.spec)
-        self.runtime_name = choose_runtime(config.get("runtime") or os.environ.get("FINETUNE_RUNTIME"), self.model_dir)
+        requested = config.get("runtime")
+        if requested in (None, "", "auto"):  # the logged default: a server's environment may choose
+            requested = os.environ.get("FINETUNE_RUNTIME") or "auto"
+        self.runtime_name = choose_runtime(requested, self.model_dir)
         self.runner = None
         if self.runtime_name != "torch":  # the exported graph: same preprocessing, logits and features
             self.runner = OnnxRunner(Path(self.model_dir) / RUNTIME_FILES[self.runtime_name],
