@@ -53,7 +53,7 @@ def test_one_row_per_file_with_errors_filled(tmp_path, folder_with_bad_files, su
     files = sorted(str(p) for p in folder_with_bad_files.rglob("*") if p.suffix in (".png", ".jpg"))
     assert sorted(frame["path"]) == files and len(frame) == 9
     assert list(frame.columns) == ["path", "label", "score", "top1_label", "top1_score", "top2_label",
-                                   "top2_score", "error"]
+                                   "top2_score", "ood_score", "unknown", "error"]
     bad = frame[frame["error"] != ""].set_index("path")
     assert set(bad.index) == {str(folder_with_bad_files / "cat" / n) for n in ("truncated.png", "text.jpg")}
     assert bad["error"].str.contains("image").all()

@@ -168,7 +168,8 @@ def test_batch_prediction_explains_each_image_it_predicts(tmp_path):
     args = ["--model-uri", uri, "--input", str(folder), "--output", str(out), "--num-workers", "0"]
     result = CliRunner().invoke(batch_main, [*args, "--explain", str(cams)])
     assert result.exit_code == 0, result.output
-    assert out.read_text().splitlines()[0] == "path,label,score,top1_label,top1_score,top2_label,top2_score,error"
+    header = "path,label,score,top1_label,top1_score,top2_label,top2_score,ood_score,unknown,error"
+    assert out.read_text().splitlines()[0] == header
     names = sorted(p.name for p in cams.iterdir())
     assert len(names) == 5 and not any("broken" in n for n in names)  # 5 decodable images, no overwrites
     assert {"cat_1_cam.png", "dog_0_cam.png", "dog_1_cam.png"} <= set(names)

@@ -94,6 +94,9 @@ class _CountingNet(nn.Module):
         self.linear = nn.Linear(3, num_classes)
         self.batches: list[int] = []
 
+    def get_classifier(self) -> nn.Module:  # as timm models have: its input is the image's features
+        return self.linear
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.batches.append(x.shape[0])
         return self.linear(x.mean(dim=(2, 3)))
@@ -102,6 +105,7 @@ class _CountingNet(nn.Module):
 def test_pyfunc_model_forwards_a_large_request_in_bounded_chunks(tmp_path: Path):
     """A request of any size must not go to the GPU in one batch (it ran out of memory there)."""
     from finetune.model.artifact import ModelSpec
+    from finetune.model.scoring import Scoring
     from finetune.tracking.pyfunc import ImageClassifierModel
     from tests.model_helpers import DATA_CONFIG
 
@@ -109,7 +113,7 @@ def test_pyfunc_model_forwards_a_large_request_in_bounded_chunks(tmp_path: Path)
     files = sorted(str(p) for p in data.rglob("*.png"))
     model = ImageClassifierModel()
     model.runtime, model.batch_size, model.max_pixels = runtime.cpu(), 4, None
-    model.net = _CountingNet()
+    model.net, model.runner, model.scoring = _CountingNet(), None, Scoring()
     model.spec = ModelSpec(architecture="x", num_classes=2, class_names=["a", "b"], data_config=DATA_CONFIG)
     probs = model.predict_proba(files, "5crop")
     assert probs.shape == (len(files), 2) and probs.device.type == "cpu"

@@ -125,7 +125,8 @@ def test_evaluate_command_reports_val_and_test(tmp_path, isolated_mlflow):
                                       "--output", str(out)])
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "evaluation.json").read_text())
-    assert set(summary["metrics"]) == {"val_acc_tta", "val_acc_top5_tta", "test_acc_tta", "test_acc_top5_tta"}
+    assert set(summary["metrics"]) == {f"{split}_{m}_tta" for split in ("val", "test")
+                                       for m in ("acc", "acc_top5", "ece", "ece_uncalibrated")}
     report = json.loads((out / "evaluation" / "test" / "report.json").read_text())
     assert report["images"] == 6 and report["tta"] == "10crop"
     assert sum(map(sum, report["confusion_matrix"])) == 6
