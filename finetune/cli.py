@@ -401,8 +401,10 @@ def demo(workdir: str, model: str, weights: str | None, epochs: int, pretrain_ep
 @click.option("--num-workers", type=click.IntRange(min=0), help="Data loader workers (default: from the cores).")
 @click.option("--experiment", default="finetune-evaluate", show_default=True, help="MLflow experiment.")
 @click.option("--output", help="Output folder (default: outputs/evaluate-<time>).")
+@click.option("--exclude", type=click.Path(exists=True, dir_okay=False),
+              help="A file listing images (one path a line) to leave out, e.g. an audit's reviewed list.")
 def evaluate(model_uri: str, data_dir: str, tta: str | None, batch_size: int, num_workers: int | None,
-             experiment: str, output: str | None) -> None:
+             experiment: str, output: str | None, exclude: str | None) -> None:
     """Evaluate MODEL_URI (runs:/ID/model, models:/NAME@ALIAS) on the labelled folder DATA_DIR.
 
     A folder with train/ and val/ (and test/) is evaluated on val and test; a plain class-folder
@@ -410,7 +412,7 @@ def evaluate(model_uri: str, data_dir: str, tta: str | None, batch_size: int, nu
     """
     from finetune.workflows.evaluate import evaluate_model
 
-    summary = evaluate_model(model_uri, data_dir, tta, batch_size, num_workers, experiment, output)
+    summary = evaluate_model(model_uri, data_dir, tta, batch_size, num_workers, experiment, output, exclude=exclude)
     for key, value in summary["metrics"].items():
         click.echo(f"{key} {value:.4f}")
     click.echo(f"report:     {summary['output']}")

@@ -161,3 +161,22 @@ def test_pip_requirements_drop_local_version_labels(monkeypatch):
     pins = registry._pip_requirements()
     assert "torch==2.5.1" in pins and "torchvision==0.20.1" in pins and "timm==1.0.0" in pins
     assert not any("+" in p for p in pins)
+
+
+def test_evaluate_leaves_out_the_excluded_images_and_logs_them(tmp_path, isolated_mlflow):
+    uri = logged_model(tmp_path, classes=("cat", "dog"))
+    data = tmp_path / "split"
+    for part in ("train", "val"):
+        make_folder(data / part, per_class=3, seed=len(part))
+    dropped = sorted((data / "val" / "cat").glob("*.png"))[0]
+    listing = tmp_path / "reviewed.txt"
+    listing.write_text(f"# reviewed\n{dropped}\n")
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(cli, ["evaluate", uri, str(data), "--num-workers", "0", "--output", str(out),
+                                      "--exclude", str(listing)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "evaluation.json").read_text())
+    assert len(summary["excluded"]) == 1
+    assert json.loads((out / "evaluation" / "val" / "report.json").read_text())["images"] == 5
+    logged = MlflowClient(isolated_mlflow).download_artifacts(summary["mlflow_run_id"], "excluded.txt", str(tmp_path))
+    assert Path(logged).read_text().strip().endswith(dropped.name)

@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from finetune import runtime, tracking
-from finetune.data.folders import scan_folder
+from finetune.data.folders import read_exclude_list, scan_folder
 from finetune.errors import UserError
 from finetune.evaluation.evaluate import evaluate_splits
 from finetune.model.artifact import ModelSpec
@@ -27,15 +27,17 @@ def log_evaluation(run_id: str, output: Path, metrics: dict[str, float]) -> None
 
 def evaluate_model(model_uri: str, data_dir: str, tta: str | None = None, batch_size: int = 32,
                    num_workers: int | None = None, experiment: str = "finetune-evaluate",
-                   output: str | None = None, max_pixels: int | None = None) -> dict[str, Any]:
-    """`finetune evaluate`: a logged/registered model on a folder, as a new MLflow run."""
+                   output: str | None = None, max_pixels: int | None = None, exclude: str | None = None
+                   ) -> dict[str, Any]:
+    """`finetune evaluate`: a logged/registered model on a folder, as a new MLflow run; `exclude`: a file of
+    image paths to leave out (logged as excluded.txt)."""
     from finetune.tracking.pyfunc import load_logged_model
 
     rt = runtime.configure(workers=num_workers)  # device, precision, torch threads vs loader workers
     model = load_logged_model(model_uri)
     spec: ModelSpec = model.spec
     mode = tta or model.default_tta
-    splits = scan_folder(data_dir, max_pixels=max_pixels or model.max_pixels)
+    splits = scan_folder(data_dir, max_pixels=max_pixels or model.max_pixels, exclude=read_exclude_list(exclude))
     unknown = sorted(set(splits.classes) - set(spec.class_names))
     if unknown:
         raise UserError(f"Class folder(s) {unknown} in {data_dir} are not classes of the model "
@@ -47,12 +49,16 @@ def evaluate_model(model_uri: str, data_dir: str, tta: str | None = None, batch_
                                        run_name=f"evaluate-{Path(data_dir).resolve().name}",
                                        tags={"model_uri": model_uri, "data_dir": str(Path(data_dir).resolve())})
     run_id = run.info.run_id
-    tracking.log_params(run_id, {"model_uri": model_uri, "data_dir": str(data_dir), "tta": mode})
+    tracking.log_params(run_id, {"model_uri": model_uri, "data_dir": str(data_dir), "tta": mode,
+                                 "excluded": len(splits.excluded)})
+    if splits.excluded:
+        tracking.log_text(run_id, "\n".join(splits.excluded) + "\n", "excluded.txt")
     metrics = evaluate_splits(model.net, spec, parts, mode, out, batch_size=batch_size,
                               max_pixels=max_pixels or model.max_pixels, rt=rt, label_map=label_map,
                               scoring=model.scoring)
     log_evaluation(run_id, out, metrics)
     summary = {"model_uri": model_uri, "data_dir": str(data_dir), "tta": mode, "metrics": metrics,
+               "excluded": list(splits.excluded),
                "mlflow_run_id": run_id, "output": str(out.resolve())}
     tracking.write_json(out / "evaluation.json", summary)
     tracking.log_artifact(run_id, out / "evaluation.json")
