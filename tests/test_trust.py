@@ -58,8 +58,7 @@ def _noise_png(path: Path, seed: int = 0) -> Path:
     return path
 
 
-@pytest.fixture
-def shapes_model(tmp_path: Path, weights_file: Path, isolated_mlflow: str) -> tuple[dict, Path]:
+def _shapes_model(tmp_path: Path, weights_file: Path) -> tuple[dict, Path]:
     data = make_folder(tmp_path / "data", classes=("red", "blue", "green"), per_class=12)
     out = tmp_path / "out"
     result = CliRunner().invoke(cli, ["train", str(data), "--model", TINY_MODEL, "--weights", str(weights_file),
@@ -70,8 +69,9 @@ def shapes_model(tmp_path: Path, weights_file: Path, isolated_mlflow: str) -> tu
     return json.loads((out / "summary.json").read_text()), data
 
 
-def test_noise_is_unknown_and_the_threshold_can_be_overridden(shapes_model, tmp_path: Path):
-    summary, data = shapes_model
+def test_noise_is_unknown_the_threshold_can_be_overridden_and_batch_prediction_has_the_columns(
+        tmp_path: Path, weights_file: Path, isolated_mlflow: str):
+    summary, data = _shapes_model(tmp_path, weights_file)  # one training for the pyfunc and batch checks
     assert summary["unknown"]["method"] == "knn" and summary["calibration"]["temperature"] > 0
     report = json.loads((Path(summary["output"]) / "evaluation" / "val" / "report.json").read_text())
     assert {"ece", "ece_uncalibrated", "temperature"} <= set(report["calibration"])
@@ -93,12 +93,12 @@ def test_noise_is_unknown_and_the_threshold_can_be_overridden(shapes_model, tmp_
     # At load time (model_config): a threshold below every score flags every image.
     strict = mlflow.pyfunc.load_model("models:/shapes/1", model_config={"ood_threshold": -1.0})
     assert strict.predict(frame)["unknown"].all()
+    _batch_prediction_has_the_unknown_columns_and_rejects_on_request(data, tmp_path)
 
 
-def test_batch_prediction_has_the_unknown_columns_and_rejects_on_request(shapes_model, tmp_path: Path):
+def _batch_prediction_has_the_unknown_columns_and_rejects_on_request(data: Path, tmp_path: Path) -> None:
     from serve.batch_predict import predict_to_file
 
-    _, data = shapes_model
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     _noise_png(inputs / "noise.png")
