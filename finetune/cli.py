@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from finetune import console
+from finetune.errors import UserError
 from finetune.config import (AUGMENT_PRESETS, CLASS_WEIGHTS, OPTIMIZERS, SAMPLERS, SCENARIOS, SCHEDULES,
                              FIXED_TTA_MODES, TTA_MODES, load_yaml, resolve_config)
 
@@ -104,6 +105,17 @@ def build_config(data_dir: str, config_file: str | None, **cli_values: Any):
     return resolve_config(file_values, {"data_dir": data_dir, **cli_values})
 
 
+# Options of `train_options` that only a training run acts on: refused elsewhere rather than ignored.
+TRAIN_ONLY = {"tta": "--tta", "register": "--register"}
+
+
+def refuse_train_only(command: str, options: dict[str, Any]) -> None:
+    given = [flag for key, flag in TRAIN_ONLY.items() if options.get(key) not in (None, False)]
+    if given:
+        raise UserError(f"{', '.join(given)} acts on `finetune train` only; `finetune {command}` does not use it. "
+                        "Remove it from this command.")
+
+
 @cli.command()
 @click.argument("data_dir", type=click.Path())
 @train_options
@@ -155,6 +167,7 @@ def plan(data_dir: str, config_file: str | None, as_json: bool, **options: Any) 
     from finetune.workflows.audit import summary_lines
     from finetune.workflows.plan import plan_and_audit
 
+    refuse_train_only("plan", options)
     cfg = build_config(data_dir, config_file, **options)
     decision, groups, audit = plan_and_audit(cfg)
     if as_json:
@@ -178,6 +191,7 @@ def audit(data_dir: str, config_file: str | None, as_json: bool, **options: Any)
     """
     from finetune.workflows.audit import audit_folder, summary_lines
 
+    refuse_train_only("audit", options)
     result = audit_folder(build_config(data_dir, config_file, **options))
     click.echo(json.dumps(result, default=str) if as_json else "\n".join(summary_lines(result)))
 
@@ -264,6 +278,7 @@ def sanity(data_dir: str, config_file: str | None, samples: int, **options: Any)
     """
     from finetune.workflows.tools import sanity as run_sanity
 
+    refuse_train_only("sanity", options)
     epochs = options["epochs"] or 30
     cfg = build_config(data_dir, config_file, **{**options, "epochs": epochs})
     r = run_sanity(cfg, samples=samples, epochs=epochs)
@@ -295,6 +310,7 @@ def lr_find(data_dir: str, config_file: str | None, min_lr: float, max_lr: float
     """
     from finetune.workflows.tools import lr_find as run_lr_find
 
+    refuse_train_only("lr-find", options)
     cfg = build_config(data_dir, config_file, **options)
     r = run_lr_find(cfg, min_lr=min_lr, max_lr=max_lr, num_training=num_training)
     click.echo(f"plan {r['plan']} ({r['plan_source']}): measured {r['measured']}")

@@ -112,3 +112,13 @@ def test_train_runs_the_plan_and_reports_it(image_folder: Path, weights_file: Pa
     assert run.data.params["scenario"] == scenario
     assert "similarity.score" in run.data.params and "profile.n_train" in run.data.params
     assert "plan.json" in {a.path for a in MlflowClient(isolated_mlflow).list_artifacts(run.info.run_id)}
+
+
+@pytest.mark.parametrize("command", ["plan", "audit", "sanity", "lr-find"])
+def test_options_only_train_acts_on_are_refused_elsewhere(tmp_path: Path, command: str):
+    from click.testing import CliRunner
+
+    from finetune.cli import cli
+
+    result = CliRunner().invoke(cli, [command, str(tmp_path), "--model", "test_resnet", "--tta", "10crop"])
+    assert result.exit_code == 2 and "--tta acts on `finetune train` only" in result.output
