@@ -105,12 +105,13 @@ def build_config(data_dir: str, config_file: str | None, **cli_values: Any):
     return resolve_config(file_values, {"data_dir": data_dir, **cli_values})
 
 
-# Options of `train_options` that only a training run acts on: refused elsewhere rather than ignored.
+# Options of `train_options` that only a training run acts on: refused elsewhere rather than ignored (plan,
+# sanity and lr-find refuse --register in their workflows, with the distributed options).
 TRAIN_ONLY = {"tta": "--tta", "register": "--register"}
 
 
-def refuse_train_only(command: str, options: dict[str, Any]) -> None:
-    given = [flag for key, flag in TRAIN_ONLY.items() if options.get(key) not in (None, False)]
+def refuse_train_only(command: str, options: dict[str, Any], keys: tuple[str, ...] = ("tta",)) -> None:
+    given = [TRAIN_ONLY[key] for key in keys if options.get(key) not in (None, False)]
     if given:
         raise UserError(f"{', '.join(given)} acts on `finetune train` only; `finetune {command}` does not use it. "
                         "Remove it from this command.")
@@ -191,7 +192,7 @@ def audit(data_dir: str, config_file: str | None, as_json: bool, **options: Any)
     """
     from finetune.workflows.audit import audit_folder, summary_lines
 
-    refuse_train_only("audit", options)
+    refuse_train_only("audit", options, ("tta", "register"))
     result = audit_folder(build_config(data_dir, config_file, **options))
     click.echo(json.dumps(result, default=str) if as_json else "\n".join(summary_lines(result)))
 
