@@ -69,7 +69,14 @@ def log_pyfunc(run_id: str, model_dir: str | Path, class_names: list[str], defau
               "max_image_pixels": int(max_image_pixels or DEFAULT_MAX_PIXELS), "ood_threshold": "",
               "reject_unknown": False, "runtime": "auto"}
     example = pd.DataFrame({"image": [example_image_bytes()]})
-    with mlflow.start_run(run_id=run_id):
+    # A second model in a run (the ONNX export's) has the same model_config, whose keys MLflow tries to log as
+    # params again and warns it cannot; the first model's params are the run's.
+    quiet = logging.getLogger("mlflow.models.model")
+    level = quiet.level
+    if name != MODEL_NAME_IN_RUN:
+        quiet.setLevel(logging.ERROR)
+    with mlflow.start_run(run_id=run_id), contextlib.ExitStack() as restore:
+        restore.callback(quiet.setLevel, level)
         info = mlflow.pyfunc.log_model(
             name=name, python_model=MODEL_CODE, artifacts={MODEL_DIR_ARTIFACT: str(model_dir)},
             model_config=config, signature=signature(class_names, default_tta), input_example=example,
