@@ -207,8 +207,9 @@ def main() -> None:
     parser.add_argument("--train-batches", type=int, default=6, help="train batches per measurement (incl. warm-up)")
     parser.add_argument("--predict-images", type=int, default=96, help="images per predict measurement")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", default="a,b,c,d,f", help="which rows: a=train bare, b=train finetune, "
-                        "c=forward bare, d=predict finetune, f=features")
+    parser.add_argument("--only", default="a,b,c,x,d,f", help="which rows: a=train bare, b=train finetune, "
+                        "c=forward bare, x=forward bare at 10x batch, d=predict finetune, f=features "
+                        "(e.g. c,f: the extraction row and its reference only)")
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
@@ -267,7 +268,7 @@ def main() -> None:
         ("b", "finetune train (DataModule+Trainer+MLflow)",
          lambda: finetune_train(args, cfg, splits, data_config, ft_net, device, work)),
         ("c", "bare forward", lambda: bare_forward(bare_net, fwd_batches, device, args.precision, args.warmup)),
-        ("c", "bare forward, 10x batch (per crop)",
+        ("x", "bare forward, 10x batch (per crop)",
          lambda: bare_forward(bare_net, crop_batches, device, args.precision, args.warmup)),
         ("d", "finetune predict center",
          lambda: finetune_predict(args, ft_net, data_config, paths, "center", device, work)),
