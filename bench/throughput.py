@@ -168,8 +168,8 @@ def finetune_predict(args, net, data_config, paths, mode, device, out: Path, cla
     clock = BatchClock(args.warmup)
 
     class StampedRows(RowWriter):
-        def write(self, probs, index, errors):
-            super().write(probs, index, errors)
+        def write(self, probs, index, errors, ood=None):
+            super().write(probs, index, errors, ood)
             clock.stamps.append((time.perf_counter(), len(index) * TTA_VIEWS[mode]))
 
     loader = prediction_loader(paths, data_config, mode, args.batch_size, args.rt, None)
