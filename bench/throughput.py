@@ -12,7 +12,8 @@ Per repeat, interleaved (so a load change on the machine hits every row alike), 
 * ``bare forward``: eval forward under no_grad on preloaded tensors;
 * ``finetune predict center`` / ``10crop``: `serve.batch_predict`'s loader and its single-process
   predict loop (decode, resize, crops, CSV writer), steady-state batches; 10crop counts crops;
-* ``finetune features``: `finetune.strategy.features.cached_features` (cold cache) when present.
+* ``finetune features``: `finetune.strategy.features.cached_features` (cold cache) when present: the
+  whole call, and its batches after the first (timed like the predict rows).
 
 The median over ``--repeats`` is reported with the ratios finetune/bare, and saved as CSV under
 ``bench/results/``. Model options (``--channels-last``, ``--compile``, ``--precision``) apply to bare
@@ -168,8 +169,8 @@ def finetune_predict(args, net, data_config, paths, mode, device, out: Path, cla
     clock = BatchClock(args.warmup)
 
     class StampedRows(RowWriter):
-        def write(self, probs, index, errors):
-            super().write(probs, index, errors)
+        def write(self, probs, index, errors, ood=None):
+            super().write(probs, index, errors, ood)
             clock.stamps.append((time.perf_counter(), len(index) * TTA_VIEWS[mode]))
 
     loader = prediction_loader(paths, data_config, mode, args.batch_size, args.rt, None)
@@ -178,15 +179,30 @@ def finetune_predict(args, net, data_config, paths, mode, device, out: Path, cla
     return clock.images_per_s()
 
 
-def finetune_features(args, backbone, splits, device, out: Path) -> float | None:
+def finetune_features(args, backbone, splits, device, out: Path) -> tuple[float, float] | None:
+    """Images/s of a cold-cache `cached_features` call: the whole call, and after its first batch (the
+    predict rows' clock: the loader's start and first batch untimed, as the bare row's decoding is)."""
     try:
-        from finetune.strategy.features import cached_features
+        from finetune.strategy import features
     except ImportError:
         return None
     samples = splits.val[:args.predict_images]
-    fs = cached_features(backbone, samples, batch_size=args.batch_size, cache_dir=tempfile.mkdtemp(dir=out),
-                         rt=args.rt)
-    return len(samples) / fs.seconds
+    clock = BatchClock(args.warmup)
+    forward = features.forward_stages
+
+    def stamped(model, x, stages):  # the extraction loop looks forward_stages up at each batch
+        out_ = forward(model, x, stages)
+        _synced_clock(device)
+        clock.stamps.append((time.perf_counter(), x.shape[0]))
+        return out_
+
+    features.forward_stages = stamped
+    try:
+        fs = features.cached_features(backbone, samples, batch_size=args.batch_size,
+                                      cache_dir=tempfile.mkdtemp(dir=out), rt=args.rt)
+    finally:
+        features.forward_stages = forward
+    return len(samples) / fs.seconds, clock.images_per_s()
 
 
 def main() -> None:
@@ -207,8 +223,9 @@ def main() -> None:
     parser.add_argument("--train-batches", type=int, default=6, help="train batches per measurement (incl. warm-up)")
     parser.add_argument("--predict-images", type=int, default=96, help="images per predict measurement")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", default="a,b,c,d,f", help="which rows: a=train bare, b=train finetune, "
-                        "c=forward bare, d=predict finetune, f=features")
+    parser.add_argument("--only", default="a,b,c,x,d,f", help="which rows: a=train bare, b=train finetune, "
+                        "c=forward bare, x=forward bare at 10x batch, d=predict finetune, f=features "
+                        "(e.g. c,f: the extraction row and its reference only)")
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
@@ -267,13 +284,13 @@ def main() -> None:
         ("b", "finetune train (DataModule+Trainer+MLflow)",
          lambda: finetune_train(args, cfg, splits, data_config, ft_net, device, work)),
         ("c", "bare forward", lambda: bare_forward(bare_net, fwd_batches, device, args.precision, args.warmup)),
-        ("c", "bare forward, 10x batch (per crop)",
+        ("x", "bare forward, 10x batch (per crop)",
          lambda: bare_forward(bare_net, crop_batches, device, args.precision, args.warmup)),
         ("d", "finetune predict center",
          lambda: finetune_predict(args, ft_net, data_config, paths, "center", device, work)),
         ("d", "finetune predict 10crop (per crop)",
          lambda: finetune_predict(args, ft_net, data_config, paths, "10crop", device, work)),
-        ("f", "finetune features (cold cache)",
+        ("f", ("finetune features (cold cache)", "finetune features, after 1st batch"),
          lambda: finetune_features(args, backbone, splits, device, work)),
     ]
     for r in range(args.repeats):
@@ -281,9 +298,12 @@ def main() -> None:
             if key not in only:
                 continue
             value = fn()
-            if value is not None:
-                rows.setdefault(name, []).append(value)
-                print(f"  repeat {r + 1}: {name:<44}{value:8.1f} img/s", flush=True)
+            if value is None:
+                continue
+            names, values = (name, value) if isinstance(name, tuple) else ((name,), (value,))
+            for one, v in zip(names, values):
+                rows.setdefault(one, []).append(v)
+                print(f"  repeat {r + 1}: {one:<44}{v:8.1f} img/s", flush=True)
 
     med = {name: statistics.median(v) for name, v in rows.items()}
     ratios = {
@@ -291,6 +311,7 @@ def main() -> None:
         "finetune predict center": "bare forward",
         "finetune predict 10crop (per crop)": "bare forward, 10x batch (per crop)",
         "finetune features (cold cache)": "bare forward",
+        "finetune features, after 1st batch": "bare forward",
     }
     load = os.getloadavg()[0]
     header = (f"{args.model} @{args.image_size}, batch {args.batch_size}, {device.type}, precision {args.precision}, "

@@ -201,3 +201,50 @@ def test_fold_heads_on_cached_crop_features_match_the_network_on_those_crops(tmp
     np.testing.assert_allclose(feats, expected.features.numpy(), atol=1e-4)
     # The second call reads the crops from the cache.
     assert any((tmp_path / "cache").rglob("meta.json"))
+
+
+def _bn_inputs_reference(model: torch.nn.Module, x: torch.Tensor) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Mean and variance of every BatchNorm layer's input over the whole batch, two-pass in float64."""
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, name=name: inputs.__setitem__(name, i[0].double()))
+             for name, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    with torch.no_grad():
+        model.eval()(x)
+    for h in hooks:
+        h.remove()
+    out = {}
+    for name, t in inputs.items():
+        var, mean = torch.var_mean(t, dim=[d for d in range(t.ndim) if d != 1], correction=0)
+        out[name] = (mean.numpy(), var.numpy())
+    return out
+
+
+def test_cached_batchnorm_statistics_match_a_float64_two_pass_reference(image_folder: Path, tmp_path: Path):
+    """The similarity measure's BatchNorm input statistics, accumulated over batches of 5 (the last
+    one partial) with the cheap channel reductions, equal the statistics of all images at once."""
+    splits = scan_folder(image_folder)
+    bb = _backbone("test_resnet")
+    fs = cached_features(bb, splits.train, batch_size=5, cache_dir=tmp_path / "cache")
+    assert len(splits.train) % 5 != 0
+    ref = _bn_inputs_reference(bb.model, _images(bb, splits.train))
+    assert fs.bn_stats and set(fs.bn_stats) == set(ref)
+    for name, (mean, var) in ref.items():
+        sd = np.sqrt(var + 1e-5)
+        np.testing.assert_allclose(fs.bn_stats[name]["mean"] / sd, mean / sd, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(fs.bn_stats[name]["var"], var, rtol=1e-4, atol=1e-7, err_msg=name)
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (6, 5, 112), (4, 3, 112, 112)])
+def test_channel_moments_give_the_float64_mean_and_variance_per_channel(shape):
+    """[N, C], [N, C, L] and [N, C, H, W] inputs, reduced over all but the channels; the mean is large
+    against the spread (mean 3, sd 0.1), where E[x^2] - E[x]^2 cancels."""
+    from finetune.strategy.features import channel_moments
+
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64) * 0.1 + 3.0
+    s, ss = channel_moments(x.float())
+    n = x.numel() // x.shape[1]
+    dims = [d for d in range(x.ndim) if d != 1]
+    var, mean = torch.var_mean(x.float().double(), dim=dims, correction=0)
+    np.testing.assert_allclose((s / n).numpy(), mean.numpy(), rtol=1e-6)
+    np.testing.assert_allclose((ss / n - (s / n) ** 2).numpy(), var.numpy(), rtol=1e-4)

@@ -206,6 +206,25 @@ class _ViewDataset(Dataset):
         return out, index, True
 
 
+def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel sum and sum of squares of a [N, C, ...] tensor over all but the channels, in float64.
+
+    `torch.var_mean` over (N, H, W) runs a Welford loop that CPUs do not vectorise: on mobilenetv2
+    it cost about as much as the forward itself. A sum and a 2-norm over the contiguous last
+    dimension are vectorised reductions, over 10x cheaper (docs/decisions.md, "Feature extraction
+    speed"). Only those rows (one image row, W values) accumulate in float32, the rest in float64:
+    summing whole H x W planes in float32 lost up to 0.3% of a variance where a channel's mean is
+    large against its spread (E[x^2] - E[x]^2 cancels).
+    """
+    x = x.detach().float()
+    if x.ndim == 2:  # [N, C]: one value per sample and channel
+        return x.double().sum(dim=0), x.double().square().sum(dim=0)
+    rest = [0, *range(2, x.ndim - 1)]
+    sums = x.sum(dim=-1).double().sum(dim=rest)
+    squares = torch.linalg.vector_norm(x, dim=-1).double().square().sum(dim=rest)
+    return sums, squares
+
+
 class _BatchNormStats:
     """Per-channel mean and variance of the input of every BatchNorm layer, over all images."""
 
@@ -219,14 +238,12 @@ class _BatchNormStats:
 
     def _hook(self, name: str):
         def hook(module, inputs, output):
-            x = inputs[0].detach()
-            dims = [d for d in range(x.ndim) if d != 1]
-            var, mean = torch.var_mean(x.float(), dim=dims, correction=0)  # one fused pass per batch
-            n = x.numel() // x.shape[1]
-            acc = self.sums[name]  # running sums of n*mean and n*E[x^2], in double
-            acc[0] = acc[0] + mean.double() * n
-            acc[1] = acc[1] + (var.double() + mean.double() ** 2) * n
-            acc[2] += n
+            x = inputs[0]
+            s, ss = channel_moments(x)
+            acc = self.sums[name]  # running sums of x and x^2 per channel, in double
+            acc[0] = acc[0] + s
+            acc[1] = acc[1] + ss
+            acc[2] += x.numel() // x.shape[1]
         return hook
 
     def remove(self) -> None:
