@@ -46,7 +46,7 @@ def test_knn_score_is_the_distance_to_the_kth_neighbour_in_chunks(monkeypatch):
     monkeypatch.setattr(scoring, "SIMILARITY_CHUNK", 3)  # several chunks: the running top-k must stay right
     torch.manual_seed(2)
     bank = torch.nn.functional.normalize(torch.randn(10, 4), dim=1)
-    query = pooled_features(torch.randn(3, 2, 4))
+    query = pooled_features(torch.randn(3, 5, 4))  # the centre crop of five
     for k in (1, 4):
         expected = 1 - (query @ bank.T).topk(k, dim=1).values[:, k - 1]
         assert torch.allclose(knn_score(query, bank, k), expected, atol=1e-6)
@@ -86,6 +86,9 @@ def test_noise_is_unknown_the_threshold_can_be_overridden_and_batch_prediction_h
     assert not out["unknown"][:6].any()
     assert (out["ood_score"][-3:].min() > out["ood_score"][:6].max())
     assert set(out["label"]) <= {"red", "blue", "green"}  # flagged, but the label is kept by default
+    # The score is the centre crop's: the threshold holds whatever crop mode a request asks for.
+    ten = model.predict(frame, params={"tta": "10crop"})
+    assert ten["ood_score"].tolist() == pytest.approx(out["ood_score"].tolist(), abs=1e-5)
     # Per request: a threshold above every score keeps all; reject_unknown replaces the label.
     assert not model.predict(frame, params={"ood_threshold": 10.0})["unknown"].any()
     rejected = model.predict(frame, params={"reject_unknown": True})

@@ -124,10 +124,10 @@ def model_bank(h: Any, data_config: dict[str, Any], batch_size: int = 32, max_pi
     return f[~torch.isnan(f).any(dim=1)]
 
 
-def unknown_scores(out: HeldOutOutputs, view_index: Sequence[int], k: int = KNN_K) -> np.ndarray:
-    """Each held-out image's unknown score against its own model's bank, over the crops `view_index`."""
+def unknown_scores(out: HeldOutOutputs, k: int = KNN_K) -> np.ndarray:
+    """Each held-out image's unknown score (its centre crop) against its own model's bank."""
     scores = np.zeros(len(out.labels))
-    pooled = pooled_features(out.features[:, list(view_index)])
+    pooled = pooled_features(out.features)  # the centre crop's, whatever the mode (model.scoring)
     for b, bank in enumerate(out.banks):
         rows = np.flatnonzero(out.bank_of == b)
         if len(rows) and len(bank):
@@ -159,7 +159,7 @@ def choose_after_training(requested: str, heldout: Sequence[Any], data_config: d
                                "(ties go to fewer crops)")
     index = AUTO_CANDIDATES[mode] if out.views == "10crop" else list(range(out.logits.shape[1]))
     result["temperature"] = fit_temperature(out.logits[:, index], out.labels)
-    scores = unknown_scores(out, index)
+    scores = unknown_scores(out)
     result["ood"] = ({"method": "knn", "k": KNN_K, "threshold": float(np.quantile(scores, KEEP_SHARE)),
                       "kept": KEEP_SHARE, "heldout_images": int(len(scores))} if len(scores) else None)
     result["heldout_images"] = int(len(out.labels))

@@ -49,8 +49,8 @@ class LogitsAndFeatures(nn.Module):
 @dataclass
 class Outputs:
     """A network's outputs on N images: logits ``[N, V, K]`` (V crops), features ``[N, V, C]`` (or pooled to
-    ``[N, 1, C]``: the normalised mean over the crops), one error per image ("" when fine; failed images
-    have NaN rows)."""
+    ``[N, 1, C]``: the centre crop's, normalised), one error per image ("" when fine; failed images have NaN
+    rows)."""
 
     logits: torch.Tensor
     features: torch.Tensor

@@ -4,7 +4,7 @@
   probabilities are ``mean over crops of softmax(logits / T)``. T > 1 softens an over-confident model;
   it never changes which class is on top of one crop's scores.
 * **Unknown score** (``ood_score``, higher = less like the training images): one minus the cosine
-  similarity of the image's features (the classifier layer's input, averaged over the crops) to its k-th
+  similarity of the image's features (the classifier layer's input, of its centre crop) to its k-th
   nearest neighbour among the training images' features ("bank", stored with the model). An image is
   ``unknown`` when its score is above the threshold set on held-out training images so that a chosen share
   (95%) of in-distribution images are kept. Why k-th nearest neighbour and not the maximum softmax or the
@@ -32,9 +32,16 @@ def calibrated_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Te
     return (logits.float() / float(temperature)).softmax(dim=-1).mean(dim=1)
 
 
+def center_view(views: int) -> int:
+    """Index of the centre crop among an image's crops: the only one (centre), or torchvision's five_crop /
+    ten_crop order (four corners, then the centre)."""
+    return 0 if views == 1 else 4
+
+
 def pooled_features(features: torch.Tensor) -> torch.Tensor:
-    """Features ``[B, V, C]`` -> one L2-normalised row per image (the crops' normalised features averaged)."""
-    return F.normalize(F.normalize(features.float(), dim=-1).mean(dim=1), dim=-1)
+    """Features ``[B, V, C]`` -> one L2-normalised row per image: the centre crop's. The unknown score does not
+    depend on the crop mode: the bank and the threshold are centre-crop features, whatever mode is asked for."""
+    return F.normalize(features[:, center_view(features.shape[1])].float(), dim=-1)
 
 
 def knn_score(features: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
