@@ -21,7 +21,6 @@ import concurrent.futures
 import json
 import logging
 import multiprocessing
-import os
 import sys
 import tempfile
 import time

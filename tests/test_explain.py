@@ -4,7 +4,6 @@ evidence is, the `finetune explain` command, batch prediction's --explain and th
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -16,7 +16,7 @@ from PIL import Image
 
 from finetune.cli import cli
 from finetune.evaluation.trust import ece, fit_temperature
-from finetune.model.scoring import Scoring, calibrated_probs, knn_score, pooled_features
+from finetune.model.scoring import calibrated_probs, knn_score, pooled_features
 from tests.conftest import TINY_MODEL, make_folder
 
 

@@ -24,7 +24,6 @@ from finetune.model.artifact import ModelSpec
 from finetune.data.folders import FolderSplits, Sample
 from finetune.data.images import ImageError, display_path, load_rgb
 from finetune.data.crops import TTA_VIEWS, is_multi_crop
-from finetune.errors import UserError
 from finetune.evaluation.trust import ECE_BINS, ece
 from finetune.evaluation.tta import source_outputs
 from finetune.model.outputs import Outputs

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -32,7 +31,7 @@ from finetune.data.crops import CropViews
 from finetune.data.profile import stratified_subset
 from finetune.errors import UserError
 from finetune.evaluation.tta import AUTO_CANDIDATES, mode_scores, pick_mode, source_outputs
-from finetune.model.scoring import Scoring, calibrated_probs, knn_score, pooled_features
+from finetune.model.scoring import calibrated_probs, knn_score, pooled_features
 
 log = logging.getLogger(__name__)
 
