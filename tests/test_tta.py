@@ -11,7 +11,8 @@ from torch import nn
 from finetune.data.transforms import eval_transform
 from finetune.errors import UserError
 from finetune.data.crops import CropViews, ViewsDataset
-from finetune.evaluation.tta import average_softmax, predict_views
+from finetune.evaluation.tta import forward_views
+from finetune.model.scoring import calibrated_probs
 
 # mean 0 / std 1: tensor values are the pixel values / 255, so positions can be read back exactly.
 CONFIG = {"input_size": [3, 32, 32], "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "crop_pct": 0.8,
@@ -64,23 +65,40 @@ def test_ten_crop_adds_horizontal_flips_of_the_five_crops():
 
 def test_average_is_over_softmax_not_logits():
     logits = torch.tensor([[8.0, 0.0, 0.0], [0.0, 0.0, 1.0], [1.0, 2.0, 3.0], [3.0, 2.0, 1.0]])
-    probs = average_softmax(logits, views=2)
+    probs = calibrated_probs(logits.view(2, 2, 3), temperature=1.0)
     expected = torch.stack([logits[:2].softmax(-1).mean(0), logits[2:].softmax(-1).mean(0)])
     assert torch.allclose(probs, expected)
     assert torch.allclose(probs.sum(-1), torch.ones(2))
     assert not torch.allclose(probs[0], logits[:2].mean(0).softmax(-1))  # the tempting wrong answer
 
 
-def test_predict_views_forwards_batch_sized_chunks_and_keeps_images_apart():
+class _Flat(nn.Module):
+    """A classifier over flattened pixels, with timm's `get_classifier` (what the features hook reads)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3 * 32 * 32, 4)
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1))
+
+
+def test_forward_views_forwards_batch_sized_chunks_and_keeps_images_apart():
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 4))
+    net = _Flat()
     seen = []
     net.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
     views = torch.randn(3, 10, 3, 32, 32)
-    probs = predict_views(net, views)
+    logits, feats = forward_views(net, views)
     assert seen == [3] * 10  # 30 crops, as many per forward as images per batch
+    assert logits.shape == (3, 10, 4) and feats.shape == (3, 10, 3 * 32 * 32)
+    probs = calibrated_probs(logits)
     for b in range(3):
         assert torch.allclose(probs[b], net(views[b]).softmax(-1).mean(0), atol=1e-6)
+        assert torch.allclose(feats[b], views[b].flatten(1))  # the classifier's input, per crop
 
 
 def test_dataset_decodes_once_and_reports_bad_files(tmp_path, monkeypatch):

@@ -28,12 +28,6 @@ from finetune.model.outputs import LogitsAndFeatures, Outputs
 from finetune.model.scoring import Scoring, pooled_features
 
 
-def average_softmax(logits: torch.Tensor, views: int) -> torch.Tensor:
-    """Logits of ``[images * views, classes]`` (views of one image adjacent) -> mean probabilities."""
-    probs = logits.float().softmax(dim=-1)
-    return probs.view(-1, views, probs.shape[-1]).mean(dim=1)
-
-
 def _outputs_module(net: Any) -> Any:
     """`net` as a callable images -> (logits, features): a network is wrapped, a runner that already returns
     both (an ONNX session, `LogitsAndFeatures`) is used as it is."""
@@ -54,18 +48,6 @@ def forward_views(net: Any, views: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     logits = torch.cat([o[0] for o in outs]).float()
     feats = torch.cat([o[1] for o in outs]).float()
     return logits.view(b, v, -1), feats.view(b, v, -1)
-
-
-@torch.no_grad()
-def predict_views(net: nn.Module, views: torch.Tensor, average: bool = True) -> torch.Tensor:
-    """A batch ``[B, V, 3, H, W]`` -> class probabilities ``[B, K]`` (``[B, V, K]``, one row per view,
-    with ``average=False``), uncalibrated (see `score_views`)."""
-    v = views.shape[1]
-    flat = views.flatten(0, 1)
-    logits = torch.cat([net(part) for part in flat.split(views.shape[0])])
-    if not average:
-        return logits.float().softmax(dim=-1).view(-1, v, logits.shape[-1])
-    return average_softmax(logits, v)
 
 
 @torch.no_grad()
