@@ -31,6 +31,15 @@ def test_the_fitted_temperature_recovers_the_one_that_made_the_labels():
     assert after < before / 2
 
 
+def test_few_or_all_correct_held_out_images_keep_the_temperature_near_one():
+    torch.manual_seed(3)
+    labels = np.arange(40) % 4
+    logits = torch.randn(40, 1, 4)
+    logits[torch.arange(40), 0, torch.as_tensor(labels)] += 6.0  # every image right, by a margin
+    t = fit_temperature(logits, labels)  # the likelihood alone would sharpen to the end of the range
+    assert 0.4 < t < 1.0
+
+
 def test_calibrated_probabilities_sum_to_one_and_keep_the_argmax():
     torch.manual_seed(1)
     logits = torch.randn(50, 1, 7) * 3
