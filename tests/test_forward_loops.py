@@ -115,6 +115,6 @@ def test_pyfunc_model_forwards_a_large_request_in_bounded_chunks(tmp_path: Path)
     model.runtime, model.batch_size, model.max_pixels = runtime.cpu(), 4, None
     model.net, model.runner, model.scoring = _CountingNet(), None, Scoring()
     model.spec = ModelSpec(architecture="x", num_classes=2, class_names=["a", "b"], data_config=DATA_CONFIG)
-    probs = model.predict_proba(files, "5crop")
+    probs, _ = model.predict_scores(files, "5crop")
     assert probs.shape == (len(files), 2) and probs.device.type == "cpu"
     assert len(files) > 4 and max(model.net.batches) <= 4  # 5 crops of at most 4 images, never all at once

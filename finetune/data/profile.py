@@ -9,7 +9,7 @@ from __future__ import annotations
 import statistics
 from collections import Counter
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from finetune.data.folders import FolderSplits, Sample
 
@@ -60,17 +60,23 @@ def profile_splits(splits: FolderSplits) -> DatasetProfile:
     )
 
 
-def stratified_subset(samples: list[Sample], limit: int) -> list[Sample]:
-    """At most `limit` samples, the same share of each class, deterministic (every k-th file)."""
-    if len(samples) <= limit:
-        return list(samples)
-    by_class: dict[int, list[Sample]] = {}
-    for s in samples:
-        by_class.setdefault(s.label, []).append(s)
-    keep: list[Sample] = []
+def stratified_indices(labels: Sequence[int], limit: int) -> list[int]:
+    """Indices of at most `limit` items, the same share of each class, deterministic (every k-th item of a
+    class), grouped by class."""
+    if len(labels) <= limit:
+        return list(range(len(labels)))
+    by_class: dict[int, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_class.setdefault(int(label), []).append(i)
+    keep: list[int] = []
     for label in sorted(by_class):
         items = by_class[label]
-        n = max(1, round(len(items) * limit / len(samples)))
+        n = max(1, round(len(items) * limit / len(labels)))
         step = len(items) / n
         keep.extend(items[int(i * step)] for i in range(n))
     return keep
+
+
+def stratified_subset(samples: list[Sample], limit: int) -> list[Sample]:
+    """At most `limit` samples, the same share of each class, deterministic (every k-th file)."""
+    return [samples[i] for i in stratified_indices([s.label for s in samples], limit)]

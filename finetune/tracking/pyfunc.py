@@ -162,10 +162,6 @@ class ImageClassifierModel(PythonModel):
         unknown = self.scoring.unknown(ood, options["threshold"])
         return format_predictions(probs, self.class_names, options["top_k"], ood, unknown, options["reject"])
 
-    def predict_proba(self, sources: list[bytes | str], tta: str) -> torch.Tensor:
-        """Calibrated probabilities ``[N, K]``; any unusable image fails the whole request with its row number."""
-        return self.predict_scores(sources, tta)[0]
-
     def predict_scores(self, sources: list[bytes | str], tta: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Calibrated probabilities ``[N, K]`` and unknown scores ``[N]``; an unusable image fails the request."""
         ds = ViewsDataset(sources, CropViews(self.spec.data_config, tta), self.spec.data_config, self.max_pixels)

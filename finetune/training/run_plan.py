@@ -33,7 +33,7 @@ from torch import nn
 from finetune import runtime
 from finetune.config import BANK_MAX_IMAGES, TTA_MAX_IMAGES, TrainConfig
 from finetune.data.folders import FolderSplits, Sample
-from finetune.data.profile import stratified_subset
+from finetune.data.profile import stratified_indices, stratified_subset
 from finetune.data.loaders import EpochShuffle, FolderDataModule, balanced_sampler_factory
 from finetune.data.transforms import eval_transform, make_mixup, resize_size, train_transform
 from finetune.errors import UserError
@@ -180,22 +180,10 @@ def _feature_bank(train: FeatureSet, stage: str) -> Callable[..., torch.Tensor]:
         if exclude is not None:
             keep[np.asarray(exclude, dtype=int)] = False
         rows = np.flatnonzero(keep)
-        rows = rows[bank_rows(train.labels[rows], BANK_MAX_IMAGES)]
+        rows = rows[stratified_indices(train.labels[rows], BANK_MAX_IMAGES)]
         return F.normalize(x[rows], dim=1)
 
     return bank
-
-
-def bank_rows(labels: np.ndarray, limit: int) -> np.ndarray:
-    """Indices of at most `limit` rows, the same share of each class, deterministic (every k-th row)."""
-    if len(labels) <= limit:
-        return np.arange(len(labels))
-    keep = []
-    for label in np.unique(labels):
-        rows = np.flatnonzero(labels == label)
-        n = max(1, round(len(rows) * limit / len(labels)))
-        keep.append(rows[(np.arange(n) * len(rows) / n).astype(int)])
-    return np.sort(np.concatenate(keep))
 
 
 def _linear_of(net: nn.Module) -> nn.Module:
