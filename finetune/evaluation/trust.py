@@ -27,7 +27,7 @@ import torch
 
 from finetune import runtime
 from finetune.config import BANK_MAX_IMAGES, TTA_MAX_IMAGES
-from finetune.data.crops import CropViews
+from finetune.data.crops import TTA_VIEWS, CropViews
 from finetune.data.profile import stratified_subset
 from finetune.errors import UserError
 from finetune.evaluation.tta import AUTO_CANDIDATES, mode_scores, pick_mode, source_outputs
@@ -104,7 +104,7 @@ def heldout_outputs(heldout: Sequence[Any], views: str, data_config: dict[str, A
             share = min(1.0, max_images / max(total, 1))
             samples = stratified_subset(h.samples, max(1, round(len(h.samples) * share)))
             out = source_outputs(h.net(), [s.path for s in samples], data_config, views,
-                                 max(1, batch_size // len(AUTO_CANDIDATES.get(views, [0]))), max_pixels, rt)
+                                 max(1, batch_size // TTA_VIEWS[views]), max_pixels, rt)
             ok = ~torch.isnan(out.logits).any(dim=2).any(dim=1)
             z, f = out.logits[ok], out.features[ok]
             y = np.array([s.label for s in samples], dtype=int)[ok.numpy()]
