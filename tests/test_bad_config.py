@@ -86,3 +86,12 @@ def test_unreachable_tracking_server_fails_fast(image_folder: Path, tmp_path: Pa
     assert time.monotonic() - started < 60
     assert line.startswith("Error: Cannot reach the MLflow tracking server at http://127.0.0.1:9 (ConnectionError")
     assert line.endswith("Start the server or fix MLFLOW_TRACKING_URI (unset it to use ./mlruns).")
+
+
+def test_a_tracking_store_mlflow_refuses_is_one_message_before_any_work(image_folder: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "filestore").as_uri())  # MLflow 3: file stores are read-only
+    line = _refused(tiny_train_args(image_folder, tmp_path / "out"), tmp_path)
+    assert line.startswith(f"Error: MLflow cannot use the tracking store {(tmp_path / 'filestore').as_uri()} (")
+    assert line.endswith("or unset it to use ./mlruns.")
+    assert not (tmp_path / "out").exists()  # refused before the scan, the measurement or an output folder

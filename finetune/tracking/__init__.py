@@ -14,6 +14,7 @@ from typing import Any, Iterable
 
 import mlflow
 from mlflow.tracking import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from finetune.errors import UserError
 from finetune.files import write_json
@@ -112,6 +113,7 @@ def check_reachable(uri: str | None = None, timeout: float = REACHABILITY_TIMEOU
     """
     uri = uri or tracking_uri()
     if not uri.startswith(("http://", "https://")):
+        _check_store(uri)
         return
     import requests
 
@@ -125,6 +127,17 @@ def check_reachable(uri: str | None = None, timeout: float = REACHABILITY_TIMEOU
     # finished training for minutes; the user's own settings win.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
+def _check_store(uri: str) -> None:
+    """A local store MLflow refuses (a file:// store, which MLflow 3 no longer writes to; a path it cannot
+    create) is a UserError before any work is done, not a traceback after the measurement."""
+    try:
+        MlflowClient(tracking_uri=uri)
+    except MlflowException as e:
+        raise UserError(f"MLflow cannot use the tracking store {uri} ({_describe(e)}). Set MLFLOW_TRACKING_URI to "
+                        "a database (e.g. sqlite:///mlruns/mlflow.db) or a server, or unset it to use "
+                        "./mlruns.") from None
 
 
 def _describe(e: BaseException) -> str:
