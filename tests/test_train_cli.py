@@ -52,15 +52,7 @@ def test_large_plan_validates_the_warmed_up_head_beside_the_fine_tuned_network(i
     assert (m["weights"] == "warmup") == (m["select_acc_warmup"] > m["select_acc_finetuned"])
 
 
-class _StubEvaluator:
-    """validate() scores the network by its single weight: a stand-in for real validation."""
-
-    def validate(self, module, datamodule=None, verbose=False):
-        w = float(module.net.weight.detach().sum())
-        return [{"select_acc": w, "select_loss": 1.0 - w, "select_acc_top5": 1.0}]
-
-
-def test_warmed_up_head_is_kept_only_when_it_validates_better():
+def test_warmed_up_head_is_kept_only_when_it_scored_better():
     import torch
     from torch import nn
 
@@ -75,10 +67,12 @@ def test_warmed_up_head_is_kept_only_when_it_validates_better():
     for tuned, warm in ((0.5, 0.75), (0.75, 0.5)):  # exact in float32
         module = Holder(tuned)
         warm_state = {"weight": torch.full((1, 1), warm)}
-        metrics = _keep_warmup_if_better(module, _StubEvaluator(), None, warm_state,
+        warm_scores = {"select_acc": warm, "select_loss": 1.0 - warm, "select_acc_top5": 1.0}
+        metrics = _keep_warmup_if_better(module, warm_state, warm_scores,
                                          {"select_acc": tuned, "select_loss": 0.1, "select_acc_top5": 1.0, "weights": "raw"})
         kept = max(tuned, warm)
         assert float(module.net.weight) == kept  # the network left in place is the one reported
         assert metrics["select_acc"] == kept and metrics["select_acc_finetuned"] == tuned
         assert metrics["select_acc_warmup"] == warm
         assert metrics["weights"] == ("warmup" if warm > tuned else "raw")
+        assert metrics["select_loss"] == (1.0 - warm if warm > tuned else 0.1)

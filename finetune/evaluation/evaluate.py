@@ -18,7 +18,7 @@ import torch
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from torch import nn
 
-from finetune import runtime
+from finetune import runtime, timing
 from finetune.files import write_json
 from finetune.model.artifact import ModelSpec
 from finetune.data.folders import FolderSplits, Sample
@@ -261,6 +261,7 @@ def evaluate_splits(net: nn.Module, spec: ModelSpec, splits: dict[str, Sequence[
     return {k: v for k, v in metrics.items() if k not in exclude}
 
 
+@timing.timed("evaluate")
 def after_training(net: nn.Module, spec: ModelSpec, splits: FolderSplits, cfg: Any, output: Path,
                    rt: runtime.Runtime, mode: str, center_outputs: dict[str, Outputs] | None = None,
                    leaked: dict[str, Collection[str]] | None = None, scoring: Scoring | None = None

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from finetune import runtime
-from finetune.config import BANK_MAX_IMAGES, TTA_MAX_IMAGES
+from finetune import runtime, timing
+from finetune.config import TTA_MAX_IMAGES
 from finetune.data.crops import TTA_VIEWS, CropViews
 from finetune.data.profile import stratified_subset
 from finetune.errors import UserError
@@ -44,7 +44,8 @@ ECE_BINS = 15
 
 @dataclass
 class HeldOutOutputs:
-    """Per-crop logits [N, V, K] and features [N, V, C], labels [N], and each image's bank (index into `banks`)."""
+    """Per-crop logits [N, V, K] and features [N, V, C], labels [N], and each image's bank (index into `banks`).
+    A bank in `own_banks` is made of the held-out images it scores (each one is left out of its own score)."""
 
     logits: torch.Tensor
     features: torch.Tensor
@@ -52,6 +53,7 @@ class HeldOutOutputs:
     bank_of: np.ndarray
     banks: list[torch.Tensor]
     views: str  # the crops of the pass: "10crop" (any mode can be scored) or the one mode asked for
+    own_banks: set[int] = field(default_factory=set)
 
 
 def fit_temperature(logits: torch.Tensor, labels: np.ndarray) -> float:
@@ -91,9 +93,10 @@ def heldout_outputs(heldout: Sequence[Any], views: str, data_config: dict[str, A
                     max_pixels: int | None = None, rt: runtime.Runtime | None = None,
                     max_images: int = TTA_MAX_IMAGES) -> HeldOutOutputs:
     """One pass over the held-out training images of every `run_plan.HeldOut` (at most `max_images` in all,
-    stratified, for network plans; feature plans read their cached crops): per-crop logits and features."""
+    stratified, for network plans; feature plans read their cached crops): per-crop logits and features. A
+    held-out set without a bank of its own (network plans) is its own bank: its centre-crop features."""
     total = sum(len(h.samples) for h in heldout)
-    logits, feats, labels, bank_of, banks = [], [], [], [], []
+    logits, feats, labels, bank_of, banks, own = [], [], [], [], [], set()
     for h in heldout:
         if h.per_view is not None:  # a feature plan's fold: its out-of-fold head on cached crop features
             z, f, y = h.per_view()
@@ -112,34 +115,26 @@ def heldout_outputs(heldout: Sequence[Any], views: str, data_config: dict[str, A
         feats.append(f.float())
         labels.append(np.asarray(y, dtype=int))
         bank_of.append(np.full(len(y), len(banks)))
-        banks.append(model_bank(h, data_config, batch_size, max_pixels, rt))
+        if h.bank is None:
+            own.add(len(banks))
+        banks.append(h.bank() if h.bank is not None else pooled_features(feats[-1]))
     return HeldOutOutputs(torch.cat(logits), torch.cat(feats), np.concatenate(labels), np.concatenate(bank_of),
-                          banks, views)
-
-
-def model_bank(h: Any, data_config: dict[str, Any], batch_size: int = 32, max_pixels: int | None = None,
-               rt: runtime.Runtime | None = None) -> torch.Tensor:
-    """The normalised features [M, C] of the images `h`'s model fitted on (at most BANK_MAX_IMAGES, stratified)."""
-    if h.bank is not None:
-        return h.bank()
-    samples = stratified_subset(list(h.fit_samples or []), BANK_MAX_IMAGES)
-    out = source_outputs(h.net(), [s.path for s in samples], data_config, "center", batch_size, max_pixels, rt,
-                         pool=True)
-    f = out.features[:, 0]
-    return f[~torch.isnan(f).any(dim=1)]
+                          banks, views, own)
 
 
 def unknown_scores(out: HeldOutOutputs, k: int = KNN_K) -> np.ndarray:
-    """Each held-out image's unknown score (its centre crop) against its own model's bank."""
+    """Each held-out image's unknown score (its centre crop) against its own model's bank; against a bank made of
+    the held-out images themselves, leaving the image out (its own row is its nearest neighbour: k + 1)."""
     scores = np.zeros(len(out.labels))
     pooled = pooled_features(out.features)  # the centre crop's, whatever the mode (model.scoring)
     for b, bank in enumerate(out.banks):
         rows = np.flatnonzero(out.bank_of == b)
-        if len(rows) and len(bank):
-            scores[rows] = knn_score(pooled[rows], bank, k).numpy()
+        if len(rows) and len(bank) > (b in out.own_banks):
+            scores[rows] = knn_score(pooled[rows], bank, k + (b in out.own_banks)).numpy()
     return scores
 
 
+@timing.timed("crops, temperature, unknown threshold")
 def choose_after_training(requested: str, heldout: Sequence[Any], data_config: dict[str, Any], **kwargs: Any
                           ) -> dict[str, Any]:
     """The crop mode, the temperature and the unknown threshold, from held-out training images (module doc).

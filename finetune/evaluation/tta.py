@@ -44,7 +44,8 @@ def forward_views(net: Any, views: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     """
     b, v = views.shape[:2]
     run = _outputs_module(net)
-    outs = [run(part) for part in views.flatten(0, 1).split(b)]
+    module = isinstance(run, LogitsAndFeatures)  # a network: its images in its weights' layout (evaluating_on)
+    outs = [run(runtime.channels_last(part) if module else part) for part in views.flatten(0, 1).split(b)]
     logits = torch.cat([o[0] for o in outs]).float()
     feats = torch.cat([o[1] for o in outs]).float()
     return logits.view(b, v, -1), feats.view(b, v, -1)

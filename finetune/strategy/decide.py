@@ -231,8 +231,10 @@ def _choose_scenario(profile: Mapping[str, Any], similarity: Mapping[str, Any], 
         return measured, "measured", [size_reason, domain_reason]
     if forced not in SCENARIO_NAMES:
         raise UserError(f"Invalid scenario {forced!r}. Valid values: auto, {', '.join(SCENARIO_NAMES)}.")
+    partial = ("; measured at the training size only (`finetune plan` measures the source components at the "
+               "weights' own size)" if (similarity.get("details") or {}).get("source_skipped_forced") else "")
     return forced, "forced", [f"scenario {forced} forced by the user (the measurements say {measured}: "
-                              f"{size_reason}; {domain_reason})"]
+                              f"{size_reason}; {domain_reason}{partial})"]
 
 
 def _input_size_reason(similarity: Mapping[str, Any]) -> str | None:

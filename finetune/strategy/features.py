@@ -29,7 +29,7 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -41,7 +41,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from finetune import runtime
+from finetune import runtime, timing
 from finetune.data.crops import CropViews
 from finetune.data.transforms import eval_transform, resize_size, train_transform
 from finetune.model.backbone import Backbone
@@ -104,6 +104,14 @@ class FeatureSet:
             if s.key == key:
                 return s
         raise KeyError(f"no stage {key!r}; stages: {[s.key for s in self.stages]}")
+
+    def subset(self, rows: Sequence[int]) -> "FeatureSet":
+        """The features of the images at `rows`, in that order (in memory; without the BatchNorm statistics,
+        which describe the whole set)."""
+        idx = np.asarray(rows, dtype=int)
+        return replace(self, arrays={k: np.asarray(v[:, idx]) for k, v in self.arrays.items()},
+                       labels=self.labels[idx], valid=self.valid[idx], paths=[self.paths[i] for i in idx],
+                       logits=None if self.logits is None else self.logits[idx], bn_stats={})
 
     def matrix(self, key: str, view: int = 0, only_valid: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """(features [n, C] as float32, labels [n]) of one view of one stage."""
@@ -307,7 +315,8 @@ def _extract(backbone: Backbone, samples: Sequence[Sample], transform: Callable,
     bn = _BatchNormStats(model) if with_stats else None
     try:
         # Minutes to hours on a CPU for a large folder: show progress (once per cache entry).
-        with runtime.evaluating_on(model, rt.device), rt.autocast():
+        # Contiguous (NCHW) layout: the BatchNorm statistics sum along W, 5x slower in channels_last.
+        with runtime.evaluating_on(model, rt.device, channels_last=False), rt.autocast():
             for x, index, ok in tqdm(loader, desc=f"Extracting features of {what}", unit="batch",
                                      dynamic_ncols=True):
                 index = index.numpy()
@@ -350,6 +359,7 @@ def _load(directory: Path, extracted: bool, seconds: float) -> FeatureSet:
                       meta["paths"], directory, extracted, seconds, logits, bn)
 
 
+@timing.timed("features")
 def cached_features(backbone: Backbone, samples: Sequence[Sample], *, views: int = 0, aug_preset: str = "light",
                     seed: int = 0, batch_size: int = 32, max_pixels: int | None = None,
                     cache_dir: str | Path | None = None, rt: runtime.Runtime | None = None,
@@ -398,3 +408,11 @@ def cached_features(backbone: Backbone, samples: Sequence[Sample], *, views: int
     seconds = time.perf_counter() - started
     log.info("Extracted features of %d images x %d view(s) in %.1fs -> %s", len(samples), n_views, seconds, directory)
     return _load(directory, extracted=True, seconds=seconds)
+
+
+def cached_subset(backbone: Backbone, samples: Sequence[Sample], within: Sequence[Sample], **kwargs: Any
+                  ) -> FeatureSet:
+    """`cached_features` of `samples`, read from the entry of `within` (a list that holds them all, e.g. the
+    training split that the measurement extracted): a part of a cached list costs no pass of its own."""
+    row = {sample.path: i for i, sample in enumerate(within)}
+    return cached_features(backbone, within, **kwargs).subset([row[sample.path] for sample in samples])

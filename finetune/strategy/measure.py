@@ -21,7 +21,7 @@ from torch import nn
 from finetune.model.backbone import Backbone, resolve_data_config
 from finetune.config import TrainConfig
 from finetune.data.folders import FolderSplits
-from finetune import runtime
+from finetune import runtime, timing
 from finetune.strategy.features import FeatureSet, cached_features
 from finetune.strategy.groups import GroupSetting, plan_groups
 from finetune.data.profile import DatasetProfile, profile_splits, stratified_subset
@@ -108,6 +108,7 @@ def native_backbone(backbone: Backbone) -> Backbone:
     return dataclasses.replace(backbone, data_config=native)
 
 
+@timing.timed("measure")
 def measure_and_decide(cfg: TrainConfig, splits: FolderSplits, backbone: Backbone,
                        rt: runtime.Runtime | None = None) -> Decision:
     """Profile, measure the similarity on (cached) features, and decide the plan."""
@@ -123,11 +124,16 @@ def _measure_and_decide(cfg: TrainConfig, splits: FolderSplits, backbone: Backbo
     started = time.perf_counter()
     feats = train_features(cfg, backbone, splits, thresholds.probe_max_images, rt)
     native = native_backbone(backbone) if backbone.weights_source != "none" else backbone  # random init: no source
+    # A forced scenario only reports what the measurements say: no second pass at the weights' own size for it.
+    skip_source = native is not backbone and cfg.scenario != "auto"
+    if skip_source:
+        native = backbone
     source = None if native is backbone else train_features(cfg, native, splits, thresholds.source_max_images, rt)
     extracted = time.perf_counter() - started
     similarity = measure(feats, thresholds.similarity_weights, thresholds.probe_folds, thresholds.probe_alpha,
                          source=source)
-    similarity.details.update(image_size=image_size(backbone), source_image_size=image_size(native))
+    similarity.details.update(image_size=image_size(backbone), source_image_size=image_size(native),
+                              source_skipped_forced=skip_source)
     probed = time.perf_counter() - started - extracted
     plan = decide(profile.to_dict(), similarity.to_dict(), thresholds, defaults, base_epochs=cfg.epochs,
                   forced=cfg.scenario, freeze_groups=cfg.freeze_groups, backbone_lr_mult=cfg.backbone_lr_mult,

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import WeightAveraging
 
-from finetune import runtime
+from finetune import runtime, timing
 from finetune.training.recipe import Recipe
 from finetune.errors import UserError
 
@@ -88,6 +88,34 @@ class EMA(WeightAveraging):
                 checkpoint[key] = {k: v.detach().clone() for k, v in checkpoint[key].items()}
         finally:
             self._swap_models(pl_module)
+
+
+class ValidationTime(pl.Callback):
+    """Lightning's validation passes, timed as the phase "validation" (finetune.timing)."""
+
+    def __init__(self) -> None:
+        self.span = timing.Span("validation")
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.span.start()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.span.stop()
+
+
+class EpochScores(pl.Callback):
+    """The selection metrics of every epoch validated in this process (epoch -> select_*), as Lightning
+    reduced them (over the ranks too): the best checkpoint's scores are read here, not validated again."""
+
+    KEYS = ("select_acc", "select_loss", "select_acc_top5")
+
+    def __init__(self) -> None:
+        self.scores: dict[int, dict[str, float]] = {}
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        metrics = trainer.callback_metrics
+        if not trainer.sanity_checking and all(k in metrics for k in self.KEYS):
+            self.scores[trainer.current_epoch] = {k: float(metrics[k]) for k in self.KEYS}
 
 
 class DivergenceCallback(pl.Callback):

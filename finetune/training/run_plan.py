@@ -30,7 +30,7 @@ from pytorch_lightning.tuner import Tuner
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import nn
 
-from finetune import runtime
+from finetune import runtime, timing
 from finetune.config import BANK_MAX_IMAGES, TTA_MAX_IMAGES, TrainConfig
 from finetune.data.folders import FolderSplits, Sample
 from finetune.data.profile import stratified_indices, stratified_subset
@@ -41,10 +41,10 @@ from finetune.model.backbone import Backbone
 from finetune.model.heads import StageClassifier, load_linear
 from finetune.model.outputs import Outputs
 from finetune.strategy.decide import Plan, stage_index
-from finetune.strategy.features import FINAL, FeatureSet, cached_features
+from finetune.strategy.features import FINAL, FeatureSet, cached_features, cached_subset
 from finetune.strategy.measure import Decision, _feature_kwargs, preserved_rng
 from finetune.training import checkpoints, distributed
-from finetune.training.callbacks import EMA, check_initial_loss, initial_loss, recipe_callbacks
+from finetune.training.callbacks import EMA, EpochScores, ValidationTime, check_initial_loss, initial_loss, recipe_callbacks
 from finetune.training.freezing import apply_plan
 from finetune.training.linear_probe import HeadResult, HeadSearch, fit_linear_head, head_data
 from finetune.training.lr_range import hold_lr_ratios
@@ -70,11 +70,10 @@ class HeldOut:
     # stratified subset of) these images, from its out-of-fold head on cached 10-crop features: no network
     # pass once they are cached.
     per_view: Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
-    # What an image's unknown score is measured against (model.scoring.knn_score): the images this model
-    # fitted on, as () -> their normalised features [M, C] (feature plans: cached), or as samples that the
-    # network still has to see (network plans; evaluation runs them, at most BANK_MAX_IMAGES, stratified).
+    # What an image's unknown score is measured against (model.scoring.knn_score): () -> normalised features
+    # [M, C] of the images this model fitted on (feature plans: cached); None (network plans): the held-out
+    # images themselves, from the same pass (evaluation.trust), so that no pass over the fitted images is needed.
     bank: Callable[[], torch.Tensor] | None = None
-    fit_samples: list[Sample] | None = None
 
 
 @dataclass
@@ -89,7 +88,7 @@ class FitResult:
     metrics: dict[str, Any]  # select_acc, select_loss, best_epoch / epochs, and what was compared
     selection: dict[str, Any]  # how the choices were made and on which images
     report: dict[str, Any] = field(default_factory=dict)  # plan-specific: head search, warm-up
-    center_outputs: dict[str, Outputs] | None = None  # feature plans: val/test centre-crop outputs from the cache
+    center_outputs: dict[str, Outputs] | None = None  # val/test centre-crop outputs from the cache (pretrained backbone)
     heldout: list[HeldOut] = field(default_factory=list)
     bank: Callable[[], torch.Tensor] | None = None  # the saved model's unknown-score bank (see HeldOut.bank)
     ddp: dict[str, Any] | None = None  # world size and whether the ranks ended in sync
@@ -107,6 +106,7 @@ class RunContext:
     progress: bool = True  # Lightning's progress bar (on stdout); the pilot's candidates run without it
 
 
+@timing.timed("fit")
 def run_plan(cfg: TrainConfig, decision: Decision, recipe: Recipe, backbone: Backbone, splits: FolderSplits,
              ctx: RunContext, rt: runtime.Runtime) -> FitResult | None:
     """Execute the decided plan; None on the ranks other than 0 of a multi-process run."""
@@ -127,8 +127,7 @@ def _fit_head(cfg: TrainConfig, decision: Decision, recipe: Recipe, backbone: Ba
     net = head_network(backbone, plan, len(splits.classes))
     load_linear(_linear_of(net), result.weight, result.bias)
     kwargs = _feature_kwargs(cfg, rt)
-    probs = {name: cached_center_outputs(cached_features(backbone, samples, **kwargs), plan.head_stage, net)
-             for name, samples in (("val", splits.val), ("test", splits.test)) if samples}
+    probs = _report_outputs(cfg, backbone, splits, plan.head_stage, net, rt)
     metrics = {"select_acc": result.select_acc, "select_loss": result.select_loss, "epochs": result.epochs}
     selection = {"protocol": f"{result.folds}-fold cross-validation on the training split's cached features "
                              "(weight decay and epochs); the head is then refitted on every training image",
@@ -200,10 +199,13 @@ def _head_options(recipe: Recipe, splits: FolderSplits) -> dict[str, Any]:
 
 
 def _head_inputs(cfg: TrainConfig, backbone: Backbone, train_samples: list[Sample], plan: Plan, stage: str,
-                 aug_views: int, rt: runtime.Runtime | None) -> tuple[list[np.ndarray], FeatureSet, runtime.Runtime]:
-    """The cached features a head trains on: training views (clean, plus augmented ones), and where."""
+                 aug_views: int, rt: runtime.Runtime | None, within: list[Sample] | None = None
+                 ) -> tuple[list[np.ndarray], FeatureSet, runtime.Runtime]:
+    """The cached features a head trains on: training views (clean, plus augmented ones), and where. `within`:
+    a list holding `train_samples` (the whole training split) whose cached clean view is read instead."""
     kwargs = _feature_kwargs(cfg, rt)
-    train = cached_features(backbone, train_samples, **kwargs)
+    train = (cached_features(backbone, train_samples, **kwargs) if within is None
+             else cached_subset(backbone, train_samples, within, **kwargs))
     views = [train.arrays[stage]]
     if aug_views:
         aug = cached_features(backbone, train_samples, views=aug_views, aug_preset=plan.augment, seed=cfg.seed,
@@ -222,11 +224,12 @@ def _head_optimizer(recipe: Recipe) -> Callable[[list[dict[str, Any]], nn.Module
 
 def _head_on_features(cfg: TrainConfig, recipe: Recipe, backbone: Backbone, train_samples: list[Sample],
                       num_classes: int, plan: Plan, stage: str, epochs: int, aug_views: int, logger: Any,
-                      rt: runtime.Runtime | None, fold_heads: bool = False, **head_options: Any) -> HeadResult:
+                      rt: runtime.Runtime | None, fold_heads: bool = False, within: list[Sample] | None = None,
+                      **head_options: Any) -> HeadResult:
     """A linear head on the cached features of `stage` of `train_samples` (weight decay and epochs chosen by
     cross-validation on them): a feature plan's model, or a network plan's head warm-up (which trains with
-    the plain loss: `head_options` are the feature plan's)."""
-    views, train, rt = _head_inputs(cfg, backbone, train_samples, plan, stage, aug_views, rt)
+    the plain loss: `head_options` are the feature plan's). `within`: see `_head_inputs`."""
+    views, train, rt = _head_inputs(cfg, backbone, train_samples, plan, stage, aug_views, rt, within)
     return fit_linear_head(views, train.labels, train.valid, num_classes, plan.weight_decay_grid,
                            epochs, cfg.batch_size, _head_optimizer(recipe), folds=CV_FOLDS, seed=cfg.seed,
                            logger=logger, rt=rt, fold_heads=fold_heads, **head_options)
@@ -243,6 +246,15 @@ def head_network(backbone: Backbone, plan: Plan, num_classes: int) -> nn.Module:
 
 
 
+def _report_outputs(cfg: TrainConfig, backbone: Backbone, splits: FolderSplits, stage: str, net: nn.Module,
+                    rt: runtime.Runtime) -> dict[str, Outputs]:
+    """The head of `net` (whose backbone is the pretrained one) on the cached centre-crop features of val and
+    test (the audit's, when it ran): the report's centre-crop outputs without a network pass."""
+    kwargs = _feature_kwargs(cfg, rt)
+    return {name: cached_center_outputs(cached_features(backbone, samples, **kwargs), stage, net)
+            for name, samples in (("val", splits.val), ("test", splits.test)) if samples}
+
+
 def cached_center_outputs(features: FeatureSet, stage: str, net: nn.Module) -> Outputs:
     """A feature plan's head on cached centre-crop features: logits ``[N, 1, K]`` and the normalised features
     ``[N, 1, C]`` (NaN rows for images that failed to decode): the after-training report needs no network pass."""
@@ -256,13 +268,17 @@ def cached_center_outputs(features: FeatureSet, stage: str, net: nn.Module) -> O
     return Outputs(logits[:, None], feats[:, None], ["" if ok else "not decoded" for ok in features.valid])
 
 
+@timing.timed("head warm-up")
 def prepare_network(cfg: TrainConfig, decision: Decision, recipe: Recipe, backbone: Backbone, splits: FolderSplits,
-                    rt: runtime.Runtime | None = None, warm_up: bool = True
+                    within: list[Sample], rt: runtime.Runtime | None = None, warm_up: bool = True
                     ) -> tuple[list[dict[str, Any]], list[Any], dict[str, Any]]:
     """Large-data plans: warm the head up on cached features, then freeze the plan's groups.
 
-    `warm_up=False` skips fitting the head (the other ranks of a DDP run: they get rank 0's head when
-    DDP wraps the model). Returns the optimizer's param groups, the Lightning callbacks, and what to report.
+    `splits` is the selection cut of the training split `within` (whose cached features the measurement
+    made): the head fits on its train part, and is scored on its selection part from the same cache, a
+    candidate that costs no validation pass. `warm_up=False` skips fitting the head (the other ranks of a
+    DDP run: they get rank 0's head when DDP wraps the model). Returns the optimizer's param groups, the
+    Lightning callbacks, and what to report.
     """
     plan = decision.plan
     info: dict[str, Any] = {}
@@ -270,13 +286,31 @@ def prepare_network(cfg: TrainConfig, decision: Decision, recipe: Recipe, backbo
         started = time.perf_counter()
         with preserved_rng():  # cached or not, the fine-tuning that follows starts from the same RNG state
             result = _head_on_features(cfg, recipe, backbone, splits.train, len(splits.classes), plan, FINAL,
-                                       plan.warmup_epochs, 0, False, rt)
+                                       plan.warmup_epochs, 0, False, rt, within=within)
+            selection = cached_subset(backbone, splits.val, within, **_feature_kwargs(cfg, rt))
         load_linear(backbone.model.get_classifier(), result.weight, result.bias)
+        weights = class_weights([s.label for s in splits.train], len(splits.classes))
         info["warmup"] = {"cv_acc": result.select_acc, "weight_decay": result.weight_decay, "epochs": result.epochs,
+                          "select": head_scores(selection, result.weight, result.bias,
+                                                weights if recipe.class_weights == "auto" else None),
                           "seconds": round(time.perf_counter() - started, 2)}
         log.info("Head warm-up on cached features: cross-validated acc %.4f", result.select_acc)
     param_groups, callback = apply_plan(backbone.model, decision.groups, plan.bn_policy)
     return param_groups, [callback], info
+
+
+def head_scores(features: FeatureSet, weight: torch.Tensor, bias: torch.Tensor,
+                class_weights: torch.Tensor | None) -> dict[str, float]:
+    """select_acc, select_loss, select_acc_top5 of a linear head on cached final features (the images that
+    decoded), computed as the validation loop computes them (`Classifier.model_step`)."""
+    x, y = features.matrix(FINAL)
+    with torch.no_grad():
+        logits = torch.from_numpy(x) @ weight.float().T + bias.float()
+        target = torch.from_numpy(np.asarray(y, dtype=np.int64))
+        k = min(5, logits.shape[1])
+        return {"select_acc": float((logits.argmax(1) == target).float().mean()),
+                "select_loss": float(F.cross_entropy(logits, target, weight=class_weights)),
+                "select_acc_top5": float((logits.topk(k, dim=1).indices == target[:, None]).any(1).float().mean())}
 
 
 def _fit_network(cfg: TrainConfig, decision: Decision, recipe: Recipe, backbone: Backbone, splits: FolderSplits,
@@ -292,12 +326,12 @@ def _fit_network(cfg: TrainConfig, decision: Decision, recipe: Recipe, backbone:
 
     def warm_up() -> dict[str, Any]:
         nonlocal prepared
-        prepared = prepare_network(cfg, decision, recipe, backbone, inner, rt)
+        prepared = prepare_network(cfg, decision, recipe, backbone, inner, splits.train, rt)
         return prepared[2]
 
     report = distributed.on_rank_zero(warm_up)
-    param_groups, plan_callbacks, _ = prepared or prepare_network(cfg, decision, recipe, backbone, inner, rt,
-                                                                 warm_up=False)
+    param_groups, plan_callbacks, _ = prepared or prepare_network(cfg, decision, recipe, backbone, inner,
+                                                                 splits.train, rt, warm_up=False)
     module = _classifier(cfg, recipe, backbone, inner, param_groups)
     # The warmed-up head on the pretrained backbone is a candidate too: fine-tuning must beat it.
     warm_state = _cpu_state(module.net) if "warmup" in report else None
@@ -308,13 +342,15 @@ def _fit_network(cfg: TrainConfig, decision: Decision, recipe: Recipe, backbone:
     _fit(trainer, module, datamodule, ctx, cfg)
     if not trainer.is_global_zero:
         return None
-    metrics = _pick_weights(module, datamodule, trainer, checkpoint, warm_state, ctx.output, rt)
+    metrics = _pick_weights(module, datamodule, trainer, checkpoint, report.get("warmup"), warm_state, ctx.output, rt)
     selection = {"protocol": f"selection split: {len(inner.val)} training images held out (stratified, "
                              f"--select-fraction {cfg.select_share:g}, seed {cfg.seed}); the network fitted on "
                              f"the other {len(inner.train)}",
                  "images": len(inner.val), "fit_images": len(inner.train)}
-    heldout = HeldOut(inner.val, net=lambda: module.net, fit_samples=list(inner.train))
-    return FitResult(module.net, metrics, selection, report, heldout=[heldout],
+    heldout = HeldOut(inner.val, net=lambda: module.net)
+    # The warmed-up head kept: the backbone is the pretrained one, whose val/test features are cached.
+    center = _report_outputs(cfg, backbone, splits, FINAL, module.net, rt) if metrics["weights"] == "warmup" else None
+    return FitResult(module.net, metrics, selection, report, heldout=[heldout], center_outputs=center,
                      ddp=rank_sync.report(trainer.world_size) if trainer.world_size > 1 else None)
 
 
@@ -354,7 +390,7 @@ def _trainer(cfg: TrainConfig, recipe: Recipe, plan: Plan, ctx: RunContext, rt: 
         # Any callback with state_dict/load_state_dict (EMA updates, RNG state, ...) is saved in the checkpoints and
         # restored on --resume by Lightning; its state must be tensors and plain data (weights_only).
         callbacks=[best, checkpoints.epoch_checkpoint(ctx.output), checkpoints.RngState(cfg.seed),
-                   checkpoints.SaveOnInterrupt(folder / checkpoints.LAST_CHECKPOINT), rank_sync,
+                   checkpoints.SaveOnInterrupt(folder / checkpoints.LAST_CHECKPOINT), rank_sync, ValidationTime(), EpochScores(),
                    *([TQDMProgressBar(refresh_rate=1)] if ctx.progress else []), *plan_callbacks,
                    *recipe_callbacks(recipe, num_classes, best)],
         default_root_dir=ctx.output, log_every_n_steps=1, num_sanity_val_steps=0, enable_model_summary=False,
@@ -362,6 +398,7 @@ def _trainer(cfg: TrainConfig, recipe: Recipe, plan: Plan, ctx: RunContext, rt: 
     return trainer, best, rank_sync
 
 
+@timing.timed("lightning fit")
 def _fit(trainer: pl.Trainer, module: Classifier, datamodule: FolderDataModule, ctx: RunContext,
          cfg: TrainConfig) -> None:
     """`trainer.fit`, with the run marked FAILED on divergence and KILLED (checkpoint saved) on a signal."""
@@ -401,56 +438,45 @@ def _babysit_initial_loss(module: Classifier, datamodule: FolderDataModule, num_
         log.warning(warning)
 
 
+@timing.timed("pick weights")
 def _pick_weights(module: Classifier, datamodule: FolderDataModule, trainer: pl.Trainer,
-                  checkpoint: ModelCheckpoint, warm_state: dict[str, torch.Tensor] | None, output: Path,
-                  rt: runtime.Runtime) -> dict[str, Any]:
-    """Load the best checkpoint (by selection accuracy) and score it on the selection split, then the
-    warm-up candidate; `module` ends up holding whichever scores best. With --ema the checkpoints hold the
-    EMA weights (Lightning's weight averaging validated and saved them): they are the fine-tuned model,
-    `weights` says "ema"."""
+                  checkpoint: ModelCheckpoint, warmup: dict[str, Any] | None,
+                  warm_state: dict[str, torch.Tensor] | None, output: Path, rt: runtime.Runtime) -> dict[str, Any]:
+    """Load the best checkpoint (by selection accuracy), then keep the warm-up candidate instead when it scored
+    better; `module` ends up holding the winner. Each candidate is scored once: the best epoch by its
+    validation during the fit, the warm-up on cached features (`prepare_network`). With --ema the checkpoints
+    hold the EMA weights (Lightning's weight averaging validated and saved them): `weights` says "ema"."""
     best_path = checkpoint.best_model_path or str(checkpoints.checkpoint_dir(output) / checkpoints.LAST_CHECKPOINT)
     best = checkpoints.load_checkpoint(best_path)
     module.load_state_dict(best["state_dict"])
-    # A logger-less trainer: the final numbers go to MLflow as final_*, not as an extra epoch point.
-    evaluator = pl.Trainer(accelerator=rt.accelerator, devices=rt.lightning_devices, logger=False,
-                           enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
-                           precision=rt.precision)
-    scored = evaluator.validate(module, datamodule=datamodule, verbose=False)[0]
-    metrics = {"select_acc": float(scored["select_acc"]), "select_loss": float(scored["select_loss"]),
-               "select_acc_top5": float(scored["select_acc_top5"]), "best_epoch": int(best["epoch"]),
+    recorded = next(cb for cb in trainer.callbacks if isinstance(cb, EpochScores)).scores
+    scored = recorded.get(int(best["epoch"]))
+    if scored is None:  # a resumed run whose best epoch was validated before the resume
+        # A logger-less trainer: the final numbers go to MLflow as final_*, not as an extra epoch point.
+        evaluator = pl.Trainer(accelerator=rt.accelerator, devices=rt.lightning_devices, logger=False,
+                               enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
+                               precision=rt.precision)
+        scored = evaluator.validate(module, datamodule=datamodule, verbose=False)[0]
+    metrics = {**{k: float(scored[k]) for k in EpochScores.KEYS}, "best_epoch": int(best["epoch"]),
                "weights": "ema" if any(isinstance(cb, EMA) for cb in trainer.callbacks) else "raw"}
-    if warm_state is not None:
-        metrics = _keep_warmup_if_better(module, evaluator, datamodule, warm_state, metrics)
+    if warm_state is not None and warmup is not None:
+        metrics = _keep_warmup_if_better(module, warm_state, warmup["select"], metrics)
     return metrics
 
 
-def _try_weights(module: Classifier, evaluator: pl.Trainer, datamodule: FolderDataModule,
-                 state: dict[str, torch.Tensor], select_acc: float) -> tuple[dict[str, float], bool]:
-    """Score `state` on the selection split in place of the module's weights: keep it when it beats
-    `select_acc`, else put the weights back. Returns its metrics and whether it was kept."""
-    current = {k: v.clone() for k, v in module.net.state_dict().items()}
-    module.net.load_state_dict(state)
-    candidate = {k: float(v) for k, v in evaluator.validate(module, datamodule=datamodule, verbose=False)[0].items()}
-    if candidate["select_acc"] > select_acc:
-        return candidate, True
-    module.net.load_state_dict(current)
-    return candidate, False
-
-
-def _keep_warmup_if_better(module: Classifier, evaluator: pl.Trainer, datamodule: FolderDataModule,
-                           warm_state: dict[str, torch.Tensor], metrics: dict[str, Any]) -> dict[str, Any]:
-    """Score the network as it was after the head warm-up (pretrained backbone + warmed-up head) and keep
-    it when fine-tuning did not beat it: a short schedule can leave the moved features behind the frozen
-    ones (omniglot at 128 px, 2 epochs: 0.84 fine-tuned vs 0.875 warmed up)."""
-    warm, kept = _try_weights(module, evaluator, datamodule, warm_state, metrics["select_acc"])
+def _keep_warmup_if_better(module: Classifier, warm_state: dict[str, torch.Tensor], warm: dict[str, float],
+                           metrics: dict[str, Any]) -> dict[str, Any]:
+    """Keep the network as it was after the head warm-up (pretrained backbone + warmed-up head, scored `warm`)
+    when fine-tuning did not beat it: a short schedule can leave the moved features behind the frozen ones
+    (omniglot at 128 px, 2 epochs: 0.84 fine-tuned vs 0.875 warmed up)."""
     metrics = {**metrics, "select_acc_finetuned": metrics["select_acc"], "select_acc_warmup": warm["select_acc"]}
-    if kept:
-        log.warning("Fine-tuning did not beat the warmed-up head on the selection split (%.4f <= %.4f): keeping the "
-                    "pretrained backbone with the warmed-up head. More --epochs, or a lower --lr, may let "
-                    "fine-tuning win.", metrics["select_acc"], metrics["select_acc_warmup"])
-        return {**metrics, "select_acc": warm["select_acc"], "select_loss": warm["select_loss"],
-                "select_acc_top5": warm["select_acc_top5"], "weights": "warmup", "best_epoch": -1}
-    return metrics
+    if warm["select_acc"] <= metrics["select_acc"]:
+        return metrics
+    module.net.load_state_dict(warm_state)
+    log.warning("Fine-tuning did not beat the warmed-up head on the selection split (%.4f <= %.4f): keeping the "
+                "pretrained backbone with the warmed-up head. More --epochs, or a lower --lr, may let "
+                "fine-tuning win.", metrics["select_acc"], warm["select_acc"])
+    return {**metrics, **warm, "weights": "warmup", "best_epoch": -1}
 
 
 @dataclass
@@ -509,9 +535,10 @@ def _head_range_test(cfg: TrainConfig, plan: Plan, recipe: Recipe, backbone: Bac
 def _network_range_test(cfg: TrainConfig, decision: Decision, recipe: Recipe, backbone: Backbone,
                         splits: FolderSplits, rt: runtime.Runtime, test: RangeTest) -> tuple[Any, dict[str, Any]]:
     # The same cut of train as `train` makes (Lightning's finder validates too): val is not read.
+    train = splits.train
     splits = splits.selection(cfg.select_share, cfg.seed)
     datamodule = _datamodule(cfg, recipe, backbone, splits, rt)
-    param_groups, plan_callbacks, report = prepare_network(cfg, decision, recipe, backbone, splits, rt)
+    param_groups, plan_callbacks, report = prepare_network(cfg, decision, recipe, backbone, splits, train, rt)
     module = _classifier(cfg, recipe, backbone, splits, param_groups, schedule=False)
     head_lr = float(param_groups[-1]["lr"])  # apply_plan: the head's group is the last one
     make = module.optimizer_factory

@@ -22,7 +22,7 @@ from finetune.files import write_json
 from finetune.model.backbone import create_backbone
 from finetune.strategy.audit import AuditTable, run_audit
 from finetune.strategy.features import FINAL, cached_features
-from finetune import runtime
+from finetune import runtime, timing
 from finetune.strategy.measure import process_runtime
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,7 @@ def audit_splits(cfg: TrainConfig, splits: FolderSplits, output: Path, rt: runti
     return result
 
 
+@timing.timed("audit")
 def audit_or_note(cfg: TrainConfig, splits: FolderSplits, output: Path, weights_source: str,
                   rt: runtime.Runtime | None = None) -> dict[str, Any]:
     """`audit_splits` for `plan` and `train`, which go on without it: a failure (or random-init weights,

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from finetune import runtime
+from finetune import runtime, timing
 from finetune.config import TrainConfig
 from finetune.data.folders import FolderSplits
 from finetune.data.profile import stratified_subset
@@ -121,6 +121,7 @@ def pilot_plan(decision: Decision, winner: Plan, pilot: PilotResult) -> Plan:
     return dataclasses.replace(winner, source="pilot", reasons=[why, *measured, *winner.reasons[1:]])
 
 
+@timing.timed("pilot")
 def settle(cfg: TrainConfig, decision: Decision, backbone: Backbone, splits: FolderSplits,
            rt: runtime.Runtime) -> Decision:
     """The measured decision, or, where its signals are unclear, the pilot's winner (`decision.pilot` says).

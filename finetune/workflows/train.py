@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import pytorch_lightning as pl
 
-from finetune import runtime, tracking
+from finetune import runtime, timing, tracking
 from finetune.config import TrainConfig
 from finetune.data.folders import FolderSplits, read_exclude_list, scan_folder
 from finetune.errors import UserError
@@ -63,6 +63,20 @@ def recipe_scenario(cfg: TrainConfig) -> str:
 
 def train(cfg: TrainConfig, tags: dict[str, str] | None = None, resume_from: ResumePoint | None = None,
           plan_override: Callable[[Plan], Plan] | None = None) -> dict[str, Any] | None:
+    """Fine-tune and return the summary (also written to OUTPUT/summary.json, with `timing`: seconds per phase).
+
+    See `_train` for the arguments.
+    """
+    with timing.recording() as phases:
+        summary = _train(cfg, tags, resume_from, plan_override)
+    if summary is not None:
+        summary["timing"] = phases.to_dict()
+        tracking.write_json(Path(summary["output"]) / "summary.json", summary)
+    return summary
+
+
+def _train(cfg: TrainConfig, tags: dict[str, str] | None, resume_from: ResumePoint | None,
+           plan_override: Callable[[Plan], Plan] | None) -> dict[str, Any] | None:
     """Fine-tune and return the summary (also written to OUTPUT/summary.json).
 
     Args:
@@ -126,6 +140,7 @@ def _start_process(cfg: TrainConfig) -> runtime.Runtime:
     return rt
 
 
+@timing.timed("decide")
 def _measure_and_decide(cfg: TrainConfig, rt: runtime.Runtime, plan_override: Callable[[Plan], Plan] | None
                         ) -> tuple[FolderSplits, Decision, Backbone]:
     """Scan, build the backbone, measure and decide: on rank 0, the other ranks get the result."""
@@ -152,6 +167,7 @@ def _measure_and_decide(cfg: TrainConfig, rt: runtime.Runtime, plan_override: Ca
     return splits, decision, backbone
 
 
+@timing.timed("network")
 def _recipe_and_network(cfg: TrainConfig, splits: FolderSplits, decision: Decision, backbone: Backbone
                         ) -> tuple[Recipe, Backbone, Decision]:
     """The plan's recipe, and the network it trains (rebuilt with dropout / stochastic depth when asked)."""
@@ -170,6 +186,7 @@ def _recipe_and_network(cfg: TrainConfig, splits: FolderSplits, decision: Decisi
     return recipe, backbone, decision
 
 
+@timing.timed("start run")
 def _start_run(cfg: TrainConfig, tags: dict[str, str] | None, resume_from: ResumePoint | None, backbone: Backbone,
                splits: FolderSplits, decision: Decision, recipe: Recipe) -> tuple[str, Path]:
     """The output folder and the MLflow run (new, or the resumed one), made by rank 0 alone."""
@@ -211,6 +228,7 @@ def _audit(cfg: TrainConfig, splits: FolderSplits, output: Path, run_id: str, we
     return audit
 
 
+@timing.timed("save")
 def _save(cfg: TrainConfig, backbone: Backbone, splits: FolderSplits, plan: Plan, fit: FitResult,
           tta: dict[str, Any], output: Path) -> tuple[ModelSpec, Path]:
     """The trained model on disk (OUTPUT/model): weights, spec (crop mode, temperature, unknown threshold) and
@@ -271,6 +289,7 @@ def _summary(cfg: TrainConfig, decision: Decision, recipe: Recipe, splits: Folde
     return summary
 
 
+@timing.timed("publish")
 def _publish(cfg: TrainConfig, summary: dict[str, Any], eval_metrics: dict[str, float],
              pending: tracking.PendingLog, model_dir: Path) -> dict[str, Any]:
     """The report, the pyfunc model, the registry version and the final metrics to MLflow; everything a
