@@ -11,7 +11,7 @@ $(UV):
 	  (curl -LsSf https://astral.sh/uv/install.sh | sh)
 
 env: $(UV)
-	$(UV) sync --frozen --extra onnx --python 3.11
+	$(UV) sync --frozen --extra onnx --python 3.11 --compile-bytecode
 
 demo: env
 	$(UV) run --frozen finetune demo

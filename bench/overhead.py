@@ -54,6 +54,7 @@ def plain_fit(args: argparse.Namespace) -> None:
     from finetune.training.run_plan import _classifier, _datamodule
 
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    started = time.perf_counter()
     pl.seed_everything(args.seed, verbose=False)
     cfg = TrainConfig(data_dir=str(args.data), model=args.model, weights=str(args.weights), epochs=args.epochs,
                       image_size=args.image_size, batch_size=args.batch_size, seed=args.seed,
@@ -68,7 +69,11 @@ def plain_fit(args: argparse.Namespace) -> None:
     module = _classifier(cfg, recipe, backbone, splits, params)
     trainer = pl.Trainer(max_epochs=args.epochs, accelerator=cfg.accelerator, precision=rt.precision, logger=False,
                          default_root_dir=args.workdir, enable_model_summary=False)
+    fit_started = time.perf_counter()
     trainer.fit(module, datamodule=_datamodule(cfg, recipe, backbone, splits, rt))
+    done = time.perf_counter()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    (args.workdir / "timing.json").write_text(json.dumps({"total": done - started, "lightning fit": done - fit_started}))
 
 
 def _run(cmd: list[str], env: dict[str, str], cwd: Path, log: Path) -> float:
@@ -126,7 +131,11 @@ def main() -> None:
     for r in range(args.repeats):
         plain_cmd = ["uv", "run", "--frozen", "--project", str(ROOT), "python", str(Path(__file__).resolve()),
                      "--plain", "--workdir", str(work / f"plain{r}"), *_shared_args(args)]
-        rows.setdefault("plain Lightning fit", []).append(_run(plain_cmd, env, work, work / f"plain{r}.log"))
+        seconds = _run(plain_cmd, env, work, work / f"plain{r}.log")
+        rows.setdefault("plain Lightning fit", []).append(seconds)
+        plain_timing = json.loads((work / f"plain{r}" / "timing.json").read_text())
+        phases.setdefault("plain Lightning fit", []).append({"imports and CLI": seconds - plain_timing["total"],
+                                                             **plain_timing})
         for name, project in projects.items():
             cache = work / f"cache-{name}{r}"
             for temp in ("cold", "warm") if args.warm else ("cold",):
@@ -158,7 +167,7 @@ def _report(args: argparse.Namespace, rows: dict[str, list[float]], phases: dict
     medians = {name: _median_phases(runs) for name, runs in phases.items()}
     names = list(medians)
     print("\nPer phase (seconds; nested phases indented under their parent):\n")
-    print(f"{'':44s} " + " ".join(f"{n.split('(')[-1].rstrip(')')[:16]:>16s}" for n in names))
+    print(f"{'':44s} " + " ".join(f"{_short(n):>16s}" for n in names))
     for key in _tree_order(list(dict.fromkeys(k for m in medians.values() for k in m))):
         depth, label = key.count("/"), key.split("/")[-1]
         print(f"{'  ' * depth + label:44s} " + " ".join(
@@ -168,6 +177,10 @@ def _report(args: argparse.Namespace, rows: dict[str, list[float]], phases: dict
         args.json.write_text(json.dumps({"setting": {k: str(v) for k, v in vars(args).items()}, "seconds": rows,
                                          "phases_median": medians}, indent=1))
         print(f"\nwrote {args.json}")
+
+
+def _short(row: str) -> str:
+    return "plain fit" if row.startswith("plain") else row.split("(")[-1].rstrip(")").replace(" cache", "")[:16]
 
 
 def _tree_order(keys: list[str]) -> list[str]:

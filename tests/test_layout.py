@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "finetune"
 # The data flow, first to last; a module may import from its own stage and earlier ones only.
 STAGES = ["base", "data", "model", "strategy", "training", "evaluation", "tracking", "workflows", "commands"]
-BASE_MODULES = {"errors", "config", "console", "runtime", "files"}
+BASE_MODULES = {"errors", "config", "console", "runtime", "files", "timing"}
 COMMAND_MODULES = {"cli", "demo"}
 MAX_FUNCTION_LINES = 60
 

@@ -144,6 +144,32 @@ def test_evaluating_on_restores_device_and_mode():
     assert net.training and runtime.module_device(net) == CPU
 
 
+def test_evaluating_on_gives_channels_last_weights_and_puts_the_layout_back():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)).eval()
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        ref = net(x)
+        with runtime.evaluating_on(net, "cpu"):
+            assert net[0].weight.is_contiguous(memory_format=torch.channels_last)
+            assert torch.allclose(net(runtime.channels_last(x)), ref, atol=1e-5)
+        assert net[0].weight.is_contiguous()
+        with runtime.evaluating_on(net, "cpu", channels_last=False):
+            assert net[0].weight.is_contiguous()
+
+
+def test_inference_threads_take_the_workers_cores_and_give_them_back(monkeypatch, restore_threads):
+    monkeypatch.setattr(runtime, "available_cores", lambda: 4)
+    rt = runtime.configure("cpu")
+    assert (rt.workers, rt.threads) == (1, 3)
+    with runtime.inference_threads(rt):
+        assert torch.get_num_threads() == 4
+    assert torch.get_num_threads() == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice is left alone
+    fixed = runtime.configure("cpu")
+    with runtime.inference_threads(fixed):
+        assert torch.get_num_threads() == 3
+
+
 class _Threads(Dataset):
     def __len__(self):
         return 2

@@ -84,7 +84,7 @@ def source_outputs(net: Any, sources: Sequence[Any], data_config: dict[str, Any]
     bar = tqdm(loader, desc=f"Predicting {len(ds)} images ({mode})", unit="batch", dynamic_ncols=True, leave=False)
     # An ONNX Runtime session is not a module: it has no device or mode to set.
     placed = runtime.evaluating_on(net, rt.device) if isinstance(net, nn.Module) else contextlib.nullcontext()
-    with placed, rt.autocast():
+    with placed, rt.autocast(), runtime.inference_threads(rt):
         for views, _, errs in bar:
             z, f = forward_views(net, views.to(rt.device, non_blocking=True))
             z, f = z.cpu().clone(), (pooled_features(f)[:, None] if pool else f).cpu().clone()

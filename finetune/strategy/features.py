@@ -316,7 +316,8 @@ def _extract(backbone: Backbone, samples: Sequence[Sample], transform: Callable,
     try:
         # Minutes to hours on a CPU for a large folder: show progress (once per cache entry).
         # Contiguous (NCHW) layout: the BatchNorm statistics sum along W, 5x slower in channels_last.
-        with runtime.evaluating_on(model, rt.device, channels_last=False), rt.autocast():
+        with (runtime.evaluating_on(model, rt.device, channels_last=False), rt.autocast(),
+              runtime.inference_threads(rt)):
             for x, index, ok in tqdm(loader, desc=f"Extracting features of {what}", unit="batch",
                                      dynamic_ncols=True):
                 index = index.numpy()

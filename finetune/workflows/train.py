@@ -24,7 +24,7 @@ from finetune.model.artifact import ModelSpec, load_scoring, save_model
 from finetune.model.scoring import Scoring
 from finetune.model.backbone import Backbone, create_backbone
 from finetune.strategy.decide import SCENARIO_NAMES, Plan, stage_index
-from finetune.strategy.measure import Decision, measure_and_decide, with_plan
+from finetune.strategy.measure import Decision, measure_and_decide, preserved_rng, with_plan
 from finetune.tracking import registry
 from finetune.training import distributed
 from finetune.workflows import pilot
@@ -128,6 +128,7 @@ def _train(cfg: TrainConfig, tags: dict[str, str] | None, resume_from: ResumePoi
     return _publish(cfg, summary, eval_metrics, pending, model_dir)
 
 
+@timing.timed("start")
 def _start_process(cfg: TrainConfig) -> runtime.Runtime:
     """This process's runtime, the options checked, and (DDP) every rank joined in the process group."""
     devices = runtime.parse_devices(cfg.devices)
@@ -214,7 +215,10 @@ def _audit(cfg: TrainConfig, splits: FolderSplits, output: Path, run_id: str, we
            rt: runtime.Runtime) -> dict[str, Any]:
     """The audit of `finetune audit` on the scanned splits (rank 0; features mostly cached by the
     measurement): OUTPUT/audit.json and the sheets, also in the run. Plain data; never fails the run."""
-    result = audit_or_note(cfg, splits, output, weights_source, rt)
+    # Extracted or read from the cache, the audit leaves the random generators as it found them: a cold and a
+    # warm cache train the same model.
+    with preserved_rng():
+        result = audit_or_note(cfg, splits, output, weights_source, rt)
     if "skipped" in result:
         return result
     audit = {"report": str(output / "audit.json"), "counts": audit_counts(result), "leaked": leaked_images(result)}

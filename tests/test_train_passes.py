@@ -1,5 +1,9 @@
-"""Each candidate is scored once (issue 16): the warm-up head on cached features, the best epoch by its own
-validation during the fit. These tests prove the scores read that way are the ones a validation pass gives."""
+"""What `train`'s cuts of its own passes (issue 16) must not change.
+
+Each candidate is scored once: the warm-up head on cached features, the best epoch by its own validation during
+the fit; these tests prove the scores read that way are the ones a validation pass gives. A part of a cached
+list is read from the list's entry. The audit moves no random generator, so a cold and a warm feature
+cache train the same model."""
 
 from __future__ import annotations
 
@@ -92,3 +96,26 @@ def test_the_best_epoch_reported_is_what_validating_its_checkpoint_gives(image_f
     timing_ = summary["timing"]
     assert {"fit", "fit/lightning fit", "fit/lightning fit/validation", "evaluate", "publish"} <= set(timing_)
     assert timing_["fit/lightning fit/validation"] <= timing_["fit/lightning fit"] <= timing_["fit"] <= timing_["total"]
+
+
+def test_the_audit_in_train_leaves_the_random_generators_as_it_found_them(image_folder: Path, weights_file: Path,
+                                                                          tmp_path: Path, isolated_mlflow: str,
+                                                                          monkeypatch):
+    import random
+
+    import numpy as np
+
+    from finetune import tracking
+    from finetune.workflows.train import _audit
+
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))  # cold: the audit extracts val's features
+    cfg = TrainConfig(data_dir=str(image_folder), model=TINY_MODEL, weights=str(weights_file), image_size=32,
+                      batch_size=4, num_workers=0)
+    splits = scan_folder(cfg.data_dir, cfg.val_fraction, cfg.seed)
+    run_id = tracking.client().create_run(tracking.ensure_experiment("audit-rng")).info.run_id
+    torch.manual_seed(3), np.random.seed(3), random.seed(3)
+    before = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    audit = _audit(cfg, splits, tmp_path / "out", run_id, "file", runtime.cpu())
+    assert "counts" in audit  # it ran
+    assert torch.equal(torch.get_rng_state(), before[0])
+    assert (np.random.get_state()[1] == before[1]).all() and random.getstate() == before[2]
