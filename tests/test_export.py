@@ -273,3 +273,20 @@ def test_runtime_onnx_needs_a_graph_and_onnx_runtime(tmp_path, monkeypatch):
     assert onnx_export.choose_runtime(None, tmp_path) == "torch"  # no graph
     with pytest.raises(UserError, match="Invalid runtime"):
         onnx_export.choose_runtime("tensorrt", tmp_path)
+
+
+def test_auto_on_a_gpu_uses_onnx_runtime_only_with_its_cuda_provider(tmp_path, monkeypatch):
+    class FakeOrt:
+        providers = ["CPUExecutionProvider"]
+
+        def get_available_providers(self):
+            return self.providers
+
+    ort = FakeOrt()
+    monkeypatch.setattr(onnx_export, "require_onnxruntime", lambda: ort)
+    (tmp_path / "model.onnx").write_bytes(b"")
+    assert onnx_export.choose_runtime("auto", tmp_path, "cpu") == "onnx"
+    assert onnx_export.choose_runtime("auto", tmp_path, "cuda") == "torch"  # a CPU-only onnxruntime on a GPU machine
+    ort.providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert onnx_export.choose_runtime("auto", tmp_path, "cuda") == "onnx"
+    assert onnx_export.choose_runtime("onnx", tmp_path, "cuda") == "onnx"  # asked for: OnnxRunner says what is missing

@@ -253,10 +253,11 @@ RUNTIMES = ("auto", "torch", "onnx", "onnx-int8")
 RUNTIME_FILES = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx"}
 
 
-def choose_runtime(requested: str | None, model_dir: str | Path) -> str:
-    """The runtime a model loaded from `model_dir` predicts with: `requested`, or with "auto" (the default)
-    ONNX Runtime when the model carries an ONNX graph (`finetune export --register`) and it is installed,
-    else torch (a log line says why when a graph is there but ONNX Runtime is not)."""
+def choose_runtime(requested: str | None, model_dir: str | Path, device: str = "cpu") -> str:
+    """The runtime a model loaded from `model_dir` predicts with on `device` ("cpu" or "cuda"): `requested`, or
+    with "auto" (the default) ONNX Runtime when the model carries an ONNX graph (`finetune export --register`)
+    and it is installed (on a GPU: with its CUDA provider), else torch, on a GPU in training's precision (a
+    log line says why when a graph is there)."""
     requested = (requested or "auto").strip().lower()
     if requested not in RUNTIMES:
         raise UserError(f"Invalid runtime {requested!r}. Valid values: {', '.join(RUNTIMES)}.")
@@ -266,9 +267,13 @@ def choose_runtime(requested: str | None, model_dir: str | Path) -> str:
         if not (Path(model_dir) / RUNTIME_FILES["onnx"]).exists():
             return "torch"
         try:
-            require_onnxruntime()
+            ort = require_onnxruntime()
         except UserError as e:
             log.warning("This model has an ONNX graph, but it runs on torch: %s", e)
+            return "torch"
+        if str(device).startswith("cuda") and "CUDAExecutionProvider" not in ort.get_available_providers():
+            log.info("This model has an ONNX graph, but ONNX Runtime here has no CUDA provider (onnxruntime-gpu): "
+                     "it runs on torch on the GPU, in training's precision.")
             return "torch"
         return "onnx"
     if not (Path(model_dir) / RUNTIME_FILES[requested]).exists():

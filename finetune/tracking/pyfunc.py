@@ -101,7 +101,7 @@ class ImageClassifierModel(PythonModel):
         requested = config.get("runtime")
         if requested in (None, "", "auto"):  # the logged default: a server's environment may choose
             requested = os.environ.get("FINETUNE_RUNTIME") or "auto"
-        self.runtime_name = choose_runtime(requested, self.model_dir)
+        self.runtime_name = choose_runtime(requested, self.model_dir, self.runtime.device.type)
         self.runner = None
         if self.runtime_name != "torch":  # the exported graph: same preprocessing, logits and features
             self.runner = OnnxRunner(Path(self.model_dir) / RUNTIME_FILES[self.runtime_name],
