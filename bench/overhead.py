@@ -8,8 +8,8 @@ processes, each timed from its start to its exit:
 * ``plain Lightning fit``: this script's `--plain` mode: the same timm network and pretrained weights, the
   same `FolderDataModule` (the recipe's transforms, batch size, workers, decoding) and the same `Classifier`,
   in a default `pl.Trainer` (checkpointing and progress bar on, no logger) fitting the whole training split
-  for `--epochs` epochs and validating on val after each: the bare loop that `train` adds its measurement,
-  choices and reporting to.
+  and validating on val after each epoch, for as many epochs as `train`'s plan fine-tunes (large-different:
+  1.5 x --epochs): the bare loop that `train` adds its measurement, choices and reporting to.
 * ``finetune train``: the CLI at equal epochs (a forced large-* scenario, `--image-size`, same seed), with a
   cold feature cache (a fresh FINETUNE_CACHE_DIR: a first run on the folder) and warm (the same folder
   again). The MLflow store exists before the first timed run (a user's second run onwards).
@@ -129,13 +129,6 @@ def main() -> None:
     rows: dict[str, list[float]] = {}
     phases: dict[str, list[dict[str, float]]] = {}
     for r in range(args.repeats):
-        plain_cmd = ["uv", "run", "--frozen", "--project", str(ROOT), "python", str(Path(__file__).resolve()),
-                     "--plain", "--workdir", str(work / f"plain{r}"), *_shared_args(args)]
-        seconds = _run(plain_cmd, env, work, work / f"plain{r}.log")
-        rows.setdefault("plain Lightning fit", []).append(seconds)
-        plain_timing = json.loads((work / f"plain{r}" / "timing.json").read_text())
-        phases.setdefault("plain Lightning fit", []).append({"imports and CLI": seconds - plain_timing["total"],
-                                                             **plain_timing})
         for name, project in projects.items():
             cache = work / f"cache-{name}{r}"
             for temp in ("cold", "warm") if args.warm else ("cold",):
@@ -145,6 +138,16 @@ def main() -> None:
                                work / f"{name}-{temp}{r}.log")
                 rows.setdefault(key, []).append(seconds)
                 phases.setdefault(key, []).append(_phases(output, seconds))
+        # Equal epochs: the plan's fine-tuning epochs (large-different runs 1.5 x --epochs), read from this
+        # repeat's first run.
+        epochs = json.loads((work / f"after-cold{r}" / "summary.json").read_text())["plan"]["epochs"]
+        plain_cmd = ["uv", "run", "--frozen", "--project", str(ROOT), "python", str(Path(__file__).resolve()),
+                     "--plain", "--workdir", str(work / f"plain{r}"), *_shared_args(args), "--epochs", str(epochs)]
+        seconds = _run(plain_cmd, env, work, work / f"plain{r}.log")
+        rows.setdefault("plain Lightning fit", []).append(seconds)
+        plain_timing = json.loads((work / f"plain{r}" / "timing.json").read_text())
+        phases.setdefault("plain Lightning fit", []).append({"imports and CLI": seconds - plain_timing["total"],
+                                                             **plain_timing})
         print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in rows.items()),
               flush=True)
     _report(args, rows, phases)
@@ -159,12 +162,14 @@ def _shared_args(args: argparse.Namespace) -> list[str]:
 def _report(args: argparse.Namespace, rows: dict[str, list[float]], phases: dict[str, list[dict[str, float]]]
             ) -> None:
     plain = statistics.median(rows["plain Lightning fit"])
-    print(f"\n{args.data.name}, {args.model}, {args.scenario}, {args.epochs} epochs at {args.image_size} px, "
-          f"median of {args.repeats} (whole commands, interleaved)\n")
+    order = ["plain Lightning fit", *[n for n in rows if n != "plain Lightning fit"]]
+    print(f"\n{args.data.name}, {args.model}, {args.scenario}, --epochs {args.epochs} (the plain fit: the plan's "
+          f"fine-tuning epochs) at {args.image_size} px, median of {args.repeats} (whole commands, interleaved)\n")
     print(f"{'':44s} {'seconds':>8s} {'x plain':>8s}")
-    for name, values in rows.items():
+    for name in order:
+        values = rows[name]
         print(f"{name:44s} {statistics.median(values):8.1f} {statistics.median(values) / plain:8.2f}")
-    medians = {name: _median_phases(runs) for name, runs in phases.items()}
+    medians = {name: _median_phases(phases[name]) for name in order}
     names = list(medians)
     print("\nPer phase (seconds; nested phases indented under their parent):\n")
     print(f"{'':44s} " + " ".join(f"{_short(n):>16s}" for n in names))
