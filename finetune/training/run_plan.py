@@ -44,7 +44,8 @@ from finetune.strategy.decide import Plan, stage_index
 from finetune.strategy.features import FINAL, FeatureSet, cached_features, cached_subset
 from finetune.strategy.measure import Decision, _feature_kwargs, preserved_rng
 from finetune.training import checkpoints, distributed
-from finetune.training.callbacks import EMA, EpochScores, ValidationTime, check_initial_loss, initial_loss, recipe_callbacks
+from finetune.training.callbacks import (EMA, EpochScores, ValidationTime, check_initial_loss, initial_loss,
+                                         recipe_callbacks)
 from finetune.training.freezing import apply_plan
 from finetune.training.linear_probe import HeadResult, HeadSearch, fit_linear_head, head_data
 from finetune.training.lr_range import hold_lr_ratios
@@ -289,10 +290,11 @@ def prepare_network(cfg: TrainConfig, decision: Decision, recipe: Recipe, backbo
                                        plan.warmup_epochs, 0, False, rt, within=within)
             selection = cached_subset(backbone, splits.val, within, **_feature_kwargs(cfg, rt))
         load_linear(backbone.model.get_classifier(), result.weight, result.bias)
-        weights = class_weights([s.label for s in splits.train], len(splits.classes))
+        # Scored as the validation loop scores the fine-tuned network (its loss weighs the classes the same way).
+        weights = (class_weights([s.label for s in splits.train], len(splits.classes))
+                   if recipe.class_weights == "auto" else None)
         info["warmup"] = {"cv_acc": result.select_acc, "weight_decay": result.weight_decay, "epochs": result.epochs,
-                          "select": head_scores(selection, result.weight, result.bias,
-                                                weights if recipe.class_weights == "auto" else None),
+                          "select": head_scores(selection, result.weight, result.bias, weights),
                           "seconds": round(time.perf_counter() - started, 2)}
         log.info("Head warm-up on cached features: cross-validated acc %.4f", result.select_acc)
     param_groups, callback = apply_plan(backbone.model, decision.groups, plan.bn_policy)
