@@ -186,9 +186,9 @@ def configure(accelerator: str = "auto", devices: Any = "auto", strategy: str = 
     loader workers) and the ranks it starts keep it.
     """
     rt = resolve(accelerator, devices, strategy, precision, workers)
-    fixed = bool(threads) or os.environ.get("OMP_NUM_THREADS", "").isdigit()
-    threads = threads or (int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS", "").isdigit()
-                          else rt.threads)
+    user_threads = os.environ.get("OMP_NUM_THREADS", "")
+    fixed = bool(threads) or user_threads.isdigit()
+    threads = threads or (int(user_threads) if user_threads.isdigit() else rt.threads)
     if threads != torch.get_num_threads():
         torch.set_num_threads(threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)
@@ -241,9 +241,9 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
 def evaluating_on(module: nn.Module, device: torch.device | str, channels_last: bool = True) -> Iterator[nn.Module]:
     """Run a hand-written forward loop with `module` in eval mode on `device`, its 4-d weights in channels_last
     layout unless told not to (the same numbers within float rounding; mobilenetv2 at 160 px, batch 32, 2 CPU
-    threads: 1.3-1.56x the images/s, docs/decisions.md "Inference passes"); afterwards it is back on the device, in the layout and in
-    the mode it was found in (callers hold on to the module, and a model left on a GPU would make the next CPU
-    tensor fail)."""
+    threads: 1.3-1.56x the images/s, docs/decisions.md "Inference passes"); afterwards it is back on the device,
+    in the layout and in the mode it was found in (callers hold on to the module, and a model left on a GPU
+    would make the next CPU tensor fail)."""
     was_training, was_on = module.training, module_device(module)
     was_channels_last = any(p.ndim == 4 and p.is_contiguous(memory_format=torch.channels_last)
                             and not p.is_contiguous() for p in module.parameters())
