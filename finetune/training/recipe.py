@@ -50,8 +50,8 @@ class Recipe:
         return asdict(self)
 
 
-# Weight decay of a fine-tuning plan's optimizer. A feature plan's head chooses its own on val from the
-# plan's weight_decay_grid unless --weight-decay is given (then the grid is that one value: decide()).
+# Weight decay of a fine-tuning plan's optimizer. A feature plan's head chooses its own by cross-validation on
+# train from the plan's weight_decay_grid unless --weight-decay is given (then the grid is that one value: decide()).
 NETWORK_WEIGHT_DECAY = 0.05
 _BASE = dict(weight_decay=NETWORK_WEIGHT_DECAY, mixup=0.0, cutmix=0.0, label_smoothing=0.0, schedule="cosine",
              warmup_epochs=0.0, dropout=0.0, drop_path=0.0, drop_connect=0.0, ema=0.0)
