@@ -68,6 +68,10 @@ def test_train_register_load_by_alias_predicts_like_the_in_process_model(image_f
     assert all(len(t) == 2 for t in predicted["top_labels"])
     assert all(set(p) == {"cat", "dog"} and sum(p.values()) == pytest.approx(1.0) for p in predicted["probabilities"])
     assert model.metadata.signature.params.to_dict()[0]["default"] == "5crop"  # the training's tta
+    # The weights went channels_last once, at load, and requests leave them so (no conversion per request).
+    served = model.unwrap_python_model().net
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in served.parameters() if p.ndim == 4)
+    assert any(not p.is_contiguous() for p in served.parameters() if p.ndim == 4)
 
     # A second version becomes the candidate; champion stays until promoted.
     second = registry.register(summary["model_uri"], "shapes", {"training_run_id": summary["mlflow_run_id"]})

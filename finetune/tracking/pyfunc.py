@@ -97,6 +97,9 @@ class ImageClassifierModel(PythonModel):
         self.runtime = runtime.resolve()  # this process's GPU when it has one, with training's precision
         self.model_dir = context.artifacts[MODEL_DIR_ARTIFACT]
         self.net, self.spec = load_model(self.model_dir, self.runtime.device)
+        # Once, here: every request's forward pass runs the weights in this layout (runtime.evaluating_on), and
+        # converting them per request cost about 3 ms of a 26 ms single-image request (mobilenetv2, 1 thread).
+        self.net.to(memory_format=torch.channels_last)
         self.scoring = load_scoring(self.model_dir, self.spec)
         requested = config.get("runtime")
         if requested in (None, "", "auto"):  # the logged default: a server's environment may choose
