@@ -15,8 +15,14 @@ model runs):
   threshold (set on held-out training images): the share of in-distribution images kept and of unknown ones
   flagged.
 
+ECE with 15 bins moves by about 0.01 when a handful of a few hundred images cross a bin edge, so each model's row
+also gives the negative log-likelihood (a proper score, no bins) before and after, and a 95% paired bootstrap
+interval of ECE after minus before (resampling the report images).
+
+    uv run python bench/trust.py --scenario auto           # the product's defaults (10 epochs; about 75 min of CPU)
     uv run python bench/trust.py                           # small-similar (a head on cached features)
     uv run python bench/trust.py --scenario auto --epochs 3
+    uv run python bench/trust.py --workdir W --reuse       # score the models a run left in W again, no training
 """
 
 from __future__ import annotations
@@ -51,6 +57,11 @@ KS = (1, 5, 10, 20)
 def train_model(name: str, args: argparse.Namespace, workdir: Path) -> dict:
     from finetune.workflows.train import train
 
+    if args.reuse:
+        path = workdir / name / "summary.json"
+        if not path.is_file():
+            raise SystemExit(f"--reuse: {path} does not exist; run once with --workdir {workdir} first.")
+        return json.loads(path.read_text())
     cfg = TrainConfig(data_dir=str(SHARED / "data" / name), model="mobilenetv2_100", weights=str(WEIGHTS),
                       scenario=args.scenario, epochs=args.epochs, output=str(workdir / name), seed=args.seed,
                       experiment="bench-trust")
@@ -66,6 +77,22 @@ def other_images(name: str, limit: int) -> list[str]:
     splits = scan_folder(str(SHARED / "data" / name))
     pool = splits.test or splits.val or splits.train
     return [s.path for s in stratified_subset(list(pool), limit)]
+
+
+def nll(probs: np.ndarray, labels: np.ndarray) -> float:
+    return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
+
+
+def ece_change_interval(before: np.ndarray, after: np.ndarray, labels: np.ndarray, draws: int = 1000,
+                        seed: int = 0) -> tuple[float, float]:
+    """95% paired bootstrap interval of ECE(after) - ECE(before) over the report images."""
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(draws):
+        i = rng.integers(0, len(labels), len(labels))
+        diffs.append(ece(after[i], labels[i]) - ece(before[i], labels[i]))
+    lo, hi = np.quantile(diffs, [0.025, 0.975])
+    return float(lo), float(hi)
 
 
 def scores_of(out, scoring, bank: torch.Tensor) -> dict[str, np.ndarray]:
@@ -99,9 +126,14 @@ def bench_model(name: str, summary: dict, ood_images: int) -> dict:
     known_out = source_outputs(net, [s.path for s in samples], spec.data_config, mode, 8, pool=True)
     labels = np.array([s.label for s in samples])
     raw = known_out.logits.softmax(dim=-1).mean(dim=1).numpy()
+    calibrated = scoring.probs(known_out.logits).numpy()
     row = {"dataset": name, "split": split, "images": len(samples), "scenario": summary["scenario"], "tta": mode,
-           "temperature": scoring.temperature, "ece_before": ece(raw, labels),
-           "ece_after": ece(scoring.probs(known_out.logits).numpy(), labels), "threshold": scoring.threshold,
+           "weights": summary.get("metrics", {}).get("weights"), "temperature": scoring.temperature,
+           "heldout_images": summary.get("calibration", {}).get("heldout_images"),
+           "accuracy": float((raw.argmax(1) == labels).mean()),
+           "ece_before": ece(raw, labels), "ece_after": ece(calibrated, labels),
+           "ece_change_95": ece_change_interval(raw, calibrated, labels),
+           "nll_before": nll(raw, labels), "nll_after": nll(calibrated, labels), "threshold": scoring.threshold,
            "bank_images": len(scoring.bank), "ood": {}}
     known = scores_of(known_out, scoring, scoring.bank)
     row["kept_at_model_threshold"] = float((known[f"knn k={KNN_K}"] <= scoring.threshold).mean())
@@ -116,11 +148,14 @@ def bench_model(name: str, summary: dict, ood_images: int) -> dict:
 
 
 def print_rows(rows: list[dict]) -> None:
-    print("\n| model | split | T | ECE before | ECE after |")
-    print("|---|---|---|---|---|")
+    print("\n| model | split | T (held-out images) | ECE before | ECE after | after - before, 95% | NLL before | NLL after |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['dataset']} ({r['scenario']}, {r['tta']}) | {r['split']} ({r['images']}) | {r['temperature']:.2f} | "
-              f"{r['ece_before']:.4f} | {r['ece_after']:.4f} |")
+        lo, hi = r["ece_change_95"]
+        kind = r["scenario"] + (f", {r['weights']}" if r.get("weights") else "")
+        print(f"| {r['dataset']} ({kind}, {r['tta']}) | {r['split']} ({r['images']}, acc {r['accuracy']:.3f}) | "
+              f"{r['temperature']:.2f} ({r['heldout_images']}) | {r['ece_before']:.4f} | {r['ece_after']:.4f} | "
+              f"{lo:+.3f} .. {hi:+.3f} | {r['nll_before']:.4f} | {r['nll_after']:.4f} |")
     methods = list(next(iter(rows[0]["ood"].values())))[:-1]
     print("\n| model vs unknown images | " + " | ".join(methods) + " |")
     print("|---|" + "---|" * len(methods))
@@ -146,7 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--workdir", help="keep the training outputs (evaluation reports, sheets) here")
+    parser.add_argument("--reuse", action="store_true", help="score the models already in --workdir again")
     args = parser.parse_args(argv)
+    if args.reuse and not args.workdir:
+        parser.error("--reuse scores the models of an earlier run: give its --workdir")
     with tempfile.TemporaryDirectory(prefix="bench-trust-") as tmp:
         work = Path(args.workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
