@@ -19,9 +19,9 @@ ECE with 15 bins moves by about 0.01 when a handful of a few hundred images cros
 also gives the negative log-likelihood (a proper score, no bins) before and after, and a 95% paired bootstrap
 interval of ECE after minus before (resampling the report images).
 
-    uv run python bench/trust.py --scenario auto           # the product's defaults (10 epochs; about 75 min of CPU)
-    uv run python bench/trust.py                           # small-similar (a head on cached features)
-    uv run python bench/trust.py --scenario auto --epochs 3
+    uv run python bench/trust.py                           # the product's defaults: auto, 10 epochs (75 min of CPU)
+    uv run python bench/trust.py --scenario small-similar  # a head on cached features (12 min of CPU)
+    uv run python bench/trust.py --epochs 3
     uv run python bench/trust.py --workdir W --reuse       # score the models a run left in W again, no training
 """
 
@@ -175,7 +175,7 @@ def print_rows(rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scenario", default="small-similar")
+    parser.add_argument("--scenario", default="auto")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--ood-images", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
