@@ -15,11 +15,11 @@ model runs):
   threshold (set on held-out training images): the share of in-distribution images kept and of unknown ones
   flagged.
 
-ECE with 15 bins moves by about 0.01 when a handful of a few hundred images cross a bin edge, so each model's row
-also gives the negative log-likelihood (a proper score, no bins) before and after, and a 95% paired bootstrap
+ECE with 15 bins moves by about 0.01 when a handful of a few hundred images cross a bin edge, so each model's
+row also gives the negative log-likelihood (a proper score, no bins) before and after, and a 95% paired bootstrap
 interval of ECE after minus before (resampling the report images).
 
-    uv run python bench/trust.py                           # the product's defaults: auto, 10 epochs (75 min of CPU)
+    uv run python bench/trust.py                           # the product's defaults: auto, 10 epochs (46 min of CPU)
     uv run python bench/trust.py --scenario small-similar  # a head on cached features (12 min of CPU)
     uv run python bench/trust.py --epochs 3
     uv run python bench/trust.py --workdir W --reuse       # score the models a run left in W again, no training
@@ -148,7 +148,8 @@ def bench_model(name: str, summary: dict, ood_images: int) -> dict:
 
 
 def print_rows(rows: list[dict]) -> None:
-    print("\n| model | split | T (held-out images) | ECE before | ECE after | after - before, 95% | NLL before | NLL after |")
+    print("\n| model | split | T (held-out images) | ECE before | ECE after | after - before, 95% | NLL before | "
+          "NLL after |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         lo, hi = r["ece_change_95"]

@@ -44,8 +44,8 @@ class TrainConfig:
     batch_size: int = 32
     image_size: int | None = None
     lr: float = 1e-3
-    # None: the plan's. A feature plan chooses its head's weight decay by cross-validation on train from the plan's grid, a
-    # fine-tuning plan uses 0.05 (finetune.training.recipe); a value given here is used as it is.
+    # None: the plan's. A feature plan chooses its head's weight decay by cross-validation on train from the
+    # plan's grid, a fine-tuning plan uses 0.05 (finetune.training.recipe); a value given here is used as it is.
     weight_decay: float | None = None
     val_fraction: float = 0.2
     exclude: str | None = None  # a file listing images (one path a line) to leave out of every split

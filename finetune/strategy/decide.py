@@ -171,8 +171,8 @@ def decide(profile: Mapping[str, Any], similarity: Mapping[str, Any], thresholds
         forced: "auto" to decide from the measurements, else a scenario name.
         freeze_groups, backbone_lr_mult, aug_views: user overrides (None: the scenario's default).
         weight_decay: the user's --weight-decay (None: not given). A feature plan's head then trains with
-            this one value instead of choosing one by cross-validation on train from the scenario's grid; fine-tuning plans
-            take it through the recipe (their head warm-up keeps the grid).
+            this one value instead of choosing one by cross-validation on train from the scenario's grid;
+            fine-tuning plans take it through the recipe (their head warm-up keeps the grid).
         pretrained: False for a randomly initialised backbone: nothing to keep, so every layer learns.
     """
     scenario, source, reasons = _choose_scenario(profile, similarity, thresholds, forced, pretrained)

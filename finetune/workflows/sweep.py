@@ -4,8 +4,8 @@ Searches only what acts in the plan it tunes, decided once up front as `finetune
 (`search_space`). A fine-tuning plan: the learning rate and weight decay on log scales (their effect is
 multiplicative, so a uniform draw over orders of magnitude beats a grid), and optionally the
 augmentation preset. A feature plan (a linear head on frozen, cached features): the learning rate only;
-its head picks the weight decay by cross-validation on train from the plan's grid inside every trial, and no image is
-augmented per step. The best trial's configuration is saved as a YAML file that `finetune train
+its head picks the weight decay by cross-validation on train from the plan's grid inside every trial,
+and no image is augmented per step. The best trial's configuration is saved as a YAML file that `finetune train
 --config` takes as it is.
 """
 
@@ -52,9 +52,8 @@ def search_space(plan: Plan, lr_range: tuple[float, float] = DEFAULT_LR_RANGE,
         if asked:
             raise UserError(f"{', '.join(asked)}: the plan {plan.scenario} is a feature plan (a linear head on "
                             "frozen, cached features): its head chooses the weight decay by cross-validation on "
-                            "train from the plan's "
-                            "grid in every trial, and it augments no image per step, so the sweep searches the "
-                            "learning rate only. Leave them out, or force a fine-tuning plan with "
+                            "train from the plan's grid in every trial, and it augments no image per step, so the "
+                            "sweep searches the learning rate only. Leave them out, or force a fine-tuning plan with "
                             "--scenario large-similar or --scenario large-different.")
         return space
     space["weight_decay"] = ("log", *(wd_range or DEFAULT_WD_RANGE))
