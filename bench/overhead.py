@@ -73,7 +73,8 @@ def plain_fit(args: argparse.Namespace) -> None:
     trainer.fit(module, datamodule=_datamodule(cfg, recipe, backbone, splits, rt))
     done = time.perf_counter()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    (args.workdir / "timing.json").write_text(json.dumps({"total": done - started, "lightning fit": done - fit_started}))
+    timing = {"total": done - started, "lightning fit": done - fit_started}
+    (args.workdir / "timing.json").write_text(json.dumps(timing))
 
 
 def _run(cmd: list[str], env: dict[str, str], cwd: Path, log: Path) -> float:
