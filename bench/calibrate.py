@@ -11,6 +11,12 @@ Reads the JSONL that bench/domain_bench.py appends (one object per line):
 * ``{"kind": "pilot", "dataset", "plan": scenario, "select_acc", "seconds"}``: a budgeted short run scored inside
   train.
 
+A plan row may carry ``"correct"``: its per-image results on the reported split ("1" right, "0" wrong, "-" not
+scored), in the same image order for every plan of a dataset. Then each dataset's gap gets a paired bootstrap
+interval: the reported images are resampled, and in each resample auto's accuracy is compared with the best
+forced plan *of that resample*, so the interval shows how far test-set noise alone moves the gap (the best of four
+noisy accuracies is biased upward).
+
 The rule is what `finetune train` does: the cell from the pure `finetune.strategy.decide.decide`, then, where
 `pilot_candidates(profile, similarity, thresholds)` names more than one scenario, the candidate whose pilot
 scored best. Fitting searches `similar_min_score`, `large_min_images` and `large_min_per_class` over the
@@ -29,6 +35,8 @@ import json
 import math
 import statistics
 import sys
+
+import numpy as np
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -185,6 +193,7 @@ class Row:
     accs: dict[str, float]  # plan -> acc (what the bench has)
     split: str
     pilot_share: float | None
+    interval: "GapInterval | None" = None
 
     @property
     def auto_acc(self) -> float:
@@ -198,6 +207,37 @@ class Row:
     def gap(self) -> float:
         """Auto minus the best forced plan, in points (<= 0)."""
         return (self.auto_acc - self.accs[self.best_forced]) * 100
+
+
+@dataclass(frozen=True)
+class GapInterval:
+    low: float  # 2.5th percentile of the resampled gap, points
+    high: float  # 97.5th
+    within_1pt: float  # share of the resamples where auto is within 1 point of that resample's best forced plan
+    images: int
+
+
+BOOTSTRAP_SAMPLES = 4000
+
+
+def gap_interval(d: DatasetResults, auto: str, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0
+                 ) -> GapInterval | None:
+    """Paired bootstrap of auto's gap to the best forced plan over the reported images; None without the
+    per-image results of auto and every forced scenario (or when their image counts differ)."""
+    strings = [d.plans.get(p, {}).get("correct") for p in (auto, *SCENARIO_NAMES)]
+    if any(not isinstance(c, str) for c in strings) or len({len(c) for c in strings}) != 1:
+        return None
+    chars = np.array([list(c) for c in strings])
+    scored = (chars != "-").all(axis=0)
+    right = (chars[:, scored] == "1").astype(float)  # row 0: auto; rows 1..4: the forced scenarios
+    n = right.shape[1]
+    if n == 0:
+        return None
+    idx = np.random.default_rng(seed).integers(0, n, size=(samples, n))
+    accs = right[:, idx].mean(axis=2)  # [plans, samples]
+    gaps = (accs[0] - accs[1:].max(axis=0)) * 100
+    return GapInterval(float(np.percentile(gaps, 2.5)), float(np.percentile(gaps, 97.5)),
+                       float((gaps >= -1.0 - 1e-9).mean()), n)
 
 
 def pilot_share(d: DatasetResults, pick: Pick) -> float | None:
@@ -217,8 +257,13 @@ def leave_one_out(rule: Rule, datasets: Sequence[DatasetResults]) -> list[Row]:
         rows.append(Row(held.name, int(held.profile["n_train"]), float(held.profile["per_class_median"]),
                         float(held.similarity["score"]), f.values, pick,
                         {p: held.acc(p) for p in PLANS if p in held.plans},
-                        str(held.plans[pick.auto].get("reported_split", "")), pilot_share(held, pick)))
+                        str(held.plans[pick.auto].get("reported_split", "")), pilot_share(held, pick),
+                        gap_interval(held, pick.auto)))
     return rows
+
+
+def _interval_text(i: GapInterval | None) -> str:
+    return "-" if i is None else f"{i.low:+.1f} .. {i.high:+.1f} ({i.within_1pt:.0%})"
 
 
 def _thresholds_text(v: Mapping[str, float]) -> str:
@@ -228,7 +273,7 @@ def _thresholds_text(v: Mapping[str, float]) -> str:
 def markdown(rows: Sequence[Row], all_fit: Fit, skipped: Sequence[str], current: Thresholds) -> str:
     head = ["dataset", "n_train", "/class", "similarity", "fitted without it (sim / images / per class)", "cell",
             "pilot candidates", "auto", "auto acc", *SCENARIO_NAMES, "naive", "best forced", "gap (pt)",
-            "pilot time share", "split"]
+            "gap 95% interval (within 1 pt)", "pilot time share", "split"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         accs = [f"{r.accs[p]:.3f}" if p in r.accs else "-" for p in PLANS]
@@ -236,14 +281,21 @@ def markdown(rows: Sequence[Row], all_fit: Fit, skipped: Sequence[str], current:
         lines.append("| " + " | ".join([
             r.dataset, str(r.n_train), f"{r.per_class_median:g}", f"{r.similarity:.3f}", _thresholds_text(r.fitted),
             r.pick.cell, ", ".join(r.pick.candidates) or "-", r.pick.auto, f"{r.auto_acc:.3f}", *accs,
-            r.best_forced, f"{r.gap:+.1f}", share, r.split]) + " |")
+            r.best_forced, f"{r.gap:+.1f}", _interval_text(r.interval), share, r.split]) + " |")
     gaps = [r.gap for r in rows]
-    close = [r.dataset for r in rows if r.gap >= -1.0]
+    close = [r.dataset for r in rows if r.gap >= -1.0 - 1e-9]
+    intervals = [r for r in rows if r.interval is not None]
     cur = {k: getattr(current, k) for k in FITTED}
     out = ["## Leave-one-dataset-out", "", *lines, ""]
     if rows:
         out.append(f"Summary: worst gap {min(gaps):+.1f} pt, mean gap {statistics.fmean(gaps):+.1f} pt; auto within "
                    f"1 point of the best forced plan on {len(close)}/{len(rows)} datasets ({', '.join(close)}).")
+    if intervals:
+        consistent = [r.dataset for r in intervals if r.interval.high >= -1.0 - 1e-9]
+        out.append(f"Paired bootstrap over the reported images ({BOOTSTRAP_SAMPLES} resamples): the 95% interval "
+                   f"of the gap reaches -1 pt or above on {len(consistent)}/{len(intervals)} datasets "
+                   f"({', '.join(consistent)}); expected number within 1 point under test-set noise alone: "
+                   f"{sum(r.interval.within_1pt for r in intervals):.1f}.")
     out += ["", f"Fitted on all {len(all_fit.datasets)} datasets (mean acc of the rule's pick {all_fit.mean_acc:.3f}; "
             f"current config {_thresholds_text(cur)}): {_thresholds_text(all_fit.values)}", "",
             "For configs/strategy.yaml:", "", "```yaml",

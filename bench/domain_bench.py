@@ -8,6 +8,7 @@ backbone, measure and decide as `finetune train` does, then run every plan -- th
 naive full fine-tune (bench/scenarios.py's `naive`) -- with the executor `run_plan`, and report it with
 `evaluate.after_training` (test when the dataset has a test split, else val). One JSON row per result is
 appended to --out as soon as it exists (schema: bench/calibrate.py), so a killed run keeps what it measured.
+A plan's row carries its per-image results on the reported split (`correct`), for bench/calibrate.py's intervals.
 
 Built for a bare, offline GPU machine without MLflow: nothing here imports it (checked at the end of a run).
 `--jobs N` benches N datasets at a time in N processes, each owning cores // N cores (torch threads and loader
@@ -72,6 +73,16 @@ def pilot_rows(name: str, cfg, measured, backbone, splits, rt) -> list[dict[str,
     order = [measured.plan.scenario, *[s for s in SCENARIO_NAMES if s != measured.plan.scenario]]
     result = run_pilot(cfg, measured, order, ["bench: every scenario"], backbone, splits, rt)
     return [{"kind": "pilot", "dataset": name, "plan": s, **v} for s, v in result.scores.items()]
+
+
+def read_correct(path: Path) -> str:
+    """The reported split's per-image results in the model's crop mode, as a string of 1 (right), 0 (wrong) and
+    - (unreadable), in the split's order (the same for every plan of a dataset): bench/calibrate.py resamples
+    them to put an interval on auto's gap to the best forced plan."""
+    import csv
+
+    with open(path, newline="") as f:
+        return "".join(r["correct"] or "-" for r in csv.DictReader(f))
 
 
 def _configure(opts: Options):
@@ -168,12 +179,13 @@ def bench_dataset(name: str, path: str, opts: Options) -> list[dict[str, Any]]:
                              scenario=plan.scenario, default_tta=tta["mode"], head_stage=stage_index(plan.head_stage))
             metrics = {**fit.metrics, **evaluate.after_training(fit.net, spec, splits, cfg, Path(tmp), rt,
                                                                 tta["mode"], fit.center_outputs)}
-        split = "test" if has_test else "val"
+            split = "test" if has_test else "val"
+            correct = read_correct(Path(tmp) / "evaluation" / split / "predictions.csv")
         key = evaluate.metric_names(split, tta["mode"])[0]  # the model's own crop mode, chosen on train
         emit({"kind": "plan", "dataset": name, "plan": plan_name, "acc": float(metrics[key]), "reported_split": split,
               "select_acc": float(fit.metrics["select_acc"]), "tta": tta["mode"],
               "seconds": round(time.perf_counter() - t0, 2), "epochs": plan.epochs,
-              "is_auto": plan_name == measured.plan.scenario,
+              "is_auto": plan_name == measured.plan.scenario, "correct": correct,
               **{k: float(v) for k, v in metrics.items() if k.startswith(("val_acc", "test_acc"))}})
         print(f"  {name:<22} {plan_name:<16} {split} acc {metrics[key]:.4f}  {rows[-1]['seconds']:>7.1f}s",
               flush=True)

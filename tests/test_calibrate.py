@@ -133,3 +133,31 @@ def test_cli_writes_the_table_and_needs_pilot_candidates(tmp_path, monkeypatch, 
     from finetune.strategy.decide import load_thresholds, pilot_candidates
 
     assert fn(profile, similarity, load_thresholds()) == pilot_candidates(profile, similarity, load_thresholds())[0]
+
+
+def _with_correct(name: str, per_plan: dict[str, str]):
+    d = calibrate.DatasetResults(name, profile={"n_train": 10, "per_class_median": 5.0}, similarity={"score": 0.5})
+    for plan, correct in per_plan.items():
+        d.plans[plan] = {"acc": correct.count("1") / sum(c != "-" for c in correct), "correct": correct}
+    return d
+
+
+def test_gap_interval_resamples_the_reported_images_paired():
+    forced = [p for p in calibrate.PLANS if p != "naive"]
+    # auto is the best plan on every image: every resample's gap is 0.
+    same = _with_correct("same", {p: "1" * 90 + "0" * 10 for p in forced})
+    i = calibrate.gap_interval(same, forced[0])
+    assert (i.low, i.high, i.within_1pt, i.images) == (0.0, 0.0, 1.0, 100)
+    # Another plan is right on 20 more images: the gap is -20 points, and resampling moves it a few points only.
+    worse = _with_correct("worse", {**{p: "1" * 60 + "0" * 40 for p in forced}, forced[1]: "1" * 80 + "0" * 20})
+    i = calibrate.gap_interval(worse, forced[0])
+    assert -30 < i.low < -20 < i.high < -10 and i.within_1pt == 0.0
+    # A plan right on two more images out of 100: the observed gap (-2) is within test-set noise of -1.
+    close = _with_correct("close", {**{p: "10" * 50 for p in forced}, forced[2]: "1111" + "10" * 48})
+    i = calibrate.gap_interval(close, forced[0])
+    assert i.low <= -2.0 and i.high == 0.0 and 0.2 < i.within_1pt < 0.9
+    # Unreadable images ("-") are left out for every plan; missing per-image results give no interval.
+    holes = _with_correct("holes", {p: "-1" + "1" * 8 for p in forced})
+    assert calibrate.gap_interval(holes, forced[0]).images == 9
+    del same.plans[forced[3]]["correct"]
+    assert calibrate.gap_interval(same, forced[0]) is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
@@ -135,6 +136,13 @@ def test_evaluate_command_reports_val_and_test(tmp_path, isolated_mlflow):
     assert report["images"] == 6 and report["tta"] == "10crop"
     assert sum(map(sum, report["confusion_matrix"])) == 6
     assert report["top1"] == pytest.approx(sum(report["confusion_matrix"][i][i] for i in range(2)) / 6)
+    with open(out / "evaluation" / "test" / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))  # one row per image, in the split's order, the same predictions
+    assert [Path(r["path"]).parent.name for r in rows] == ["cat"] * 3 + ["dog"] * 3
+    assert [r["label"] for r in rows] == [Path(r["path"]).parent.name for r in rows]
+    assert sum(int(r["correct"]) for r in rows) / 6 == pytest.approx(report["top1"])
+    assert all(r["correct"] == str(int(r["prediction"] == r["label"])) and 0 < float(r["probability"]) <= 1
+               for r in rows)
     for name in ("confusion_matrix.png", "top_losses.png"):
         assert Image.open(out / "evaluation" / "val" / name).size[0] > 100
     run = MlflowClient(isolated_mlflow).get_run(summary["mlflow_run_id"])

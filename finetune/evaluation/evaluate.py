@@ -8,6 +8,7 @@ crop mode, temperature and unknown threshold too: `trust.choose_after_training`)
 
 from __future__ import annotations
 
+import csv
 import logging
 import math
 from pathlib import Path
@@ -160,7 +161,8 @@ def evaluate_samples(net: nn.Module, spec: ModelSpec, samples: Sequence[Sample],
                      batch_size: int = 32, max_pixels: int | None = None, rt: runtime.Runtime | None = None,
                      label_map: Sequence[int] | None = None, outputs: Outputs | None = None,
                      leaked: Collection[str] | None = None, scoring: Scoring | None = None) -> dict[str, Any]:
-    """Predict one split with TTA and write report.json, confusion_matrix.png, reliability.png and top_losses.png.
+    """Predict one split with TTA and write report.json, predictions.csv, confusion_matrix.png, reliability.png
+    and top_losses.png.
 
     `outputs`: logits and features already computed with exactly this preprocessing (a frozen-backbone
     plan's head on its cached centre-crop features), used instead of running the network again. `scoring`
@@ -187,10 +189,27 @@ def evaluate_samples(net: nn.Module, spec: ModelSpec, samples: Sequence[Sample],
     if leaked is not None:
         result["no_leakage"] = without_leaked(probs_np, labels, paths, leaked)
     write_json(out_dir / "report.json", result)
+    write_predictions(out_dir / "predictions.csv", paths, probs_np, labels, spec.class_names)
     plot_confusion(result["confusion_matrix"], spec.class_names, out_dir / "confusion_matrix.png")
     plot_top_losses(paths, probs_np, labels, spec.class_names, out_dir / "top_losses.png", net=net,
                     data_config=spec.data_config)
     return result
+
+
+def write_predictions(path: Path, paths: Sequence[str], probs: np.ndarray, labels: np.ndarray,
+                      class_names: Sequence[str]) -> Path:
+    """One row per image, in the split's order: its label, the predicted class and its probability, and whether
+    it is right. An image that could not be read has empty fields: like report.json, it is not scored."""
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["path", "label", "prediction", "probability", "correct"])
+        for src, row, label in zip(paths, probs, labels):
+            if np.isnan(row).any():
+                out.writerow([display_path(src), class_names[label], "", "", ""])
+                continue
+            k = int(row.argmax())
+            out.writerow([display_path(src), class_names[label], class_names[k], f"{row[k]:.4f}", int(k == label)])
+    return path
 
 
 def calibration_report(logits: torch.Tensor, probs: np.ndarray, labels: np.ndarray, temperature: float,
