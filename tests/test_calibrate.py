@@ -161,3 +161,33 @@ def test_gap_interval_resamples_the_reported_images_paired():
     assert calibrate.gap_interval(holes, forced[0]).images == 9
     del same.plans[forced[3]]["correct"]
     assert calibrate.gap_interval(same, forced[0]) is None
+
+
+def _load_replay():
+    spec = importlib.util.spec_from_file_location("bench_choice_replay", ROOT / "bench" / "choice_replay.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_choice_replay_reads_each_rules_pick_off_the_rows(tmp_path, capsys):
+    replay = _load_replay()
+    best = {name: d[3] for name, d in DATASETS.items()}
+    # A (200 images, similarity 0.70) is little data: the shipped candidates are small-similar, then large-similar.
+    # Their pilots tie, and large-similar is the best forced plan.
+    pilots = {"A": {"small-similar": (0.8, 5.0), "large-similar": (0.8, 20.0), "small-different": (0.6, 5.0),
+                    "large-different": (0.6, 20.0)}}
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _rows({**best, "A": "large-similar"}, pilots)))
+    assert replay.main([str(path)]) == 0
+    lines = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:4] for line in capsys.readouterr().out.splitlines()
+             if line.startswith("| ")}
+    gap = (0.5 - 0.1 * calibrate.PLANS.index("small-similar") - 0.9) * 100
+    # Only A has all four pilots. A tie goes to the cell (small-similar) ...
+    assert lines["shipped: the pilot of the candidates, a tie to the cell"] == ["0/1", f"{gap:+.1f}", f"{gap:+.1f}"]
+    # ... or, in the variant, to the fine-tuning plan; the full runs' selection accuracy also finds the best.
+    assert lines["the pilot of the candidates, a tie to a fine-tuning plan"] == ["1/1", "+0.0", "+0.0"]
+    assert lines["the candidates' full runs, by their selection accuracy"] == ["1/1", "+0.0", "+0.0"]
+    # The shipped replay is calibrate.py's rule.
+    d = calibrate.read_results(path)["A"]
+    assert calibrate.Rule(calibrate.default_candidates()).pick(d, calibrate.load_thresholds()).auto == "small-similar"
