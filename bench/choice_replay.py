@@ -1,6 +1,7 @@
 """Replay other ways for `auto` to choose its plan on domain-bench results (issue 13), without training anything.
 
-    uv run --frozen python bench/choice_replay.py docs/results/domain_bench_gpu.jsonl docs/results/domain_bench_cpu.jsonl
+    uv run --frozen python bench/choice_replay.py docs/results/domain_bench_gpu.jsonl \
+        docs/results/domain_bench_cpu.jsonl
 
 Every bench run (bench/domain_bench.py) trains all four scenarios in full and runs the pilot of all four, so the
 choice of any rule below can be read off its rows. With the shipped thresholds (configs/strategy.yaml), per rule:
