@@ -34,6 +34,12 @@ def test_plan_json_and_report(image_folder: Path, weights_file: Path):
     assert out["scenario"] == pilot["winner"] and pilot["scores"][pilot["winner"]]["select_acc"] == best
     assert out["plan"]["source"] == "pilot" and out["plan"]["reasons"][0].startswith("pilot")
     assert out["timings"]["pilot_s"] == pilot["seconds"]
+    # A handful of selection images cannot separate any two candidates (4 disagreements all one way are the
+    # fewest that can): the plan says the choice is within their noise, and how to choose on more data.
+    assert pilot["select_images"] <= 3
+    assert set(pilot["unresolved"]) == set(pilot["scores"]) - {pilot["winner"]}
+    assert all(w + o <= pilot["select_images"] for w, o in pilot["unresolved"].values())
+    assert "cannot separate" in out["plan"]["reasons"][0] and "--scenario" in out["plan"]["reasons"][0]
     assert out["plan"]["scenario"] == out["scenario"] and out["plan"]["reasons"]
     assert out["profile"]["n_train"] == 12 and out["profile"]["n_classes"] == 2
     sim = out["similarity"]
@@ -46,7 +52,7 @@ def test_plan_json_and_report(image_folder: Path, weights_file: Path):
     report = runner.invoke(cli, _plan_args(image_folder, weights_file))
     assert report.exit_code == 0, report.output
     for heading in ("Dataset profile", "Domain similarity", f"Scenario  {out['scenario']}", "Pilot", "<- goes on",
-                    "Layer groups"):
+                    "Note: the", "cannot separate", "Layer groups"):
         assert heading in report.output
     # The second run read the features from the cache.
     again = runner.invoke(cli, _plan_args(image_folder, weights_file, "--json"))

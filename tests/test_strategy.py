@@ -11,7 +11,7 @@ import pytest
 from finetune.errors import UserError
 from finetune.strategy.similarity import bn_shift, source_confidence
 from finetune.strategy.decide import (SCENARIO_NAMES, Thresholds, decide, load_scenario_defaults, load_thresholds,
-                                      pilot_candidates, resolve_frozen_count)
+                                      pilot_candidates, pilot_separates, resolve_frozen_count)
 
 T = Thresholds(large_min_images=1000, large_min_per_class=100, similar_min_score=0.6)
 DEFAULTS = {name: load_scenario_defaults(name) for name in SCENARIO_NAMES}
@@ -203,6 +203,20 @@ def test_pilot_candidates(n_train, per_class, sim, expected, why):
     assert candidates == expected
     assert candidates[0] == decide(profile(n_train, per_class), sim, T, DEFAULTS, base_epochs=1).scenario
     assert any(why in r for r in reasons), reasons
+
+
+@pytest.mark.parametrize("winner_only, other_only, separated", [
+    (0, 0, False),    # the same answers on every selection image: no evidence either way
+    (1, 0, False),    # one image (0.6 points on 153, 2.5 on 40) is not a difference
+    (3, 0, False),    # 3 images all one way: 9 <= 1.96^2 * 3 = 11.5
+    (4, 0, True),     # 16 > 1.96^2 * 4 = 15.4
+    (5, 5, False),    # they disagree often but split evenly: a tie
+    (11, 4, False),   # 7 net on 15 disagreements: 49 <= 57.6
+    (12, 4, True),    # 8 net on 16: 64 > 61.5
+    (30, 20, False),  # 10 net on 50: the accuracies differ, the selection images cannot tell which is better
+])
+def test_pilot_separates_only_beyond_the_noise_of_the_disagreeing_images(winner_only, other_only, separated):
+    assert pilot_separates(winner_only, other_only) is separated
 
 
 def test_pilot_candidates_without_weights_use_the_configured_ones():

@@ -382,6 +382,16 @@ def _size_unclear(n_train: int, per_class_median: float, t: Thresholds) -> bool:
     return large_if_lower != large_if_higher
 
 
+def pilot_separates(winner_only: int, other_only: int, z: float = 1.96) -> bool:
+    """Whether the pilot's winner beats another candidate beyond the noise of the selection images.
+
+    A paired test on the images where the two disagree (McNemar's, normal approximation): `winner_only`
+    images only the winner got right, `other_only` only the other. With no disagreement there is no
+    evidence either way (False)."""
+    disagree = winner_only + other_only
+    return disagree > 0 and (winner_only - other_only) ** 2 > z * z * disagree
+
+
 def resolve_frozen_count(plan: Plan, n_backbone_groups: int) -> int:
     """How many layer groups, from the bottom, stay frozen (the head group always trains)."""
     if plan.train_on_features:

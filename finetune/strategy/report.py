@@ -81,4 +81,14 @@ def pilot_lines(pilot: dict[str, Any] | None) -> list[str]:
                          f"{v['seconds']:>8.1f}{mark}")
         else:
             lines.append(f"  {scenario:<16} not run: {pilot['skipped'].get(scenario, '')}")
+    if pilot.get("unresolved"):
+        lines.append(f"  Note: {unresolved_sentence(pilot)}")
     return lines
+
+
+def unresolved_sentence(pilot: dict[str, Any]) -> str:
+    """Which candidates the pilot's selection images cannot tell from its winner, and what to do about it."""
+    which = ", ".join(f"{s} ({w} vs {o})" for s, (w, o) in pilot["unresolved"].items())
+    return (f"the {pilot['select_images']} selection images cannot separate {pilot['winner']} from {which}, counting "
+            "the images only the winner got right vs only the other: the choice is within their noise. To choose "
+            "on more data, train each with --scenario and compare their val_acc.")

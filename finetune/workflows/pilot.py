@@ -27,7 +27,8 @@ from finetune.data.profile import stratified_subset
 from finetune.errors import UserError
 from finetune.evaluation.tta import predict_sources
 from finetune.model.backbone import Backbone, create_backbone
-from finetune.strategy.decide import Plan, load_thresholds, pilot_candidates
+from finetune.strategy.decide import Plan, load_thresholds, pilot_candidates, pilot_separates
+from finetune.strategy.report import unresolved_sentence
 from finetune.strategy.measure import Decision, plan_for, preserved_rng, with_plan
 from finetune.model.heads import init_head
 from finetune.training.recipe import check_feature_plan_options, model_kwargs, resolve_recipe
@@ -52,9 +53,25 @@ class PilotResult:
     skipped: dict[str, str] = field(default_factory=dict)  # scenario -> why it could not run
     select_images: int = 0
     seconds: float = 0.0
+    # scenario -> [images only the winner got right, images only it got right], for each candidate the
+    # selection images cannot tell from the winner (decide.pilot_separates)
+    unresolved: dict[str, list[int]] = field(default_factory=dict)
+    correct: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # per selection image; not saved
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "correct"}
+
+    def find_unresolved(self) -> None:
+        """Which candidates the winner does not beat beyond the noise of the selection images."""
+        won = self.correct.get(self.winner)
+        if won is None:
+            return
+        for scenario, right in self.correct.items():
+            if scenario != self.winner:
+                w, o = int((won & ~right).sum()), int((right & ~won).sum())
+                if not pilot_separates(w, o):
+                    self.unresolved[scenario] = [w, o]
+
 
 
 def pilot_epochs(epochs: int) -> int:
@@ -71,12 +88,14 @@ def run_pilot(cfg: TrainConfig, decision: Decision, candidates: list[str], reaso
     with preserved_rng(), tempfile.TemporaryDirectory(prefix="finetune-pilot-") as workdir:
         for scenario in candidates:
             try:
-                result.scores[scenario] = _run_candidate(cfg, decision, scenario, backbone, budget, rt, Path(workdir))
+                result.scores[scenario], result.correct[scenario] = _run_candidate(cfg, decision, scenario, backbone,
+                                                                                   budget, rt, Path(workdir))
             except UserError as e:  # an option the candidate cannot honour (e.g. --mixup on a feature plan)
                 result.skipped[scenario] = e.message
     ran = [s for s in candidates if s in result.scores]
     if ran:  # candidates keep their order (the measured cell first): a tie goes to the earlier one
         result.winner = max(ran, key=lambda s: (result.scores[s]["select_acc"], -ran.index(s)))
+        result.find_unresolved()
     result.seconds = round(time.perf_counter() - started, 1)
     log.info("Pilot (%.0f s): %s -> %s", result.seconds,
              ", ".join(f"{s} {v['select_acc']:.4f}" for s, v in result.scores.items()), result.winner)
@@ -84,7 +103,8 @@ def run_pilot(cfg: TrainConfig, decision: Decision, candidates: list[str], reaso
 
 
 def _run_candidate(cfg: TrainConfig, decision: Decision, scenario: str, backbone: Backbone, splits: FolderSplits,
-                   rt: runtime.Runtime, workdir: Path) -> dict[str, Any]:
+                   rt: runtime.Runtime, workdir: Path) -> tuple[dict[str, Any], np.ndarray]:
+    """The candidate's score on the selection images, and which of them it got right."""
     started = time.perf_counter()
     plan = plan_for(decision, scenario, cfg)
     if plan.train_on_features:
@@ -106,17 +126,19 @@ def _run_candidate(cfg: TrainConfig, decision: Decision, scenario: str, backbone
                             cfg.max_image_pixels, rt)[0].numpy()
     labels = np.array([s.label for s in splits.val])
     ok = ~np.isnan(probs).any(axis=1)
-    acc = float((probs[ok].argmax(axis=1) == labels[ok]).mean()) if ok.any() else 0.0
-    return {"select_acc": round(acc, 4), "seconds": round(time.perf_counter() - started, 1),
-            "epochs": plan.epochs, "fit_images": len(splits.train)}
+    right = ok & (np.nan_to_num(probs).argmax(axis=1) == labels)
+    acc = float(right[ok].mean()) if ok.any() else 0.0
+    return ({"select_acc": round(acc, 4), "seconds": round(time.perf_counter() - started, 1),
+             "epochs": plan.epochs, "fit_images": len(splits.train)}, right)
 
 
 def pilot_plan(decision: Decision, winner: Plan, pilot: PilotResult) -> Plan:
     """The winner's plan, saying that the pilot chose it and on what."""
     scores = ", ".join(f"{s} {v['select_acc']:.3f}" for s, v in pilot.scores.items())
     skipped = "".join(f"; {s} not run ({why})" for s, why in pilot.skipped.items())
+    unresolved = f"; {unresolved_sentence(pilot.to_dict())}" if pilot.unresolved else ""
     why = (f"pilot ({pilot.seconds:.0f} s): {' '.join(pilot.reasons)}; candidates scored on {pilot.select_images} "
-           f"held-out training images: {scores}{skipped} -> {pilot.winner}")
+           f"held-out training images: {scores}{skipped} -> {pilot.winner}{unresolved}")
     measured = [r for r in decision.plan.reasons if "forced" not in r]
     return dataclasses.replace(winner, source="pilot", reasons=[why, *measured, *winner.reasons[1:]])
 
