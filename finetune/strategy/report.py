@@ -91,4 +91,5 @@ def unresolved_sentence(pilot: dict[str, Any]) -> str:
     which = ", ".join(f"{s} ({w} vs {o})" for s, (w, o) in pilot["unresolved"].items())
     return (f"the {pilot['select_images']} selection images cannot separate {pilot['winner']} from {which}, counting "
             "the images only the winner got right vs only the other: the choice is within their noise. To choose "
-            "on more data, train each with --scenario and compare their val_acc.")
+            "on more data, train each with --scenario and compare them on val (val is then selection data: report "
+            "on test/).")
