@@ -97,8 +97,10 @@ def run_pilot(cfg: TrainConfig, decision: Decision, candidates: list[str], reaso
         result.winner = max(ran, key=lambda s: (result.scores[s]["select_acc"], -ran.index(s)))
         result.find_unresolved()
     result.seconds = round(time.perf_counter() - started, 1)
-    log.info("Pilot (%.0f s): %s -> %s", result.seconds,
-             ", ".join(f"{s} {v['select_acc']:.4f}" for s, v in result.scores.items()), result.winner)
+    log.info("Pilot (%.0f s): %s -> %s%s", result.seconds,
+             ", ".join(f"{s} {v['select_acc']:.4f}" for s, v in result.scores.items()), result.winner,
+             f" (not separated from {', '.join(result.unresolved)} on {result.select_images} selection images)"
+             if result.unresolved else "")
     return result
 
 
