@@ -52,7 +52,7 @@ def test_plan_json_and_report(image_folder: Path, weights_file: Path):
     report = runner.invoke(cli, _plan_args(image_folder, weights_file))
     assert report.exit_code == 0, report.output
     for heading in ("Dataset profile", "Domain similarity", f"Scenario  {out['scenario']}", "Pilot", "<- goes on",
-                    "Note: the", "cannot separate", "Layer groups"):
+                    "~ not separated from the winner", "cannot separate", "Layer groups"):
         assert heading in report.output
     # The second run read the features from the cache.
     again = runner.invoke(cli, _plan_args(image_folder, weights_file, "--json"))

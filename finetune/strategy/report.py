@@ -77,12 +77,13 @@ def pilot_lines(pilot: dict[str, Any] | None) -> list[str]:
         if scenario in pilot["scores"]:
             v = pilot["scores"][scenario]
             mark = "  <- goes on" if scenario == pilot["winner"] else ""
+            if scenario in pilot.get("unresolved", {}):  # the why and what to do: in the scenario's reasons
+                w, o = pilot["unresolved"][scenario]
+                mark = f"  ~ not separated from the winner: they disagree on {w + o}, the winner right on {w}"
             lines.append(f"  {scenario:<16} {v['select_acc']:>10.3f} {v['epochs']:>7} {v['fit_images']:>7} "
                          f"{v['seconds']:>8.1f}{mark}")
         else:
             lines.append(f"  {scenario:<16} not run: {pilot['skipped'].get(scenario, '')}")
-    if pilot.get("unresolved"):
-        lines.append(f"  Note: {unresolved_sentence(pilot)}")
     return lines
 
 

@@ -73,7 +73,6 @@ class PilotResult:
                     self.unresolved[scenario] = [w, o]
 
 
-
 def pilot_epochs(epochs: int) -> int:
     return max(1, math.ceil(epochs * PILOT_EPOCH_SHARE))
 
