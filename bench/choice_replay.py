@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             candidates, _ = pilot_candidates(d.profile, d.similarity, thresholds)
             best = max(d.acc(s) for s in SCENARIO_NAMES)
             gaps.append((d.acc(choose(d, candidates) if len(candidates) > 1 else candidates[0]) - best) * 100)
-        within = sum(g >= -1.0 - 1e-9 for g in gaps)
+        within = sum(bool(calibrate.within_1pt(g)) for g in gaps)
         print(f"| {rule} | {within}/{len(gaps)} | {statistics.fmean(gaps):+.1f} | {min(gaps):+.1f} | "
               + " ".join(f"{g:+.1f}" for g in gaps) + " |")
     return 0
