@@ -49,7 +49,7 @@ def test_train_register_load_by_alias_predicts_like_the_in_process_model(image_f
     run = client.get_run(summary["mlflow_run_id"])
     assert run.data.metrics["val_acc_tta"] == pytest.approx(summary["metrics"]["val_acc_tta"])
     report_files = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation/val")}
-    assert {"evaluation/val/report.json", "evaluation/val/confusion_matrix.png",
+    assert {"evaluation/val/report.json", "evaluation/val/predictions.csv", "evaluation/val/confusion_matrix.png",
             "evaluation/val/top_losses.png"} <= report_files
 
     files = sorted(str(p) for p in image_folder.rglob("*.png"))
