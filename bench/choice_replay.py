@@ -12,7 +12,6 @@ all four forced plans and all four pilots count. Pure analysis: no torch.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import sys
 from pathlib import Path
@@ -21,15 +20,8 @@ from typing import Callable, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import calibrate  # noqa: E402
 from finetune.strategy.decide import SCENARIO_NAMES, load_thresholds, pilot_candidates  # noqa: E402
-
-
-def _calibrate():
-    spec = importlib.util.spec_from_file_location("bench_calibrate", ROOT / "bench" / "calibrate.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 Chooser = Callable[[object, Sequence[str]], str]  # (DatasetResults, candidates, the cell first) -> scenario
@@ -68,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", type=Path, nargs="+", help="JSONL files written by bench/domain_bench.py")
     args = parser.parse_args(argv)
-    calibrate, thresholds = _calibrate(), load_thresholds()
+    thresholds = load_thresholds()
     runs = [(path.stem, d) for path in args.results for d in calibrate.read_results(path).values()
             if d.complete and all(s in d.pilots for s in SCENARIO_NAMES)]
     if not runs:

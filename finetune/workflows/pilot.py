@@ -56,17 +56,15 @@ class PilotResult:
     # scenario -> [images only the winner got right, images only it got right], for each candidate the
     # selection images cannot tell from the winner (decide.pilot_separates)
     unresolved: dict[str, list[int]] = field(default_factory=dict)
-    correct: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # per selection image; not saved
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "correct"}
+        return dataclasses.asdict(self)
 
-    def find_unresolved(self) -> None:
-        """Which candidates the winner does not beat beyond the noise of the selection images."""
-        won = self.correct.get(self.winner)
-        if won is None:
-            return
-        for scenario, right in self.correct.items():
+    def find_unresolved(self, correct: dict[str, np.ndarray]) -> None:
+        """Which candidates the winner does not beat beyond the noise of the selection images (`correct`:
+        scenario -> which selection images it got right)."""
+        won = correct[self.winner]
+        for scenario, right in correct.items():
             if scenario != self.winner:
                 w, o = int((won & ~right).sum()), int((right & ~won).sum())
                 if not pilot_separates(w, o):
@@ -84,17 +82,18 @@ def run_pilot(cfg: TrainConfig, decision: Decision, candidates: list[str], reaso
     inner = splits.selection(cfg.select_share, cfg.seed)
     budget = dataclasses.replace(inner, train=stratified_subset(inner.train, PILOT_MAX_IMAGES))
     result = PilotResult(candidates, reasons, candidates[0], select_images=len(inner.val))
+    correct: dict[str, np.ndarray] = {}
     with preserved_rng(), tempfile.TemporaryDirectory(prefix="finetune-pilot-") as workdir:
         for scenario in candidates:
             try:
-                result.scores[scenario], result.correct[scenario] = _run_candidate(cfg, decision, scenario, backbone,
-                                                                                   budget, rt, Path(workdir))
+                result.scores[scenario], correct[scenario] = _run_candidate(cfg, decision, scenario, backbone, budget,
+                                                                            rt, Path(workdir))
             except UserError as e:  # an option the candidate cannot honour (e.g. --mixup on a feature plan)
                 result.skipped[scenario] = e.message
     ran = [s for s in candidates if s in result.scores]
     if ran:  # candidates keep their order (the measured cell first): a tie goes to the earlier one
         result.winner = max(ran, key=lambda s: (result.scores[s]["select_acc"], -ran.index(s)))
-        result.find_unresolved()
+        result.find_unresolved(correct)
     result.seconds = round(time.perf_counter() - started, 1)
     log.info("Pilot (%.0f s): %s -> %s%s", result.seconds,
              ", ".join(f"{s} {v['select_acc']:.4f}" for s, v in result.scores.items()), result.winner,
