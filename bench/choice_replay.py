@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -56,12 +57,24 @@ RULES: dict[str, Chooser] = {
 }
 
 
+def read_merged(spec: str) -> dict[str, object]:
+    """The rows of "A.jsonl" or "A.jsonl+B.jsonl" (B's rows replace A's of the same dataset, kind and plan)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".jsonl") as merged:
+        for part in spec.split("+"):
+            merged.write(Path(part).read_text().rstrip("\n") + "\n")
+        merged.flush()
+        return calibrate.read_results(Path(merged.name))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", type=Path, nargs="+", help="JSONL files written by bench/domain_bench.py")
+    parser.add_argument("results", nargs="+",
+                        help="JSONL files written by bench/domain_bench.py; A+B: one run, B's rows replacing A's "
+                             "(e.g. the pilots of a `--plans '' --pilot-folds 5` run over a full run's)")
     args = parser.parse_args(argv)
     thresholds = load_thresholds()
-    runs = [(path.stem, d) for path in args.results for d in calibrate.read_results(path).values()
+    runs = [("+".join(Path(p).stem for p in spec.split("+")), d)
+            for spec in args.results for d in read_merged(spec).values()
             if d.complete and all(s in d.pilots for s in SCENARIO_NAMES)]
     if not runs:
         raise SystemExit("no dataset with all four forced plans and all four pilots")

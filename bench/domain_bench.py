@@ -55,6 +55,7 @@ class Options:
     deadline: float  # time.time() after which no new work starts
     cores: int  # this process's share of the machine
     workers: int | None = None  # data loader workers (None: finetune's split of `cores`)
+    pilot_folds: int = 1  # the pilot's selection folds (workflows/pilot.py run_pilot)
 
 
 def append_row(path: str, row: dict[str, Any]) -> None:
@@ -63,7 +64,7 @@ def append_row(path: str, row: dict[str, Any]) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-def pilot_rows(name: str, cfg, measured, backbone, splits, rt) -> list[dict[str, Any]]:
+def pilot_rows(name: str, cfg, measured, backbone, splits, rt, folds: int = 1) -> list[dict[str, Any]]:
     """The pilot (workflows/pilot.py) run on all four scenarios, the measured cell first: one row per scenario
     ({"kind": "pilot", "dataset", "plan", "select_acc", "seconds"}), so bench/calibrate.py can replay the pilot
     of any candidate set a fitted rule would ask for."""
@@ -71,7 +72,7 @@ def pilot_rows(name: str, cfg, measured, backbone, splits, rt) -> list[dict[str,
     from finetune.workflows.pilot import run_pilot
 
     order = [measured.plan.scenario, *[s for s in SCENARIO_NAMES if s != measured.plan.scenario]]
-    result = run_pilot(cfg, measured, order, ["bench: every scenario"], backbone, splits, rt)
+    result = run_pilot(cfg, measured, order, ["bench: every scenario"], backbone, splits, rt, folds)
     return [{"kind": "pilot", "dataset": name, "plan": s, **v} for s, v in result.scores.items()]
 
 
@@ -139,7 +140,7 @@ def bench_dataset(name: str, path: str, opts: Options) -> list[dict[str, Any]]:
           "seconds": round(time.perf_counter() - started, 2), "auto": measured.plan.scenario,
           "shipped_candidates": candidates, "layout": splits.layout, "counts": splits.counts()})
     if time.time() <= opts.deadline:
-        for row in pilot_rows(name, cfg, measured, backbone, splits, rt):
+        for row in pilot_rows(name, cfg, measured, backbone, splits, rt, opts.pilot_folds):
             emit(row)
     has_test = bool(splits.test)
     thresholds = load_thresholds()
@@ -228,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tta", default="auto")
     parser.add_argument("--plans", default=",".join(PLANS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pilot-folds", type=int, default=1,
+                        help="run the pilot once per fold of train and score it on every training image")
     parser.add_argument("--jobs", type=int, default=1, help="datasets benched at once, one process each")
     parser.add_argument("--workers", type=int, default=None,
                         help="data loader workers per process (default: finetune's split of its cores). 0 on the "
@@ -249,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = Options(args.model, args.weights, args.epochs, args.head_epochs, args.batch_size, args.image_size,
                    args.tta, args.seed, plans, str(args.out),
                    started + args.max_seconds if args.max_seconds is not None else float("inf"),
-                   max(1, runtime.available_cores() // max(1, args.jobs)), args.workers)
+                   max(1, runtime.available_cores() // max(1, args.jobs)), args.workers, args.pilot_folds)
     print(f"{len(datasets)} dataset(s), plans {', '.join(plans)}, {args.jobs} process(es) of {opts.cores} core(s); "
           f"rows -> {args.out}", flush=True)
     mlflow_seen: dict[str, list[str]] = {}

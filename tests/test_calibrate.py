@@ -191,3 +191,23 @@ def test_choice_replay_reads_each_rules_pick_off_the_rows(tmp_path, capsys):
     # The shipped replay is calibrate.py's rule.
     d = calibrate.read_results(path)["A"]
     assert calibrate.Rule(calibrate.default_candidates()).pick(d, calibrate.load_thresholds()).auto == "small-similar"
+
+
+def test_choice_replay_replaces_a_runs_pilots_with_those_of_another_file(tmp_path, capsys):
+    replay = _load_replay()
+    best = {**{name: d[3] for name, d in DATASETS.items()}, "A": "large-similar"}
+    tied = {"A": {"small-similar": (0.8, 5.0), "large-similar": (0.8, 20.0), "small-different": (0.6, 5.0),
+                  "large-different": (0.6, 20.0)}}
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _rows(best, tied)))
+    # a pilot-only run (e.g. k-fold) of A where large-similar wins
+    folds = tmp_path / "folds.jsonl"
+    folds.write_text("".join(json.dumps({"kind": "pilot", "dataset": "A", "plan": p, "select_acc": a, "seconds": 9.0,
+                                         "folds": 5}) + "\n"
+                             for p, a in (("small-similar", 0.7), ("large-similar", 0.75), ("small-different", 0.6),
+                                          ("large-different", 0.6))))
+    assert replay.main([str(path), f"{path}+{folds}"]) == 0
+    out = capsys.readouterr().out
+    assert "2 dataset-runs: results:A, results+folds:A" in out
+    shipped = next(line for line in out.splitlines() if line.startswith("| shipped"))
+    assert shipped.split(" | ")[1] == "1/2"  # the tie missed, the folds' pilot found large-similar

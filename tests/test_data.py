@@ -11,8 +11,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from finetune.cli import cli
-from finetune.data.folders import scan_folder, stratified_split
+from finetune.data.folders import scan_folder, stratified_folds, stratified_split
 from finetune.data.images import load_rgb
+from finetune.errors import UserError
 from tests.conftest import make_folder, tiny_train_args
 
 
@@ -142,3 +143,33 @@ def test_stratified_split_keeps_singletons_in_train():
     train, val = stratified_split(samples, 0.5, 0)
     assert [s.path for s in val if s.label == 0] == []
     assert len([s for s in val if s.label == 1]) == 1
+
+
+def test_stratified_folds_hold_every_image_once_with_each_class_spread_evenly():
+    from finetune.data.folders import Sample
+
+    samples = [Sample(f"a{i}", 0) for i in range(11)] + [Sample(f"b{i}", 1) for i in range(4)]
+    parts = stratified_folds(samples, 3, seed=1)
+    assert sorted(s.path for p in parts for s in p) == sorted(s.path for s in samples)
+    for label, n in ((0, 11), (1, 4)):
+        sizes = [sum(s.label == label for s in p) for p in parts]
+        assert max(sizes) - min(sizes) <= 1 and sum(sizes) == n
+    # the classes start where the last one stopped: the three parts differ in size by at most one
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    assert parts == stratified_folds(list(reversed(samples)), 3, seed=1)  # deterministic, order-free
+    assert parts != stratified_folds(samples, 3, seed=2)
+    with pytest.raises(ValueError):
+        stratified_folds(samples, 1, seed=1)
+
+
+def test_folds_of_the_training_split_are_selection_splits_that_cover_train(tmp_path: Path):
+    make_folder(tmp_path / "d", classes=("a", "b"), per_class=9)
+    splits = scan_folder(tmp_path / "d", 0.2, 0)
+    folds = splits.folds(3, 0)
+    assert len(folds) == 3
+    assert sorted(s.path for f in folds for s in f.val) == sorted(s.path for s in splits.train)
+    for f in folds:
+        assert not {s.path for s in f.train} & {s.path for s in f.val}
+        assert len(f.train) + len(f.val) == len(splits.train) and f.test == []
+    with pytest.raises(UserError, match="fewer folds"):
+        splits.folds(len(splits.train) + 1, 0)

@@ -94,6 +94,17 @@ class FolderSplits:
                             "(each class needs at least 2 images). Add images.")
         return FolderSplits(self.root, self.layout, self.classes, fit, select)
 
+    def folds(self, k: int, seed: int) -> list["FolderSplits"]:
+        """The training split cut k ways (stratified): k `selection`-like splits whose `val` parts are disjoint
+        and together hold every training image once (`stratified_folds`)."""
+        parts = stratified_folds(self.train, k, seed)
+        if any(not p for p in parts):
+            raise UserError(f"Too few training images ({len(self.train)}) for {k} selection folds. "
+                            "Use fewer folds or add images.")
+        return [FolderSplits(self.root, self.layout, self.classes,
+                             [s for j, p in enumerate(parts) if j != i for s in p], part)
+                for i, part in enumerate(parts)]
+
     def evaluation_parts(self) -> dict[str, list[Sample]]:
         """What `finetune evaluate` reports on: the user's val and test splits; only test when val was
         split off train here (its split need not be the one the model was trained with); every image
@@ -220,6 +231,26 @@ def stratified_split(samples: Sequence[Sample], val_fraction: float, seed: int) 
         val.extend(items[:n_val])
         train.extend(items[n_val:])
     return train, val
+
+
+def stratified_folds(samples: Sequence[Sample], k: int, seed: int) -> list[list[Sample]]:
+    """k disjoint parts of `samples` that together hold every one once, each class dealt round-robin after a
+    seeded shuffle (so every part has about 1/k of each class); deterministic."""
+    if k < 2:
+        raise ValueError(f"k-fold needs k >= 2 (got {k})")
+    by_class: dict[int, list[Sample]] = {}
+    for s in samples:
+        by_class.setdefault(s.label, []).append(s)
+    parts: list[list[Sample]] = [[] for _ in range(k)]
+    rng = random.Random(seed)
+    start = 0  # the next class starts where the last one stopped: small classes do not all land in part 0
+    for label in sorted(by_class):
+        items = sorted(by_class[label], key=lambda s: s.path)
+        rng.shuffle(items)
+        for i, s in enumerate(items):
+            parts[(start + i) % k].append(s)
+        start = (start + len(items)) % k
+    return parts
 
 
 def _final_splits(root: Path, layout: str, parts: dict[str, Path], split_samples: dict[str, list[Sample]],

@@ -76,20 +76,27 @@ def pilot_epochs(epochs: int) -> int:
 
 
 def run_pilot(cfg: TrainConfig, decision: Decision, candidates: list[str], reasons: list[str], backbone: Backbone,
-              splits: FolderSplits, rt: runtime.Runtime) -> PilotResult:
-    """Run each candidate on the budget and score it on the selection part of train."""
+              splits: FolderSplits, rt: runtime.Runtime, folds: int = 1) -> PilotResult:
+    """Run each candidate on the budget and score it on the selection part of train. With `folds` > 1, each
+    candidate runs once per fold of train (`FolderSplits.folds`) and is scored on all the training images,
+    each predicted by the run that did not fit on it."""
     started = time.perf_counter()
-    inner = splits.selection(cfg.select_share, cfg.seed)
-    budget = dataclasses.replace(inner, train=stratified_subset(inner.train, PILOT_MAX_IMAGES))
-    result = PilotResult(candidates, reasons, candidates[0], select_images=len(inner.val))
+    inners = [splits.selection(cfg.select_share, cfg.seed)] if folds < 2 else splits.folds(folds, cfg.seed)
+    budgets = [dataclasses.replace(i, train=stratified_subset(i.train, PILOT_MAX_IMAGES)) for i in inners]
+    result = PilotResult(candidates, reasons, candidates[0], select_images=sum(len(i.val) for i in inners))
     correct: dict[str, np.ndarray] = {}
     with preserved_rng(), tempfile.TemporaryDirectory(prefix="finetune-pilot-") as workdir:
         for scenario in candidates:
             try:
-                result.scores[scenario], correct[scenario] = _run_candidate(cfg, decision, scenario, backbone, budget,
-                                                                            rt, Path(workdir))
+                runs = [_run_candidate(cfg, decision, scenario, backbone, b, rt, Path(workdir) / f"fold{i}")
+                        for i, b in enumerate(budgets)]
             except UserError as e:  # an option the candidate cannot honour (e.g. --mixup on a feature plan)
                 result.skipped[scenario] = e.message
+                continue
+            correct[scenario] = np.concatenate([right for _, right in runs])
+            result.scores[scenario] = runs[0][0] if len(runs) == 1 else {
+                **runs[0][0], "select_acc": round(float(correct[scenario].mean()), 4),
+                "seconds": round(sum(r["seconds"] for r, _ in runs), 1), "folds": len(runs)}
     ran = [s for s in candidates if s in result.scores]
     if ran:  # candidates keep their order (the measured cell first): a tie goes to the earlier one
         result.winner = max(ran, key=lambda s: (result.scores[s]["select_acc"], -ran.index(s)))

@@ -1,0 +1,40 @@
+"""The pilot (workflows/pilot.py) scored on folds of train: every training image predicted once, by a run that
+did not fit on it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from finetune import runtime
+from finetune.config import TrainConfig
+from finetune.data.folders import scan_folder
+from finetune.model.backbone import create_backbone
+from finetune.strategy.measure import measure_and_decide
+from finetune.workflows.pilot import run_pilot
+from tests.conftest import TINY_MODEL
+
+
+def test_a_k_fold_pilot_scores_every_candidate_on_all_of_train(image_folder: Path, weights_file: Path,
+                                                               tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = TrainConfig(data_dir=str(image_folder), model=TINY_MODEL, weights=str(weights_file), image_size=32,
+                      batch_size=4, num_workers=0, epochs=1)
+    rt = runtime.cpu()
+    splits = scan_folder(cfg.data_dir, cfg.val_fraction, cfg.seed)
+    backbone = create_backbone(cfg.model, cfg.weights, len(splits.classes), cfg.image_size, keep_source_head=True)
+    decision = measure_and_decide(cfg, splits, backbone, rt)
+    candidates = ["small-similar", "large-similar"]
+    three = run_pilot(cfg, decision, candidates, ["test"], backbone, splits, rt, folds=3)
+
+    # one selection split holds a fifth of train out; three folds hold out each training image once
+    assert len(splits.selection(cfg.select_share, cfg.seed).val) < three.select_images == len(splits.train)
+    for scenario in candidates:
+        assert three.scores[scenario]["folds"] == 3
+        # a share of the training images, predicted once each: a multiple of 1/len(train)
+        acc = three.scores[scenario]["select_acc"]
+        assert acc * len(splits.train) == pytest.approx(round(acc * len(splits.train)), abs=0.01)
+        assert three.scores[scenario]["fit_images"] < len(splits.train)
+    assert three.winner == max(candidates, key=lambda s: (three.scores[s]["select_acc"], -candidates.index(s)))
+    assert all(w + o <= len(splits.train) for w, o in three.unresolved.values())
