@@ -211,3 +211,23 @@ def test_choice_replay_replaces_a_runs_pilots_with_those_of_another_file(tmp_pat
     assert "2 dataset-runs: results:A, results+folds:A" in out
     shipped = next(line for line in out.splitlines() if line.startswith("| shipped"))
     assert shipped.split(" | ")[1] == "1/2"  # the tie missed, the folds' pilot found large-similar
+
+
+def test_the_noise_floor_is_the_bootstrap_of_the_best_forced_plan_as_if_auto_had_picked_it():
+    forced = [p for p in calibrate.PLANS if p != "naive"]
+    similarity = {"score": 0.5, "components": {"probe": 0.5}, "best_stage": "stage3", "best_earlier_stage": "stage3",
+                  "probes": []}
+    clear = _with_correct("clear", {**{p: "1" * 60 + "0" * 40 for p in forced}, forced[1]: "1" * 80 + "0" * 20})
+    # the best plan is right on 52 images, another on 50 mostly different ones: resamples often rank them the other way
+    close = _with_correct("close", {**{p: "0" * 100 for p in forced}, forced[2]: "1" * 52 + "0" * 48,
+                                    forced[3]: "0" * 48 + "1" * 50 + "00"})
+    for d in (clear, close):
+        d.similarity = similarity
+    rows = calibrate.leave_one_out(calibrate.Rule(calibrate.no_pilot), [clear, close])
+    by = _by_name(rows)
+    assert by["clear"].oracle.within_1pt == 1.0  # 20 points ahead: the best stays best in every resample
+    assert 0.2 < by["close"].oracle.within_1pt < 0.9  # 2 images ahead: often not, whoever picks it
+    text = calibrate.markdown(rows, calibrate.fit(calibrate.Rule(calibrate.no_pilot), [clear, close]), [],
+                              calibrate.load_thresholds())
+    floor = by["close"].oracle.within_1pt
+    assert f"on {1 + floor:.1f}/2 datasets on average, and on all of them in {floor:.0%}" in text
