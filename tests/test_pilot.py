@@ -3,6 +3,8 @@ did not fit on it."""
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ from tests.conftest import TINY_MODEL
 
 
 def test_a_k_fold_pilot_scores_every_candidate_on_all_of_train(image_folder: Path, weights_file: Path,
-                                                               tmp_path: Path, monkeypatch):
+                                                               tmp_path: Path, monkeypatch, caplog):
     monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))
     cfg = TrainConfig(data_dir=str(image_folder), model=TINY_MODEL, weights=str(weights_file), image_size=32,
                       batch_size=4, num_workers=0, epochs=1)
@@ -26,7 +28,13 @@ def test_a_k_fold_pilot_scores_every_candidate_on_all_of_train(image_folder: Pat
     backbone = create_backbone(cfg.model, cfg.weights, len(splits.classes), cfg.image_size, keep_source_head=True)
     decision = measure_and_decide(cfg, splits, backbone, rt)
     candidates = ["small-similar", "large-similar"]
-    three = run_pilot(cfg, decision, candidates, ["test"], backbone, splits, rt, folds=3)
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cold-cache"))  # the pilot finds nothing cached
+    with caplog.at_level(logging.INFO, logger="finetune.strategy.features"):
+        three = run_pilot(cfg, decision, candidates, ["test"], backbone, splits, rt, folds=3)
+    # The folds' parts are read from the cache entry of the whole training split (which the run after the pilot
+    # reads too): no part of it is extracted on its own, whichever network config a candidate builds.
+    extracted = [int(m.group(1)) for m in re.finditer(r"Extracted features of (\d+) images x 1 view", caplog.text)]
+    assert extracted and set(extracted) == {len(splits.train)}
 
     # one selection split holds a fifth of train out; three folds hold out each training image once
     assert len(splits.selection(cfg.select_share, cfg.seed).val) < three.select_images == len(splits.train)

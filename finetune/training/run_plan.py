@@ -105,6 +105,10 @@ class RunContext:
     set_status: Callable[[str], None]  # marks the MLflow run FAILED / KILLED
     resume_checkpoint: Path | None = None
     progress: bool = True  # Lightning's progress bar (on stdout); the pilot's candidates run without it
+    # A list whose cached features hold every image of the run's splits (the pilot: the training split that the
+    # measurement extracted, of which its splits are parts): those are read from its entry, not extracted again.
+    # None: the run's own training split.
+    features_within: list[Sample] | None = None
 
 
 @timing.timed("fit")
@@ -112,29 +116,32 @@ def run_plan(cfg: TrainConfig, decision: Decision, recipe: Recipe, backbone: Bac
              ctx: RunContext, rt: runtime.Runtime) -> FitResult | None:
     """Execute the decided plan; None on the ranks other than 0 of a multi-process run."""
     if decision.plan.train_on_features:
-        return _fit_head(cfg, decision, recipe, backbone, splits, ctx.logger, rt)
+        return _fit_head(cfg, decision, recipe, backbone, splits, ctx.logger, rt, ctx.features_within)
     return _fit_network(cfg, decision, recipe, backbone, splits, ctx, rt)
 
 
 def _fit_head(cfg: TrainConfig, decision: Decision, recipe: Recipe, backbone: Backbone, splits: FolderSplits,
-              logger: Any, rt: runtime.Runtime) -> FitResult:
+              logger: Any, rt: runtime.Runtime, within: list[Sample] | None = None) -> FitResult:
     """Feature plans: the linear head on cached features (weight decay and epochs cross-validated on train),
-    its network, and its cached centre-crop probabilities on val and test (to report, never to choose)."""
+    its network, and its cached centre-crop probabilities on val and test (to report, never to choose).
+    `within`: RunContext.features_within."""
     plan = decision.plan
     # What of the recipe acts on a linear head: its optimizer options, and the training loss and sampling
     # (the other recipe options are refused for feature plans: recipe.check_feature_plan_options).
     result = _head_on_features(cfg, recipe, backbone, splits.train, len(splits.classes), plan, plan.head_stage,
-                               plan.epochs, plan.aug_views, logger, rt, fold_heads=True, **_head_options(recipe, splits))
+                               plan.epochs, plan.aug_views, logger, rt, fold_heads=True, within=within,
+                               **_head_options(recipe, splits))
     net = head_network(backbone, plan, len(splits.classes))
     load_linear(_linear_of(net), result.weight, result.bias)
     kwargs = _feature_kwargs(cfg, rt)
-    probs = _report_outputs(cfg, backbone, splits, plan.head_stage, net, rt)
+    probs = _report_outputs(cfg, backbone, splits, plan.head_stage, net, rt, within)
     metrics = {"select_acc": result.select_acc, "select_loss": result.select_loss, "epochs": result.epochs}
     selection = {"protocol": f"{result.folds}-fold cross-validation on the training split's cached features "
                              "(weight decay and epochs); the head is then refitted on every training image",
                  "images": len(splits.train), "folds": result.folds}
     crop_outputs = _fold_crop_outputs(cfg, backbone, splits.train, plan.head_stage, result.fold_heads, rt)
-    train_bank = _feature_bank(cached_features(backbone, splits.train, **kwargs), plan.head_stage)
+    train_bank = _feature_bank(cached_features(backbone, splits.train, **kwargs) if within is None
+                               else cached_subset(backbone, splits.train, within, **kwargs), plan.head_stage)
     heldout = [HeldOut([splits.train[int(r)] for r in rows], per_view=fold,
                        bank=lambda rows=rows: train_bank(exclude=rows))
                for (rows, _, _), fold in zip(result.fold_heads, crop_outputs)]
@@ -248,11 +255,17 @@ def head_network(backbone: Backbone, plan: Plan, num_classes: int) -> nn.Module:
 
 
 def _report_outputs(cfg: TrainConfig, backbone: Backbone, splits: FolderSplits, stage: str, net: nn.Module,
-                    rt: runtime.Runtime) -> dict[str, Outputs]:
+                    rt: runtime.Runtime, within: list[Sample] | None = None) -> dict[str, Outputs]:
     """The head of `net` (whose backbone is the pretrained one) on the cached centre-crop features of val and
-    test (the audit's, when it ran): the report's centre-crop outputs without a network pass."""
+    test (the audit's, when it ran; parts of `within`'s entry when given): the report's centre-crop outputs
+    without a network pass."""
     kwargs = _feature_kwargs(cfg, rt)
-    return {name: cached_center_outputs(cached_features(backbone, samples, **kwargs), stage, net)
+
+    def features(samples: list[Sample]) -> FeatureSet:
+        return (cached_features(backbone, samples, **kwargs) if within is None
+                else cached_subset(backbone, samples, within, **kwargs))
+
+    return {name: cached_center_outputs(features(samples), stage, net)
             for name, samples in (("val", splits.val), ("test", splits.test)) if samples}
 
 
@@ -328,12 +341,13 @@ def _fit_network(cfg: TrainConfig, decision: Decision, recipe: Recipe, backbone:
 
     def warm_up() -> dict[str, Any]:
         nonlocal prepared
-        prepared = prepare_network(cfg, decision, recipe, backbone, inner, splits.train, rt)
+        prepared = prepare_network(cfg, decision, recipe, backbone, inner, ctx.features_within or splits.train, rt)
         return prepared[2]
 
     report = distributed.on_rank_zero(warm_up)
     param_groups, plan_callbacks, _ = prepared or prepare_network(cfg, decision, recipe, backbone, inner,
-                                                                 splits.train, rt, warm_up=False)
+                                                                 ctx.features_within or splits.train, rt,
+                                                                 warm_up=False)
     module = _classifier(cfg, recipe, backbone, inner, param_groups)
     # The warmed-up head on the pretrained backbone is a candidate too: fine-tuning must beat it.
     warm_state = _cpu_state(module.net) if "warmup" in report else None

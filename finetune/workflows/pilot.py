@@ -22,7 +22,7 @@ import numpy as np
 
 from finetune import runtime, timing
 from finetune.config import TrainConfig
-from finetune.data.folders import FolderSplits
+from finetune.data.folders import FolderSplits, Sample
 from finetune.data.profile import stratified_subset
 from finetune.errors import UserError
 from finetune.evaluation.tta import predict_sources
@@ -88,7 +88,8 @@ def run_pilot(cfg: TrainConfig, decision: Decision, candidates: list[str], reaso
     with preserved_rng(), tempfile.TemporaryDirectory(prefix="finetune-pilot-") as workdir:
         for scenario in candidates:
             try:
-                runs = [_run_candidate(cfg, decision, scenario, backbone, b, rt, Path(workdir) / f"fold{i}")
+                runs = [_run_candidate(cfg, decision, scenario, backbone, b, splits.train, rt,
+                                       Path(workdir) / f"fold{i}")
                         for i, b in enumerate(budgets)]
             except UserError as e:  # an option the candidate cannot honour (e.g. --mixup on a feature plan)
                 result.skipped[scenario] = e.message
@@ -110,8 +111,10 @@ def run_pilot(cfg: TrainConfig, decision: Decision, candidates: list[str], reaso
 
 
 def _run_candidate(cfg: TrainConfig, decision: Decision, scenario: str, backbone: Backbone, splits: FolderSplits,
-                   rt: runtime.Runtime, workdir: Path) -> tuple[dict[str, Any], np.ndarray]:
-    """The candidate's score on the selection images, and which of them it got right."""
+                   within: list[Sample], rt: runtime.Runtime, workdir: Path) -> tuple[dict[str, Any], np.ndarray]:
+    """The candidate's score on the selection images, and which of them it got right. `splits` is cut from the
+    training split `within`, whose cached features the candidate reads (`RunContext.features_within`); the run
+    that follows the pilot reads the same entry."""
     started = time.perf_counter()
     plan = plan_for(decision, scenario, cfg)
     if plan.train_on_features:
@@ -126,8 +129,9 @@ def _run_candidate(cfg: TrainConfig, decision: Decision, scenario: str, backbone
     init_head(net.model, recipe.drop_connect)
     candidate = with_plan(decision, plan, net.model, cfg.lr)
     # Nothing of a candidate is tracked (a logger that keeps nothing: the LR monitor needs one).
+    # The budget is cut from the training split, whose features the measurement cached: read, not extracted.
     ctx = RunContext(run_id=f"pilot-{scenario}", output=workdir / scenario, logger=QuietLogger(f"pilot-{scenario}"),
-                     set_status=lambda s: None, progress=False)
+                     set_status=lambda s: None, progress=False, features_within=within)
     fit = run_plan(cfg, candidate, recipe, net, splits, ctx, rt)
     probs = predict_sources(fit.net, [s.path for s in splits.val], net.data_config, "center", cfg.batch_size,
                             cfg.max_image_pixels, rt)[0].numpy()
