@@ -365,7 +365,8 @@ def _fit_network(cfg: TrainConfig, decision: Decision, recipe: Recipe, backbone:
                  "images": len(inner.val), "fit_images": len(inner.train)}
     heldout = HeldOut(inner.val, net=lambda: module.net)
     # The warmed-up head kept: the backbone is the pretrained one, whose val/test features are cached.
-    center = _report_outputs(cfg, backbone, splits, FINAL, module.net, rt) if metrics["weights"] == "warmup" else None
+    center = (_report_outputs(cfg, backbone, splits, FINAL, module.net, rt, ctx.features_within)
+              if metrics["weights"] == "warmup" else None)
     return FitResult(module.net, metrics, selection, report, heldout=[heldout], center_outputs=center,
                      ddp=rank_sync.report(trainer.world_size) if trainer.world_size > 1 else None)
 
