@@ -411,9 +411,12 @@ def cached_features(backbone: Backbone, samples: Sequence[Sample], *, views: int
     return _load(directory, extracted=True, seconds=seconds)
 
 
-def cached_subset(backbone: Backbone, samples: Sequence[Sample], within: Sequence[Sample], **kwargs: Any
+def cached_subset(backbone: Backbone, samples: Sequence[Sample], within: Sequence[Sample] | None, **kwargs: Any
                   ) -> FeatureSet:
     """`cached_features` of `samples`, read from the entry of `within` (a list that holds them all, e.g. the
-    training split that the measurement extracted): a part of a cached list costs no pass of its own."""
+    training split that the measurement extracted): a part of a cached list costs no pass of its own.
+    `within=None`: the entry of `samples` themselves."""
+    if within is None:
+        return cached_features(backbone, samples, **kwargs)
     row = {sample.path: i for i, sample in enumerate(within)}
     return cached_features(backbone, within, **kwargs).subset([row[sample.path] for sample in samples])

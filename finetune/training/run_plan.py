@@ -140,8 +140,7 @@ def _fit_head(cfg: TrainConfig, decision: Decision, recipe: Recipe, backbone: Ba
                              "(weight decay and epochs); the head is then refitted on every training image",
                  "images": len(splits.train), "folds": result.folds}
     crop_outputs = _fold_crop_outputs(cfg, backbone, splits.train, plan.head_stage, result.fold_heads, rt)
-    train_bank = _feature_bank(cached_features(backbone, splits.train, **kwargs) if within is None
-                               else cached_subset(backbone, splits.train, within, **kwargs), plan.head_stage)
+    train_bank = _feature_bank(cached_subset(backbone, splits.train, within, **kwargs), plan.head_stage)
     heldout = [HeldOut([splits.train[int(r)] for r in rows], per_view=fold,
                        bank=lambda rows=rows: train_bank(exclude=rows))
                for (rows, _, _), fold in zip(result.fold_heads, crop_outputs)]
@@ -212,8 +211,7 @@ def _head_inputs(cfg: TrainConfig, backbone: Backbone, train_samples: list[Sampl
     """The cached features a head trains on: training views (clean, plus augmented ones), and where. `within`:
     a list holding `train_samples` (the whole training split) whose cached clean view is read instead."""
     kwargs = _feature_kwargs(cfg, rt)
-    train = (cached_features(backbone, train_samples, **kwargs) if within is None
-             else cached_subset(backbone, train_samples, within, **kwargs))
+    train = cached_subset(backbone, train_samples, within, **kwargs)
     views = [train.arrays[stage]]
     if aug_views:
         aug = cached_features(backbone, train_samples, views=aug_views, aug_preset=plan.augment, seed=cfg.seed,
@@ -260,12 +258,7 @@ def _report_outputs(cfg: TrainConfig, backbone: Backbone, splits: FolderSplits, 
     test (the audit's, when it ran; parts of `within`'s entry when given): the report's centre-crop outputs
     without a network pass."""
     kwargs = _feature_kwargs(cfg, rt)
-
-    def features(samples: list[Sample]) -> FeatureSet:
-        return (cached_features(backbone, samples, **kwargs) if within is None
-                else cached_subset(backbone, samples, within, **kwargs))
-
-    return {name: cached_center_outputs(features(samples), stage, net)
+    return {name: cached_center_outputs(cached_subset(backbone, samples, within, **kwargs), stage, net)
             for name, samples in (("val", splits.val), ("test", splits.test)) if samples}
 
 
@@ -338,16 +331,16 @@ def _fit_network(cfg: TrainConfig, decision: Decision, recipe: Recipe, backbone:
     inner = splits.selection(cfg.select_share, cfg.seed)
     datamodule = _datamodule(cfg, recipe, backbone, inner, rt)
     prepared = None
+    within = ctx.features_within or splits.train  # the list whose cached features the warm-up reads
 
     def warm_up() -> dict[str, Any]:
         nonlocal prepared
-        prepared = prepare_network(cfg, decision, recipe, backbone, inner, ctx.features_within or splits.train, rt)
+        prepared = prepare_network(cfg, decision, recipe, backbone, inner, within, rt)
         return prepared[2]
 
     report = distributed.on_rank_zero(warm_up)
     param_groups, plan_callbacks, _ = prepared or prepare_network(cfg, decision, recipe, backbone, inner,
-                                                                 ctx.features_within or splits.train, rt,
-                                                                 warm_up=False)
+                                                                 within, rt, warm_up=False)
     module = _classifier(cfg, recipe, backbone, inner, param_groups)
     # The warmed-up head on the pretrained backbone is a candidate too: fine-tuning must beat it.
     warm_state = _cpu_state(module.net) if "warmup" in report else None
