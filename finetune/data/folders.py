@@ -212,17 +212,26 @@ def _probe_all(paths: Sequence[str], max_pixels: int) -> dict[str, ImageInfo | s
         return dict(zip(paths, pool.map(probe, paths)))
 
 
-def stratified_split(samples: Sequence[Sample], val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """Deterministic per-class split: each class with >= 2 images puts at least one in val."""
+def _shuffled_classes(samples: Sequence[Sample], seed: int) -> list[list[Sample]]:
+    """Each class's samples (classes in label order), sorted by path and then shuffled by one generator seeded
+    with `seed`: the same lists whatever the order of `samples`."""
     by_class: dict[int, list[Sample]] = {}
     for s in samples:
         by_class.setdefault(s.label, []).append(s)
-    train: list[Sample] = []
-    val: list[Sample] = []
     rng = random.Random(seed)
+    out = []
     for label in sorted(by_class):
         items = sorted(by_class[label], key=lambda s: s.path)
         rng.shuffle(items)
+        out.append(items)
+    return out
+
+
+def stratified_split(samples: Sequence[Sample], val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Deterministic per-class split: each class with >= 2 images puts at least one in val."""
+    train: list[Sample] = []
+    val: list[Sample] = []
+    for items in _shuffled_classes(samples, seed):
         n_val = round(len(items) * val_fraction)
         if len(items) >= 2:
             n_val = min(max(n_val, 1), len(items) - 1)
@@ -238,15 +247,9 @@ def stratified_folds(samples: Sequence[Sample], k: int, seed: int) -> list[list[
     seeded shuffle (so every part has about 1/k of each class); deterministic."""
     if k < 2:
         raise ValueError(f"k-fold needs k >= 2 (got {k})")
-    by_class: dict[int, list[Sample]] = {}
-    for s in samples:
-        by_class.setdefault(s.label, []).append(s)
     parts: list[list[Sample]] = [[] for _ in range(k)]
-    rng = random.Random(seed)
     start = 0  # the next class starts where the last one stopped: small classes do not all land in part 0
-    for label in sorted(by_class):
-        items = sorted(by_class[label], key=lambda s: s.path)
-        rng.shuffle(items)
+    for items in _shuffled_classes(samples, seed):
         for i, s in enumerate(items):
             parts[(start + i) % k].append(s)
         start = (start + len(items)) % k
