@@ -71,9 +71,11 @@ class DatasetResults:
         return float(self.plans[plan]["acc"])
 
 
-def read_results(path: Path) -> dict[str, DatasetResults]:
+def read_results(*paths: Path) -> dict[str, DatasetResults]:
+    """The rows of one or more bench JSONL files, in order: a later row replaces an earlier one of the same
+    dataset, kind and plan (e.g. a pilots-only run's rows over a full run's)."""
     out: dict[str, DatasetResults] = {}
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    for path, i, line in ((p, i, line) for p in paths for i, line in enumerate(p.read_text().splitlines(), 1)):
         if not line.strip():
             continue
         try:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -57,15 +56,6 @@ RULES: dict[str, Chooser] = {
 }
 
 
-def read_merged(spec: str) -> dict[str, object]:
-    """The rows of "A.jsonl" or "A.jsonl+B.jsonl" (B's rows replace A's of the same dataset, kind and plan)."""
-    with tempfile.NamedTemporaryFile("w", suffix=".jsonl") as merged:
-        for part in spec.split("+"):
-            merged.write(Path(part).read_text().rstrip("\n") + "\n")
-        merged.flush()
-        return calibrate.read_results(Path(merged.name))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="+",
@@ -74,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     thresholds = load_thresholds()
     runs = [("+".join(Path(p).stem for p in spec.split("+")), d)
-            for spec in args.results for d in read_merged(spec).values()
+            for spec in args.results for d in calibrate.read_results(*map(Path, spec.split("+"))).values()
             if d.complete and all(s in d.pilots for s in SCENARIO_NAMES)]
     if not runs:
         raise SystemExit("no dataset with all four forced plans and all four pilots")
