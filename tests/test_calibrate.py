@@ -231,3 +231,43 @@ def test_the_noise_floor_is_the_bootstrap_of_the_best_forced_plan_as_if_auto_had
                               calibrate.load_thresholds())
     floor = by["close"].oracle.within_1pt
     assert f"on {1 + floor:.1f}/2 datasets on average, and on all of them in {floor:.0%}" in text
+
+
+def _load_seed_spread():
+    spec = importlib.util.spec_from_file_location("bench_seed_spread", ROOT / "bench" / "seed_spread.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_seed_spread_compares_runs_that_differ_only_in_the_seed(tmp_path, capsys):
+    spread = _load_seed_spread()
+    best = {name: d[3] for name, d in DATASETS.items()}
+    one, two = tmp_path / "seed0.jsonl", tmp_path / "seed1.jsonl"
+    one.write_text("".join(json.dumps(r) + "\n" for r in _rows(best)))
+    # In the second run D's best scenario changes (large-different wins there); D is missing from a third run.
+    two.write_text("".join(json.dumps(r) + "\n" for r in _rows({**best, "D": "large-different"})))
+    rows = {r.dataset: r for r in spread.spreads([calibrate.read_results(one), calibrate.read_results(two)])}
+    assert set(rows) == set(DATASETS)
+    d = rows["D"]
+    assert [d.best(0), d.best(1)] == ["small-different", "large-different"]
+    # Each run's best, scored in the other run: 0.9 against what that scenario got there.
+    lower = {p: (0.5 - 0.1 * calibrate.PLANS.index(p)) for p in calibrate.PLANS}
+    assert d.cross_gaps() == pytest.approx([(lower["small-different"] - 0.9) * 100,
+                                            (lower["large-different"] - 0.9) * 100])
+    assert rows["A"].cross_gaps() == [0.0, 0.0] and rows["A"].plan_moves() == [0.0] * 4
+    # Auto is calibrate.py's rule with the shipped thresholds, run by run; its mean-accuracy gap uses both runs.
+    rule = calibrate.Rule(calibrate.default_candidates())
+    autos = [rule.pick(calibrate.read_results(p)["D"], calibrate.load_thresholds()).auto for p in (one, two)]
+    assert d.autos == autos
+    mean_auto = (d.accs[autos[0]][0] + d.accs[autos[1]][1]) / 2
+    assert d.mean_gap() == pytest.approx((mean_auto - max(sum(v) / 2 for v in d.accs.values())) * 100)
+    three = tmp_path / "seed2.jsonl"
+    three.write_text("".join(json.dumps(r) + "\n" for r in _rows(best) if r["dataset"] != "D"))
+    assert spread.main([str(one), str(two), str(three)]) == 0
+    out = capsys.readouterr().out
+    assert "| D |" not in out and "3 runs: seed0, seed1, seed2" in out
+    assert "The best forced scenario is the same in every run on 3/3 datasets" in out
+    with pytest.raises(SystemExit, match="at least two runs"):
+        spread.main([str(one)])
