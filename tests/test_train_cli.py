@@ -17,7 +17,11 @@ def test_train_end_to_end_logs_run(image_folder: Path, tmp_path: Path, isolated_
     result = CliRunner().invoke(cli, tiny_train_args(image_folder, out, "--epochs", "2", "--experiment", "e2e"))
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
-    assert 0.0 <= summary["metrics"]["val_acc"] <= 1.0
+    m = summary["metrics"]
+    assert 0.0 <= m["val_acc_ci95_low"] <= m["val_acc"] <= m["val_acc_ci95_high"] <= 1.0
+    assert m["val_acc_ci95_high"] - m["val_acc_ci95_low"] > 0.1  # a few dozen val images: a wide interval
+    assert f"accuracy {m['val_acc']:.4f} (95% interval {m['val_acc_ci95_low']:.3f}-{m['val_acc_ci95_high']:.3f})" \
+        in result.output
     assert summary["classes"] == ["cat", "dog"]
 
     client = MlflowClient(isolated_mlflow)
@@ -31,6 +35,7 @@ def test_train_end_to_end_logs_run(image_folder: Path, tmp_path: Path, isolated_
     history = client.get_metric_history(run.info.run_id, "select_acc")
     assert len(history) == 2  # one point per epoch, on the selection split carved from train
     assert len(client.get_metric_history(run.info.run_id, "val_acc")) == 1  # val: read once, at the end
+    assert len(client.get_metric_history(run.info.run_id, "val_acc_ci95_low")) == 1
     for metric in ("train_loss", "train_acc", "select_loss", "select_acc_top5"):
         assert client.get_metric_history(run.info.run_id, metric), metric
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -16,6 +16,7 @@ from typing import Any, Collection, Sequence
 
 import numpy as np
 import torch
+from scipy.stats import binomtest
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from torch import nn
 
@@ -33,8 +34,18 @@ from finetune.model.scoring import Scoring, calibrated_probs
 log = logging.getLogger(__name__)
 
 
+def accuracy_interval(right: int, images: int, confidence: float = 0.95) -> list[float]:
+    """The Wilson interval of an accuracy of `right` out of `images` (what another sample of as many images
+    could read); [nan, nan] without images."""
+    if images == 0:
+        return [float("nan"), float("nan")]
+    ci = binomtest(right, images).proportion_ci(confidence_level=confidence, method="wilson")
+    return [float(ci.low), float(ci.high)]
+
+
 def report(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
-    """Metrics of probabilities ``[N, K]`` against integer labels; rows with NaN (failed images) excluded."""
+    """Metrics of probabilities ``[N, K]`` against integer labels; rows with NaN (failed images) excluded.
+    `top1_ci95` is top-1's 95% Wilson interval over these images."""
     ok = ~np.isnan(probs).any(axis=1)
     probs, labels = probs[ok], labels[ok]
     k = len(class_names)
@@ -46,6 +57,7 @@ def report(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) ->
         "images": int(len(labels)),
         "failed_images": int((~ok).sum()),
         "top1": float((pred == labels).mean()) if len(labels) else float("nan"),
+        "top1_ci95": accuracy_interval(int((pred == labels).sum()), len(labels)),
         "top5": float((top5 == labels[:, None]).any(axis=1).mean()) if len(labels) else float("nan"),
         "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
                              "support": int(support[i])} for i, name in enumerate(class_names)},
@@ -267,6 +279,7 @@ def evaluate_splits(net: nn.Module, spec: ModelSpec, splits: dict[str, Sequence[
         top1, top5 = metric_names(name, mode)
         suffix = top1[len(f"{name}_acc"):]
         metrics[top1], metrics[top5] = result["top1"], result["top5"]
+        metrics[f"{top1}_ci95_low"], metrics[f"{top1}_ci95_high"] = result["top1_ci95"]
         metrics[f"{name}_ece{suffix}"] = result["calibration"]["ece"]
         metrics[f"{name}_ece_uncalibrated{suffix}"] = result["calibration"]["ece_uncalibrated"]
         if "unknown" in result:
@@ -274,9 +287,9 @@ def evaluate_splits(net: nn.Module, spec: ModelSpec, splits: dict[str, Sequence[
         if "no_leakage" in result:
             metrics[f"{top1}_no_leakage"] = result["no_leakage"]["top1"]
             metrics[f"{name}_leaked_images"] = result["no_leakage"]["leaked_images"]
-        log.info("%s: top-1 %.4f top-5 %.4f ECE %.4f (uncalibrated %.4f) (tta %s, %d images)", name, result["top1"],
-                 result["top5"], result["calibration"]["ece"], result["calibration"]["ece_uncalibrated"], mode,
-                 result["images"])
+        log.info("%s: top-1 %.4f (95%% interval %.4f-%.4f) top-5 %.4f ECE %.4f (uncalibrated %.4f) (tta %s, %d images)",
+                 name, result["top1"], *result["top1_ci95"], result["top5"], result["calibration"]["ece"],
+                 result["calibration"]["ece_uncalibrated"], mode, result["images"])
     return {k: v for k, v in metrics.items() if k not in exclude}
 
 
