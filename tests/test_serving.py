@@ -130,8 +130,12 @@ def test_evaluate_command_reports_val_and_test(tmp_path, isolated_mlflow):
                                       "--output", str(out)])
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "evaluation.json").read_text())
-    assert set(summary["metrics"]) == {f"{split}_{m}_tta" for split in ("val", "test")
-                                       for m in ("acc", "acc_top5", "ece", "ece_uncalibrated")}
+    assert set(summary["metrics"]) == ({f"{split}_{m}_tta" for split in ("val", "test")
+                                        for m in ("acc", "acc_top5", "ece", "ece_uncalibrated")}
+                                       | {f"{split}_acc_tta_ci95_{end}" for split in ("val", "test")
+                                          for end in ("low", "high")})
+    m = summary["metrics"]
+    assert m["test_acc_tta_ci95_low"] <= m["test_acc_tta"] <= m["test_acc_tta_ci95_high"]
     report = json.loads((out / "evaluation" / "test" / "report.json").read_text())
     assert report["images"] == 6 and report["tta"] == "10crop"
     assert sum(map(sum, report["confusion_matrix"])) == 6
