@@ -95,6 +95,21 @@ def read_results(*paths: Path) -> dict[str, DatasetResults]:
     return out
 
 
+def read_run(spec: str) -> tuple[str, dict[str, DatasetResults]]:
+    """One bench run named on the command line: a JSONL path, or `A+B` (B's rows over A's, e.g. the pilots of a
+    `--plans '' --pilot-folds 5` run over a full run's); with its name (the files' stems, joined by +)."""
+    paths = [Path(p) for p in spec.split("+")]
+    return "+".join(p.stem for p in paths), read_results(*paths)
+
+
+def emit(text: str, out: Path | None) -> None:
+    """Print the markdown, and write it to `out` too when given."""
+    print(text, end="")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+
+
 def default_candidates() -> CandidatesFn:
     """`finetune.strategy.decide.pilot_candidates`, its candidates only (not its reasons)."""
     from finetune.strategy.decide import pilot_candidates
@@ -344,11 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     candidates = no_pilot if args.no_pilot else default_candidates()
     rows, all_fit, skipped = calibrate(read_results(args.results), candidates)
-    text = markdown(rows, all_fit, skipped, load_thresholds())
-    print(text, end="")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    emit(markdown(rows, all_fit, skipped, load_thresholds()), args.out)
     return 0
 
 

@@ -63,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                              "(e.g. the pilots of a `--plans '' --pilot-folds 5` run over a full run's)")
     args = parser.parse_args(argv)
     thresholds = load_thresholds()
-    runs = [("+".join(Path(p).stem for p in spec.split("+")), d)
-            for spec in args.results for d in calibrate.read_results(*map(Path, spec.split("+"))).values()
+    runs = [(name, d) for name, results in map(calibrate.read_run, args.results) for d in results.values()
             if d.complete and all(s in d.pilots for s in SCENARIO_NAMES)]
     if not runs:
         raise SystemExit("no dataset with all four forced plans and all four pilots")

@@ -128,12 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if len(args.runs) < 2:
         raise SystemExit("give at least two runs (one JSONL per seed)")
-    runs = [calibrate.read_results(*map(Path, spec.split("+"))) for spec in args.runs]
-    text = markdown(spreads(runs), ["+".join(Path(p).stem for p in spec.split("+")) for spec in args.runs])
-    print(text, end="")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    names, runs = zip(*map(calibrate.read_run, args.runs))
+    calibrate.emit(markdown(spreads(runs), names), args.out)
     return 0
 
 
