@@ -198,9 +198,9 @@ def audit(data_dir: str, config_file: str | None, as_json: bool, **options: Any)
 
 
 def _interval(metrics: dict[str, Any], key: str) -> str:
-    """' (95% interval a-b)' for an accuracy the report gives one for, else ''."""
+    """'95% interval a-b' for an accuracy the report gives one for, else ''."""
     low, high = metrics.get(f"{key}_ci95_low"), metrics.get(f"{key}_ci95_high")
-    return "" if low is None or high is None else f" (95% interval {low:.3f}-{high:.3f})"
+    return "" if low is None or high is None else f"95% interval {low:.3f}-{high:.3f}"
 
 
 def _plan_line(plan: dict[str, Any]) -> str:
@@ -253,9 +253,10 @@ def _print_summary(summary: dict[str, Any]) -> None:
     lines.append(f"Chosen on:  {summary['selection']['protocol']}")
     lines.append(f"            accuracy {m['select_acc']:.4f} ({kept}); test-time crops {summary['tta']['mode']} "
                  f"({summary['tta']['chosen_by']})")
-    lines.append(f"Val:        accuracy {m['val_acc']:.4f}{_interval(m, 'val_acc')} ({summary['data']['val']} images, "
-                 "read once after training)")
-    extra = [f"{k} {v:.4f}{_interval(m, k)}" for k, v in m.items()
+    interval = _interval(m, "val_acc")
+    lines.append(f"Val:        accuracy {m['val_acc']:.4f} ({interval + '; ' if interval else ''}"
+                 f"{summary['data']['val']} images, read once after training)")
+    extra = [f"{k} {v:.4f}" + (f" ({_interval(m, k)})" if _interval(m, k) else "") for k, v in m.items()
              if (k.endswith("_tta") or k.startswith("test_acc")) and "top5" not in k and "no_leakage" not in k
              and "_ci95_" not in k]
     if extra:

@@ -20,8 +20,8 @@ def test_train_end_to_end_logs_run(image_folder: Path, tmp_path: Path, isolated_
     m = summary["metrics"]
     assert 0.0 <= m["val_acc_ci95_low"] <= m["val_acc"] <= m["val_acc_ci95_high"] <= 1.0
     assert m["val_acc_ci95_high"] - m["val_acc_ci95_low"] > 0.1  # a few dozen val images: a wide interval
-    assert f"accuracy {m['val_acc']:.4f} (95% interval {m['val_acc_ci95_low']:.3f}-{m['val_acc_ci95_high']:.3f})" \
-        in result.output
+    assert (f"accuracy {m['val_acc']:.4f} (95% interval {m['val_acc_ci95_low']:.3f}-{m['val_acc_ci95_high']:.3f}; "
+            f"{summary['data']['val']} images") in result.output
     assert summary["classes"] == ["cat", "dog"]
 
     client = MlflowClient(isolated_mlflow)

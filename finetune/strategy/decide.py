@@ -270,7 +270,7 @@ def _check_overrides(scenario: str, d: ScenarioDefaults, freeze_groups: int | No
 
 def _feature_reason(epochs: int, grid: list[float], given: bool, views: int) -> str:
     wd = (f"weight decay {grid[0]:g} (--weight-decay)" if given
-          else f"weight decay chosen on the validation split from {grid}")
+          else f"weight decay chosen by cross-validation on the training split from {grid}")
     return (f"backbone frozen (BatchNorm in eval mode): a linear head trains for {epochs} epochs on cached "
             f"features, no backbone forward per epoch; {wd}" + (f"; {views} augmented view(s) per image cached"
                                                                  if views else ""))
