@@ -13,8 +13,8 @@ Per dataset measured completely in every run:
 * auto's pick in each run (calibrate.py's rule with the shipped thresholds: the table's cell, then the pilot of
   the candidates) and its gap to that run's best forced plan;
 * the best plan of one run scored in another run: what a chooser that knew the answer of one full training of
-  every plan would get. Its gap is training noise alone, the floor under "within 1 point" that no rule can beat
-  with one seed per plan;
+  every plan would get. Its gap is training noise alone: a rule that sees one run of each plan cannot be
+  expected to do better;
 * on the runs' mean accuracies: auto's mean accuracy against the best scenario's mean.
 
 Pure analysis: no torch.

@@ -256,7 +256,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
     interval = _interval(m, "val_acc")
     lines.append(f"Val:        accuracy {m['val_acc']:.4f} ({interval + '; ' if interval else ''}"
                  f"{summary['data']['val']} images, read once after training)")
-    extra = [f"{k} {v:.4f}" + (f" ({_interval(m, k)})" if _interval(m, k) else "") for k, v in m.items()
+    extra = [f"{k} {v:.4f}" + (f" ({i})" if (i := _interval(m, k)) else "") for k, v in m.items()
              if (k.endswith("_tta") or k.startswith("test_acc")) and "top5" not in k and "no_leakage" not in k
              and "_ci95_" not in k]
     if extra:

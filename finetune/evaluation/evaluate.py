@@ -50,14 +50,15 @@ def report(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) ->
     probs, labels = probs[ok], labels[ok]
     k = len(class_names)
     pred = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=int)
+    right = pred == labels
     top5 = np.argsort(-probs, axis=1)[:, :min(5, k)] if len(probs) else np.zeros((0, 1), dtype=int)
     precision, recall, f1, support = precision_recall_fscore_support(
         labels, pred, labels=list(range(k)), zero_division=0)
     return {
         "images": int(len(labels)),
         "failed_images": int((~ok).sum()),
-        "top1": float((pred == labels).mean()) if len(labels) else float("nan"),
-        "top1_ci95": accuracy_interval(int((pred == labels).sum()), len(labels)),
+        "top1": float(right.mean()) if len(labels) else float("nan"),
+        "top1_ci95": accuracy_interval(int(right.sum()), len(labels)),
         "top5": float((top5 == labels[:, None]).any(axis=1).mean()) if len(labels) else float("nan"),
         "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
                              "support": int(support[i])} for i, name in enumerate(class_names)},
