@@ -78,7 +78,7 @@ def spreads(runs: Sequence[dict[str, calibrate.DatasetResults]]) -> list[Spread]
     rule = calibrate.Rule(calibrate.default_candidates())
     thresholds = load_thresholds()
     out = []
-    for name, first in runs[0].items():
+    for name in runs[0]:
         ds = [r.get(name) for r in runs]
         if not all(d is not None and d.complete for d in ds):
             continue

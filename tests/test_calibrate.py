@@ -12,15 +12,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_calibrate():
-    spec = importlib.util.spec_from_file_location("bench_calibrate", ROOT / "bench" / "calibrate.py")
+def _load_bench(name: str):
+    """bench/NAME.py as a module (bench/ is scripts, not a package the tests import)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses resolve their module by name
     spec.loader.exec_module(module)
     return module
 
 
-calibrate = _load_calibrate()
+calibrate = _load_bench("calibrate")
 
 # name: (n_train, per-class median, similarity score, the scenario that does best on it)
 DATASETS = {
@@ -163,15 +164,8 @@ def test_gap_interval_resamples_the_reported_images_paired():
     assert calibrate.gap_interval(same, forced[0]) is None
 
 
-def _load_replay():
-    spec = importlib.util.spec_from_file_location("bench_choice_replay", ROOT / "bench" / "choice_replay.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_choice_replay_reads_each_rules_pick_off_the_rows(tmp_path, capsys):
-    replay = _load_replay()
+    replay = _load_bench("choice_replay")
     best = {name: d[3] for name, d in DATASETS.items()}
     # A (200 images, similarity 0.70) is little data: the shipped candidates are small-similar, then large-similar.
     # Their pilots tie, and large-similar is the best forced plan.
@@ -194,7 +188,7 @@ def test_choice_replay_reads_each_rules_pick_off_the_rows(tmp_path, capsys):
 
 
 def test_choice_replay_replaces_a_runs_pilots_with_those_of_another_file(tmp_path, capsys):
-    replay = _load_replay()
+    replay = _load_bench("choice_replay")
     best = {**{name: d[3] for name, d in DATASETS.items()}, "A": "large-similar"}
     tied = {"A": {"small-similar": (0.8, 5.0), "large-similar": (0.8, 20.0), "small-different": (0.6, 5.0),
                   "large-different": (0.6, 20.0)}}
@@ -233,16 +227,8 @@ def test_the_noise_floor_is_the_bootstrap_of_the_best_forced_plan_as_if_auto_had
     assert f"on {1 + floor:.1f}/2 datasets on average, and on all of them in {floor:.0%}" in text
 
 
-def _load_seed_spread():
-    spec = importlib.util.spec_from_file_location("bench_seed_spread", ROOT / "bench" / "seed_spread.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_seed_spread_compares_runs_that_differ_only_in_the_seed(tmp_path, capsys):
-    spread = _load_seed_spread()
+    spread = _load_bench("seed_spread")
     best = {name: d[3] for name, d in DATASETS.items()}
     one, two = tmp_path / "seed0.jsonl", tmp_path / "seed1.jsonl"
     one.write_text("".join(json.dumps(r) + "\n" for r in _rows(best)))
