@@ -21,7 +21,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from torch import nn
 
 from finetune import runtime, timing
-from finetune.files import write_json
+from finetune.files import atomic_write, write_json
 from finetune.model.artifact import ModelSpec
 from finetune.data.folders import FolderSplits, Sample
 from finetune.data.images import ImageError, display_path, load_rgb
@@ -95,7 +95,8 @@ def plot_confusion(cm: list[list[int]], class_names: Sequence[str], path: Path) 
         ax=ax, xticks_rotation="vertical", colorbar=False, values_format="d")
     ax.set_title("Confusion matrix (rows: true, columns: predicted)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, dpi=100, format="png")
     plt.close(fig)
     return path
 
@@ -155,7 +156,8 @@ def plot_top_losses(paths: Sequence[str], probs: np.ndarray, labels: np.ndarray,
                      f"{probs[i, labels[i]]:.2f}", fontsize=8)
     fig.suptitle("Most confidently wrong (top losses)" + (", each beside its Grad-CAM heatmap" if cams else ""))
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, dpi=100, format="png")
     plt.close(fig)
     return path
 
@@ -213,7 +215,7 @@ def write_predictions(path: Path, paths: Sequence[str], probs: np.ndarray, label
                       class_names: Sequence[str]) -> Path:
     """One row per image, in the split's order: its label, the predicted class and its probability, and whether
     it is right. An image that could not be read has empty fields: like report.json, it is not scored."""
-    with open(path, "w", newline="") as f:
+    with atomic_write(path, newline="") as f:
         out = csv.writer(f)
         out.writerow(["path", "label", "prediction", "probability", "correct"])
         for src, row, label in zip(paths, probs, labels):
@@ -251,7 +253,8 @@ def plot_reliability(curves: dict[str, np.ndarray], labels: np.ndarray, path: Pa
     ax.set_title("Reliability")
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, dpi=100, format="png")
     plt.close(fig)
     return path
 

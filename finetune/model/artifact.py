@@ -13,7 +13,9 @@ from typing import Any
 
 import timm
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
+
+from finetune.files import atomic_write
 from torch import nn
 
 WEIGHTS_FILE = "model.safetensors"
@@ -59,8 +61,10 @@ def save_model(directory: str | Path, net: nn.Module, spec: ModelSpec) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    save_file(state, str(directory / WEIGHTS_FILE))
-    (directory / SPEC_FILE).write_text(json.dumps(asdict(spec), indent=2, default=str) + "\n")
+    with atomic_write(directory / WEIGHTS_FILE, "wb") as f:
+        f.write(save(state))
+    with atomic_write(directory / SPEC_FILE) as f:
+        f.write(json.dumps(asdict(spec), indent=2, default=str) + "\n")
     return directory
 
 

@@ -76,9 +76,12 @@ class Scoring:
 
     def save_bank(self, directory: str | Path) -> None:
         if self.bank is not None:
-            from safetensors.torch import save_file
+            from safetensors.torch import save
 
-            save_file({"bank": self.bank.to(torch.float16).contiguous()}, str(Path(directory) / BANK_FILE))
+            from finetune.files import atomic_write
+
+            with atomic_write(Path(directory) / BANK_FILE, "wb") as f:
+                f.write(save({"bank": self.bank.to(torch.float16).contiguous()}))
 
     @property
     def threshold(self) -> float | None:

@@ -7,10 +7,14 @@ lives under the top-level `mlruns/` folder.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import logging
 import os
+import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import mlflow
 from mlflow.tracking import MlflowClient
@@ -145,6 +149,56 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
+# A store that fails a call once (SQLite's "database is locked" while another run writes, a server's restart) is
+# asked again after these pauses before the run gives up on it and keeps the rest in OUTPUT/mlflow_pending.json.
+RETRY_DELAYS_S = (0.25, 0.5, 1.0, 2.0)
+
+
+def retrying(fn, *args: Any, delays: tuple[float, ...] | None = None, **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs)`, asked again after each pause of `delays` (RETRY_DELAYS_S) while it raises."""
+    pauses = RETRY_DELAYS_S if delays is None else delays
+    for pause in (*pauses, None):
+        try:
+            return fn(*args, **kwargs)
+        except UserError:
+            raise
+        except Exception as e:
+            if pause is None:
+                raise
+            logging.getLogger(__name__).debug("MLflow call failed (%s); again in %.1fs", _describe(e), pause)
+            time.sleep(pause)
+
+
+@contextlib.contextmanager
+def store_lock(name: str) -> Iterator[None]:
+    """Serialize a check-then-set on the tracking store between processes of this machine (or of a shared
+    filesystem): an exclusive lock on a file beside a SQLite store's database. A server store has no lock to take
+    here; the block then runs as it is."""
+    uri = tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.parent / f".{db.name}.{name}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def end_run_if_running(run_id: str, status: str) -> None:
+    """End the run with `status` unless it has ended already; the store being down is not an error here (the run's
+    output folder has everything), since this runs while another error is on its way to the user."""
+    try:
+        c = client()
+        if c.get_run(run_id).info.status == "RUNNING":
+            c.set_terminated(run_id, status)
+    except Exception as e:
+        logging.getLogger(__name__).warning("Could not mark MLflow run %s %s (%s)", run_id, status, _describe(e))
+
+
 class PendingLog:
     """What could not be sent to MLflow, kept in OUTPUT/mlflow_pending.json for `finetune upload`."""
 
@@ -157,8 +211,6 @@ class PendingLog:
 
     def failed(self, what: str, e: BaseException) -> None:
         if self.error is None:
-            import logging
-
             logging.getLogger(__name__).warning(
                 "MLflow store %s unreachable (%s); training goes on, results are kept in %s",
                 tracking_uri(), _describe(e), self.path.parent)
@@ -226,14 +278,14 @@ def finish_run(run_id: str, output: Path, metrics: dict[str, float], pending: Pe
             c = client()
             for step in FINISH_STEPS:
                 if step == "final_metrics":
-                    for name, value in metrics.items():
-                        c.log_metric(run_id, f"final_{name}", value)
+                    final = [mlflow.entities.Metric(f"final_{k}", v, int(time.time() * 1000), 0) for k, v in metrics.items()]
+                    retrying(c.log_batch, run_id, metrics=final)
                 elif step == "model_files":
-                    log_artifact(run_id, output / "model", "model_files")
+                    retrying(log_artifact, run_id, output / "model", "model_files")
                 elif step == "summary":
-                    log_artifact(run_id, output / "summary.json")
+                    retrying(log_artifact, run_id, output / "summary.json")
                 else:
-                    c.set_terminated(run_id, "FINISHED")
+                    retrying(c.set_terminated, run_id, "FINISHED")
                 steps.pop(0)
         except Exception as e:
             pending.failed(steps[0], e)
@@ -260,14 +312,16 @@ def resilient_logger(experiment: str, run_id: str | None, pending: PendingLog):
         def log_metrics(self, metrics, step=None) -> None:
             if not pending.active:
                 try:
-                    return super().log_metrics(metrics, step)
+                    return retrying(super().log_metrics, metrics, step)
                 except Exception as e:
                     pending.failed("metrics", e)
             pending.add_metrics(dict(metrics), step or 0)
 
         @_rank_zero_only
         def finalize(self, status: str = "success") -> None:
-            if pending.active:
+            # The run is not over when a fit is: evaluation and the model follow, and `finish_run` ends it FINISHED
+            # (or the workflow FAILED). Only a failed fit ends it here.
+            if pending.active or status != "failed":
                 return
             try:
                 super().finalize(status)

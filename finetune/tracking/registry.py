@@ -101,9 +101,16 @@ def register(model_uri: str, name: str, tags: dict[str, str], aliases: bool = Tr
     if not aliases:
         log.info("Registered %s version %s", name, mv.version)
         return str(mv.version)
-    c.set_registered_model_alias(name, CANDIDATE, mv.version)
-    if CHAMPION not in c.get_registered_model(name).aliases:
-        c.set_registered_model_alias(name, CHAMPION, mv.version)
+    # Two runs registering at once must not both see "no champion" and both set it, nor leave `candidate` on the
+    # older of their versions: each check and its set are one step under the store's lock.
+    with tracking.store_lock("registry"):
+        aliases = c.get_registered_model(name).aliases
+        if int(aliases.get(CANDIDATE, 0)) < int(mv.version):
+            c.set_registered_model_alias(name, CANDIDATE, mv.version)
+        first = CHAMPION not in aliases
+        if first:
+            c.set_registered_model_alias(name, CHAMPION, mv.version)
+    if first:
         log.info("Registered %s version %s as %s and %s", name, mv.version, CANDIDATE, CHAMPION)
     else:
         log.info("Registered %s version %s as %s (champion unchanged)", name, mv.version, CANDIDATE)

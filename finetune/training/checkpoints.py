@@ -1,11 +1,16 @@
 """Interrupted training: checkpoints that survive signals, and `finetune train --resume RUN_ID|last`.
 
-Lightning does the heavy lifting: `ModelCheckpoint(save_last=True)` writes `last.ckpt` atomically after
-every epoch, and `trainer.fit(ckpt_path=...)` restores weights, optimizer, scheduler, loop counters and
-the state of every callback that implements `state_dict` (EMA, RNG state, ...). What this module adds:
+Lightning does the heavy lifting: `trainer.fit(ckpt_path=...)` restores weights, optimizer, scheduler, loop
+counters and the state of every callback that implements `state_dict` (EMA, RNG state, ...). What this
+module adds:
 
 * `last.ckpt` after every epoch (Lightning 2.6's `save_last` rewrites it only when the monitored
   metric improved);
+* every checkpoint written to a temporary file in its own folder, fsynced and renamed
+  (`AtomicCheckpointIO`: Lightning's own writer goes through the system temp folder, which on another
+  filesystem turns the rename into a copy that a kill or a full disk cuts short), and the resume point
+  kept two deep: the previous `last.ckpt` stays as `last.prev.ckpt` until the next one is complete;
+* the run id and a digest of the run's file list in every checkpoint (`RunIdentity`), checked on resume;
 * the global RNG state in the checkpoint, so a resumed run draws the same batches as an uninterrupted one;
 * SIGTERM and Ctrl+C stop at the end of the current batch and write `last.ckpt` before exiting;
 * finding a run's output folder and checkpoint from its MLflow run id (the `finetune.output` tag);
@@ -18,6 +23,7 @@ import logging
 import os
 import pickle
 import random
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -26,15 +32,18 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from finetune.config import TrainConfig
 from finetune.errors import UserError
+from finetune.files import atomic_write
 
 log = logging.getLogger(__name__)
 
 LAST_CHECKPOINT = "last.ckpt"
+PREVIOUS_CHECKPOINT = "last.prev.ckpt"  # the resume point before the last one
 # Two SIGINTs closer than this are one Ctrl+C (a launcher forwarding it); a later one aborts.
 SAME_CTRL_C_S = 1.0
 
@@ -56,6 +65,49 @@ def epoch_checkpoint(output: str | Path) -> ModelCheckpoint:
                            enable_version_counter=False)
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, made atomic in the checkpoint's own folder and two deep for `last.ckpt`.
+
+    The checkpoint goes to a temporary file beside its target, is fsynced, and replaces the target by a rename;
+    the `last.ckpt` it replaces is first hard-linked as `last.prev.ckpt`. A kill or a full disk at any moment
+    leaves `last.ckpt` (and the one before it) whole; a failed write is a UserError that says so.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO takes no storage_options")
+        path = Path(path)
+        try:
+            with atomic_write(path, "wb") as f:
+                torch.save(checkpoint, f)
+                if path.name == LAST_CHECKPOINT and path.exists():
+                    _keep_previous(path)
+        except OSError as e:
+            previous = [str(p) for p in (path, path.with_name(PREVIOUS_CHECKPOINT)) if p.is_file()]
+            raise UserError(f"Cannot write checkpoint {path} ({e.strerror or e}). "
+                            + (f"The earlier resume point is intact: {', '.join(previous)}. " if previous else "")
+                            + "Free disk space (or fix the folder's permissions), then resume the run.") from None
+
+
+def _keep_previous(path: Path) -> None:
+    """`last.prev.ckpt` becomes a second name of the current `last.ckpt`, by a hard link renamed into place."""
+    previous = path.with_name(PREVIOUS_CHECKPOINT)
+    link = path.with_name(f".{PREVIOUS_CHECKPOINT}.link")
+    link.unlink(missing_ok=True)
+    try:
+        os.link(path, link)
+    except OSError:  # no hard links on this filesystem: a copy, written atomically too
+        with atomic_write(link, "wb") as f, open(path, "rb") as src:
+            shutil.copyfileobj(src, f)
+    os.replace(link, previous)
+
+
+def resume_candidates(output: str | Path) -> list[Path]:
+    """The run's resume points, newest first: `last.ckpt`, then the one before it."""
+    folder = checkpoint_dir(output)
+    return [p for p in (folder / LAST_CHECKPOINT, folder / PREVIOUS_CHECKPOINT) if p.is_file()]
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint with tensors and plain data only; a pickle carrying code is refused."""
     try:
@@ -67,6 +119,28 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except (OSError, RuntimeError, EOFError, ValueError) as e:
         raise UserError(f"Cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
                         "It may be truncated; delete it to resume from an earlier one, or start afresh.") from None
+
+
+class RunIdentity(pl.Callback):
+    """Puts the run's identity (MLflow run id, digest of its file list) into every checkpoint; `--resume` checks
+    it before training (`identity_of`), so nothing is restored here."""
+
+    def __init__(self, identity: dict[str, Any]):
+        self.identity = dict(identity)
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.identity)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def identity_of(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The `RunIdentity` state of a checkpoint ({} for one written before checkpoints carried it)."""
+    for key, state in (checkpoint.get("callbacks") or {}).items():
+        if str(key).startswith(RunIdentity.__qualname__):
+            return dict(state)
+    return {}
 
 
 def _numpy_state() -> dict[str, Any]:

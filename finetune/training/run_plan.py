@@ -104,6 +104,7 @@ class RunContext:
     logger: Any  # the Lightning logger (MLflow on rank 0)
     set_status: Callable[[str], None]  # marks the MLflow run FAILED / KILLED
     resume_checkpoint: Path | None = None
+    identity: dict[str, Any] | None = None  # written into every checkpoint (`checkpoints.RunIdentity`)
     progress: bool = True  # Lightning's progress bar (on stdout); the pilot's candidates run without it
     # A list whose cached features hold every image of the run's splits (the pilot: the training split that the
     # measurement extracted, of which its splits are parts): those are read from its entry, not extracted again.
@@ -402,7 +403,10 @@ def _trainer(cfg: TrainConfig, recipe: Recipe, plan: Plan, ctx: RunContext, rt: 
         callbacks=[best, checkpoints.epoch_checkpoint(ctx.output), checkpoints.RngState(cfg.seed),
                    checkpoints.SaveOnInterrupt(folder / checkpoints.LAST_CHECKPOINT), rank_sync, ValidationTime(), EpochScores(),
                    *([TQDMProgressBar(refresh_rate=1)] if ctx.progress else []), *plan_callbacks,
-                   *recipe_callbacks(recipe, num_classes, best)],
+                   *recipe_callbacks(recipe, num_classes, best),
+                   *([checkpoints.RunIdentity(ctx.identity)] if ctx.identity else [])],
+        # Every checkpoint is written to a temporary file in its own folder and renamed; `last.ckpt` two deep.
+        plugins=[checkpoints.AtomicCheckpointIO()],
         default_root_dir=ctx.output, log_every_n_steps=1, num_sanity_val_steps=0, enable_model_summary=False,
         enable_progress_bar=ctx.progress)
     return trainer, best, rank_sync

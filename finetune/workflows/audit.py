@@ -18,7 +18,7 @@ from finetune.data.images import ImageError, display_path, load_rgb
 from finetune.data.profile import profile_splits
 from finetune.errors import UserError
 from finetune.evaluation.evaluate import pyplot
-from finetune.files import write_json
+from finetune.files import atomic_write, write_json
 from finetune.model.backbone import create_backbone
 from finetune.strategy.audit import AuditTable, run_audit
 from finetune.strategy.features import FINAL, cached_features
@@ -151,7 +151,8 @@ def _sheet(cells: Sequence[Sequence[tuple[str, str]]], title: str, path: Path) -
             _show(axes[k // per_row, (k % per_row) * width + m], image, caption)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, dpi=100, format="png")
     plt.close(fig)
     return path
 

@@ -9,6 +9,7 @@ from typing import Sequence
 from finetune import runtime
 from finetune.data.images import ImageError, display_path, load_rgb
 from finetune.errors import UserError
+from finetune.files import atomic_write
 from finetune.evaluation.explain import check_explainable, explain_image, overlay_names, titled
 
 
@@ -60,6 +61,7 @@ def explain_images(model_uri: str, images: Sequence[str], output: str | Path | N
             if cls is not None and cls != pred:
                 text += f"\nheatmap for {spec.class_names[cls]} {probs[cls]:.2f}"
             path = out / name
-            titled(cam, text).save(path)
+            with atomic_write(path, "wb") as f:
+                titled(cam, text).save(f, format="PNG")
             result.written.append(path)
     return result

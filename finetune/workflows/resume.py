@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from finetune import tracking
 from finetune.config import TrainConfig, config_keys, resolve_config
 from finetune.errors import UserError
-from finetune.training.checkpoints import LAST_CHECKPOINT, checkpoint_dir, load_checkpoint
+from finetune.training.checkpoints import identity_of, load_checkpoint, resume_candidates
+from finetune.workflows import run_folder
+
+log = logging.getLogger(__name__)
 
 OUTPUT_TAG = "finetune.output"
 
@@ -27,10 +31,11 @@ RESUMABLE_OVERRIDES = ("epochs", "num_workers", "accelerator", "devices", "num_n
 class ResumePoint:
     run_id: str
     output: Path
-    checkpoint: Path
+    checkpoint: Path | None  # None: stopped before its first checkpoint, so it starts over
     epochs_done: int
     config: dict[str, Any]
     finished: bool = False
+    files_sha256: str | None = None  # the digest of the run's file list, from its checkpoint
 
 
 def locate(resume: str, experiment: str) -> ResumePoint:
@@ -55,16 +60,37 @@ def locate(resume: str, experiment: str) -> ResumePoint:
     if not output:
         raise UserError(f"MLflow run {run_id} was not made by `finetune train` (no {OUTPUT_TAG} tag): "
                         "nothing to resume.")
-    ckpt = checkpoint_dir(output) / LAST_CHECKPOINT
-    if not ckpt.is_file():
-        raise UserError(f"Run {run_id} has no checkpoint at {ckpt}: it stopped before finishing its first "
-                        "epoch (or the folder moved). Start a new run instead.")
+    if run_folder.is_held_elsewhere(output):
+        raise UserError(f"Run {run_id} is being trained by another process now ({output} is locked). Wait for "
+                        "it to end, or stop it, before resuming.")
     config_file = Path(output) / "config.json"
     if not config_file.is_file():
         raise UserError(f"Run {run_id} has no saved configuration at {config_file}; cannot resume it.")
-    checkpoint = load_checkpoint(ckpt)
+    if not resume_candidates(output):  # killed before its first epoch ended: the same run starts over
+        log.warning("Run %s has no checkpoint yet (it stopped in its first epoch): training it from the start.",
+                    run_id)
+        return ResumePoint(run_id, Path(output), None, 0, json.loads(config_file.read_text()))
+    ckpt, checkpoint = _newest_readable(run_id, output)
+    identity = identity_of(checkpoint)
+    if identity.get("run_id", run_id) != run_id:
+        raise UserError(f"The checkpoint {ckpt} belongs to MLflow run {identity['run_id']}, not {run_id}: the "
+                        "folder was reused. Resume that run instead, or start a new one.")
     return ResumePoint(run_id, Path(output), ckpt, int(checkpoint.get("epoch", -1)) + 1,
-                       json.loads(config_file.read_text()), finished=run.info.status == "FINISHED")
+                       json.loads(config_file.read_text()), finished=run.info.status == "FINISHED",
+                       files_sha256=identity.get("files_sha256"))
+
+
+def _newest_readable(run_id: str, output: str) -> tuple[Path, dict[str, Any]]:
+    """The newest resume point that reads whole: `last.ckpt`, else the one before it."""
+    candidates = resume_candidates(output)
+    for i, ckpt in enumerate(candidates):
+        try:
+            return ckpt, load_checkpoint(ckpt)
+        except UserError as e:
+            if i == len(candidates) - 1:
+                raise
+            log.warning("%s; resuming from the one before it, %s", e.message.split(". ")[0], candidates[i + 1])
+    raise AssertionError("unreachable")
 
 
 def resume_config(point: ResumePoint, data_dir: str, cli_values: dict[str, Any]) -> TrainConfig:

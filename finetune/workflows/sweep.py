@@ -21,6 +21,7 @@ import optuna
 import yaml
 
 from finetune import tracking
+from finetune.files import atomic_write
 from finetune.training.callbacks import DivergenceError
 from finetune.config import AUGMENT_PRESETS, TrainConfig
 from finetune.errors import UserError
@@ -139,7 +140,8 @@ def _finish(cfg: TrainConfig, study: optuna.Study, parent_id: str, output: Path)
     """The best trial's config file, its numbers on the parent run, and every trial's row."""
     best = study.best_trial
     config_path = output / "best_config.yaml"
-    config_path.write_text(yaml.safe_dump(best_config(cfg, best.params), sort_keys=False))
+    with atomic_write(config_path) as f:
+        f.write(yaml.safe_dump(best_config(cfg, best.params), sort_keys=False))
     c = tracking.client()
     c.log_metric(parent_id, "best_select_acc", float(best.value))
     c.log_metric(parent_id, "best_trial_val_acc", float(best.user_attrs.get("val_acc", float("nan"))))

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 
+from finetune.files import atomic_write
 from finetune import runtime
 from finetune import tracking
 from finetune.data.transforms import eval_transform, resize_size, train_transform
@@ -186,7 +187,8 @@ def _plot(finder: Any, result: dict[str, Any], png: Path) -> Path:
                    label=f"suggested --lr {result['suggested_lr']:.3g}")
     ax.set_title(f"plan {result['plan']}: {result['trains']}; LR of {result['lr_of']}", fontsize=8)
     ax.legend(fontsize=8)
-    fig.savefig(png, dpi=100)
+    with atomic_write(png, "wb") as f:
+        fig.savefig(f, dpi=100, format="png")
     return png
 
 

@@ -6,12 +6,13 @@ options into a TrainConfig and calls this; tests and benchmarks call it directly
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytorch_lightning as pl
 
@@ -26,13 +27,13 @@ from finetune.model.backbone import Backbone, create_backbone
 from finetune.strategy.decide import SCENARIO_NAMES, Plan, stage_index
 from finetune.strategy.measure import Decision, measure_and_decide, preserved_rng, with_plan
 from finetune.tracking import registry
-from finetune.training import distributed
+from finetune.training import checkpoints, distributed
 from finetune.workflows import pilot
 from finetune.model.heads import init_head
 from finetune.training.recipe import (Recipe, check_feature_plan_options, check_selection_option, model_kwargs,
                                       resolve_recipe)
 from finetune.training.run_plan import FitResult, RunContext, run_plan
-from finetune.workflows import preflight
+from finetune.workflows import preflight, run_folder
 from finetune.workflows.audit import audit_counts, audit_or_note, leaked_images
 from finetune.workflows.evaluate import log_evaluation
 from finetune.workflows.resume import DATA_TAG, OUTPUT_TAG, ResumePoint
@@ -67,16 +68,30 @@ def train(cfg: TrainConfig, tags: dict[str, str] | None = None, resume_from: Res
 
     See `_train` for the arguments.
     """
-    with timing.recording() as phases:
-        summary = _train(cfg, tags, resume_from, plan_override)
+    with timing.recording() as phases, run_folder.held_for_this_call(), _fail_run_on_error() as started_run:
+        summary = _train(cfg, tags, resume_from, plan_override, started_run)
     if summary is not None:
         summary["timing"] = phases.to_dict()
         tracking.write_json(Path(summary["output"]) / "summary.json", summary)
     return summary
 
 
+@contextlib.contextmanager
+def _fail_run_on_error() -> Iterator[list[str]]:
+    """Yields a list that `_train` puts the MLflow run id in once the run exists; any error after that ends the run
+    FAILED (KILLED for an interruption) unless the code that raised already ended it, so no run stays RUNNING."""
+    started: list[str] = []
+    try:
+        yield started
+    except BaseException as e:
+        if started:
+            status = "KILLED" if isinstance(e, (KeyboardInterrupt, checkpoints.Interrupted)) else "FAILED"
+            tracking.end_run_if_running(started[0], status)
+        raise
+
+
 def _train(cfg: TrainConfig, tags: dict[str, str] | None, resume_from: ResumePoint | None,
-           plan_override: Callable[[Plan], Plan] | None) -> dict[str, Any] | None:
+           plan_override: Callable[[Plan], Plan] | None, started_run: list[str]) -> dict[str, Any] | None:
     """Fine-tune and return the summary (also written to OUTPUT/summary.json).
 
     Args:
@@ -84,6 +99,7 @@ def _train(cfg: TrainConfig, tags: dict[str, str] | None, resume_from: ResumePoi
         tags: extra MLflow run tags (a sweep sets ``mlflow.parentRunId`` to nest its trials).
         resume_from: continue this run from its last checkpoint, logging into the same MLflow run.
         plan_override: adjusts the decided plan before it runs (bench baselines, tests).
+        started_run: receives the MLflow run id as soon as the run exists (rank 0).
 
     Returns:
         The summary on global rank 0; None on the other ranks of a multi-process run.
@@ -92,12 +108,14 @@ def _train(cfg: TrainConfig, tags: dict[str, str] | None, resume_from: ResumePoi
     started = time.time()
     rt = _start_process(cfg)
     splits, decision, backbone = _measure_and_decide(cfg, rt, plan_override)
+    if resume_from is not None:
+        run_folder.check_files(resume_from.output, resume_from.files_sha256, splits, resume_from.run_id)
     if decision.plan.train_on_features:  # measured (or forced, and already checked by the preflight)
         check_feature_plan_options(cfg, decision.plan.scenario)
         check_selection_option(cfg, decision.plan.scenario, piloted=decision.pilot is not None)
     recipe, backbone, decision = _recipe_and_network(cfg, splits, decision, backbone)
     run_id, output = distributed.on_rank_zero(
-        lambda: _start_run(cfg, tags, resume_from, backbone, splits, decision, recipe))
+        lambda: _start_run(cfg, tags, resume_from, backbone, splits, decision, recipe, started_run))
     audit = distributed.on_rank_zero(lambda: _audit(cfg, splits, output, run_id, backbone.weights_source, rt))
     if decision.plan.train_on_features and not distributed.is_global_zero():
         return None  # a head on cached features is trained by one process
@@ -106,7 +124,8 @@ def _train(cfg: TrainConfig, tags: dict[str, str] | None, resume_from: ResumePoi
     logger = (tracking.resilient_logger(cfg.experiment, run_id, pending) if distributed.is_global_zero()
               else distributed.QuietLogger(run_id))
     ctx = RunContext(run_id, output, logger, lambda status: tracking.client().set_terminated(run_id, status),
-                     resume_from.checkpoint if resume_from else None)
+                     resume_from.checkpoint if resume_from and resume_from.checkpoint else None,
+                     identity=run_folder.run_identity(splits, output, run_id))
     fit = run_plan(cfg, decision, recipe, backbone, splits, ctx, rt)
     if fit is None:
         return None  # rank 0 evaluates, writes and logs
@@ -189,26 +208,37 @@ def _recipe_and_network(cfg: TrainConfig, splits: FolderSplits, decision: Decisi
 
 @timing.timed("start run")
 def _start_run(cfg: TrainConfig, tags: dict[str, str] | None, resume_from: ResumePoint | None, backbone: Backbone,
-               splits: FolderSplits, decision: Decision, recipe: Recipe) -> tuple[str, Path]:
-    """The output folder and the MLflow run (new, or the resumed one), made by rank 0 alone."""
+               splits: FolderSplits, decision: Decision, recipe: Recipe, started_run: list[str]) -> tuple[str, Path]:
+    """The output folder (claimed for this run alone) and the MLflow run (new, or the resumed one), by rank 0."""
     run_name = run_name_for(cfg)
-    output = resume_from.output if resume_from is not None else Path(cfg.output or Path("outputs") / run_name)
-    output.mkdir(parents=True, exist_ok=True)
     if resume_from is not None:
         run_id = resume_from.run_id
+        output = run_folder.claim(resume_from.output, run_id, resuming=True)
         tracking.client().update_run(run_id, status="RUNNING")
+        started_run.append(run_id)
         log.info("Resuming MLflow run %s from %s (%d epoch(s) done)", run_id, resume_from.checkpoint,
                  resume_from.epochs_done)
     else:
+        # An explicit folder is claimed before the run exists, so a refusal leaves nothing behind; the default
+        # folder's name holds the run id, so no two runs can share it.
+        output = run_folder.claim(cfg.output) if cfg.output else None
+        if output is not None:  # first, so that a run killed from here on can be resumed
+            tracking.write_json(output / "config.json", cfg.to_dict())
         experiment_id = tracking.ensure_experiment(cfg.experiment)
         run = tracking.client().create_run(experiment_id, run_name=run_name, tags={
-            **(tags or {}), OUTPUT_TAG: str(output.resolve()), DATA_TAG: str(Path(cfg.data_dir).resolve())})
+            **(tags or {}), DATA_TAG: str(Path(cfg.data_dir).resolve())})
         run_id = run.info.run_id
+        started_run.append(run_id)
+        if output is None:
+            output = run_folder.claim(Path("outputs") / f"{run_name}-{run_id[:8]}")
+            tracking.write_json(output / "config.json", cfg.to_dict())
+        run_folder.record(output, run_id)
+        tracking.client().set_tag(run_id, OUTPUT_TAG, str(output))
         log.info("MLflow run %s (experiment %r) at %s", run_id, cfg.experiment, tracking.tracking_uri())
     _log_run_inputs(cfg, run_id, backbone, splits, output, recipe)
     tracking.log_params(run_id, decision.params())
     tracking.log_dict(run_id, decision.to_dict(), "plan.json")
-    return run_id, output.resolve()
+    return run_id, output
 
 
 def _audit(cfg: TrainConfig, splits: FolderSplits, output: Path, run_id: str, weights_source: str,
