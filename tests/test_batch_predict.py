@@ -443,6 +443,7 @@ def test_ddp_shards_rows_without_duplicates(tmp_path, isolated_mlflow):
     inputs = sorted(str(p) for p in images.rglob("*.png"))
     # Every image once; rank 0's rows (every other input) then rank 1's: both ranks predicted.
     assert list(frame["path"]) == inputs[0::2] + inputs[1::2]
+    assert partials(out) == []  # rank 0 merged and removed both ranks' files, named by its token
 
 
 def test_help_and_unknown_model(tmp_path):
