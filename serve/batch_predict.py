@@ -10,13 +10,20 @@ keeps a row of its own and CSV and Parquet hold the same text.
 Images stream through a DataLoader into a plain forward loop on this process's device (at
 training's precision); each batch's rows are appended to a partial CSV next to the output, so memory
 stays flat, and the output (CSV or Parquet, by extension) appears by rename only when everything is
-done. `--resume` keeps rows already in the output or left in partial files by an interrupted run,
+done. `--resume` keeps rows already in the output or left in partial files by interrupted runs,
 and predicts only the rest.
+
+Partial files: every run appends to files of its own, `.NAME.partial.<token>.rank<r>.csv` (one per
+rank, the token new for each run), created exclusively, each batch flushed and fsynced, and holds an
+exclusive `flock` on them while it writes. So a run never truncates rows of an earlier one: those stay
+on disk until an output that holds them has replaced the old one, and only then are they deleted; a
+file locked by a live run is neither read as done nor deleted. A run without `--resume` leaves earlier
+partial files as they are.
 
 Sharded: `--devices N --strategy ddp` runs one process per device through Lightning's predict loop
 (imported only then: loading and running a model in one process never imports Lightning); Lightning
 gives each rank a disjoint part of the inputs, each rank writes its own partial file through the same
-row writer, and rank 0 merges them.
+row writer (rank 0's token, broadcast, names the files of all ranks), and rank 0 merges them.
 """
 
 from __future__ import annotations
@@ -24,9 +31,13 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import datetime
+import fcntl
 import glob
+import hashlib
 import logging
 import os
+import secrets
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -102,7 +113,37 @@ def output_format(output: Path) -> str:
 
 
 def partial_files(output: Path) -> list[str]:
+    """Partial files of every run on `output`, live or not (also the `.partial.rank<r>.csv` of older versions)."""
     return sorted(glob.glob(str(output.parent / f".{output.name}.partial*.csv")))
+
+
+def new_token() -> str:
+    """A run's token: its start time first, so tokens sort as runs started, then random bits for uniqueness."""
+    return f"{datetime.datetime.now():%Y%m%dT%H%M%S%f}-{secrets.token_hex(3)}"
+
+
+def partial_path(output: Path, token: str, rank: int) -> Path:
+    """The partial CSV that process `rank` of the run named `token` appends its rows to."""
+    return output.parent / f".{output.name}.partial.{token}.rank{rank}.csv"
+
+
+@contextlib.contextmanager
+def claimed(path: str | Path):
+    """Holds `path`'s lock for the block and yields True; yields False when a live run holds it, or it is gone."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _read_partial(path: str) -> list[list[str]]:
@@ -113,53 +154,127 @@ def _read_partial(path: str) -> list[list[str]]:
     return list(csv.reader(text.splitlines()))
 
 
-def load_done(output: Path, cols: list[str]):
-    """Rows already predicted (the output and any partial files) as a DataFrame, one per path."""
+def read_output(output: Path):
+    """The rows of a finished output file (CSV or Parquet) as strings."""
     import pandas as pd
 
-    frames = []
+    if output_format(output) == "csv":
+        return pd.read_csv(output, dtype=str, keep_default_na=False)
+    return pd.read_parquet(output).astype(str).replace({"nan": "", "None": ""})
+
+
+def _with_mtimes(paths: list[str]) -> list[tuple[int, str]]:
+    """``(mtime_ns, path)`` of each path that still exists."""
+    found = []
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            found.append((os.stat(path).st_mtime_ns, path))
+    return found
+
+
+def load_done(output: Path, cols: list[str]):
+    """Rows already predicted, one per path, and the partial files they were read from.
+
+    Reads the output and every partial file no live run holds. Where sources disagree on a path, the
+    newest (last modified) wins: an earlier run's partial file left beside a newer output (a run
+    without `--resume` leaves them) does not override it. Rows keep the output's order, then the partial files'.
+    """
+    import pandas as pd
+
+    frames, read = [], []
     if output.exists():
-        frame = (pd.read_csv(output, dtype=str, keep_default_na=False) if output_format(output) == "csv"
-                 else pd.read_parquet(output).astype(str).replace({"nan": "", "None": ""}))
-        frames.append(frame)
-    for path in partial_files(output):
-        rows = _read_partial(path)
+        frames.append((output.stat().st_mtime_ns, read_output(output)))
+    for mtime, path in sorted(_with_mtimes(partial_files(output))):
+        with claimed(path) as ours:
+            if not ours:
+                continue  # a live run's rows are not done yet (or another run just finalized them)
+            rows = _read_partial(path)
+        read.append(Path(path))
         if rows:
-            frames.append(pd.DataFrame(rows[1:], columns=rows[0]))
-    for frame in frames:
+            frames.append((mtime, pd.DataFrame(rows[1:], columns=rows[0])))
+    for _, frame in frames:
         if list(frame.columns) != cols:
             raise UserError(f"{output} (or its partial file) has columns {list(frame.columns)}, but this run "
                             f"writes {cols}. Use the same --top-k as before, or drop --resume.")
     if not frames:
-        return pd.DataFrame(columns=cols)
-    return pd.concat(frames, ignore_index=True).drop_duplicates("path", keep="last")
+        return pd.DataFrame(columns=cols), read
+    stacked = pd.concat([f.assign(_mtime=t) for t, f in frames], ignore_index=True)
+    newest = stacked.sort_values("_mtime", kind="stable").drop_duplicates("path", keep="last").index
+    return stacked.loc[sorted(newest), cols].reset_index(drop=True), read
 
 
-def partial_path(output: Path, rank: int) -> Path:
-    """The partial CSV that process `rank` of a run appends its rows to."""
-    return output.parent / f".{output.name}.partial.rank{rank}.csv"
+def _fsync_dir(folder: Path) -> None:
+    """Makes a rename or a new name in `folder` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# Descriptors of partial files this process holds locked. A process forked while one is open (a DataLoader
+# worker) would share the lock and keep it after this process died, making a dead run's file look live.
+_LOCKED_FDS: set[int] = set()
+
+
+def _drop_locks_in_child() -> None:
+    if _LOCKED_FDS:
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in _LOCKED_FDS:
+            os.dup2(null, fd)  # the child's reference to the locked file goes; the number stays valid
+        os.close(null)
+        _LOCKED_FDS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_locks_in_child)
+
+
+def create_locked(path: Path, header: list[str]):
+    """A new partial file at `path` holding `header`, locked by this process; never an existing file.
+
+    It is written and locked under a temporary name first, so no reader sees it unlocked or empty.
+    """
+    new = path.with_name(path.name + ".new")  # not a partial file's name
+    f = open(new, "x", newline="", encoding="utf-8", errors="surrogateescape")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _LOCKED_FDS.add(f.fileno())
+        csv.writer(f).writerow(header)
+        f.flush()
+        os.fsync(f.fileno())
+        os.link(new, path)  # unlike a rename, refuses to replace a file that exists
+    except BaseException:
+        _LOCKED_FDS.discard(f.fileno())
+        f.close()
+        raise
+    finally:
+        os.unlink(new)
+    _fsync_dir(path.parent)
+    return f
 
 
 class RowWriter:
-    """Appends each batch's rows to one process's partial CSV, flushed, so a crash loses one batch at most.
+    """Appends each batch's rows to one process's partial CSV of this run (`token`), flushed and fsynced,
+    so a crash loses one batch at most.
 
     The only code that turns predictions into rows: the plain loop and Lightning's (sharded) predict
     loop both hand it ``(probs [B, K], index [B], errors)`` per batch.
     """
 
     def __init__(self, output: Path, paths: Sequence[str], class_names: list[str], top_k: int,
-                 rejection: Rejection | None = None):
+                 rejection: Rejection | None = None, token: str | None = None):
         self.output, self.paths, self.class_names, self.top_k = output, paths, class_names, top_k
         self.rejection = rejection or Rejection(Scoring())
+        self.token = token or new_token()
         self.file = None
         self.writer = None
 
     def open(self, rank: int = 0) -> None:
-        self.path = partial_path(self.output, rank)
-        self.file = open(self.path, "w", newline="", encoding="utf-8", errors="surrogateescape")
+        """Creates this run's partial file for `rank` and holds its lock until `close`."""
+        self.path = partial_path(self.output, self.token, rank)
+        self.file = create_locked(self.path, columns(self.top_k))
         self.writer = csv.writer(self.file)
-        self.writer.writerow(columns(self.top_k))
-        self.file.flush()
 
     def write(self, probs: torch.Tensor, index: torch.Tensor, errors: Sequence[str],
               ood: torch.Tensor | None = None) -> None:
@@ -176,10 +291,12 @@ class RowWriter:
             label = UNKNOWN_LABEL if (u and self.rejection.reject) else self.class_names[t[0]]
             self.writer.writerow([path, label, f"{s[0]:.6g}", *pairs, f"{o:.6g}", str(bool(u)).lower(), ""])
         self.file.flush()
+        os.fsync(self.file.fileno())
 
     def close(self) -> None:
         if self.file is not None:
-            self.file.close()
+            _LOCKED_FDS.discard(self.file.fileno())
+            self.file.close()  # releases the lock
             self.file = None
 
 
@@ -211,14 +328,22 @@ def _lightning_classes() -> dict[str, type]:
             return probs.float().cpu(), index.cpu(), errors, ood.float().cpu()
 
     class CsvRowWriter(BasePredictionWriter):
-        """`RowWriter` as a Lightning prediction writer: each rank writes its own partial file."""
+        """`RowWriter` as a Lightning prediction writer: each rank writes its own partial file of the run."""
 
-        def __init__(self, output: Path, paths: Sequence[str], class_names: list[str], top_k: int,
-                     rejection: Rejection):
+        def __init__(self, rows: RowWriter):
             super().__init__(write_interval="batch")
-            self.rows = RowWriter(output, paths, class_names, top_k, rejection)
+            self.rows = rows
 
         def setup(self, trainer, pl_module, stage=None) -> None:
+            # Lightning's ddp re-runs the command for each rank, so each process drew a token of its own:
+            # rank 0's names the run (rank 0 merges by it). Each rank listed the images left on its own,
+            # and Lightning shards indices into that list: a rank that saw other files done must not write.
+            todo = _digest(self.rows.paths)
+            token, todo_0 = trainer.strategy.broadcast((self.rows.token, todo), src=0)
+            if not trainer.strategy.reduce_boolean_decision(todo == todo_0, all=True):
+                raise UserError("The processes found different images left to predict (an earlier run's "
+                                "partial file changed as they started). Run the command again.")
+            self.rows.token = token
             self.rows.open(trainer.global_rank)
 
         def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
@@ -240,45 +365,67 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _digest(paths: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(row_path(p) for p in paths).encode()).hexdigest()
+
+
 def _arrow_schema(cols: list[str]):
     import pyarrow as pa
 
     return pa.schema([(c, pa.float64() if c == "score" or c.endswith("_score") else pa.string()) for c in cols])
 
 
-def finalize(output: Path, done, cols: list[str], new_parts: list[Path]) -> None:
-    """Write done rows + new partial rows to a temp file, then rename it to the output."""
-    tmp = output.parent / f".{output.name}.tmp"
-    if output_format(output) == "csv":
-        with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
-            done.to_csv(f, index=False, columns=cols)
-            for part in new_parts:
-                with open(part, encoding="utf-8", errors="surrogateescape") as src:
-                    next(src, None)  # header
-                    for line in src:
-                        f.write(line)
-    else:
-        import pyarrow as pa
-        import pyarrow.csv as pacsv
-        import pyarrow.parquet as pq
+def finalize(output: Path, done, cols: list[str], new_parts: list[Path], read_parts: Sequence[Path] = ()) -> None:
+    """Write done rows + new partial rows to a temp file, then rename it to the output.
 
-        schema = _arrow_schema(cols)
-        convert = pacsv.ConvertOptions(column_types=schema, strings_can_be_null=False,
-                                       null_values=[""], quoted_strings_can_be_null=False)
-        with pq.ParquetWriter(tmp, schema) as writer:
-            if len(done):
-                frame = done[cols].copy()
-                for c in cols:
-                    if schema.field(c).type == pa.float64():
-                        frame[c] = frame[c].replace("", None).astype(float)
-                writer.write_table(pa.Table.from_pandas(frame, schema=schema, preserve_index=False))
-            for part in new_parts:
-                reader = pacsv.open_csv(part, convert_options=convert)
-                for chunk in reader:
-                    writer.write_batch(chunk)
-    os.replace(tmp, output)
-    for path in partial_files(output):
-        os.remove(path)
+    Only then are partial files deleted: `new_parts` (this run's) and `read_parts` (earlier runs' whose
+    rows are in `done`), each unless a live process holds it. Other partial files are left as they are.
+    """
+    tmp = output.parent / f".{output.name}.{secrets.token_hex(4)}.tmp"
+    try:
+        with open(tmp, "x", newline="", encoding="utf-8", errors="surrogateescape") as f:
+            if output_format(output) == "csv":
+                done.to_csv(f, index=False, columns=cols)
+                for part in new_parts:
+                    with open(part, encoding="utf-8", errors="surrogateescape") as src:
+                        next(src, None)  # header
+                        for line in src:
+                            f.write(line)
+        if output_format(output) == "parquet":
+            _write_parquet(tmp, done, cols, new_parts)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, output)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+    _fsync_dir(output.parent)
+    for path in [*new_parts, *read_parts]:
+        with claimed(path) as ours:
+            if ours:
+                os.remove(path)
+
+
+def _write_parquet(tmp: Path, done, cols: list[str], new_parts: list[Path]) -> None:
+    """Done rows, then the rows of each new partial file, into Parquet at `tmp` (the columns typed)."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    schema = _arrow_schema(cols)
+    convert = pacsv.ConvertOptions(column_types=schema, strings_can_be_null=False,
+                                   null_values=[""], quoted_strings_can_be_null=False)
+    with pq.ParquetWriter(tmp, schema) as writer:
+        if len(done):
+            frame = done[cols].copy()
+            for c in cols:
+                if schema.field(c).type == pa.float64():
+                    frame[c] = frame[c].replace("", None).astype(float)
+            writer.write_table(pa.Table.from_pandas(frame, schema=schema, preserve_index=False))
+        for part in new_parts:
+            reader = pacsv.open_csv(part, convert_options=convert)
+            for chunk in reader:
+                writer.write_batch(chunk)
 
 
 def prediction_loader(paths: Sequence[str], data_config: dict[str, Any], mode: str, batch_size: int,
@@ -337,13 +484,14 @@ def predict_sharded(net: torch.nn.Module, loader: torch.utils.data.DataLoader, r
                     progress: bool = True) -> tuple[int, int]:
     """Several processes: Lightning's predict loop, each rank writing its part through `rows`.
 
-    Returns this process's global rank and the number of ranks, once every rank is done.
+    Returns this process's global rank and the number of ranks, once every rank is done. On rank 0,
+    `rows.token` names the partial files of every rank (the others take it from rank 0).
     """
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import TQDMProgressBar
 
     classes = _lightning_classes()
-    writer = classes["CsvRowWriter"](rows.output, rows.paths, rows.class_names, rows.top_k, rows.rejection)
+    writer = classes["CsvRowWriter"](rows)
     trainer = pl.Trainer(accelerator=accelerator, devices=devices, strategy=strategy, logger=False,
                          enable_checkpointing=False, enable_model_summary=False, precision=rt.precision,
                          callbacks=[writer, TQDMProgressBar(refresh_rate=1)] if progress else [writer],
@@ -384,6 +532,18 @@ def write_overlays(net: torch.nn.Module, spec: Any, rows: Any, paths: Sequence[s
     return written
 
 
+def done_rows(output: Path, cols: list[str], resume: bool):
+    """With `resume`, `load_done`; otherwise no rows, earlier partial files left on disk for a later `--resume`."""
+    if resume:
+        return load_done(output, cols)
+    import pandas as pd
+
+    if left := partial_files(output):
+        log.warning("%d partial file(s) of earlier runs beside %s left as they are: --resume would keep their rows",
+                    len(left), output)
+    return pd.DataFrame(columns=cols), []
+
+
 def predict_to_file(model_uri: str, inputs: str | Sequence[str], output: str | Path, tta: str | None = None,
                     top_k: int = 3, batch_size: int = 32, num_workers: int | None = None, resume: bool = False,
                     accelerator: str = "auto", devices: str | int = 1, strategy: str = "auto",
@@ -416,12 +576,7 @@ def predict_to_file(model_uri: str, inputs: str | Sequence[str], output: str | P
         check_explainable(model.net)
     top_k = max(1, min(top_k, len(spec.class_names)))
     cols = columns(top_k)
-    if resume:
-        done = load_done(output, cols)
-    else:
-        import pandas as pd
-
-        done = pd.DataFrame(columns=cols)
+    done, earlier = done_rows(output, cols, resume)
     done_paths = set(done["path"])
     todo = [p for p in paths if row_path(p) not in done_paths]
     log.info("%d images, %d already in the output, %d to predict (tta %s)", len(paths), len(paths) - len(todo),
@@ -437,11 +592,11 @@ def predict_to_file(model_uri: str, inputs: str | Sequence[str], output: str | P
     elif todo:
         predict_rows(net, loader, rows, single_device(rt, devices), progress)
     if rank == 0:
-        parts = [partial_path(output, r) for r in range(world_size)]
-        # Partial files of earlier runs are already in `done`; only this run's are new.
-        finalize(output, done, cols, [p for p in parts if p.exists()] if todo else [])
+        parts = [partial_path(output, rows.token, r) for r in range(world_size)]
+        # Rows of earlier runs' partial files (`earlier`) are in `done`; only this run's files are new.
+        finalize(output, done, cols, [p for p in parts if p.exists()] if todo else [], earlier)
         if explain and todo:
-            write_overlays(model.net, spec, load_done(output, cols), todo, Path(explain), rt,
+            write_overlays(model.net, spec, read_output(output), todo, Path(explain), rt,
                            max_pixels or model.max_pixels)
     return {"total": len(paths), "already_done": len(paths) - len(todo), "predicted": len(todo),
             "output": str(output), "tta": mode}

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import csv
+import fcntl
+import logging
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -13,7 +18,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 import finetune.data.crops
-from serve.batch_predict import list_inputs, main, predict_to_file, row_path
+import serve.batch_predict as batch_predict
+from finetune.errors import UserError
+from serve.batch_predict import RowWriter, list_inputs, main, predict_to_file, row_path
 from tests import badfiles
 from tests.conftest import make_folder, run_bounded
 from tests.model_helpers import logged_model
@@ -163,6 +170,232 @@ def test_resume_picks_up_the_partial_file_of_an_interrupted_run(tmp_path, decode
     assert len(pd.read_csv(out)) == 6 and not partial.exists()
 
 
+def partials(out: Path) -> list[Path]:
+    return sorted(out.parent.glob(f".{out.name}.partial*.csv"))
+
+
+def complete_rows(path: Path) -> dict[str, list[str]]:
+    """The rows of a partial file by path, without its header or a last line cut short."""
+    text = path.read_text()
+    rows = list(csv.reader(text[:text.rfind("\n") + 1].splitlines()))
+    return {r[0]: r for r in rows[1:]}
+
+
+class Interrupted(Exception):
+    """Stands for a crash or Ctrl-C in the middle of a run."""
+
+
+def interrupt_after(monkeypatch, batches: int) -> None:
+    """The next runs stop with `Interrupted` when they come to batch number `batches` + 1."""
+    real, calls = finetune.evaluation.tta.score_views, []
+
+    def scoring(*args, **kwargs):
+        if len(calls) == batches:
+            raise Interrupted
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(batch_predict, "score_views", scoring)
+
+
+def test_two_interrupted_runs_in_a_row_keep_every_finished_row(tmp_path, monkeypatch, decode_counter):
+    """In process (the killed-subprocess variant below is slow): a run stops after 3 batches, a --resume run
+    after 2 more; the first run's file stays as it was, and a third --resume run predicts only the rest."""
+    uri = logged_model(tmp_path)
+    images = make_folder(tmp_path / "images", per_class=8, size=32)
+    out = tmp_path / "preds.csv"
+    args = dict(top_k=1, batch_size=2, num_workers=0, progress=False)
+    interrupt_after(monkeypatch, 3)
+    with pytest.raises(Interrupted):
+        predict_to_file(uri, images, out, **args)
+    [first] = partials(out)
+    first_bytes, first_rows = first.read_bytes(), complete_rows(first)
+    assert len(first_rows) == 6
+
+    interrupt_after(monkeypatch, 2)
+    with pytest.raises(Interrupted):
+        predict_to_file(uri, images, out, resume=True, **args)
+    assert first.read_bytes() == first_bytes  # the resumed run neither emptied nor rewrote it
+    [second] = [p for p in partials(out) if p != first]
+    second_rows = complete_rows(second)
+    assert len(second_rows) == 4 and not set(second_rows) & set(first_rows)
+
+    monkeypatch.setattr(batch_predict, "score_views", finetune.evaluation.tta.score_views)
+    decode_counter.clear()
+    result = predict_to_file(uri, images, out, resume=True, **args)
+    assert result == {**result, "total": 16, "already_done": 10, "predicted": 6}
+    assert len(decode_counter) == 6 and not set(map(row_path, decode_counter)) & {*first_rows, *second_rows}
+    frame = pd.read_csv(out, dtype=str, keep_default_na=False)
+    assert sorted(frame["path"]) == sorted(str(p) for p in images.rglob("*.png"))  # each image once
+    by_path = frame.set_index("path")
+    for path, row in {**first_rows, **second_rows}.items():
+        assert list(by_path.loc[path]) == row[1:]  # earlier runs' rows, as they were written
+    assert partials(out) == []
+
+
+def run_until_rows(cmd: list[str], out: Path, rows: int, log_file: Path, timeout: float = 120) -> None:
+    """Start `cmd` and SIGKILL it (its whole process group) once the partial files hold `rows` complete rows."""
+    with open(log_file, "w") as log_:
+        proc = subprocess.Popen(cmd, stdout=log_, stderr=log_, start_new_session=True,
+                                cwd=Path(__file__).resolve().parents[1])
+    deadline = time.monotonic() + timeout
+    try:
+        while sum(len(complete_rows(p)) for p in partials(out)) < rows:
+            assert proc.poll() is None, f"finished before it could be killed:\n{log_file.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no {rows} rows within {timeout}s:\n{log_file.read_text()[-3000:]}"
+            time.sleep(0.005)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.mark.slow
+def test_two_killed_runs_in_a_row_lose_no_finished_row(tmp_path):
+    """The real thing: `python -m serve.batch_predict` SIGKILLed mid-way (batches of one image, so there is
+    time to), then a `--resume` run SIGKILLed too, then a `--resume` run that finishes (in big batches: rows
+    do not depend on the batch size). ~30 s on 2 busy cores, mostly three interpreters starting."""
+    uri = logged_model(tmp_path)
+    images = make_folder(tmp_path / "images", per_class=100, size=32)
+    out = tmp_path / "preds.csv"
+    cmd = [sys.executable, "-m", "serve.batch_predict", "--model-uri", uri, "--input", str(images), "--output",
+           str(out), "--num-workers", "0", "--top-k", "1"]
+    run_until_rows([*cmd, "--batch-size", "1"], out, 10, tmp_path / "first.log")
+    [first] = partials(out)
+    first_bytes, first_rows = first.read_bytes(), complete_rows(first)
+    assert 10 <= len(first_rows) < 200
+
+    run_until_rows([*cmd, "--batch-size", "1", "--resume"], out, len(first_rows) + 10, tmp_path / "second.log")
+    assert first.read_bytes() == first_bytes  # still on disk, as the first run left it
+    [second] = [p for p in partials(out) if p != first]
+    second_rows = complete_rows(second)
+    assert len(second_rows) >= 10 and not set(second_rows) & set(first_rows)
+
+    last = run_bounded([*cmd, "--batch-size", "64", "--resume"], timeout=240,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert last.returncode == 0, last.stderr[-3000:]
+    kept = len(first_rows) + len(second_rows)
+    assert f"{200 - kept} predicted, {kept} kept from before, 200 rows" in last.stdout
+    frame = pd.read_csv(out, dtype=str, keep_default_na=False)
+    assert sorted(frame["path"]) == sorted(str(p) for p in images.rglob("*.png"))  # each image once
+    by_path = frame.set_index("path")
+    for path, row in {**first_rows, **second_rows}.items():
+        assert list(by_path.loc[path]) == row[1:]
+    assert partials(out) == []
+
+
+def test_a_live_runs_partial_file_is_neither_read_nor_deleted(tmp_path, decode_counter):
+    """A finished earlier run's partial file is consumed by --resume; one that a live process holds locked
+    (as a running prediction does) is not counted as done, and outlives this run's finalize."""
+    uri = logged_model(tmp_path)
+    images = make_folder(tmp_path / "images", per_class=3)
+    out = tmp_path / "preds.csv"
+    predict_to_file(uri, images, out, top_k=1, num_workers=0, progress=False)
+    lines = out.read_text().splitlines()
+    out.unlink()
+    dead = tmp_path / ".preds.csv.partial.20000101T000000000000-aaaaaa.rank0.csv"
+    dead.write_text("\n".join([lines[0], lines[1], lines[2]]) + "\n")
+    live = tmp_path / ".preds.csv.partial.20000101T000000000000-bbbbbb.rank0.csv"
+    live.write_text("\n".join([lines[0], lines[3], lines[4]]) + "\n")
+    with open(live) as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        decode_counter.clear()
+        result = predict_to_file(uri, images, out, top_k=1, num_workers=0, resume=True, progress=False)
+        assert result["already_done"] == 2 and result["predicted"] == 4  # the dead file's rows only
+        assert sorted(map(row_path, decode_counter)) == sorted(line.split(",")[0] for line in lines[3:])
+        assert not dead.exists() and partials(out) == [live]
+        assert live.read_text() == "\n".join([lines[0], lines[3], lines[4]]) + "\n"
+        predict_to_file(uri, images, out, top_k=1, num_workers=0, progress=False)  # finalize without --resume
+        assert partials(out) == [live]
+    assert len(pd.read_csv(out)) == 6
+
+
+def test_a_run_without_resume_leaves_earlier_partial_files(tmp_path, monkeypatch, caplog):
+    """An interrupted run's file survives a later run without --resume (which says --resume would keep it).
+    A --resume after that run keeps that run's newer rows, not the older file's, and then drops the file."""
+    images = make_folder(tmp_path / "images", per_class=4, size=32)
+    out = tmp_path / "preds.csv"
+    args = dict(top_k=1, batch_size=2, num_workers=0, progress=False)
+    interrupt_after(monkeypatch, 2)
+    with pytest.raises(Interrupted):
+        predict_to_file(logged_model(tmp_path, seed=1), images, out, **args)
+    [earlier] = partials(out)
+    earlier_bytes = earlier.read_bytes()
+    assert len(complete_rows(earlier)) == 4
+
+    monkeypatch.setattr(batch_predict, "score_views", finetune.evaluation.tta.score_views)
+    newer_model = logged_model(tmp_path, seed=2)
+    with caplog.at_level(logging.WARNING, logger="serve.batch_predict"):
+        assert predict_to_file(newer_model, images, out, **args)["predicted"] == 8
+    assert partials(out) == [earlier] and earlier.read_bytes() == earlier_bytes
+    assert "--resume would keep their rows" in caplog.text
+    newer = pd.read_csv(out, dtype=str, keep_default_na=False)
+    assert sorted(newer["path"]) == sorted(str(p) for p in images.rglob("*.png"))
+    older = complete_rows(earlier)
+    assert any(newer.set_index("path").loc[p, "score"] != r[2] for p, r in older.items())  # two models
+
+    time.sleep(0.01)  # mtimes apart even on a coarse clock
+    assert predict_to_file(newer_model, images, out, resume=True, **args)["predicted"] == 0
+    pd.testing.assert_frame_equal(pd.read_csv(out, dtype=str, keep_default_na=False), newer)
+    assert partials(out) == []
+
+
+def test_a_forked_child_does_not_keep_a_partial_file_locked(tmp_path):
+    """DataLoader workers fork while the partial file is open: a worker outliving its killed parent must not
+    keep the lock, or the dead run's rows would look live to the next --resume."""
+    rows = RowWriter(tmp_path / "preds.csv", [], ["cat", "dog"], 1)
+    rows.open()
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # fork's hooks have run by now, as in a DataLoader worker
+        os.write(ready_w, b"1")
+        time.sleep(30)
+        os._exit(0)
+    try:
+        assert os.read(ready_r, 1) == b"1"
+        with batch_predict.claimed(rows.path) as ours:
+            assert not ours  # the parent holds it
+        rows.close()
+        with batch_predict.claimed(rows.path) as ours:
+            assert ours  # the child, still alive, does not
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(ready_r)
+        os.close(ready_w)
+
+
+class FakeStrategy:
+    """Rank 1 of two as Lightning's DDP strategy shows it to a callback: rank 0 sent `sent`."""
+
+    def __init__(self, sent):
+        self.sent = sent
+
+    def broadcast(self, obj, src=0):
+        return self.sent
+
+    def reduce_boolean_decision(self, decision, all=True):
+        return decision
+
+
+def test_sharded_ranks_write_under_rank_zeros_token_and_refuse_to_disagree(tmp_path):
+    """Each rank of `--strategy ddp` drew its own token; the files are named by rank 0's. A rank that
+    found other images left to predict than rank 0 did stops instead of writing rows for the wrong images."""
+    from types import SimpleNamespace
+
+    out, todo = tmp_path / "preds.csv", ["a.png", "b.png"]
+    writer = batch_predict.CsvRowWriter(RowWriter(out, todo, ["cat", "dog"], 1))
+    trainer = SimpleNamespace(global_rank=1, strategy=FakeStrategy(("rank0token", batch_predict._digest(todo))))
+    writer.setup(trainer, None)
+    writer.teardown(trainer, None)
+    assert partials(out) == [batch_predict.partial_path(out, "rank0token", 1)]
+
+    other = batch_predict.CsvRowWriter(RowWriter(out, todo[:1], ["cat", "dog"], 1))
+    with pytest.raises(UserError, match="different images left to predict"):
+        other.setup(trainer, None)
+    assert len(partials(out)) == 1
+
+
 def test_list_inputs_from_csv_and_text(tmp_path):
     (tmp_path / "list.csv").write_text("path,comment\na.png,x\nb.jpg,y\n")
     (tmp_path / "list.txt").write_text("# my images\na.png\n\n  b.jpg \n")
@@ -210,6 +443,7 @@ def test_ddp_shards_rows_without_duplicates(tmp_path, isolated_mlflow):
     inputs = sorted(str(p) for p in images.rglob("*.png"))
     # Every image once; rank 0's rows (every other input) then rank 1's: both ranks predicted.
     assert list(frame["path"]) == inputs[0::2] + inputs[1::2]
+    assert partials(out) == []  # rank 0 merged and removed both ranks' files, named by its token
 
 
 def test_help_and_unknown_model(tmp_path):
