@@ -99,7 +99,9 @@ def _check_contents(folder: Path, run_id: str | None, resuming: bool) -> None:
         if owner is not None and owner != run_id:
             raise UserError(f"{folder} belongs to MLflow run {owner}, not {run_id}: it cannot be resumed from there.")
         return
-    others = sorted(p.name for p in folder.iterdir() if p.name != LOCK_FILE)
+    # A claim killed before its MLflow run existed leaves the lock and the config alone: nothing to lose there.
+    claimed_only = {LOCK_FILE} if (folder / RUN_FILE).exists() else {LOCK_FILE, "config.json"}
+    others = sorted(p.name for p in folder.iterdir() if p.name not in claimed_only)
     if others:
         owner = saved_run_id(folder)
         hint = f"resume that run with --resume {owner}, or pass" if owner else "pass"
