@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
 import logging
 import os
@@ -62,6 +63,7 @@ from finetune.evaluation.tta import score_views
 log = logging.getLogger(__name__)
 
 MODEL_DIR_ARTIFACT = "model_dir"
+MODEL_CODE = str(Path(__file__).with_name("model_code.py"))  # the logged model's code (models-from-code)
 DEFAULT_TOP_K = 3
 DEFAULT_BATCH_SIZE = 32  # crops per forward pass (model_config "batch_size")
 # Serving defaults. Pillow's 89M-pixel bomb limit let a 48 KB 16-bit PNG of 25M pixels cost 655 MB to decode;
@@ -248,20 +250,55 @@ class ImageClassifierModel(PythonModel):
 
 
 def load_logged_model(model_uri: str, model_config: dict[str, Any] | None = None) -> "ImageClassifierModel":
-    """The finetune model behind a logged or registered MLflow model URI; a UserError when there is none."""
+    """The finetune model behind a logged or registered MLflow model URI; a UserError when there is none, or when
+    the model is not one finetune logged (`check_model_files`: it is refused before MLflow loads any of it)."""
     import mlflow
 
     from finetune import tracking
-    from finetune.errors import UserError
 
     tracking.client()
     try:
-        return mlflow.pyfunc.load_model(model_uri, model_config=model_config or None).unwrap_python_model()
+        local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri)
+        check_model_files(local, model_uri)
+        return mlflow.pyfunc.load_model(local, model_config=model_config or None).unwrap_python_model()
     except UserError:
         raise
     except Exception as e:  # unknown run, name, alias or version
         raise UserError(f"Cannot load model {model_uri!r}: {str(e).splitlines()[0][:300]}. Use runs:/RUN_ID/model "
                         "or models:/NAME@ALIAS (or models:/NAME/VERSION).") from None
+
+
+CODE_LOADER = "mlflow.pyfunc.loaders.code_model"  # MLflow's loader of a models-from-code model
+# sha256 of every model_code.py finetune has logged: a file of that name with other contents is not ours
+KNOWN_MODEL_CODE = frozenset({hashlib.sha256(Path(MODEL_CODE).read_bytes()).hexdigest()})
+
+
+def check_model_files(local_path: str | Path, model_uri: str = "") -> None:
+    """Refuse a downloaded model that would make MLflow run code or unpickle objects other than finetune's own:
+    a python_function flavor without finetune's `model_code.py` (another loader, another code file, code folders
+    put on the import path) or with a pickle. Loading runs the model's code, so only finetune's is accepted."""
+    from mlflow.models import Model
+
+    local_path = Path(local_path)
+    try:
+        flavor = Model.load(str(local_path / "MLmodel")).flavors.get("python_function") or {}
+    except Exception as e:
+        raise UserError(f"Cannot read the MLmodel of {model_uri or local_path}: {str(e).splitlines()[0][:300]}.") from None
+    code = Path(str(flavor.get("model_code_path") or "")).name
+    problems = []
+    if flavor.get("loader_module") != CODE_LOADER or code != Path(MODEL_CODE).name:
+        problems.append(f"its python_function flavor has no finetune code file ({Path(MODEL_CODE).name}; "
+                        f"loader {flavor.get('loader_module')!r}, code file {code or None!r})")
+    elif hashlib.sha256((local_path / code).read_bytes()).hexdigest() not in KNOWN_MODEL_CODE:
+        problems.append(f"its {code} is not finetune's")
+    if flavor.get("code"):
+        problems.append(f"it puts code folders on the import path ({flavor['code']!r})")
+    pickles = sorted(str(f.relative_to(local_path)) for f in local_path.rglob("*") if f.suffix in (".pkl", ".pickle"))
+    if flavor.get("python_model") or pickles:
+        problems.append(f"it carries a pickle ({', '.join(pickles) or flavor['python_model']})")
+    if problems:
+        raise UserError(f"Refusing to load {model_uri or local_path}: {'; '.join(problems)}. Loading would run that "
+                        "code; finetune loads only the models it logs itself (finetune train, finetune export).")
 
 
 COLUMNS = ["label", "score", "top_labels", "top_scores", "probabilities", "ood_score", "unknown"]
@@ -351,6 +388,3 @@ def example_image_bytes(size: int = 8) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (size, size), (128, 96, 64)).save(buf, format="PNG")
     return buf.getvalue()
-
-
-MODEL_CODE = str(Path(__file__).with_name("model_code.py"))
