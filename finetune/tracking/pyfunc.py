@@ -54,7 +54,7 @@ from mlflow.pyfunc import PythonModel
 
 from finetune import runtime
 from finetune.model.artifact import load_model, load_scoring
-from finetune.model.onnx import RUNTIME_FILES, OnnxRunner, choose_runtime
+from finetune.model.onnx import RUNTIME_FILES, OnnxRunner, check_graph, choose_runtime
 from finetune.model.scoring import UNKNOWN_LABEL
 from finetune.errors import UserError
 from finetune.data.crops import TTA_VIEWS, CropViews, ViewsDataset
@@ -139,6 +139,7 @@ class ImageClassifierModel(PythonModel):
         if self.runtime_name != "torch":  # the exported graph: same preprocessing, logits and features
             self.runner = OnnxRunner(Path(self.model_dir) / RUNTIME_FILES[self.runtime_name],
                                      threads=torch.get_num_threads(), device=self.runtime.device.type)
+            check_graph(self.runner.metadata, self.model_dir, self.spec, RUNTIME_FILES[self.runtime_name])
         self.ood_threshold = _optional_float(config.get("ood_threshold"), "ood_threshold")
         self.reject_unknown = _flag(config.get("reject_unknown", False), "reject_unknown")
         self.batch_size = _setting(config, "batch_size", None, DEFAULT_BATCH_SIZE)
