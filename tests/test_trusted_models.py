@@ -81,7 +81,8 @@ def test_a_foreign_code_file_is_refused_before_it_runs(tmp_path, monkeypatch, fi
     uri = log_other(tmp_path, str(code))
     marker = tmp_path / "marker"
     monkeypatch.setenv(MARKER_ENV, str(marker))
-    expected = "its python_function flavor has no finetune code file" if file_name == "serve.py" else "its model_code.py is not finetune's"
+    expected = ("its python_function flavor has no finetune code file" if file_name == "serve.py"
+                else "its model_code.py is not finetune's")
     with pytest.raises(UserError, match=f"Refusing to load {uri}: {expected}"):
         load_logged_model(uri)
     assert not marker.exists()

@@ -66,7 +66,8 @@ def require_onnx():
 
 def _metadata(spec: ModelSpec, weights_digest: str | None = None) -> dict[str, str]:
     """What a consumer of the file needs besides the graph; plain keys for tools that show metadata."""
-    return {SPEC_KEY: json.dumps(asdict(spec), default=str), **({WEIGHTS_KEY: weights_digest} if weights_digest else {}),
+    digest = {WEIGHTS_KEY: weights_digest} if weights_digest else {}
+    return {SPEC_KEY: json.dumps(asdict(spec), default=str), **digest,
             "class_names": json.dumps(list(spec.class_names)),
             "preprocessing": json.dumps(spec.data_config, default=str),
             "default_tta": spec.default_tta, "architecture": spec.architecture,

@@ -15,8 +15,8 @@ for `mlflow models serve`):
 * ``max_request_rows`` / ``FINETUNE_MAX_REQUEST_ROWS``: rows per request (default 256).
 * ``max_request_bytes`` / ``FINETUNE_MAX_REQUEST_BYTES``: image bytes per request, the sizes of the files
   a `path` names included (default 32 MiB).
-* ``batch_size``: images per forward pass (default 32); with a multi-crop ``tta`` fewer images, so that
-  one pass holds at most this many crops (one image's crops when they are more).
+* ``batch_size``: crops per forward pass (default 32), and so the images decoded at a time: 32 centre
+  crops, or 3 images' 10 crops with ``10crop`` (one image's crops when they are more).
 * ``runtime`` / ``FINETUNE_RUNTIME``: ``auto`` (default: ONNX Runtime when the model carries an ONNX graph,
   from `finetune export --register`, and ONNX Runtime is installed; else torch), ``torch``, ``onnx`` or
   ``onnx-int8`` (an error naming what is missing when the graph or ONNX Runtime is not there).
@@ -284,7 +284,8 @@ def check_model_files(local_path: str | Path, model_uri: str = "") -> None:
     try:
         flavor = Model.load(str(local_path / "MLmodel")).flavors.get("python_function") or {}
     except Exception as e:
-        raise UserError(f"Cannot read the MLmodel of {model_uri or local_path}: {str(e).splitlines()[0][:300]}.") from None
+        raise UserError(f"Cannot read the MLmodel of {model_uri or local_path}: "
+                        f"{str(e).splitlines()[0][:300]}.") from None
     code = Path(str(flavor.get("model_code_path") or "")).name
     problems = []
     if flavor.get("loader_module") != CODE_LOADER or code != Path(MODEL_CODE).name:
