@@ -290,3 +290,61 @@ def test_auto_on_a_gpu_uses_onnx_runtime_only_with_its_cuda_provider(tmp_path, m
     ort.providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert onnx_export.choose_runtime("auto", tmp_path, "cuda") == "onnx"
     assert onnx_export.choose_runtime("onnx", tmp_path, "cuda") == "onnx"  # asked for: OnnxRunner says what is missing
+
+
+def test_a_graph_exported_from_another_model_is_refused_at_load(tmp_path, caplog):
+    import shutil
+
+    import mlflow
+
+    from finetune.model.artifact import load_model, save_model, weights_sha256
+
+    def model_dir(name: str, seed: int, classes=("cat", "dog")) -> Path:
+        spec = ModelSpec(architecture=TINY_MODEL, num_classes=2, class_names=list(classes), data_config=DATA_CONFIG)
+        torch.manual_seed(seed)
+        net = build_network(spec)
+        folder = save_model(tmp_path / name, net, spec)
+        onnx_export.export_onnx(net, spec, folder / "model.onnx", weights_digest=weights_sha256(folder))
+        return folder
+
+    def load(folder: Path, classes=("cat", "dog")):
+        run = tracking.client().create_run(tracking.ensure_experiment("test"))
+        uri = registry.log_pyfunc(run.info.run_id, folder, list(classes), "center", {})
+        return mlflow.pyfunc.load_model(uri, model_config={"runtime": "onnx"}).unwrap_python_model()
+
+    own, other, ants = model_dir("own", 0), model_dir("other", 1), model_dir("ants", 0, ("ant", "bee"))
+    assert load(own).runtime_name == "onnx"  # its own graph
+    shutil.copyfile(own / "model.onnx", other / "model.onnx")  # what a reused export folder shipped
+    with pytest.raises(UserError, match="model.onnx does not belong to this model: it was exported from other "
+                                        "weights than this model's model.safetensors.*export this model again"):
+        load(other)
+    shutil.copyfile(own / "model.onnx", ants / "model.onnx")
+    with pytest.raises(UserError, match=r"its classes \['cat', 'dog'\] are not the model's \['ant', 'bee'\]"):
+        load(ants, ("ant", "bee"))
+    # A graph exported before the weights were recorded: its classes are checked, and a log line says so.
+    spec = ModelSpec(architecture=TINY_MODEL, num_classes=2, class_names=["cat", "dog"], data_config=DATA_CONFIG)
+    onnx_export.export_onnx(load_model(own)[0], spec, own / "model.onnx")
+    assert load(own).runtime_name == "onnx" and "records no weights digest" in caplog.text
+
+
+def test_export_refuses_a_used_output_folder_so_no_stale_graph_is_logged(tmp_path):
+    import mlflow
+
+    from finetune.model.artifact import weights_sha256
+
+    uri, run_id = logged_with_data(tmp_path)
+    stale = tmp_path / "export" / "onnx" / "model" / "model.int8.onnx"  # an earlier export of another model
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"another model's int8 graph")
+    result = CliRunner().invoke(cli, ["export", uri, "--output", str(tmp_path / "export")])
+    assert result.exit_code == 2 and f"--output {tmp_path / 'export'} is not empty" in result.output
+    assert not tracking.client().list_artifacts(run_id, "onnx")
+
+    result = CliRunner().invoke(cli, ["export", uri, "--output", str(tmp_path / "fresh")])
+    assert result.exit_code == 0, result.output
+    logged = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model_onnx"))
+    names = {p.name for p in logged.rglob("*")}
+    assert "model.onnx" in names and "model.int8.onnx" not in names
+    assert not [p for p in (tmp_path / "fresh").rglob("*") if p.name.endswith(".tmp")]  # written atomically
+    graph = onnx_export.OnnxRunner(tmp_path / "fresh" / "onnx" / "model.onnx")
+    assert graph.metadata[onnx_export.WEIGHTS_KEY] == weights_sha256(tmp_path / "fresh" / "onnx" / "model")

@@ -35,26 +35,27 @@ def _outputs_module(net: Any) -> Any:
 
 
 @torch.no_grad()
-def forward_views(net: Any, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_views(net: Any, views: torch.Tensor, per_pass: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch ``[B, V, 3, H, W]`` -> logits ``[B, V, K]`` and features ``[B, V, C]`` (the classifier's input).
 
-    The B*V crops go through the network B at a time: the forward batch stays the one the user chose
-    for images. One forward over all of them (10x the batch with 10crop) runs slower per crop: its
-    activations no longer fit the caches (docs/decisions.md).
+    The B*V crops go through the network B (or `per_pass`) at a time: the forward batch stays the one the
+    user chose for images. One forward over all of them (10x the batch with 10crop) runs slower per crop:
+    its activations no longer fit the caches (docs/decisions.md).
     """
     b, v = views.shape[:2]
     run = _outputs_module(net)
     module = isinstance(run, LogitsAndFeatures)  # a network: its images in its weights' layout (evaluating_on)
-    outs = [run(runtime.channels_last(part) if module else part) for part in views.flatten(0, 1).split(b)]
+    outs = [run(runtime.channels_last(part) if module else part) for part in views.flatten(0, 1).split(per_pass or b)]
     logits = torch.cat([o[0] for o in outs]).float()
     feats = torch.cat([o[1] for o in outs]).float()
     return logits.view(b, v, -1), feats.view(b, v, -1)
 
 
 @torch.no_grad()
-def score_views(net: Any, views: torch.Tensor, scoring: Scoring) -> tuple[torch.Tensor, torch.Tensor]:
+def score_views(net: Any, views: torch.Tensor, scoring: Scoring,
+                per_pass: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch ``[B, V, 3, H, W]`` -> the model's calibrated probabilities ``[B, K]`` and unknown scores ``[B]``."""
-    logits, feats = forward_views(net, views)
+    logits, feats = forward_views(net, views, per_pass)
     return scoring.probs(logits), scoring.ood_score(feats)
 
 

@@ -6,6 +6,7 @@ from this pair, with no pickled Python objects and no network access.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -66,6 +67,12 @@ def save_model(directory: str | Path, net: nn.Module, spec: ModelSpec) -> Path:
     with atomic_write(directory / SPEC_FILE) as f:
         f.write(json.dumps(asdict(spec), indent=2, default=str) + "\n")
     return directory
+
+
+def weights_sha256(directory: str | Path) -> str:
+    """The sha256 of a model folder's weights file: what ties an exported graph to the model it came from."""
+    with open(Path(directory) / WEIGHTS_FILE, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def load_scoring(directory: str | Path, spec: ModelSpec):

@@ -4,7 +4,9 @@ The graph is `finetune.model.outputs.LogitsAndFeatures` traced: input ``images``
 (normalised, exactly what the eval transform produces; dynamic batch axis), outputs ``logits`` ``[N, K]``
 and ``features`` ``[N, C]``. Temperature scaling and the unknown-image score work on those two outputs
 downstream, so the graph needs nothing else. The file describes itself: its metadata holds the model
-spec (architecture, class names, preprocessing contract, default TTA mode) as JSON.
+spec (architecture, class names, preprocessing contract, default TTA mode) as JSON, and the sha256 of the
+`model.safetensors` it was exported from: a model loading a graph checks both against its own folder
+(`check_graph`), so a graph left by an export of another model is refused.
 
 onnx and onnxruntime are an optional extra (``uv sync --extra onnx``); without it every entry point
 here says so in one line.
@@ -26,7 +28,8 @@ from torch import nn
 
 from finetune import runtime
 from finetune.errors import UserError
-from finetune.model.artifact import ModelSpec, build_network
+from finetune.files import replacing
+from finetune.model.artifact import WEIGHTS_FILE, ModelSpec, build_network, weights_sha256
 from finetune.model.outputs import LogitsAndFeatures
 
 log = logging.getLogger(__name__)
@@ -35,6 +38,7 @@ INPUT_NAME = "images"
 OUTPUT_NAMES = ("logits", "features")
 DEFAULT_OPSET = 17  # ONNX Runtime, TensorRT and OpenVINO all read it
 SPEC_KEY = "finetune.model_spec"  # metadata_props key of the ModelSpec JSON
+WEIGHTS_KEY = "finetune.weights_sha256"  # metadata_props key: sha256 of the model.safetensors exported
 # fp32 ONNX Runtime vs PyTorch differ by float summation order only: measured <= 4e-5 in logits on
 # mobilenetv2_100 @224; 1e-3 in probability leaves room for deeper nets and still catches a wrong graph.
 FP32_TOLERANCE = 1e-3
@@ -60,9 +64,10 @@ def require_onnx():
     return onnx
 
 
-def _metadata(spec: ModelSpec) -> dict[str, str]:
+def _metadata(spec: ModelSpec, weights_digest: str | None = None) -> dict[str, str]:
     """What a consumer of the file needs besides the graph; plain keys for tools that show metadata."""
-    return {SPEC_KEY: json.dumps(asdict(spec), default=str),
+    digest = {WEIGHTS_KEY: weights_digest} if weights_digest else {}
+    return {SPEC_KEY: json.dumps(asdict(spec), default=str), **digest,
             "class_names": json.dumps(list(spec.class_names)),
             "preprocessing": json.dumps(spec.data_config, default=str),
             "default_tta": spec.default_tta, "architecture": spec.architecture,
@@ -94,11 +99,21 @@ def exportable_copy(net: nn.Module, spec: ModelSpec) -> nn.Module:
     return copy
 
 
-def export_onnx(net: nn.Module, spec: ModelSpec, path: str | Path, opset: int = DEFAULT_OPSET) -> Path:
-    """Trace ``LogitsAndFeatures(net)`` to `path` (dynamic batch) with the spec in its metadata."""
+def export_onnx(net: nn.Module, spec: ModelSpec, path: str | Path, opset: int = DEFAULT_OPSET,
+                weights_digest: str | None = None) -> Path:
+    """Trace ``LogitsAndFeatures(net)`` to `path` (dynamic batch, written atomically) with the spec and the sha256
+    of the weights file `net` was loaded from (`weights_digest`) in its metadata."""
     onnx = require_onnx()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with replacing(path) as tmp:
+        _trace(net, spec, tmp, opset)
+        model = onnx.load(str(tmp))
+        onnx.helper.set_model_props(model, _metadata(spec, weights_digest))
+        onnx.save(model, str(tmp))
+    return path
+
+
+def _trace(net: nn.Module, spec: ModelSpec, path: Path, opset: int) -> None:
     dummy = torch.zeros(2, *[int(s) for s in spec.data_config["input_size"]])
     dynamic = {name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)}
     with torch.no_grad(), warnings.catch_warnings():
@@ -112,10 +127,6 @@ def export_onnx(net: nn.Module, spec: ModelSpec, path: str | Path, opset: int = 
         except torch.onnx.OnnxExporterError as e:
             raise UserError(f"{spec.architecture} at input size {dummy.shape[-2:]} cannot be exported to ONNX "
                             f"opset {opset}: {str(e).splitlines()[0][:300]}") from None
-    model = onnx.load(str(path))
-    onnx.helper.set_model_props(model, _metadata(spec))
-    onnx.save(model, str(path))
-    return path
 
 
 def read_spec(path: str | Path) -> ModelSpec:
@@ -125,6 +136,25 @@ def read_spec(path: str | Path) -> ModelSpec:
     if SPEC_KEY not in props:
         raise UserError(f"{path} was not exported by finetune (no {SPEC_KEY} in its metadata).")
     return ModelSpec.from_dict(json.loads(props[SPEC_KEY]))
+
+
+def check_graph(metadata: dict[str, str], model_dir: str | Path, spec: ModelSpec, name: str) -> None:
+    """Refuse a graph (its metadata) exported from another model than the one in `model_dir`: other class names,
+    or other weights than its `model.safetensors`. A graph exported before the weights were recorded can only be
+    checked by its classes: a log line says so."""
+    problems = []
+    classes = json.loads(metadata.get("class_names") or "null")
+    if classes != list(spec.class_names):
+        problems.append(f"its classes {classes} are not the model's {list(spec.class_names)}")
+    if WEIGHTS_KEY not in metadata:
+        log.warning("%s records no weights digest (an export older than the check): only its classes were checked "
+                    "against the model; export again to bind it to the weights.", name)
+    elif metadata[WEIGHTS_KEY] != weights_sha256(model_dir):
+        problems.append(f"it was exported from other weights than this model's {WEIGHTS_FILE}")
+    if problems:
+        raise UserError(f"{name} does not belong to this model: {'; '.join(problems)}. It is a stale graph (left by "
+                        "an export of another model?): export this model again (finetune export MODEL_URI --format "
+                        "onnx --register), or load it with runtime torch.")
 
 
 class OnnxRunner:
@@ -225,17 +255,16 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration_image
     if len(calibration_images) == 0:
         raise UserError("No calibration images for int8 quantization.")
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, replacing(out_path) as target:
         prepared = Path(tmp) / "prepared.onnx"  # shapes inferred and BatchNorm folded, as ORT advises
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-        quantize_static(str(prepared), str(out_path), _Calibration(calibration_images.split(batch_size)),
+        quantize_static(str(prepared), str(target), _Calibration(calibration_images.split(batch_size)),
                         quant_format=QuantFormat[quant_format], per_channel=per_channel, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
                         # ranges merged every 4 batches rather than every activation of every image kept to
                         # the end (200 images of mobilenetv2 @224: peak 2.8 GB instead of 3.0; more with more)
                         extra_options={"CalibMaxIntermediateOutputs": 4})
-    _copy_metadata(fp32_path, out_path)
+        _copy_metadata(fp32_path, target)
     return out_path
 
 

@@ -25,8 +25,8 @@ from packaging.version import Version
 
 from finetune import tracking
 from finetune.errors import UserError
-from finetune.data.images import DEFAULT_MAX_PIXELS
-from finetune.tracking.pyfunc import (DEFAULT_TOP_K, MODEL_CODE, MODEL_DIR_ARTIFACT, example_image_bytes, format_predictions)
+from finetune.tracking.pyfunc import (DEFAULT_BATCH_SIZE, DEFAULT_MAX_BYTES, DEFAULT_MAX_ROWS, DEFAULT_TOP_K, MODEL_CODE,
+                                      MODEL_DIR_ARTIFACT, SERVING_MAX_PIXELS, example_image_bytes, format_predictions)
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +64,12 @@ def log_pyfunc(run_id: str, model_dir: str | Path, class_names: list[str], defau
                extra_requirements: tuple[str, ...] = ()) -> str:
     """Log the model as `name` (default `model`) in the run; returns its model URI."""
     tracking.client()
-    # MLflow lets load-time model_config override only keys logged here, so every setting is present.
-    config = {"default_tta": default_tta, "plan": plan or {}, "path_root": "",
-              "max_image_pixels": int(max_image_pixels or DEFAULT_MAX_PIXELS), "ood_threshold": "",
-              "reject_unknown": False, "runtime": "auto"}
+    # MLflow lets load-time model_config override only keys logged here, so every setting is present; the
+    # request limits are logged with their values, so the MLmodel states them.
+    pixels = min(int(max_image_pixels or SERVING_MAX_PIXELS), SERVING_MAX_PIXELS)
+    config = {"default_tta": default_tta, "plan": plan or {}, "path_root": "", "max_image_pixels": pixels,
+              "max_request_rows": DEFAULT_MAX_ROWS, "max_request_bytes": DEFAULT_MAX_BYTES,
+              "batch_size": DEFAULT_BATCH_SIZE, "ood_threshold": "", "reject_unknown": False, "runtime": "auto"}
     example = pd.DataFrame({"image": [example_image_bytes()]})
     # A second model in a run (the ONNX export's) has the same model_config, whose keys MLflow tries to log as
     # params again and warns it cannot; the first model's params are the run's.

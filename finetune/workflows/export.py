@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import logging
 import shutil
 from pathlib import Path
+import tempfile
 import time
 from typing import Any, Sequence
 
@@ -24,7 +25,8 @@ from finetune.data.crops import CropViews, ViewsDataset
 from finetune.data.folders import FolderSplits, Sample, scan_folder
 from finetune.errors import UserError
 from finetune.evaluation.tta import predict_sources
-from finetune.model.artifact import ModelSpec
+from finetune.files import copy_file
+from finetune.model.artifact import ModelSpec, weights_sha256
 from finetune.model import onnx as onnx_export
 from finetune.workflows.resume import DATA_TAG
 
@@ -149,10 +151,12 @@ def log_onnx_model(model: Any, run_id: str, out: Path, files: dict[str, str]) ->
     loaded, it predicts with ONNX Runtime (`runtime` "auto"); returns its model URI."""
     from finetune.tracking import registry
 
-    model_dir = out / "model"
-    shutil.copytree(model.model_dir, model_dir, dirs_exist_ok=True)
+    model_dir = out / "model"  # `out` is this export's own (output_folder): nothing of another export is in it
+    # The loaded model's files but its graphs (an ONNX version exported again): only this export's go with it.
+    shutil.copytree(model.model_dir, model_dir, copy_function=copy_file,
+                    ignore=shutil.ignore_patterns(*onnx_export.RUNTIME_FILES.values()))
     for name in files.values():
-        shutil.copy2(out / name, model_dir / name)
+        copy_file(out / name, model_dir / name)
     return registry.log_pyfunc(run_id, model_dir, model.class_names, model.default_tta, model.plan,
                                model.max_pixels, name=ONNX_MODEL_NAME, extra_requirements=("onnxruntime",))
 
@@ -177,11 +181,27 @@ def check_options(options: ExportOptions) -> None:
     onnx_export.require_onnx()
 
 
+def output_folder(output: str | None) -> Path:
+    """This export's folder: `output` when it is new or empty, else a UserError; by default a new one under
+    outputs/. An export owns its folder, so that no file of an earlier export (another model's int8 graph, say)
+    is logged with this one."""
+    if output is None:
+        Path("outputs").mkdir(exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f"export-{time.strftime('%Y%m%d-%H%M%S')}-", dir="outputs"))
+    folder = Path(output)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise UserError(f"--output {output} is not empty: an export writes into a folder of its own, so that no file "
+                        "of an earlier export is logged with it. Pass a new or empty folder, or leave --output out "
+                        "(a new folder under outputs/).")
+    return folder
+
+
 def export_model(model_uri: str, options: ExportOptions) -> dict[str, Any]:
     """`finetune export`: export, check, log to the model's run and (optionally) tag its registered version."""
     from finetune.tracking.pyfunc import load_logged_model
 
     check_options(options)
+    out = output_folder(options.output) / ONNX_DIR
     runtime.configure()
     model = load_logged_model(model_uri)
     run_id, model_version = model_source(model_uri)
@@ -189,8 +209,8 @@ def export_model(model_uri: str, options: ExportOptions) -> dict[str, Any]:
         raise UserError(f"{model_uri} has no registered version to tag: register it (finetune train --register "
                         "NAME) or pass models:/NAME@ALIAS.")
     splits, label_map = training_data(tracking.client().get_run(run_id), options.data_dir, model.spec)
-    out = Path(options.output or Path("outputs") / f"export-{time.strftime('%Y%m%d-%H%M%S')}") / ONNX_DIR
-    fp32 = onnx_export.export_onnx(model.net, model.spec, out / FP32_FILE)
+    fp32 = onnx_export.export_onnx(model.net, model.spec, out / FP32_FILE,
+                                   weights_digest=weights_sha256(model.model_dir))
     images = preprocessed(spread(splits.val or splits.train, VERIFY_IMAGES), model.spec.data_config)
     report: dict[str, Any] = {"model_uri": model_uri, "run_id": run_id, "files": {"onnx": FP32_FILE},
                               "fp32": onnx_export.verify(model.net, onnx_export.OnnxRunner(fp32), images,
