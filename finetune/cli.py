@@ -12,8 +12,8 @@ import click
 
 from finetune import console
 from finetune.errors import UserError
-from finetune.config import (AUGMENT_PRESETS, CLASS_WEIGHTS, OPTIMIZERS, SAMPLERS, SCENARIOS, SCHEDULES,
-                             FIXED_TTA_MODES, TTA_MODES, load_yaml, resolve_config)
+from finetune.cli_options import GroupedCommand, config_options
+from finetune.config import FIXED_TTA_MODES, load_yaml, resolve_config
 
 log = logging.getLogger("finetune")
 
@@ -29,104 +29,24 @@ def cli(verbose: bool) -> None:
     console.setup(verbose)
 
 
-def train_options(f):
-    """Options shared by commands that build a training config (train, and later plan/sweep)."""
-    options = [
-        click.option("--config", "config_file", type=click.Path(dir_okay=False),
-                     help="YAML file with any of these options (flags override it)."),
-        click.option("--model", help="timm model name, optionally with weight tag, e.g. convnext_tiny.fb_in22k."),
-        click.option("--weights", help="'hub' (download timm's pretrained weights), 'none', or a local "
-                     ".safetensors/.pth/.bin file (a sidecar <file>.json is honoured)."),
-        click.option("--scenario", type=click.Choice(SCENARIOS), help="Fine-tuning scenario; auto measures it."),
-        click.option("--freeze-groups", type=int, help="Override: freeze the first N layer groups (0 trains all; "
-                     "`finetune plan` lists the groups). Fine-tuning scenarios only."),
-        click.option("--backbone-lr-mult", type=float, help="Override: backbone LR as a multiple of the head's."),
-        click.option("--aug-views", type=int, help="Augmented views per image in the feature cache (frozen-"
-                     "backbone scenarios)."),
-        click.option("--epochs", type=int, help="Training epochs."),
-        click.option("--batch-size", type=int, help="Images per batch."),
-        click.option("--image-size", type=int, help="Input size (default: the model's pretrained size)."),
-        click.option("--lr", type=float, help="Learning rate of the new head."),
-        click.option("--weight-decay", type=float, help="Weight decay (not on norms, biases, position embeddings; default: the plan's: 0.05 when fine-tuning, chosen by cross-validation on train for a linear head)."),
-        click.option("--val-fraction", type=float, help="Fraction held out for validation when the folder "
-                     "has no val/ split (stratified)."),
-        click.option("--select-fraction", type=float, help="Fine-tuning plans: fraction of train held out to "
-                     "choose the epoch and weights on (default 0.2; val is only reported)."),
-        click.option("--seed", type=int, help="Random seed (split, init, augmentation)."),
-        click.option("--exclude", type=click.Path(dir_okay=False), help="A file of image paths, one per line "
-                     "(e.g. reviewed findings of `finetune audit`), left out of training and evaluation; "
-                     "nothing is moved or deleted."),
-        click.option("--tta", type=click.Choice(TTA_MODES), help="Test-time crops the model uses: auto (default) "
-                     "picks centre, 5crop or 10crop by accuracy on held-out training images; or a fixed mode."),
-        click.option("--max-image-pixels", type=int, help="Refuse images with more pixels than this."),
-        click.option("--num-workers", type=int, help="Data loader workers (default: from the cores)."),
-        click.option("--experiment", help="MLflow experiment name."),
-        click.option("--run-name", help="MLflow run name (default: model-data-time)."),
-        click.option("--register", help="Register the model under this name in the MLflow registry."),
-        click.option("--output", help="Output folder (default: outputs/<run name>)."),
-        click.option("--accelerator", help="auto, cpu, gpu, ... (Lightning)."),
-        click.option("--devices", help="Number of devices or 'auto' (Lightning)."),
-        click.option("--num-nodes", type=int, help="Machines in a multi-node DDP run (Lightning; default 1)."),
-        click.option("--strategy", help="Lightning strategy: auto, ddp, ..."),
-        click.option("--precision", help="Lightning precision (default: bf16-mixed on GPUs with native bf16, 16-mixed on older ones, 32-true on CPU)."),
-        *recipe_options(),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+cli.command_class = GroupedCommand  # every command's help lists its options by group
 
 
-def recipe_options() -> list:
-    """Options of the training recipe (README "Training recipe"); unset ones take the scenario's default."""
-    return [
-        click.option("--augment", type=click.Choice(AUGMENT_PRESETS), help="Augmentation preset."),
-        click.option("--mixup", type=float, help="Mixup alpha (0 = off)."),
-        click.option("--cutmix", type=float, help="CutMix alpha (0 = off)."),
-        click.option("--label-smoothing", type=float, help="Label smoothing (0 = off)."),
-        click.option("--optimizer", type=click.Choice(OPTIMIZERS), help="Optimizer (timm)."),
-        click.option("--momentum", type=float, help="Momentum of sgd/rmsprop."),
-        click.option("--nesterov/--no-nesterov", default=None, help="Nesterov momentum (sgd)."),
-        click.option("--schedule", type=click.Choice(SCHEDULES), help="Learning-rate schedule."),
-        click.option("--warmup-epochs", type=float, help="Linear LR warmup length in epochs."),
-        click.option("--step-epochs", type=int, help="Epochs between LR drops of the step schedule."),
-        click.option("--lr-gamma", type=float, help="LR factor per drop (step: 0.1) or per epoch (exponential: 0.9)."),
-        click.option("--dropout", type=float, help="Dropout before the classifier (timm drop_rate)."),
-        click.option("--drop-path", type=float, help="Stochastic depth rate (timm drop_path_rate)."),
-        click.option("--drop-connect", type=float, help="DropConnect rate on the classifier's weights."),
-        click.option("--ema", type=float, help="Decay of the EMA of the weights (Polyak averaging; 0 = off)."),
-        click.option("--patience", type=int, help="Early stopping after N epochs without a better val_acc."),
-        click.option("--class-weights", type=click.Choice(CLASS_WEIGHTS), help="'auto': inverse-frequency loss weights."),
-        click.option("--sampler", type=click.Choice(SAMPLERS), help="'balanced': draw each class equally often."),
-    ]
-
-
-def build_config(data_dir: str, config_file: str | None, **cli_values: Any):
+def build_config(command: str, data_dir: str, config_file: str | None, **cli_values: Any):
     file_values = load_yaml(config_file) if config_file else {}
-    return resolve_config(file_values, {"data_dir": data_dir, **cli_values})
-
-
-# Options of `train_options` that only a training run acts on: refused elsewhere rather than ignored (plan,
-# sanity and lr-find refuse --register in their workflows, with the distributed options).
-TRAIN_ONLY = {"tta": "--tta", "register": "--register"}
-
-
-def refuse_train_only(command: str, options: dict[str, Any], keys: tuple[str, ...] = ("tta",)) -> None:
-    given = [TRAIN_ONLY[key] for key in keys if options.get(key) not in (None, False)]
-    if given:
-        raise UserError(f"{', '.join(given)} acts on `finetune train` only; `finetune {command}` does not use it. "
-                        "Remove it from this command.")
+    return resolve_config(file_values, {"data_dir": data_dir, **cli_values}, command)
 
 
 @cli.command()
 @click.argument("data_dir", type=click.Path())
-@train_options
+@config_options("train")
 @click.option("--resume", "resume_run", metavar="RUN_ID|last",
               help="Continue an interrupted run from its last checkpoint, into the same MLflow run.")
 def train(data_dir: str, config_file: str | None, resume_run: str | None, **options: Any) -> None:
     """Fine-tune a pretrained timm backbone on DATA_DIR (one subfolder per class, or train/ and val/)."""
     from finetune.workflows.train import train as run_train
 
-    cfg = build_config(data_dir, config_file, **options)
+    cfg = build_config("train", data_dir, config_file, **options)
     point = None
     if resume_run:
         from finetune.workflows import resume
@@ -154,7 +74,7 @@ def upload(output: str) -> None:
 
 @cli.command()
 @click.argument("data_dir", type=click.Path())
-@train_options
+@config_options("plan", shows={"output": "outputs/audit-<data>-<time> (the audit)"})
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the report.")
 def plan(data_dir: str, config_file: str | None, as_json: bool, **options: Any) -> None:
     """Measure DATA_DIR and show the fine-tuning plan, without training.
@@ -168,8 +88,7 @@ def plan(data_dir: str, config_file: str | None, as_json: bool, **options: Any) 
     from finetune.workflows.audit import summary_lines
     from finetune.workflows.plan import plan_and_audit
 
-    refuse_train_only("plan", options)
-    cfg = build_config(data_dir, config_file, **options)
+    cfg = build_config("plan", data_dir, config_file, **options)
     decision, groups, audit = plan_and_audit(cfg)
     if as_json:
         click.echo(json.dumps({**decision.to_dict(), "layer_groups": groups, "audit": audit}, default=str))
@@ -180,7 +99,7 @@ def plan(data_dir: str, config_file: str | None, as_json: bool, **options: Any) 
 
 @cli.command()
 @click.argument("data_dir", type=click.Path())
-@train_options
+@config_options("audit", shows={"output": "outputs/audit-<data>-<time>"})
 @click.option("--json", "as_json", is_flag=True, help="Print audit.json's content instead of the summary.")
 def audit(data_dir: str, config_file: str | None, as_json: bool, **options: Any) -> None:
     """Audit DATA_DIR before training: likely mislabeled images, duplicates, leakage across splits, outliers.
@@ -192,8 +111,7 @@ def audit(data_dir: str, config_file: str | None, as_json: bool, **options: Any)
     """
     from finetune.workflows.audit import audit_folder, summary_lines
 
-    refuse_train_only("audit", options, ("tta", "register"))
-    result = audit_folder(build_config(data_dir, config_file, **options))
+    result = audit_folder(build_config("audit", data_dir, config_file, **options))
     click.echo(json.dumps(result, default=str) if as_json else "\n".join(summary_lines(result)))
 
 
@@ -279,7 +197,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
 @cli.command()
 @click.argument("data_dir", type=click.Path())
 @click.option("--samples", default=20, show_default=True, type=int, help="Training images to overfit.")
-@train_options
+@config_options("sanity", shows={"epochs": "30"})
 def sanity(data_dir: str, config_file: str | None, samples: int, **options: Any) -> None:
     """Overfit a few training images (no augmentation, no regularization): should reach ~100% accuracy.
 
@@ -288,9 +206,8 @@ def sanity(data_dir: str, config_file: str | None, samples: int, **options: Any)
     """
     from finetune.workflows.tools import sanity as run_sanity
 
-    refuse_train_only("sanity", options)
     epochs = options["epochs"] or 30
-    cfg = build_config(data_dir, config_file, **{**options, "epochs": epochs})
+    cfg = build_config("sanity", data_dir, config_file, **{**options, "epochs": epochs})
     r = run_sanity(cfg, samples=samples, epochs=epochs)
     click.echo(f"initial loss {r['initial_loss']:.3f} (ln {r['classes']} = {r['expected_initial_loss']:.3f}); "
                f"after {r['epochs']} epochs on {r['samples']} images: loss {r['final_loss']:.4f}, "
@@ -308,7 +225,7 @@ def sanity(data_dir: str, config_file: str | None, samples: int, **options: Any)
 @click.option("--min-lr", default=1e-6, show_default=True, type=float, help="Start of the LR range.")
 @click.option("--max-lr", default=1.0, show_default=True, type=float, help="End of the LR range.")
 @click.option("--num-training", default=100, show_default=True, type=int, help="Steps of the range test.")
-@train_options
+@config_options("lr-find", shows={"output": "outputs/lr-find-<time>"})
 def lr_find(data_dir: str, config_file: str | None, min_lr: float, max_lr: float, num_training: int,
             **options: Any) -> None:
     """Learning-rate range test of the plan `train` would run: saves the loss-vs-LR plot, suggests train's --lr.
@@ -320,8 +237,7 @@ def lr_find(data_dir: str, config_file: str | None, min_lr: float, max_lr: float
     """
     from finetune.workflows.tools import lr_find as run_lr_find
 
-    refuse_train_only("lr-find", options)
-    cfg = build_config(data_dir, config_file, **options)
+    cfg = build_config("lr-find", data_dir, config_file, **options)
     r = run_lr_find(cfg, min_lr=min_lr, max_lr=max_lr, num_training=num_training)
     click.echo(f"plan {r['plan']} ({r['plan_source']}): measured {r['measured']}")
     click.echo(f"LR varied: {r['lr_of']}; {r['steps']} steps from {r['min_lr']:.3g} to {r['lrs'][-1]:.3g}")
@@ -345,7 +261,7 @@ def lr_find(data_dir: str, config_file: str | None, min_lr: float, max_lr: float
               help="Log-uniform weight-decay range (default 1e-6 0.1). Fine-tuning plans only: a feature plan's "
                    "head chooses its weight decay by cross-validation on train in every trial.")
 @click.option("--search-augment", is_flag=True, help="Also search the augmentation preset (fine-tuning plans only).")
-@train_options
+@config_options("sweep", shows={"output": "outputs/sweep-<data>-<time>"})
 def sweep(data_dir: str, config_file: str | None, trials: int, lr_range: tuple[float, float],
           wd_range: tuple[float, float] | None, search_augment: bool, **options: Any) -> None:
     """Hyperparameter search (Optuna) of what acts in the data's plan; trials are child runs of one MLflow run.
@@ -356,7 +272,7 @@ def sweep(data_dir: str, config_file: str | None, trials: int, lr_range: tuple[f
     """
     from finetune.workflows.sweep import sweep as run_sweep
 
-    cfg = build_config(data_dir, config_file, **options)
+    cfg = build_config("sweep", data_dir, config_file, **options)
     r = run_sweep(cfg, trials, tuple(lr_range), tuple(wd_range) if wd_range else None, search_augment)
     click.echo(f"best select_acc {r['best_select_acc']:.4f} (trial {r['best_trial']}, val_acc {r['best_val_acc']:.4f}): "
                + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["best_params"].items()))

@@ -1,14 +1,17 @@
 """Training configuration: defaults < YAML file < command-line flags.
 
-One dataclass holds every option `finetune train` understands. A YAML file may set any of them;
+One dataclass declares every option `finetune train` understands, each once: name, type and default as the
+field, and as its metadata the help, the help group, the valid values or range, and the commands that act on
+it. The click options (`finetune.cli`), the YAML checks (`resolve_config`) and the recipe
+(`finetune.training.recipe.Recipe`) are generated from it. A YAML file may set any option of its command;
 unknown keys are an error naming the valid ones. The resolved config is saved with every run.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import Field, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 import yaml
 
@@ -27,62 +30,118 @@ SCHEDULES = ("constant", "step", "exponential", "cosine", "onecycle")
 CLASS_WEIGHTS = ("none", "auto")
 SAMPLERS = ("shuffle", "balanced")
 
+# The commands that build a TrainConfig, and which of its options each one acts on (`opt(commands=...)`).
+COMMANDS = ("train", "plan", "sweep", "sanity", "lr-find", "audit")
+EVERY = frozenset(COMMANDS)  # the data, the model and the hardware: every command reads them
+TRAINING = EVERY - {"audit"}  # what measures, decides and trains (or, `plan`, shows the plan)
+RUNS = TRAINING - {"sanity", "lr-find"}  # options of a real run: DDP and the like
+MLFLOW_RUNS = frozenset({"train", "sweep", "lr-find"})  # the commands that make an MLflow run
+# The order the help shows the groups in.
+GROUPS = ("Data", "Model and plan", "Recipe", "Tracking and output", "Hardware")
+
+
+def opt(default: Any, help: str, group: str, *, choices: tuple[str, ...] | None = None, low: float | None = None,
+        high: float | None = None, low_open: bool = False, high_open: bool = False, shows: str | None = None,
+        commands: frozenset[str] = TRAINING, path: bool = False) -> Any:
+    """One option's whole declaration: the dataclass field (name, type, default) and, as its metadata, what the
+    CLI, the YAML checks and the help need. `shows`: the default as the help says it (for a None that means
+    "derived"); `commands`: the commands that act on it (the others neither offer it nor accept it in a file)."""
+    return field(default=default, metadata={"help": help, "group": group, "choices": choices, "low": low,
+                                            "high": high, "low_open": low_open, "high_open": high_open,
+                                            "shows": shows, "commands": commands, "path": path})
+
 
 @dataclass
 class TrainConfig:
-    """Every option of `finetune train`; see README for what each one does."""
+    """Every option of `finetune train`, each declared once (see the module docstring)."""
 
     data_dir: str = ""
-    model: str = "resnet50.a1_in1k"
-    weights: str = "hub"
-    scenario: str = "auto"
-    # Overrides of the scenario's plan (None: the plan's own value; see configs/<scenario>.yaml).
-    freeze_groups: int | None = None
-    backbone_lr_mult: float | None = None
-    aug_views: int | None = None
-    epochs: int = 10
-    batch_size: int = 32
-    image_size: int | None = None
-    lr: float = 1e-3
-    # None: the plan's. A feature plan chooses its head's weight decay by cross-validation on train from the
-    # plan's grid, a fine-tuning plan uses 0.05 (finetune.training.recipe); a value given here is used as it is.
-    weight_decay: float | None = None
-    val_fraction: float = 0.2
-    exclude: str | None = None  # a file listing images (one path a line) to leave out of every split
+    # Data
+    val_fraction: float = opt(0.2, "Fraction held out for validation when the folder has no val/ split "
+                              "(stratified).", "Data", low=0.0, high=1.0, low_open=True, high_open=True,
+                              commands=EVERY)
+    exclude: str | None = opt(None, "A file of image paths, one per line (e.g. reviewed findings of `finetune "
+                              "audit`), left out of training and evaluation; nothing is moved or deleted.", "Data",
+                              shows="none", commands=EVERY, path=True)
+    seed: int = opt(0, "Random seed (split, init, augmentation).", "Data", commands=EVERY)
+    max_image_pixels: int = opt(89_478_485, "Refuse images with more pixels than this (Pillow's "
+                                "decompression-bomb limit).", "Data", low=1, commands=EVERY)
+    image_size: int | None = opt(None, "Input size in pixels.", "Data", low=16, shows="the model's pretrained size",
+                                 commands=EVERY)
+    batch_size: int = opt(32, "Images per batch (per process under DDP).", "Data", low=1, commands=EVERY)
+    # Model and plan
+    model: str = opt("resnet50.a1_in1k", "timm model name, optionally with a weight tag, e.g. "
+                     "convnext_tiny.fb_in22k.", "Model and plan", commands=EVERY)
+    weights: str = opt("hub", "'hub' (download timm's pretrained weights), 'none', or a local "
+                       ".safetensors/.pth/.bin file (a sidecar <file>.json is honoured).", "Model and plan",
+                       commands=EVERY)
+    scenario: str = opt("auto", "Scenario of the four-scenario table; auto measures it.", "Model and plan",
+                        choices=SCENARIOS)
+    freeze_groups: int | None = opt(None, "Override: freeze the first N layer groups (0 trains all; `finetune "
+                                    "plan` lists the groups). Fine-tuning plans only.", "Model and plan", low=0,
+                                    shows="the plan's")
+    backbone_lr_mult: float | None = opt(None, "Override: backbone LR as a multiple of the head's.",
+                                         "Model and plan", low=0.0, shows="the plan's")
+    aug_views: int | None = opt(None, "Augmented views per image in the feature cache (frozen-backbone plans).",
+                                "Model and plan", low=0, shows="the plan's")
+    epochs: int = opt(10, "Training epochs.", "Model and plan", low=1)
     # Network plans (and the pilot) hold this share of train out to choose on; None: 0.2 (`select_share`).
-    select_fraction: float | None = None
-    seed: int = 0
-    tta: str = "auto"  # "auto": the crop mode that scores best on data inside train; or a fixed mode
-    max_image_pixels: int = 89_478_485  # Pillow's own decompression-bomb limit
-    num_workers: int | None = None
-    experiment: str = "finetune"
-    run_name: str | None = None
-    register: str | None = None
-    output: str | None = None
-    accelerator: str = "auto"
-    devices: str = "auto"
-    num_nodes: int = 1
-    strategy: str = "auto"
-    precision: str | None = None
-    # Training recipe: None means "the scenario's default" (finetune.training.recipe.default_recipe).
-    augment: str | None = None
-    mixup: float | None = None
-    cutmix: float | None = None
-    label_smoothing: float | None = None
-    optimizer: str = "adamw"
-    momentum: float | None = None  # sgd and rmsprop only; 0.9 when not given
-    nesterov: bool = False
-    schedule: str | None = None
-    warmup_epochs: float | None = None
-    step_epochs: int | None = None
-    lr_gamma: float | None = None
-    dropout: float | None = None
-    drop_path: float | None = None
-    drop_connect: float | None = None
-    ema: float | None = None
-    patience: int | None = None
-    class_weights: str = "none"
-    sampler: str = "shuffle"
+    select_fraction: float | None = opt(None, "Fine-tuning plans: fraction of train held out to choose the "
+                                        "epoch and weights on (val is only reported).", "Model and plan", low=0.0,
+                                        high=1.0, low_open=True, high_open=True, shows=str(DEFAULT_SELECT_FRACTION))
+    tta: str = opt("auto", "Test-time crops the model uses: auto picks centre, 5crop or 10crop by accuracy on "
+                   "held-out training images; or a fixed mode.", "Model and plan", choices=TTA_MODES,
+                   commands=frozenset({"train", "sweep"}))
+    # Recipe: None means "the plan's", the scenario's default (finetune.training.recipe.DEFAULT_RECIPES).
+    lr: float = opt(1e-3, "Learning rate of the new head.", "Recipe", low=0.0, low_open=True)
+    weight_decay: float | None = opt(None, "Weight decay (not on norms, biases, position embeddings).", "Recipe",
+                                     low=0.0, shows="the plan's: 0.05 when fine-tuning, chosen by cross-validation "
+                                     "on train for a linear head")
+    augment: str | None = opt(None, "Augmentation preset.", "Recipe", choices=AUGMENT_PRESETS, shows="the plan's")
+    mixup: float | None = opt(None, "Mixup alpha (0 = off).", "Recipe", low=0.0, shows="the plan's")
+    cutmix: float | None = opt(None, "CutMix alpha (0 = off).", "Recipe", low=0.0, shows="the plan's")
+    label_smoothing: float | None = opt(None, "Label smoothing (0 = off).", "Recipe", low=0.0, high=1.0,
+                                        high_open=True, shows="the plan's")
+    optimizer: str = opt("adamw", "Optimizer (timm).", "Recipe", choices=OPTIMIZERS)
+    momentum: float | None = opt(None, "Momentum of sgd/rmsprop.", "Recipe", low=0.0, high=1.0, high_open=True,
+                                 shows="0.9")
+    nesterov: bool = opt(False, "Nesterov momentum (sgd).", "Recipe")
+    schedule: str | None = opt(None, "Learning-rate schedule.", "Recipe", choices=SCHEDULES, shows="the plan's")
+    warmup_epochs: float | None = opt(None, "Linear LR warm-up length in epochs.", "Recipe", low=0.0,
+                                      shows="the plan's")
+    step_epochs: int | None = opt(None, "Epochs between LR drops of the step schedule.", "Recipe", low=1,
+                                  shows="a third of the epochs")
+    lr_gamma: float | None = opt(None, "LR factor per drop (step) or per epoch (exponential).", "Recipe", low=0.0,
+                                 high=1.0, low_open=True, shows="0.1 (step), 0.9 (exponential)")
+    dropout: float | None = opt(None, "Dropout before the classifier (timm drop_rate).", "Recipe", low=0.0,
+                                high=1.0, high_open=True, shows="the plan's")
+    drop_path: float | None = opt(None, "Stochastic depth rate (timm drop_path_rate).", "Recipe", low=0.0,
+                                  high=1.0, high_open=True, shows="the plan's")
+    drop_connect: float | None = opt(None, "DropConnect rate on the classifier's weights.", "Recipe", low=0.0,
+                                     high=1.0, high_open=True, shows="the plan's")
+    ema: float | None = opt(None, "Decay of the EMA of the weights (Polyak averaging; 0 = off), e.g. 0.999.",
+                            "Recipe", low=0.0, high=1.0, high_open=True, shows="the plan's")
+    patience: int | None = opt(None, "Early stopping after N epochs without a better select_acc (accuracy on "
+                               "the selection split held out of train).", "Recipe", low=1, shows="off")
+    class_weights: str = opt("none", "'auto': inverse-frequency loss weights.", "Recipe", choices=CLASS_WEIGHTS)
+    sampler: str = opt("shuffle", "'balanced': draw each class equally often.", "Recipe", choices=SAMPLERS)
+    # Tracking and output
+    experiment: str = opt("finetune", "MLflow experiment name.", "Tracking and output", commands=MLFLOW_RUNS)
+    run_name: str | None = opt(None, "MLflow run name.", "Tracking and output", shows="model-data-time",
+                               commands=MLFLOW_RUNS)
+    register: str | None = opt(None, "Register the model under this name in the MLflow registry.",
+                               "Tracking and output", shows="not registered", commands=frozenset({"train"}))
+    output: str | None = opt(None, "Output folder (new or empty: a run never writes into another's).",
+                             "Tracking and output", shows="outputs/<run name>-<run id>", commands=EVERY - {"sanity"})
+    # Hardware
+    num_workers: int | None = opt(None, "Data loader workers.", "Hardware", low=0, shows="from the cores",
+                                  commands=EVERY)
+    accelerator: str = opt("auto", "auto, cpu, gpu, ... (Lightning).", "Hardware", commands=EVERY)
+    devices: str = opt("auto", "Number of devices, or 'auto' (Lightning).", "Hardware", commands=RUNS)
+    num_nodes: int = opt(1, "Machines in a multi-node DDP run (Lightning).", "Hardware", low=1, commands=RUNS)
+    strategy: str = opt("auto", "Lightning strategy: auto, ddp, ...", "Hardware", commands=RUNS)
+    precision: str | None = opt(None, "Lightning precision.", "Hardware", shows="bf16-mixed on GPUs with native "
+                                "bf16, 16-mixed on older ones, 32-true on CPU", commands=EVERY)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -93,6 +152,17 @@ class TrainConfig:
         return DEFAULT_SELECT_FRACTION if self.select_fraction is None else self.select_fraction
 
 
+def options(command: str | None = None) -> list[Field]:
+    """The declared options (every field but the data folder), or those `command` acts on."""
+    return [f for f in fields(TrainConfig) if f.metadata and (command is None or command in f.metadata["commands"])]
+
+
+def option_type(f: Field) -> type:
+    """The option's value type (int, float, str or bool), from its annotation."""
+    hint = get_type_hints(TrainConfig)[f.name]
+    return next(a for a in (get_args(hint) or (hint,)) if a is not type(None))
+
+
 def config_keys() -> list[str]:
     return [f.name for f in fields(TrainConfig)]
 
@@ -100,8 +170,6 @@ def config_keys() -> list[str]:
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file into a dict of known keys (dashes in keys are accepted)."""
     return read_yaml_mapping(path, "Config file")
-
-
 def read_yaml_mapping(path: str | Path, label: str) -> dict[str, Any]:
     """A YAML file holding `key: value` pairs, keys with dashes turned into underscores.
 
@@ -121,121 +189,74 @@ def read_yaml_mapping(path: str | Path, label: str) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
-def resolve_config(file_values: dict[str, Any], cli_values: dict[str, Any]) -> TrainConfig:
-    """Merge defaults, file and explicitly-given CLI values (CLI wins) into a TrainConfig."""
+
+
+def resolve_config(file_values: dict[str, Any], cli_values: dict[str, Any], command: str = "train") -> TrainConfig:
+    """Merge defaults, file and explicitly-given CLI values (CLI wins) into a checked TrainConfig.
+
+    `command`: a file may set only the options that command acts on, except that `plan` takes a whole training
+    config (it shows what `train` would do with it).
+    """
     valid = config_keys()
     unknown = sorted(set(file_values) - set(valid))
     if unknown:
         raise UserError(f"Unknown config key(s): {', '.join(unknown)}. Valid keys: {', '.join(valid)}.")
+    acts = {f.name for f in options("train" if command == "plan" else command)} | {"data_dir"}
+    ignored = sorted(k for k, v in file_values.items() if k not in acts and v is not None)
+    if ignored:
+        raise UserError(f"Config key(s) {', '.join(ignored)} do not act on `finetune {command}`. Remove them from "
+                        "the file for this command.")
     merged = {**file_values, **{k: v for k, v in cli_values.items() if v is not None}}
     cfg = TrainConfig(**merged)
-    _coerce_types(cfg)
+    for f in options():
+        setattr(cfg, f.name, checked_value(f, getattr(cfg, f.name)))
     validate_config(cfg)
     return cfg
 
 
-def _coerce_types(cfg: TrainConfig) -> None:
-    """YAML gives strings for things like 1e-3 written oddly; cast to the declared types."""
-    casts = {"epochs": int, "batch_size": int, "seed": int, "max_image_pixels": int, "num_nodes": int,
-             "lr": float, "val_fraction": float}
-    for name, cast in casts.items():
-        value = getattr(cfg, name)
-        try:
-            setattr(cfg, name, cast(value))
-        except (TypeError, ValueError):
-            raise UserError(f"Config value {name}={value!r} is not a valid {cast.__name__}.") from None
-    for name in ("image_size", "num_workers", "freeze_groups", "aug_views"):
-        value = getattr(cfg, name)
-        if value is not None:
-            try:
-                setattr(cfg, name, int(value))
-            except (TypeError, ValueError):
-                raise UserError(f"Config value {name}={value!r} is not a valid int.") from None
-    if cfg.backbone_lr_mult is not None:
-        try:
-            cfg.backbone_lr_mult = float(cfg.backbone_lr_mult)
-        except (TypeError, ValueError):
-            raise UserError(f"Config value backbone_lr_mult={cfg.backbone_lr_mult!r} is not a valid float.") from None
-    cfg.devices = str(cfg.devices)
-    optional = {"weight_decay": float, "mixup": float, "cutmix": float, "label_smoothing": float, "warmup_epochs": float,
-                "step_epochs": int, "lr_gamma": float, "dropout": float, "drop_path": float,
-                "drop_connect": float, "ema": float, "patience": int, "select_fraction": float}
-    for name, cast in {**optional, "momentum": float}.items():
-        value = getattr(cfg, name)
-        if value is not None:
-            try:
-                setattr(cfg, name, cast(value))
-            except (TypeError, ValueError):
-                raise UserError(f"Config value {name}={value!r} is not a valid {cast.__name__}.") from None
-    if not isinstance(cfg.nesterov, bool):
-        raise UserError(f"Config value nesterov={cfg.nesterov!r} must be true or false.")
+def checked_value(f: Field, value: Any) -> Any:
+    """`value` cast to the option's type and checked against its choices and range; a UserError names both."""
+    if value is None:
+        if f.default is not None:
+            raise UserError(f"Config value {f.name} is empty; leave the key out to use its default ({f.default}).")
+        return None
+    kind = option_type(f)
+    if kind is bool or isinstance(value, bool):
+        if kind is not bool or not isinstance(value, bool):
+            raise UserError(f"Config value {f.name}={value!r} must be {'true or false' if kind is bool else 'a ' + kind.__name__}.")
+        return value
+    try:
+        cast = kind(value)
+        if kind is int and float(value) != cast:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise UserError(f"Config value {f.name}={value!r} is not a valid {kind.__name__}.") from None
+    m = f.metadata
+    if m["choices"] and cast not in m["choices"]:
+        raise UserError(f"Invalid {f.name} {cast!r}. Valid values: {', '.join(m['choices'])}.")
+    too_low = m["low"] is not None and (cast <= m["low"] if m["low_open"] else cast < m["low"])
+    too_high = m["high"] is not None and (cast >= m["high"] if m["high_open"] else cast > m["high"])
+    if too_low or too_high:
+        raise UserError(f"{f.name} must be {range_text(f)} (got {cast}).")
+    return cast
+
+
+def range_text(f: Field) -> str:
+    """An option's range in words: `>= 1`, `> 0`, `in [0, 1)`."""
+    m = f.metadata
+    if m["low"] is not None and m["high"] is not None:
+        return f"in {'(' if m['low_open'] else '['}{m['low']:g}, {m['high']:g}{')' if m['high_open'] else ']'}"
+    if m["low"] is not None:
+        return (f"at least {m['low']:g}" if not m["low_open"] and option_type(f) is int
+                else f"{'>' if m['low_open'] else '>='} {m['low']:g}")
+    return f"{'<' if m['high_open'] else '<='} {m['high']:g}"
 
 
 def validate_config(cfg: TrainConfig) -> None:
-    """Impossible values fail here, before any work is done."""
-    if cfg.epochs < 1:
-        raise UserError(f"epochs must be at least 1 (got {cfg.epochs}).")
-    if cfg.batch_size < 1:
-        raise UserError(f"batch_size must be at least 1 (got {cfg.batch_size}).")
-    if not 0.0 < cfg.val_fraction < 1.0:
-        raise UserError(f"val_fraction must be between 0 and 1, exclusive (got {cfg.val_fraction}).")
-    if cfg.select_fraction is not None and not 0.0 < cfg.select_fraction < 1.0:
-        raise UserError(f"select_fraction must be between 0 and 1, exclusive (got {cfg.select_fraction}).")
-    if cfg.lr <= 0:
-        raise UserError(f"lr must be positive (got {cfg.lr}).")
-    if cfg.image_size is not None and cfg.image_size < 16:
-        raise UserError(f"image_size must be at least 16 pixels (got {cfg.image_size}).")
-    if cfg.num_nodes < 1:
-        raise UserError(f"num_nodes must be at least 1 (got {cfg.num_nodes}).")
-    if cfg.num_workers is not None and cfg.num_workers < 0:
-        raise UserError(f"num_workers must be >= 0 (got {cfg.num_workers}).")
-    if cfg.freeze_groups is not None and cfg.freeze_groups < 0:
-        raise UserError(f"freeze_groups must be >= 0 (got {cfg.freeze_groups}).")
-    if cfg.backbone_lr_mult is not None and cfg.backbone_lr_mult < 0:
-        raise UserError(f"backbone_lr_mult must be >= 0 (got {cfg.backbone_lr_mult}).")
-    if cfg.aug_views is not None and cfg.aug_views < 0:
-        raise UserError(f"aug_views must be >= 0 (got {cfg.aug_views}).")
-    _check_choice("scenario", cfg.scenario, SCENARIOS)
-    _check_choice("tta", cfg.tta, TTA_MODES)
-    validate_recipe(cfg)
-
-
-def validate_recipe(cfg: TrainConfig) -> None:
-    """The recipe options: named choices list the valid ones, numbers their range."""
-    if cfg.augment is not None:
-        _check_choice("augment", cfg.augment, AUGMENT_PRESETS)
-    _check_choice("optimizer", cfg.optimizer, OPTIMIZERS)
-    if cfg.schedule is not None:
-        _check_choice("schedule", cfg.schedule, SCHEDULES)
-    _check_choice("class_weights", cfg.class_weights, CLASS_WEIGHTS)
-    _check_choice("sampler", cfg.sampler, SAMPLERS)
-    if cfg.weight_decay is not None and cfg.weight_decay < 0:
-        raise UserError(f"weight_decay must be >= 0 (got {cfg.weight_decay}).")
-    for name in ("mixup", "cutmix", "warmup_epochs"):
-        value = getattr(cfg, name)
-        if value is not None and value < 0:
-            raise UserError(f"{name} must be >= 0 (got {value}).")
-    for name in ("label_smoothing", "dropout", "drop_path", "drop_connect", "momentum"):
-        value = getattr(cfg, name)
-        if value is not None and not 0.0 <= value < 1.0:
-            raise UserError(f"{name} must be in [0, 1) (got {value}).")
-    if cfg.ema is not None and not (cfg.ema == 0.0 or 0.0 < cfg.ema < 1.0):
-        raise UserError(f"ema is the decay of the weight average: 0 (off) or between 0 and 1, e.g. 0.999 "
-                        f"(got {cfg.ema}).")
+    """What one option's declaration cannot say: the options that depend on each other, before any work is done."""
     if cfg.momentum is not None and cfg.optimizer not in ("sgd", "rmsprop"):
         raise UserError(f"--momentum applies to --optimizer sgd or rmsprop; {cfg.optimizer} has its own "
                         "(betas). Leave it out, or choose sgd / rmsprop.")
-    if cfg.lr_gamma is not None and not 0.0 < cfg.lr_gamma <= 1.0:
-        raise UserError(f"lr_gamma must be in (0, 1] (got {cfg.lr_gamma}).")
-    if cfg.step_epochs is not None and cfg.step_epochs < 1:
-        raise UserError(f"step_epochs must be at least 1 (got {cfg.step_epochs}).")
-    if cfg.patience is not None and cfg.patience < 1:
-        raise UserError(f"patience must be at least 1 epoch (got {cfg.patience}).")
     if (cfg.mixup or cfg.cutmix) and cfg.batch_size % 2:
         raise UserError(f"mixup/cutmix pair each image with another of the batch: batch_size must be even "
                         f"(got {cfg.batch_size}).")
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise UserError(f"Invalid {name} {value!r}. Valid values: {', '.join(choices)}.")

@@ -35,9 +35,9 @@ def test_unknown_model_suggests_close_names(image_folder: Path, tmp_path: Path, 
 
 
 @pytest.mark.parametrize("flag, value, message", [
-    ("--epochs", "0", "Error: epochs must be at least 1 (got 0)."),
-    ("--val-fraction", "1.5", "Error: val_fraction must be between 0 and 1, exclusive (got 1.5)."),
-    ("--val-fraction", "0", "Error: val_fraction must be between 0 and 1, exclusive (got 0.0)."),
+    ("--epochs", "0", "Error: Invalid value for '--epochs': 0 is not in the range x>=1."),
+    ("--val-fraction", "1.5", "Error: Invalid value for '--val-fraction': 1.5 is not in the range 0.0<x<1.0."),
+    ("--val-fraction", "0", "Error: Invalid value for '--val-fraction': 0.0 is not in the range 0.0<x<1.0."),
     ("--batch-size", "64", "Error: batch_size 64 is larger than the training split (12 images). "
                            "Use --batch-size 12 or less."),
     ("--strategy", "dpp", "Error: Invalid --accelerator/--devices/--strategy/--precision (cpu/auto/dpp/32-true): "
@@ -56,7 +56,7 @@ def test_impossible_and_unknown_values(flag: str, value: str, message: str, imag
 @pytest.mark.parametrize("flag, value, message", [
     ("--tta", "11crop", "Invalid value for '--tta': '11crop' is not one of"),
     ("--scenario", "huge", "Invalid value for '--scenario': 'huge' is not one of"),
-    ("--epochs", "ten", "Invalid value for '--epochs': 'ten' is not a valid integer."),
+    ("--epochs", "ten", "Invalid value for '--epochs': 'ten' is not a valid integer"),
     ("--epoch", "3", "No such option '--epoch'."),
 ])
 def test_unknown_option_values_on_the_command_line(flag: str, value: str, message: str, image_folder: Path,
@@ -66,8 +66,10 @@ def test_unknown_option_values_on_the_command_line(flag: str, value: str, messag
 
 @pytest.mark.parametrize("yaml_text, message", [
     ("tta: 11crop\n", "Error: Invalid tta '11crop'. Valid values: auto, none, center, 5crop, 10crop."),
-    ("epochz: 3\n", "Error: Unknown config key(s): epochz. Valid keys: data_dir, model,"),
+    ("epochz: 3\n", "Error: Unknown config key(s): epochz. Valid keys: data_dir, val_fraction,"),
     ("lr: fast\n", "Error: Config value lr='fast' is not a valid float."),
+    ("lr: 0\n", "Error: lr must be > 0 (got 0.0)."),
+    ("label_smoothing: 1.5\n", "Error: label_smoothing must be in [0, 1) (got 1.5)."),
     ("- a list\n", "Error: Config file config.yaml must hold a mapping of option: value, not list."),
 ])
 def test_unknown_values_in_the_config_file(yaml_text: str, message: str, image_folder: Path, tmp_path: Path):

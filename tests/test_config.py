@@ -33,7 +33,7 @@ def test_unknown_key_names_valid_keys(tmp_path: Path):
 
 @pytest.mark.parametrize(
     "values, message",
-    [({"epochs": 0}, "epochs must be at least 1"), ({"val_fraction": 1.5}, "val_fraction must be between"),
+    [({"epochs": 0}, "epochs must be at least 1"), ({"val_fraction": 1.5}, r"val_fraction must be in \(0, 1\)"),
      ({"batch_size": 0}, "batch_size must be at least 1"), ({"tta": "20crop"}, "Valid values: auto, none, center"),
      ({"epochs": "many"}, "not a valid int")],
 )

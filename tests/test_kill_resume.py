@@ -49,12 +49,17 @@ def test_sigkill_at_random_moments_then_resume_ends_like_an_uninterrupted_run(tm
     outcomes = []
     for i in range(kills):
         out = tmp_path / f"run{i}"
-        proc = subprocess.Popen(_command(data, out), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        log = tmp_path / f"run{i}.log"
+        with open(log, "w") as sink:
+            proc = subprocess.Popen(_command(data, out), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                                    stderr=sink)
         moment = rng.uniform(0.0, span)
+        launched = time.monotonic()
         try:
             proc.wait(timeout=moment)
+            assert proc.returncode == 0, log.read_text()[-3000:]
             outcomes.append("finished first")
+            span = min(span, time.monotonic() - launched)  # the reference ran slower (a busy machine): aim inside
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
             proc.wait()

@@ -127,4 +127,12 @@ def test_options_only_train_acts_on_are_refused_elsewhere(tmp_path: Path, comman
     from finetune.cli import cli
 
     result = CliRunner().invoke(cli, [command, str(tmp_path), "--model", "test_resnet", "--tta", "10crop"])
-    assert result.exit_code == 2 and "--tta acts on `finetune train` only" in result.output
+    assert result.exit_code == 2 and "No such option '--tta'" in result.output
+    assert "--tta" not in CliRunner().invoke(cli, [command, "--help"]).output  # not offered either
+    # Nor taken from a config file, where it would do nothing.
+    (tmp_path / "c.yaml").write_text("tta: 10crop\n")
+    result = CliRunner().invoke(cli, [command, str(tmp_path), "--config", str(tmp_path / "c.yaml")])
+    if command == "plan":  # plan shows what train would do with a training config: the file is train's
+        assert "tta" not in result.output
+    else:
+        assert result.exit_code == 2 and f"Config key(s) tta do not act on `finetune {command}`" in result.output

@@ -147,7 +147,7 @@ def test_sanity_reports_failure_when_it_cannot_overfit(tmp_path: Path):
 
 
 @pytest.mark.parametrize("command, extra, flag", [
-    ("sanity", ["--devices", "2", "--strategy", "ddp"], "--devices, --strategy"),
+    ("sanity", ["--devices", "2", "--strategy", "ddp"], "No such option '--devices'"),
     ("lr-find", ["--register", "x"], "--register"),
     ("plan", ["--register", "x"], "--register"),
 ])

@@ -9,45 +9,31 @@ callbacks (EMA, divergence, train/val gap) in `finetune.training.callbacks`.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Sequence
+from dataclasses import asdict, fields, make_dataclass
+from typing import Any, Sequence, get_type_hints
 
 import torch
 from sklearn.utils.class_weight import compute_class_weight
 
-from finetune.config import SCENARIOS, TrainConfig
+from finetune.config import SCENARIOS, TrainConfig, options
 from finetune.errors import UserError
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """Every option of how a network or a head trains, resolved: the scenario's defaults, then the
-    config. The training steps (optimizer, schedule, loss, sampler, callbacks) read this, not the
-    whole config. `None` is left only where it means "derived" (step_epochs, lr_gamma) or "off" (patience)."""
+def _recipe_class() -> type:
+    """`Recipe`: every option of the config's "Recipe" group, resolved (the scenario's defaults, then the config).
 
-    augment: str
-    mixup: float
-    cutmix: float
-    label_smoothing: float
-    schedule: str
-    warmup_epochs: float
-    dropout: float
-    drop_path: float
-    drop_connect: float
-    ema: float
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    optimizer: str = "adamw"
-    momentum: float | None = None  # None: 0.9 (sgd, rmsprop)
-    nesterov: bool = False
-    step_epochs: int | None = None
-    lr_gamma: float | None = None
-    patience: int | None = None
-    class_weights: str = "none"
-    sampler: str = "shuffle"
+    Generated from `TrainConfig`'s declarations, so an option is declared once. The training steps (optimizer,
+    schedule, loss, sampler, callbacks) read this, not the whole config. `None` is left only where it means
+    "derived" (momentum, step_epochs, lr_gamma) or "off" (patience).
+    """
+    hints = get_type_hints(TrainConfig)
+    cls = make_dataclass("Recipe", [(f.name, hints[f.name]) for f in options() if f.metadata["group"] == "Recipe"],
+                         frozen=True, namespace={"to_dict": lambda self: asdict(self)})
+    cls.__module__, cls.__doc__ = __name__, _recipe_class.__doc__
+    return cls
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+
+Recipe = _recipe_class()
 
 
 # Weight decay of a fine-tuning plan's optimizer. A feature plan's head chooses its own by cross-validation on

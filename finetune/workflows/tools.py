@@ -63,13 +63,7 @@ def _setup(cfg: TrainConfig, splits: FolderSplits, augment: str, regularize: boo
 
 
 def _runtime(cfg: TrainConfig) -> runtime.Runtime:
-    """One process on one device: these checks never run under DDP, and register nothing."""
-    ignored = [flag for flag, given in (("--devices", str(cfg.devices) not in ("auto", "1")),
-                                        ("--strategy", cfg.strategy != "auto"), ("--num-nodes", cfg.num_nodes != 1),
-                                        ("--register", cfg.register is not None)) if given]
-    if ignored:
-        raise UserError(f"{', '.join(ignored)}: sanity and lr-find run in one process on one device and register "
-                        "no model. Leave these options out (they are for `finetune train`).")
+    """One process on one device: these checks never run under DDP (their commands take no DDP options)."""
     return runtime.configure(cfg.accelerator, 1, "auto", cfg.precision, cfg.num_workers)
 
 
