@@ -115,7 +115,8 @@ def bench_dataset(name: str, path: str, opts: Options) -> list[dict[str, Any]]:
     from finetune.strategy.measure import measure_and_decide, with_plan
     from finetune.training.distributed import QuietLogger
     from finetune.training.recipe import model_kwargs, resolve_recipe
-    from finetune.training.run_plan import RunContext, run_plan
+    from finetune.training.plan_context import RunContext
+    from finetune.training.run_plan import run_plan
 
     rows: list[dict[str, Any]] = []
     if time.time() > opts.deadline:

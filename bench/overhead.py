@@ -51,7 +51,7 @@ def plain_fit(args: argparse.Namespace) -> None:
     from finetune.model.backbone import create_backbone
     from finetune.model.heads import init_head
     from finetune.training.recipe import resolve_recipe
-    from finetune.training.run_plan import _classifier, _datamodule
+    from finetune.training.network_plans import network_classifier, network_datamodule
 
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     started = time.perf_counter()
@@ -66,11 +66,11 @@ def plain_fit(args: argparse.Namespace) -> None:
     init_head(backbone.model)
     recipe = resolve_recipe(cfg, args.scenario)
     params = [{"name": "all", "params": [p for p in backbone.model.parameters()], "lr": recipe.lr}]
-    module = _classifier(cfg, recipe, backbone, splits, params)
+    module = network_classifier(cfg, recipe, backbone, splits, params)
     trainer = pl.Trainer(max_epochs=args.epochs, accelerator=cfg.accelerator, precision=rt.precision, logger=False,
                          default_root_dir=args.workdir, enable_model_summary=False)
     fit_started = time.perf_counter()
-    trainer.fit(module, datamodule=_datamodule(cfg, recipe, backbone, splits, rt))
+    trainer.fit(module, datamodule=network_datamodule(cfg, recipe, backbone, splits, rt))
     done = time.perf_counter()
     args.workdir.mkdir(parents=True, exist_ok=True)
     timing = {"total": done - started, "lightning fit": done - fit_started}

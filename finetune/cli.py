@@ -11,7 +11,6 @@ from typing import Any
 import click
 
 from finetune import console
-from finetune.errors import UserError
 from finetune.cli_options import GroupedCommand, config_options
 from finetune.config import FIXED_TTA_MODES, load_yaml, resolve_config
 

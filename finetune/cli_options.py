@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import click
 
-from finetune.config import GROUPS, TrainConfig, option_type, options
+from finetune.config import GROUPS, option_type, options
 
 COMMAND_GROUP = "Options"  # a command's own options (--resume, --json, ...), listed first
 

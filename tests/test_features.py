@@ -147,7 +147,7 @@ def test_cached_center_outputs_match_the_network_prediction(tmp_path: Path):
     """The after-training report of a feature plan reads cached features instead of running the
     network: logits and (pooled) features must be the ones the network gives through the TTA code path."""
     from finetune.evaluation.tta import source_outputs
-    from finetune.training.run_plan import cached_center_outputs
+    from finetune.training.feature_plans import cached_center_outputs
 
     data = make_folder(tmp_path / "data", classes=("a", "b", "c"), per_class=4)
     splits = scan_folder(data)
@@ -167,7 +167,7 @@ def test_a_stage_head_network_leaves_the_backbone_whole(tmp_path: Path):
     from types import SimpleNamespace
 
     from finetune.strategy.features import weights_fingerprint
-    from finetune.training.run_plan import head_network
+    from finetune.training.feature_plans import head_network
 
     bb = _backbone("test_efficientnet", num_classes=3)
     before = weights_fingerprint(bb)
@@ -182,7 +182,7 @@ def test_fold_heads_on_cached_crop_features_match_the_network_on_those_crops(tmp
     network: the per-crop logits and features must be the network's own through the TTA code path."""
     from finetune.config import TrainConfig
     from finetune.evaluation.tta import source_outputs
-    from finetune.training import run_plan
+    from finetune.training import feature_plans
 
     monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))
     data = make_folder(tmp_path / "data", classes=("a", "b", "c"), per_class=4, size=40)
@@ -192,7 +192,7 @@ def test_fold_heads_on_cached_crop_features_match_the_network_on_those_crops(tmp
     weight, bias = torch.randn(3, bb.model.num_features), torch.randn(3)
     rows = np.array([0, 2, 5])
     cfg = TrainConfig(batch_size=4, num_workers=0)
-    fold = run_plan._fold_crop_outputs(cfg, bb, splits.train, FINAL, [(rows, weight, bias)], None)[0]
+    fold = feature_plans._fold_crop_outputs(cfg, bb, splits.train, FINAL, [(rows, weight, bias)], None)[0]
     logits, feats, labels = fold()
     load_linear(bb.model.get_classifier(), weight, bias)
     expected = source_outputs(bb.model.eval(), [splits.train[r].path for r in rows], bb.data_config, "10crop", 2)

@@ -179,11 +179,11 @@ def test_lr_find_writes_a_png_and_logs_it(image_folder: Path, tmp_path: Path, is
 
 def test_lr_find_on_a_feature_plan_tests_the_head_on_cached_features(tmp_path: Path, isolated_mlflow: str,
                                                                      monkeypatch: pytest.MonkeyPatch):
-    import finetune.training.run_plan as run_plan
+    import finetune.training.range_test as range_test
 
     data = make_folder(tmp_path / "data", per_class=12)
     network_tested = []
-    monkeypatch.setattr(run_plan, "_network_range_test", lambda *a, **k: network_tested.append(1))
+    monkeypatch.setattr(range_test, "_network_range_test", lambda *a, **k: network_tested.append(1))
     out = tmp_path / "lrf"
     started = time.perf_counter()
     result = _run(["lr-find", str(data), "--model", TINY_MODEL, "--weights", "none", "--image-size", "32",
@@ -230,11 +230,11 @@ def test_commands_have_help(command: str):
 
 def test_lr_find_on_a_network_plan_keeps_the_group_lr_ratios(image_folder: Path, tmp_path: Path,
                                                              isolated_mlflow: str, monkeypatch: pytest.MonkeyPatch):
-    import finetune.training.run_plan as run_plan
+    import finetune.training.range_test as range_test
 
     held = []
-    real = run_plan.hold_lr_ratios
-    monkeypatch.setattr(run_plan, "hold_lr_ratios", lambda opt, head_lr: held.append(real(opt, head_lr)) or held[-1])
+    real = range_test.hold_lr_ratios
+    monkeypatch.setattr(range_test, "hold_lr_ratios", lambda opt, head_lr: held.append(real(opt, head_lr)) or held[-1])
     out = tmp_path / "lrf"
     result = _run(["lr-find", str(image_folder), "--model", TINY_MODEL, "--weights", "none", "--image-size", "32",
                    "--scenario", "large-similar", "--backbone-lr-mult", "0.1", "--num-workers", "0",

@@ -61,7 +61,7 @@ def test_warmed_up_head_is_kept_only_when_it_scored_better():
     import torch
     from torch import nn
 
-    from finetune.training.run_plan import _keep_warmup_if_better
+    from finetune.training.network_plans import _keep_warmup_if_better
 
     class Holder(nn.Module):
         def __init__(self, value: float):

@@ -24,7 +24,7 @@ from finetune.strategy.features import cached_features, cached_subset
 from finetune.strategy.measure import measure_and_decide
 from finetune.training import checkpoints
 from finetune.training.recipe import resolve_recipe
-from finetune.training.run_plan import _classifier, _datamodule, prepare_network
+from finetune.training.network_plans import network_classifier, network_datamodule, prepare_network
 from tests.conftest import TINY_MODEL, tiny_train_args
 
 
@@ -47,8 +47,8 @@ def test_the_warm_up_score_from_cached_features_is_what_validation_gives(image_f
     recipe = resolve_recipe(cfg, "large-similar")
     inner = splits.selection(cfg.select_share, cfg.seed)
     groups, _, info = prepare_network(cfg, decision, recipe, backbone, inner, splits.train, rt)
-    module = _classifier(cfg, recipe, backbone, inner, groups)
-    validated = _validate(module, _datamodule(cfg, recipe, backbone, inner, rt))
+    module = network_classifier(cfg, recipe, backbone, inner, groups)
+    validated = _validate(module, network_datamodule(cfg, recipe, backbone, inner, rt))
     cached = info["warmup"]["select"]
     assert cached["select_acc"] == pytest.approx(validated["select_acc"], abs=1e-6)
     assert cached["select_acc_top5"] == pytest.approx(validated["select_acc_top5"], abs=1e-6)
@@ -88,9 +88,9 @@ def test_the_best_epoch_reported_is_what_validating_its_checkpoint_gives(image_f
     backbone = create_backbone(cfg.model, cfg.weights, len(splits.classes), cfg.image_size)
     recipe = resolve_recipe(cfg, "large-similar")
     inner = splits.selection(cfg.select_share, cfg.seed)
-    module = _classifier(cfg, recipe, backbone, inner, [{"params": list(backbone.model.parameters()), "lr": 1e-3}])
+    module = network_classifier(cfg, recipe, backbone, inner, [{"params": list(backbone.model.parameters()), "lr": 1e-3}])
     module.load_state_dict(best["state_dict"])
-    validated = _validate(module, _datamodule(cfg, recipe, backbone, inner, runtime.cpu()))
+    validated = _validate(module, network_datamodule(cfg, recipe, backbone, inner, runtime.cpu()))
     assert m["select_acc_finetuned"] == pytest.approx(validated["select_acc"], abs=1e-6)
     # The phases of the run are in its summary, nested under their parents.
     timing_ = summary["timing"]

@@ -92,7 +92,7 @@ def ece(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
 def heldout_outputs(heldout: Sequence[Any], views: str, data_config: dict[str, Any], batch_size: int = 32,
                     max_pixels: int | None = None, rt: runtime.Runtime | None = None,
                     max_images: int = TTA_MAX_IMAGES) -> HeldOutOutputs:
-    """One pass over the held-out training images of every `run_plan.HeldOut` (at most `max_images` in all,
+    """One pass over the held-out training images of every `plan_context.HeldOut` (at most `max_images` in all,
     stratified, for network plans; feature plans read their cached crops): per-crop logits and features. A
     held-out set without a bank of its own (network plans) is its own bank: its centre-crop features."""
     total = sum(len(h.samples) for h in heldout)

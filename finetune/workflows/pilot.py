@@ -34,7 +34,8 @@ from finetune.model.heads import init_head
 from finetune.training.recipe import check_feature_plan_options, model_kwargs, resolve_recipe
 from finetune.training import distributed
 from finetune.training.distributed import QuietLogger
-from finetune.training.run_plan import RunContext, run_plan
+from finetune.training.plan_context import RunContext
+from finetune.training.run_plan import run_plan
 
 log = logging.getLogger(__name__)
 

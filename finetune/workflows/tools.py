@@ -35,7 +35,7 @@ from finetune.model.heads import init_head
 from finetune.strategy.measure import Decision
 from finetune.training.lr_range import read_curve, suggest_lr
 from finetune.training.recipe import check_feature_plan_options, model_kwargs, resolve_recipe
-from finetune.training.run_plan import RangeTest, lr_range_test
+from finetune.training.range_test import RangeTest, lr_range_test
 from finetune.workflows.preflight import check_forced_scenario
 from finetune.workflows.train import _measure_and_decide, _recipe_and_network, recipe_scenario
 
@@ -127,7 +127,7 @@ def lr_find(cfg: TrainConfig, min_lr: float = 1e-6, max_lr: float = 1.0, num_tra
 
     The plan is decided first, as `train` decides it; a feature plan tests its linear head on the cached
     features (seconds), a network plan the network with the plan's groups, after the head warm-up
-    (`run_plan.lr_range_test`). The suggestion is `lr_range.suggest_lr`, not Lightning's `suggestion()`.
+    (`range_test.lr_range_test`). The suggestion is `lr_range.suggest_lr`, not Lightning's `suggestion()`.
     """
     import matplotlib
 

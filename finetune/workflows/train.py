@@ -32,7 +32,8 @@ from finetune.workflows import pilot
 from finetune.model.heads import init_head
 from finetune.training.recipe import (Recipe, check_feature_plan_options, check_selection_option, model_kwargs,
                                       resolve_recipe)
-from finetune.training.run_plan import FitResult, RunContext, run_plan
+from finetune.training.plan_context import FitResult, RunContext
+from finetune.training.run_plan import run_plan
 from finetune.workflows import preflight, run_folder
 from finetune.workflows.audit import audit_counts, audit_or_note, leaked_images
 from finetune.workflows.evaluate import log_evaluation
