@@ -194,14 +194,13 @@ def read_yaml_mapping(path: str | Path, label: str) -> dict[str, Any]:
 def resolve_config(file_values: dict[str, Any], cli_values: dict[str, Any], command: str = "train") -> TrainConfig:
     """Merge defaults, file and explicitly-given CLI values (CLI wins) into a checked TrainConfig.
 
-    `command`: a file may set only the options that command acts on, except that `plan` takes a whole training
-    config (it shows what `train` would do with it).
+    `command`: a file may set only the options that command acts on, as its command line does.
     """
     valid = config_keys()
     unknown = sorted(set(file_values) - set(valid))
     if unknown:
         raise UserError(f"Unknown config key(s): {', '.join(unknown)}. Valid keys: {', '.join(valid)}.")
-    acts = {f.name for f in options("train" if command == "plan" else command)} | {"data_dir"}
+    acts = {f.name for f in options(command)} | {"data_dir"}
     ignored = sorted(k for k, v in file_values.items() if k not in acts and v is not None)
     if ignored:
         raise UserError(f"Config key(s) {', '.join(ignored)} do not act on `finetune {command}`. Remove them from "

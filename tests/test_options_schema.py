@@ -42,7 +42,7 @@ def test_each_command_offers_exactly_the_declared_options_it_acts_on(command: st
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_a_config_file_takes_the_same_options_as_the_command_line(command: str):
-    acting = {f.name for f in options("train" if command == "plan" else command)}
+    acting = {f.name for f in options(command)}
     for f in options():
         value = f.default if f.default is not None else {int: 1, float: 0.5}.get(type(f.default), None)
         if value is None:

@@ -9,7 +9,6 @@ import pytorch_lightning as pl
 
 from finetune.config import TrainConfig
 from finetune.data.folders import FolderSplits, read_exclude_list, scan_folder
-from finetune.errors import UserError
 from finetune.model.backbone import create_backbone
 from finetune.strategy.measure import Decision, measure_and_decide, process_runtime
 from finetune.workflows import pilot
@@ -34,9 +33,6 @@ def plan_and_audit(cfg: TrainConfig) -> tuple[Decision, list[dict[str, Any]], di
 
 def _plan(cfg: TrainConfig) -> tuple[Decision, list[dict[str, Any]], FolderSplits, str]:
     check_forced_scenario(cfg)  # `plan` takes train's options: it refuses what train would refuse
-    if cfg.register is not None:
-        raise UserError("--register: `finetune plan` trains and registers nothing. Leave it out, or run "
-                        "`finetune train` with it.")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     splits = scan_folder(cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_image_pixels,
                          exclude=read_exclude_list(cfg.exclude))

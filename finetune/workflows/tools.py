@@ -34,10 +34,10 @@ from finetune.training.optim import make_optimizer_factory
 from finetune.model.heads import init_head
 from finetune.strategy.measure import Decision
 from finetune.training.lr_range import read_curve, suggest_lr
-from finetune.training.recipe import check_feature_plan_options, model_kwargs, resolve_recipe
+from finetune.training.recipe import model_kwargs, resolve_recipe
 from finetune.training.range_test import RangeTest, lr_range_test
 from finetune.workflows.preflight import check_forced_scenario
-from finetune.workflows.train import _measure_and_decide, _recipe_and_network, recipe_scenario
+from finetune.workflows.train import prepare_run, recipe_scenario
 
 log = logging.getLogger(__name__)
 
@@ -140,10 +140,7 @@ def lr_find(cfg: TrainConfig, min_lr: float = 1e-6, max_lr: float = 1.0, num_tra
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     started = time.time()
     rt = _runtime(cfg)
-    splits, decision, backbone = _measure_and_decide(cfg, rt, None)
-    if decision.plan.train_on_features:
-        check_feature_plan_options(cfg, decision.plan.scenario)
-    recipe, backbone, decision = _recipe_and_network(cfg, splits, decision, backbone)
+    splits, decision, backbone, recipe = prepare_run(cfg, rt)
     output = Path(cfg.output or Path("outputs") / f"lr-find-{time.strftime('%Y%m%d-%H%M%S')}")
     output.mkdir(parents=True, exist_ok=True)
     test = RangeTest(min_lr, max_lr, num_training, output)

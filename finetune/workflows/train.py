@@ -108,13 +108,9 @@ def _train(cfg: TrainConfig, tags: dict[str, str] | None, resume_from: ResumePoi
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     started = time.time()
     rt = _start_process(cfg)
-    splits, decision, backbone = _measure_and_decide(cfg, rt, plan_override)
+    splits, decision, backbone, recipe = prepare_run(cfg, rt, plan_override)
     if resume_from is not None:
         run_folder.check_files(resume_from.output, resume_from.files_sha256, splits, resume_from.run_id)
-    if decision.plan.train_on_features:  # measured (or forced, and already checked by the preflight)
-        check_feature_plan_options(cfg, decision.plan.scenario)
-        check_selection_option(cfg, decision.plan.scenario, piloted=decision.pilot is not None)
-    recipe, backbone, decision = _recipe_and_network(cfg, splits, decision, backbone)
     run_id, output = distributed.on_rank_zero(
         lambda: _start_run(cfg, tags, resume_from, backbone, splits, decision, recipe, started_run))
     audit = distributed.on_rank_zero(lambda: _audit(cfg, splits, output, run_id, backbone.weights_source, rt))
@@ -159,6 +155,18 @@ def _start_process(cfg: TrainConfig) -> runtime.Runtime:
     # work runs on rank 0 alone and the other ranks receive its results.
     distributed.start(cfg.accelerator, devices, cfg.strategy, cfg.num_nodes, rt.precision)
     return rt
+
+
+def prepare_run(cfg: TrainConfig, rt: runtime.Runtime, plan_override: Callable[[Plan], Plan] | None = None
+                ) -> tuple[FolderSplits, Decision, Backbone, Recipe]:
+    """Everything before the fit, as `train` does it (and lr-find): the scanned splits, the decision (measured,
+    piloted where unclear, checked against the options), the backbone to train and the plan's recipe."""
+    splits, decision, backbone = _measure_and_decide(cfg, rt, plan_override)
+    if decision.plan.train_on_features:  # measured (or forced, and already checked by the preflight)
+        check_feature_plan_options(cfg, decision.plan.scenario)
+        check_selection_option(cfg, decision.plan.scenario, piloted=decision.pilot is not None)
+    recipe, backbone, decision = _recipe_and_network(cfg, splits, decision, backbone)
+    return splits, decision, backbone, recipe
 
 
 @timing.timed("decide")
