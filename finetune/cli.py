@@ -519,6 +519,16 @@ def promote(name: str, version: str) -> None:
     click.echo(f"{name}@champion -> version {version}")
 
 
+def _add_serving_commands() -> None:
+    from finetune.cli_serving import predict, serve
+
+    cli.add_command(predict)
+    cli.add_command(serve)
+
+
+_add_serving_commands()
+
+
 def main() -> None:
     try:
         cli(standalone_mode=True)
