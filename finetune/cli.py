@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,22 @@ from finetune.config import (AUGMENT_PRESETS, CLASS_WEIGHTS, OPTIMIZERS, SAMPLER
 log = logging.getLogger("finetune")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", is_flag=True, help="Log more detail.")
+VERBOSE_FLAGS = ("-v", "--verbose")
+
+
+class FinetuneGroup(click.Group):
+    """The command group; `-v/--verbose` may also come after the subcommand (`finetune train DIR -v`)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        end = args.index("--") if "--" in args else len(args)  # after `--` every word is an argument
+        verbose = [a for a in args[:end] if a in VERBOSE_FLAGS]
+        rest = [a for a in args[:end] if a not in VERBOSE_FLAGS] + args[end:]
+        return super().parse_args(ctx, verbose[:1] + rest)
+
+
+@click.group(cls=FinetuneGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="finetune", prog_name="finetune", message="%(prog)s %(version)s")
+@click.option("-v", "--verbose", is_flag=True, help="Log more detail (also accepted after the command).")
 def cli(verbose: bool) -> None:
     """finetune: measured transfer learning for image classifiers.
 
@@ -137,7 +152,7 @@ def train(data_dir: str, config_file: str | None, resume_run: str | None, **opti
         cfg = resume.resume_config(point, data_dir, {**(load_yaml(config_file) if config_file else {}), **options})
     summary = run_train(cfg, resume_from=point)
     if summary is not None:  # None on the extra ranks of a multi-process run
-        _print_summary(summary)
+        _print_summary(summary, data_dir)
 
 
 @cli.command()
@@ -232,7 +247,7 @@ def _audit_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _print_summary(summary: dict[str, Any]) -> None:
+def _print_summary(summary: dict[str, Any], data_dir: str) -> None:
     """The end of `train`: the scenario and why, the plan, the numbers, and where everything is."""
     m, plan = summary["metrics"], summary["plan"]
     lines = [""]
@@ -265,15 +280,27 @@ def _print_summary(summary: dict[str, Any]) -> None:
     lines += [f"Model:      {summary['model_dir']}",
               f"Summary:    {summary['output']}/summary.json",
               f"MLflow run: {summary['mlflow_run_id']}  ({summary['mlflow_tracking_uri']})"]
-    if summary.get("registered_model"):
-        reg = summary["registered_model"]
-        lines.append(f"Registered: models:/{reg['name']}/{reg['version']}")
     if summary.get("mlflow_pending"):
         lines.append(f"MLflow was unreachable; not yet logged: {summary['mlflow_pending']}. "
                      f"Send it later with:  finetune upload {summary['output']}")
     elif summary["mlflow_tracking_uri"].startswith("sqlite:"):
         lines.append(f"Open the UI with:  mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']}")
-    click.echo("\n".join(lines))
+    click.echo("\n".join(lines + next_steps(summary, data_dir)))
+
+
+def next_steps(summary: dict[str, Any], data_dir: str) -> list[str]:
+    """The last lines of `train`: the model's URIs, and the commands that use it, ready to paste."""
+    if not summary.get("model_uri"):  # not logged (MLflow unreachable): `finetune upload` says when it is
+        return []
+    uri = f"runs:/{summary['mlflow_run_id']}/model"
+    lines = ["", f"Model URI:  {uri}"]
+    if reg := summary.get("registered_model"):
+        uri = f"models:/{reg['name']}/{reg['version']}"
+        lines.append(f"Registered: {uri}")
+    quoted = shlex.quote(uri)
+    return lines + ["Next:", f"  finetune evaluate {quoted} {shlex.quote(data_dir)}",
+                    f"  finetune predict {quoted} ./new-images -o predictions.csv",
+                    f"  finetune serve {quoted}"]
 
 
 @cli.command()
