@@ -379,7 +379,8 @@ def sweep(data_dir: str, config_file: str | None, trials: int, lr_range: tuple[f
 
     Fine-tuning plans: LR and weight decay (and, asked, the augmentation preset). Feature plans (a linear
     head on cached features): LR; the head chooses its weight decay by cross-validation in every trial.
-    Trials are ranked on data inside train (select_acc); val is reported, never ranked on.
+    Trials are ranked on data inside train (select_acc); val is reported, never ranked on. With --register
+    NAME the best trial's model is registered under NAME, as `train --register NAME` registers a run's.
     """
     from finetune.workflows.sweep import sweep as run_sweep
 
@@ -389,6 +390,8 @@ def sweep(data_dir: str, config_file: str | None, trials: int, lr_range: tuple[f
                + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["best_params"].items()))
     click.echo(f"best config: {r['best_config']}  (finetune train DATA_DIR --config {r['best_config']})")
     click.echo(f"MLflow parent run: {r['mlflow_run_id']}")
+    if reg := r.get("registered_model"):
+        click.echo(f"Registered the best trial's model: models:/{reg['name']}/{reg['version']}")
 
 
 @cli.command()
