@@ -503,20 +503,24 @@ def explain(model_uri: str, images: tuple[str, ...], output: str | None, target:
               help="Export format.")
 @click.option("--quantize", type=click.Choice(["int8"]), help="Also a static int8 model (ONNX Runtime), "
               "calibrated on training images and judged by its val accuracy.")
-@click.option("--register", is_flag=True, help="Tag the model's registered version with the exported files.")
+@click.option("--register", is_flag=False, flag_value="", default=None, metavar="[NAME]",
+              help="Register the ONNX model in the MLflow registry: under NAME, or bare, beside the model's "
+                   "registered version (tagged with the exported files).")
 @click.option("--data", "data_dir", type=click.Path(), help="Labelled image folder to check the export on "
               "(default: the training run's).")
 @click.option("--output", help="Output folder (default: outputs/export-<time>).")
 @click.option("--max-loss", default=1.0, show_default=True, type=click.FloatRange(min=0),
               help="Val accuracy points int8 may lose against fp32; more and it is refused.")
-def export(model_uri: str, fmt: str, quantize: str | None, register: bool, data_dir: str | None,
+def export(model_uri: str, fmt: str, quantize: str | None, register: str | None, data_dir: str | None,
            output: str | None, max_loss: float) -> None:
     """Export MODEL_URI (runs:/ID/model, models:/NAME@ALIAS) to ONNX, checked against PyTorch.
 
     The fp32 file must give identical labels and probabilities within 1e-3 of PyTorch on real images
     (the training run's val images, or --data), else it is refused. The files are logged to the
-    model's MLflow run under onnx/; with --register its registered version gets the tags onnx and
-    onnx_int8. Needs the onnx extra: uv sync --extra onnx (pip install 'finetune[onnx]').
+    model's MLflow run under onnx/; with --register the ONNX model becomes a registered version too (of
+    the model's registered model, linked to its version by tags, which also gets the tags onnx and
+    onnx_int8; or of NAME), which `finetune predict` and `finetune serve` run with ONNX Runtime.
+    Needs the onnx extra: uv sync --extra onnx (pip install 'finetune[onnx]').
     """
     from finetune.workflows.export import ExportOptions, export_model
 
@@ -535,6 +539,10 @@ def export(model_uri: str, fmt: str, quantize: str | None, register: bool, data_
         click.echo(f"{key}: {uri}")
     if "registered_model" in report:
         click.echo(f"tagged: {report['registered_model']['name']} version {report['registered_model']['version']}")
+    if "registered_onnx" in report:
+        onnx = report["registered_onnx"]
+        click.echo(f"registered ONNX: models:/{onnx['name']}/{onnx['version']}  (finetune predict "
+                   f"models:/{onnx['name']}/{onnx['version']} ./new-images -o predictions.csv)")
     click.echo(f"files: {report['output']}")
 
 
