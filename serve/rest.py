@@ -9,6 +9,7 @@ store, and the limits as the FINETUNE_* environment variables the pyfunc model r
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,8 @@ def serve(model_uri: str, options: ServeOptions) -> None:
     check_model(model_uri, options)
     argv = server_command(model_uri, options)
     env = server_env(options, tracking.tracking_uri())
+    log.info("Serving %s at http://%s:%d (POST /invocations, GET /ping); Ctrl-C stops it", model_uri,
+             options.host, options.port)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(argv[0], argv, env)
