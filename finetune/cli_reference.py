@@ -51,9 +51,10 @@ def option_rows(command: click.Command, ctx: click.Context) -> list[str]:
     return rows
 
 
-def command_section(path: str, command: click.Command) -> list[str]:
+def command_section(path: str, command: click.Command, parent: click.Context) -> list[str]:
     """The Markdown of one command: usage, its help, its arguments and options."""
-    ctx = click.Context(command, info_name=path)
+    # Settings as when the command runs (`-h` beside `--help` comes from the group's context_settings).
+    ctx = click.Context(command, parent=parent, info_name=path.split()[-1], **command.context_settings)
     lines = [f"## `{path}`", "", "```", f"{path} {' '.join(command.collect_usage_pieces(ctx))}", "```", ""]
     lines += [inspect.cleandoc(command.help or ""), ""]
     arguments = [p for p in command.params if isinstance(p, click.Argument)]
@@ -68,7 +69,7 @@ def render(group: click.Group | None = None) -> str:
     """docs/cli.md's text: the group's options, then every command in name order."""
     if group is None:
         from finetune.cli import cli as group
-    ctx = click.Context(group, info_name="finetune")
+    ctx = click.Context(group, info_name="finetune", **group.context_settings)
     lines = ["# Command-line reference", "",
              f"Generated from the commands by `{REGENERATE}`; do not edit by hand.", "",
              "```", f"finetune {' '.join(group.collect_usage_pieces(ctx))}", "```", "",
@@ -78,7 +79,7 @@ def render(group: click.Group | None = None) -> str:
               for name in names]
     lines.append("")
     for name in names:
-        lines += command_section(f"finetune {name}", group.get_command(ctx, name))
+        lines += command_section(f"finetune {name}", group.get_command(ctx, name), ctx)
     return "\n".join(lines).rstrip() + "\n"
 
 
