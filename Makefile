@@ -4,7 +4,7 @@ SHELL := /bin/bash
 UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow test-all test-gpu gpu-wheels domains-pack env clean bench
+.PHONY: demo test test-install test-slow test-all test-gpu gpu-wheels domains-pack env clean bench
 
 $(UV):
 	python3 -m pip install --user --quiet uv || python3 -m pip install --quiet uv || \
@@ -18,6 +18,12 @@ demo: env
 
 test: env
 	$(UV) run --frozen pytest -m "not slow" $(PYTEST_ARGS)
+	$(MAKE) test-install
+
+# The wheel in a fresh venv (not the editable checkout) plans and trains from another folder: proves the wheel
+# carries what finetune reads at run time. About a minute with uv's cache warm (the venv compiles what it imports).
+test-install: env
+	$(UV) run --frozen pytest -m slow tests/test_install.py $(PYTEST_ARGS)
 
 test-slow: env
 	$(UV) run --frozen pytest -m "slow" $(PYTEST_ARGS)

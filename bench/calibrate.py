@@ -23,7 +23,7 @@ scored best. Fitting searches `similar_min_score`, `large_min_images` and `large
 midpoints between the fitting datasets' observed values plus the current config value, maximising the mean
 accuracy of the plan the rule picks (ties: the candidate nearest the current config). For each dataset the
 rule is fitted *without* it and judged on it; the last line is the rule fitted on all of them, the values for
-configs/strategy.yaml. Pure analysis: no torch.
+finetune/configs/strategy.yaml. Pure analysis: no torch.
 """
 
 from __future__ import annotations
@@ -330,7 +330,7 @@ def markdown(rows: Sequence[Row], all_fit: Fit, skipped: Sequence[str], current:
                    f"{float(np.prod([o.within_1pt for o in oracles])):.0%} of the resamples.")
     out += ["", f"Fitted on all {len(all_fit.datasets)} datasets (mean acc of the rule's pick {all_fit.mean_acc:.3f}; "
             f"current config {_thresholds_text(cur)}): {_thresholds_text(all_fit.values)}", "",
-            "For configs/strategy.yaml:", "", "```yaml",
+            "For finetune/configs/strategy.yaml:", "", "```yaml",
             f"large_min_images: {all_fit.values['large_min_images']}",
             f"large_min_per_class: {all_fit.values['large_min_per_class']:g}",
             f"similar_min_score: {all_fit.values['similar_min_score']:.3f}", "```"]

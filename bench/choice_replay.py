@@ -4,7 +4,7 @@
         docs/results/domain_bench_cpu.jsonl
 
 Every bench run (bench/domain_bench.py) trains all four scenarios in full and runs the pilot of all four, so the
-choice of any rule below can be read off its rows. With the shipped thresholds (configs/strategy.yaml), per rule:
+choice of any rule below can be read off its rows. With the shipped thresholds (finetune/configs/strategy.yaml), per rule:
 how many dataset-runs it gets within 1 point of the best forced plan, its mean and worst gap. Only datasets with
 all four forced plans and all four pilots count. Pure analysis: no torch.
 """

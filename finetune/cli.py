@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,22 @@ from finetune.config import FIXED_TTA_MODES, load_yaml, resolve_config
 log = logging.getLogger("finetune")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", is_flag=True, help="Log more detail.")
+VERBOSE_FLAGS = ("-v", "--verbose")
+
+
+class FinetuneGroup(click.Group):
+    """The command group; `-v/--verbose` may also come after the subcommand (`finetune train DIR -v`)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        end = args.index("--") if "--" in args else len(args)  # after `--` every word is an argument
+        verbose = [a for a in args[:end] if a in VERBOSE_FLAGS]
+        rest = [a for a in args[:end] if a not in VERBOSE_FLAGS] + args[end:]
+        return super().parse_args(ctx, verbose[:1] + rest)
+
+
+@click.group(cls=FinetuneGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="finetune", prog_name="finetune", message="%(prog)s %(version)s")
+@click.option("-v", "--verbose", is_flag=True, help="Log more detail (also accepted after the command).")
 def cli(verbose: bool) -> None:
     """finetune: measured transfer learning for image classifiers.
 
@@ -56,7 +71,7 @@ def train(data_dir: str, config_file: str | None, resume_run: str | None, **opti
         cfg = resume.resume_config(point, data_dir, {**(load_yaml(config_file) if config_file else {}), **options})
     summary = run_train(cfg, resume_from=point)
     if summary is not None:  # None on the extra ranks of a multi-process run
-        _print_summary(summary)
+        _print_summary(summary, data_dir)
 
 
 @cli.command()
@@ -149,7 +164,7 @@ def _audit_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _print_summary(summary: dict[str, Any]) -> None:
+def _print_summary(summary: dict[str, Any], data_dir: str) -> None:
     """The end of `train`: the scenario and why, the plan, the numbers, and where everything is."""
     m, plan = summary["metrics"], summary["plan"]
     lines = [""]
@@ -182,15 +197,27 @@ def _print_summary(summary: dict[str, Any]) -> None:
     lines += [f"Model:      {summary['model_dir']}",
               f"Summary:    {summary['output']}/summary.json",
               f"MLflow run: {summary['mlflow_run_id']}  ({summary['mlflow_tracking_uri']})"]
-    if summary.get("registered_model"):
-        reg = summary["registered_model"]
-        lines.append(f"Registered: models:/{reg['name']}/{reg['version']}")
     if summary.get("mlflow_pending"):
         lines.append(f"MLflow was unreachable; not yet logged: {summary['mlflow_pending']}. "
                      f"Send it later with:  finetune upload {summary['output']}")
     elif summary["mlflow_tracking_uri"].startswith("sqlite:"):
         lines.append(f"Open the UI with:  mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']}")
-    click.echo("\n".join(lines))
+    click.echo("\n".join(lines + next_steps(summary, data_dir)))
+
+
+def next_steps(summary: dict[str, Any], data_dir: str) -> list[str]:
+    """The last lines of `train`: the model's URIs, and the commands that use it, ready to paste."""
+    if not summary.get("model_uri"):  # not logged (MLflow unreachable): `finetune upload` says when it is
+        return []
+    uri = f"runs:/{summary['mlflow_run_id']}/model"
+    lines = ["", f"Model URI:  {uri}"]
+    if reg := summary.get("registered_model"):
+        uri = f"models:/{reg['name']}/{reg['version']}"
+        lines.append(f"Registered: {uri}")
+    quoted = shlex.quote(uri)
+    return lines + ["Next:", f"  finetune evaluate {quoted} {shlex.quote(data_dir)}",
+                    f"  finetune predict {quoted} ./new-images -o predictions.csv",
+                    f"  finetune serve {quoted}"]
 
 
 @cli.command()
@@ -267,7 +294,8 @@ def sweep(data_dir: str, config_file: str | None, trials: int, lr_range: tuple[f
 
     Fine-tuning plans: LR and weight decay (and, asked, the augmentation preset). Feature plans (a linear
     head on cached features): LR; the head chooses its weight decay by cross-validation in every trial.
-    Trials are ranked on data inside train (select_acc); val is reported, never ranked on.
+    Trials are ranked on data inside train (select_acc); val is reported, never ranked on. With --register
+    NAME the best trial's model is registered under NAME, as `train --register NAME` registers a run's.
     """
     from finetune.workflows.sweep import sweep as run_sweep
 
@@ -277,6 +305,8 @@ def sweep(data_dir: str, config_file: str | None, trials: int, lr_range: tuple[f
                + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["best_params"].items()))
     click.echo(f"best config: {r['best_config']}  (finetune train DATA_DIR --config {r['best_config']})")
     click.echo(f"MLflow parent run: {r['mlflow_run_id']}")
+    if reg := r.get("registered_model"):
+        click.echo(f"Registered the best trial's model: models:/{reg['name']}/{reg['version']}")
 
 
 @cli.command()
@@ -388,20 +418,24 @@ def explain(model_uri: str, images: tuple[str, ...], output: str | None, target:
               help="Export format.")
 @click.option("--quantize", type=click.Choice(["int8"]), help="Also a static int8 model (ONNX Runtime), "
               "calibrated on training images and judged by its val accuracy.")
-@click.option("--register", is_flag=True, help="Tag the model's registered version with the exported files.")
+@click.option("--register", is_flag=False, flag_value="", default=None, metavar="[NAME]",
+              help="Register the ONNX model in the MLflow registry: under NAME, or bare, beside the model's "
+                   "registered version (tagged with the exported files).")
 @click.option("--data", "data_dir", type=click.Path(), help="Labelled image folder to check the export on "
               "(default: the training run's).")
 @click.option("--output", help="Output folder (default: outputs/export-<time>).")
 @click.option("--max-loss", default=1.0, show_default=True, type=click.FloatRange(min=0),
               help="Val accuracy points int8 may lose against fp32; more and it is refused.")
-def export(model_uri: str, fmt: str, quantize: str | None, register: bool, data_dir: str | None,
+def export(model_uri: str, fmt: str, quantize: str | None, register: str | None, data_dir: str | None,
            output: str | None, max_loss: float) -> None:
     """Export MODEL_URI (runs:/ID/model, models:/NAME@ALIAS) to ONNX, checked against PyTorch.
 
     The fp32 file must give identical labels and probabilities within 1e-3 of PyTorch on real images
     (the training run's val images, or --data), else it is refused. The files are logged to the
-    model's MLflow run under onnx/; with --register its registered version gets the tags onnx and
-    onnx_int8. Needs the onnx extra: uv sync --extra onnx (pip install 'finetune[onnx]').
+    model's MLflow run under onnx/; with --register the ONNX model becomes a registered version too (of
+    the model's registered model, linked to its version by tags, which also gets the tags onnx and
+    onnx_int8; or of NAME), which `finetune predict` and `finetune serve` run with ONNX Runtime.
+    Needs the onnx extra: uv sync --extra onnx (pip install 'finetune[onnx]').
     """
     from finetune.workflows.export import ExportOptions, export_model
 
@@ -420,6 +454,10 @@ def export(model_uri: str, fmt: str, quantize: str | None, register: bool, data_
         click.echo(f"{key}: {uri}")
     if "registered_model" in report:
         click.echo(f"tagged: {report['registered_model']['name']} version {report['registered_model']['version']}")
+    if "registered_onnx" in report:
+        onnx = report["registered_onnx"]
+        click.echo(f"registered ONNX: models:/{onnx['name']}/{onnx['version']}  (finetune predict "
+                   f"models:/{onnx['name']}/{onnx['version']} ./new-images -o predictions.csv)")
     click.echo(f"files: {report['output']}")
 
 
@@ -432,6 +470,16 @@ def promote(name: str, version: str) -> None:
 
     move_champion(name, version)
     click.echo(f"{name}@champion -> version {version}")
+
+
+def _add_serving_commands() -> None:
+    from finetune.cli_serving import predict, serve
+
+    cli.add_command(predict)
+    cli.add_command(serve)
+
+
+_add_serving_commands()
 
 
 def main() -> None:

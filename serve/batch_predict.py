@@ -48,10 +48,12 @@ import torch
 from finetune import console
 from finetune import runtime
 from finetune.data.folders import iter_image_files
+from finetune.data.images import IMAGE_EXTENSIONS
 from finetune.errors import UserError
 from finetune.data.crops import TTA_VIEWS, CropViews, ViewsDataset, collate_views
 from finetune.evaluation.tta import score_views
 from finetune.model.scoring import UNKNOWN_LABEL, Scoring
+from serve.options import prediction_options, run_prediction
 
 log = logging.getLogger("serve.batch_predict")
 
@@ -103,6 +105,15 @@ def list_inputs(source: str | Path) -> list[str]:
         return [p for p in frame["path"].tolist() if p]
     lines = source.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def list_sources(sources: Sequence[str | Path]) -> list[str]:
+    """Image paths of several inputs (folders, CSVs, text lists, image files) in the order given, each path once."""
+    paths: list[str] = []
+    for source in sources:
+        is_image = Path(source).is_file() and Path(source).suffix.lower() in IMAGE_EXTENSIONS
+        paths += [str(source)] if is_image else list_inputs(source)
+    return list(dict.fromkeys(paths))
 
 
 def output_format(output: Path) -> str:
@@ -606,42 +617,11 @@ def predict_to_file(model_uri: str, inputs: str | Sequence[str], output: str | P
 @click.option("--model-uri", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/model.")
 @click.option("--input", "inputs", required=True, type=click.Path(exists=True),
               help="A folder (searched recursively), a .csv with a 'path' column, or a text file of paths.")
-@click.option("--output", required=True, type=click.Path(dir_okay=False),
-              help="Output file: .csv or .parquet.")
-@click.option("--tta", type=click.Choice(list(TTA_VIEWS)), help="Test-time crops (default: the model's).")
-@click.option("--top-k", default=3, show_default=True, type=click.IntRange(min=1),
-              help="How many top classes to write per image.")
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Images per batch.")
-@click.option("--num-workers", type=click.IntRange(min=0), help="Data loader workers (default: from the cores).")
-@click.option("--resume", is_flag=True, help="Keep rows already in the output (or left by an interrupted "
-              "run) and predict only the other images.")
-@click.option("--max-image-pixels", type=click.IntRange(min=1), help="Refuse images with more pixels than this.")
-@click.option("--accelerator", default="auto", show_default=True, help="auto, cpu or gpu.")
-@click.option("--devices", default="1", show_default=True, help="Devices (processes with --strategy ddp).")
-@click.option("--strategy", default="auto", show_default=True,
-              help="ddp (with --devices N) shards the inputs over N processes (Lightning).")
-@click.option("--explain", type=click.Path(file_okay=False),
-              help="Also write each predicted image's Grad-CAM overlay (<stem>_cam.png) into this folder.")
-@click.option("--reject-unknown", is_flag=True,
-              help="Write 'unknown' as the label of images the model flags unknown (default: keep the label).")
-@click.option("--runtime", "runtime_name", type=click.Choice(["auto", "torch", "onnx", "onnx-int8"]),
-              help="torch, or ONNX Runtime (the ONNX version `finetune export --register` registers); default auto: "
-                   "ONNX Runtime when the model carries an ONNX graph.")
-@click.option("--ood-threshold", type=float,
-              help="Unknown-score threshold (default: the model's, which keeps 95% of held-out training images).")
-def main(model_uri: str, inputs: str, output: str, tta: str | None, top_k: int, batch_size: int,
-         num_workers: int | None, resume: bool, max_image_pixels: int | None, accelerator: str, devices: str,
-         strategy: str, explain: str | None, reject_unknown: bool, runtime_name: str | None,
-         ood_threshold: float | None) -> None:
-    """Predict labels for every image of a folder or list into a CSV or Parquet file."""
+@prediction_options
+def main(model_uri: str, inputs: str, **options: Any) -> None:
+    """Predict labels for every image of a folder or list into a CSV or Parquet file (as `finetune predict`)."""
     console.setup()
-    result = predict_to_file(model_uri, inputs, output, tta, top_k, batch_size, num_workers, resume,
-                             accelerator, int(devices) if devices.isdigit() else devices, strategy,
-                             max_image_pixels, explain=explain, ood_threshold=ood_threshold,
-                             reject_unknown=reject_unknown, runtime_name=runtime_name)
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
-        click.echo(f"{result['predicted']} predicted, {result['already_done']} kept from before, "
-                   f"{result['total']} rows in {result['output']}", err=False)
+    run_prediction(model_uri, inputs, options)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def test_unknown_key_through_cli_exits_cleanly(image_folder: Path, tmp_path: Pat
 
 
 def test_example_config_is_valid():
-    example = Path(__file__).resolve().parents[1] / "configs" / "example.yaml"
+    example = Path(__file__).resolve().parents[1] / "examples" / "config.yaml"
     cfg = resolve_config(load_yaml(example), {"data_dir": "d"})
     assert cfg.model
 

@@ -148,6 +148,7 @@ def test_export_command_checks_logs_quantizes_and_tags_the_registered_version(tm
     linked = c.get_model_version("pets", "2").tags
     assert linked["format"] == "onnx" and linked["source_version"] == "1"
     assert c.get_registered_model("pets").aliases == {"candidate": 1, "champion": 1}
+    assert "registered ONNX: models:/pets/2" in result.output
     int8 = onnx_export.OnnxRunner(tmp_path / "export" / "onnx" / "model.int8.onnx")
     assert int8.metadata["quantization"].startswith("int8") and json.loads(int8.metadata["class_names"]) == ["cat", "dog"]
 
@@ -190,6 +191,21 @@ def test_register_needs_a_registered_version(tmp_path):
     uri, _ = logged_with_data(tmp_path)
     result = CliRunner().invoke(cli, ["export", uri, "--register"])
     assert result.exit_code == 2 and "has no registered version to tag" in result.output
+
+
+def test_register_name_registers_the_onnx_model_of_an_unregistered_run(tmp_path):
+    uri, run_id = logged_with_data(tmp_path)
+    result = CliRunner().invoke(cli, ["export", uri, "--register", "pets-onnx", "--output", str(tmp_path / "x")])
+    assert result.exit_code == 0, result.output
+    version = tracking.client().get_model_version("pets-onnx", "1")
+    assert version.run_id == run_id and version.tags["format"] == "onnx"
+    assert "registered ONNX: models:/pets-onnx/1" in result.output and "tagged:" not in result.output
+
+
+def test_register_name_must_be_the_registered_model_of_the_source(tmp_path):
+    logged_with_data(tmp_path, register="pets")
+    result = CliRunner().invoke(cli, ["export", "models:/pets/1", "--register", "other"])
+    assert result.exit_code == 2 and "is registered as 'pets'" in result.output and "Traceback" not in result.output
 
 
 def test_without_onnxruntime_the_message_names_the_extra(monkeypatch):

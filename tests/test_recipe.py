@@ -334,7 +334,7 @@ def test_example_config_loads_and_documents_the_recipe():
     from finetune.config import load_yaml
     from finetune.training.recipe import Recipe
 
-    path = Path(__file__).resolve().parents[1] / "configs" / "example.yaml"
+    path = Path(__file__).resolve().parents[1] / "examples" / "config.yaml"
     values = load_yaml(path)
     cfg = resolve_config(values, {"data_dir": "x"})
     recipe_keys = {f for f in Recipe.__dataclass_fields__} | {

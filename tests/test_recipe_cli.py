@@ -206,7 +206,7 @@ def test_sweep_runs_child_trials_and_saves_a_usable_best_config(image_folder: Pa
     out = tmp_path / "sweep"
     result = _run(["sweep", str(image_folder), "--trials", "2", "--model", TINY_MODEL, "--weights", "none",
                    "--image-size", "32", "--num-workers", "0", "--batch-size", "4", "--epochs", "1",
-                   "--experiment", "sw", "--output", str(out)])
+                   "--experiment", "sw", "--output", str(out), "--register", "swept"])
     assert result.exit_code == 0, result.output
     assert "best select_acc" in result.output
     client = MlflowClient(isolated_mlflow)
@@ -220,6 +220,11 @@ def test_sweep_runs_child_trials_and_saves_a_usable_best_config(image_folder: Pa
     assert any(math.isclose(best["lr"], x, rel_tol=1e-6) for x in trial_lrs)
     cfg = resolve_config(load_yaml(out / "best_config.yaml"), {"data_dir": str(image_folder)})
     assert cfg.lr == best["lr"] and cfg.model == TINY_MODEL
+    # --register NAME: the best trial's model, as train --register registers a run's
+    best_run = next(r for r in children if math.isclose(float(r.data.params["config.lr"]), best["lr"], rel_tol=1e-6))
+    version = client.get_model_version("swept", "1")
+    assert version.run_id == best_run.info.run_id and "Registered the best trial's model: models:/swept/1" in result.output
+    assert client.get_registered_model("swept").aliases == {"candidate": 1, "champion": 1}
 
 
 @pytest.mark.parametrize("command", ["sanity", "lr-find", "sweep"])

@@ -53,11 +53,19 @@ def serving(tmp_path: Path, model_uri: str, env: dict[str, str]) -> Iterator[tup
     """`mlflow models serve` of `model_uri` on a free port, up and answering /ping; (base URL, process)."""
     port = free_port()
     mlflow_cli = str(Path(sys.executable).with_name("mlflow"))
+    command = [mlflow_cli, "models", "serve", "-m", model_uri, "--env-manager", "local", "-h", "127.0.0.1",
+               "-p", str(port)]
+    with started_server(tmp_path, command, port, env) as up:
+        yield up
+
+
+@contextlib.contextmanager
+def started_server(tmp_path: Path, command: list[str], port: int,
+                   env: dict[str, str]) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A server `command` listening on `port`, up and answering /ping; (base URL, process)."""
     log = open(tmp_path / "server.log", "wb")
-    server = subprocess.Popen(
-        [mlflow_cli, "models", "serve", "-m", model_uri, "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env},
-        start_new_session=True)  # its own process group: the workers go down with it
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env},
+                              start_new_session=True)  # its own process group: the workers go down with it
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + START_TIMEOUT_S

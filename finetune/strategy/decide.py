@@ -8,14 +8,15 @@
 |              | stages with a lower backbone LR           | LR, longer schedule                           |
 
 Pure functions of plain numbers: no torch, no model. The thresholds come from
-`configs/strategy.yaml` and each scenario's defaults from `configs/<scenario>.yaml`; both are read
-here, with unknown keys an error. Which concrete parameter groups a plan freezes is resolved
+`finetune/configs/strategy.yaml` and each scenario's defaults from `finetune/configs/<scenario>.yaml` (shipped in
+the package); both are read here, with unknown keys an error. Which concrete parameter groups a plan freezes is resolved
 against the model's own timm `group_matcher` by `finetune.strategy.groups`.
 """
 
 from __future__ import annotations
 
 import math
+from importlib import resources
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -31,7 +32,9 @@ BN_POLICIES = {
             "the head was warmed up on; BatchNorm weights learn where their group learns)",
     "train": "plain BatchNorm where layers learn (random init: no statistics to keep)",
 }
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+# strategy.yaml and <scenario>.yaml ship inside the package (finetune/configs/), read through importlib.resources
+# so that they are found wherever finetune is installed, not only in a source checkout.
+CONFIG_PACKAGE, CONFIG_FOLDER = "finetune", "configs"
 FINAL = "final"
 
 
@@ -42,7 +45,7 @@ def stage_index(head_stage: str) -> int | None:
 
 @dataclass(frozen=True)
 class Thresholds:
-    """Where the cells of the table begin (configs/strategy.yaml says what they were calibrated on)."""
+    """Where the cells of the table begin (finetune/configs/strategy.yaml says what they were calibrated on)."""
 
     large_min_images: int = 1000  # training images needed for "a lot of data" ...
     large_min_per_class: float = 100  # ... and per class (median)
@@ -120,9 +123,17 @@ def _build(cls, data: Mapping[str, Any], path: Path):
         raise UserError(f"{path}: {e}") from None
 
 
+def _read_config(name: str, folder: str | Path | None) -> tuple[dict[str, Any], Path]:
+    """The mapping in `folder`/`name`, by default the one shipped in the package; and the path it came from."""
+    if folder is not None:
+        path = Path(folder) / name
+        return read_yaml_mapping(path, "Strategy config"), path
+    with resources.as_file(resources.files(CONFIG_PACKAGE) / CONFIG_FOLDER / name) as path:
+        return read_yaml_mapping(path, "Strategy config"), path
+
+
 def load_thresholds(path: str | Path | None = None) -> Thresholds:
-    path = Path(path) if path else CONFIG_DIR / "strategy.yaml"
-    data = read_yaml_mapping(path, "Strategy config")
+    data, path = _read_config(Path(path).name, Path(path).parent) if path else _read_config("strategy.yaml", None)
     t = _build(Thresholds, data, path)
     return Thresholds(**{**asdict(t), "similarity_weights": dict(t.similarity_weights)})
 
@@ -130,8 +141,8 @@ def load_thresholds(path: str | Path | None = None) -> Thresholds:
 def load_scenario_defaults(scenario: str, config_dir: str | Path | None = None) -> ScenarioDefaults:
     if scenario not in SCENARIO_NAMES:
         raise UserError(f"Invalid scenario {scenario!r}. Valid values: auto, {', '.join(SCENARIO_NAMES)}.")
-    path = Path(config_dir or CONFIG_DIR) / f"{scenario}.yaml"
-    return _build(ScenarioDefaults, read_yaml_mapping(path, "Strategy config"), path)
+    data, path = _read_config(f"{scenario}.yaml", config_dir)
+    return _build(ScenarioDefaults, data, path)
 
 
 # --- the decision --------------------------------------------------------------------------------
@@ -165,8 +176,8 @@ def decide(profile: Mapping[str, Any], similarity: Mapping[str, Any], thresholds
         profile: the dataset profile (``n_train``, ``per_class_median`` are used).
         similarity: the measured similarity (``score``, ``components``, ``best_stage``,
             ``best_earlier_stage``, and ``probes`` as dicts with ``key`` and ``normalized``).
-        thresholds: from configs/strategy.yaml.
-        defaults: scenario name -> its defaults (configs/<scenario>.yaml).
+        thresholds: from finetune/configs/strategy.yaml.
+        defaults: scenario name -> its defaults (finetune/configs/<scenario>.yaml).
         base_epochs: the user's --epochs.
         forced: "auto" to decide from the measurements, else a scenario name.
         freeze_groups, backbone_lr_mult, aug_views: user overrides (None: the scenario's default).

@@ -24,7 +24,7 @@ data as the network saw it, so they are measured at the weights' own input size 
 away from it they follow the resolution rather than the domain (the source classifier grows surer
 as images shrink). See docs/decisions.md, "Similarity across input sizes".
 
-The score is the weighted mean of the components present (weights from configs/strategy.yaml;
+The score is the weighted mean of the components present (weights from finetune/configs/strategy.yaml;
 models without a source head or without BatchNorm simply lack that component).
 """
 

@@ -44,7 +44,9 @@ DEFAULT_MAX_LOSS = 1.0  # val accuracy points int8 may lose against fp32
 class ExportOptions:
     fmt: str = "onnx"
     quantize: str | None = None  # "int8"
-    register: bool = False
+    # Register the ONNX model under this name; "" (a bare --register): the registered model of the source's
+    # version. None: not registered.
+    register: str | None = None
     data_dir: str | None = None  # default: the training run's data folder
     output: str | None = None
     max_loss: float = DEFAULT_MAX_LOSS
@@ -161,15 +163,29 @@ def log_onnx_model(model: Any, run_id: str, out: Path, files: dict[str, str]) ->
                                model.max_pixels, name=ONNX_MODEL_NAME, extra_requirements=("onnxruntime",))
 
 
-def register_onnx_model(model_uri: str, source) -> dict[str, str]:
-    """The ONNX pyfunc model as a version of the same registered model, linked both ways by tags (`source_version`
-    on it, `onnx_version` on the trained model's version); aliases stay where they are."""
+def register_onnx_model(model_uri: str, name: str, source) -> dict[str, str]:
+    """The ONNX pyfunc model as a version of registered model `name`. When the trained model has a registered
+    version (`source`, of that name), the two are linked both ways by tags (`source_version` on it,
+    `onnx_version` on the trained model's version); aliases stay where they are."""
     from finetune.tracking import registry
 
+    if source is None:  # a model registered nowhere yet: its ONNX version is the first of `name`
+        return {"name": name, "version": registry.register(model_uri, name, {"format": "onnx"}, aliases=False)}
     tags = {**(source.tags or {}), "format": "onnx", "source_version": str(source.version)}
-    version_ = registry.register(model_uri, source.name, tags, aliases=False)
+    version_ = registry.register(model_uri, name, tags, aliases=False)
     tracking.client().set_model_version_tag(source.name, source.version, "onnx_version", version_)
-    return {"name": source.name, "version": version_}
+    return {"name": name, "version": version_}
+
+
+def registered_name(model_uri: str, register: str, model_version) -> str:
+    """The registered model the ONNX version goes to: the source's (a bare --register), or NAME."""
+    if model_version is None and not register:
+        raise UserError(f"{model_uri} has no registered version to tag: register it (finetune train --register "
+                        "NAME), pass models:/NAME@ALIAS, or name the registered model: --register NAME.")
+    if model_version is not None and register and register != model_version.name:
+        raise UserError(f"{model_uri} is registered as {model_version.name!r}: its ONNX version joins it, linked by "
+                        f"tags. Use --register {model_version.name} (or a bare --register).")
+    return register or model_version.name
 
 
 def check_options(options: ExportOptions) -> None:
@@ -205,9 +221,7 @@ def export_model(model_uri: str, options: ExportOptions) -> dict[str, Any]:
     runtime.configure()
     model = load_logged_model(model_uri)
     run_id, model_version = model_source(model_uri)
-    if options.register and model_version is None:
-        raise UserError(f"{model_uri} has no registered version to tag: register it (finetune train --register "
-                        "NAME) or pass models:/NAME@ALIAS.")
+    register_as = None if options.register is None else registered_name(model_uri, options.register, model_version)
     splits, label_map = training_data(tracking.client().get_run(run_id), options.data_dir, model.spec)
     fp32 = onnx_export.export_onnx(model.net, model.spec, out / FP32_FILE,
                                    weights_digest=weights_sha256(model.model_dir))
@@ -224,9 +238,10 @@ def export_model(model_uri: str, options: ExportOptions) -> dict[str, Any]:
         tracking.log_artifact(run_id, out / name, ONNX_DIR)
     report["artifacts"] = {key: f"runs:/{run_id}/{ONNX_DIR}/{name}" for key, name in report["files"].items()}
     report["model_uri_onnx"] = log_onnx_model(model, run_id, out, report["files"])
-    if options.register:
-        tag_version(model_version, report["artifacts"])
-        report["registered_model"] = {"name": model_version.name, "version": str(model_version.version)}
-        report["registered_onnx"] = register_onnx_model(report["model_uri_onnx"], model_version)
+    if register_as is not None:
+        if model_version is not None:
+            tag_version(model_version, report["artifacts"])
+            report["registered_model"] = {"name": model_version.name, "version": str(model_version.version)}
+        report["registered_onnx"] = register_onnx_model(report["model_uri_onnx"], register_as, model_version)
     report["output"] = str(out.resolve())
     return report

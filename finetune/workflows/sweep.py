@@ -96,7 +96,7 @@ def sweep(cfg: TrainConfig, trials: int, lr_range: tuple[float, float] = DEFAULT
         raise UserError(f"--trials must be at least 1 (got {trials}).")
     check_ranges(lr_range, wd_range)  # before the measurement
     # The plan every trial will run (its features are cached for them); it refuses what train would refuse.
-    plan = plan_folder(cfg)[0].plan
+    plan = plan_folder(replace(cfg, register=None))[0].plan  # --register acts on the best trial, at the end
     space = search_space(plan, lr_range, wd_range, search_augment)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = cfg.run_name or f"sweep-{Path(cfg.data_dir).resolve().name}-{stamp}"
@@ -151,7 +151,24 @@ def _finish(cfg: TrainConfig, study: optuna.Study, parent_id: str, output: Path)
     rows = [{"trial": t.number, **t.params, "select_acc": t.value, **t.user_attrs} for t in study.trials]
     tracking.write_json(output / "trials.json", rows)
     tracking.log_artifact(parent_id, output / "trials.json")
+    result = {"best_select_acc": float(best.value), "best_val_acc": best.user_attrs.get("val_acc"),
+              "best_params": best.params, "best_trial": best.number, "best_config": str(config_path.resolve()),
+              "trials": rows, "mlflow_run_id": parent_id}
+    if cfg.register:
+        result["registered_model"] = register_best(cfg.register, best, parent_id)
+        c.set_tag(parent_id, "registered_model", f"{cfg.register}/{result['registered_model']['version']}")
     c.set_terminated(parent_id, "FINISHED")
-    return {"best_select_acc": float(best.value), "best_val_acc": best.user_attrs.get("val_acc"),
-            "best_params": best.params, "best_trial": best.number, "best_config": str(config_path.resolve()),
-            "trials": rows, "mlflow_run_id": parent_id}
+    return result
+
+
+def register_best(name: str, best: optuna.trial.FrozenTrial, parent_id: str) -> dict[str, str]:
+    """`--register NAME`: the best trial's model, registered as `train --register NAME` registers a run's."""
+    from finetune.tracking import registry
+
+    run_id = best.user_attrs.get("mlflow_run_id")
+    if run_id is None:  # the best "trial" diverged, so every trial did
+        raise UserError(f"--register {name}: no trial produced a model (every trial diverged); nothing registered. "
+                        "Try a lower --lr-range.")
+    tags = {"training_run_id": run_id, "sweep_run_id": parent_id, "sweep_trial": str(best.number),
+            "metric.select_acc": f"{best.value:.6g}", "metric.val_acc": f"{best.user_attrs.get('val_acc', '')}"}
+    return {"name": name, "version": registry.register(f"runs:/{run_id}/model", name, tags)}
