@@ -129,8 +129,9 @@ class TrainConfig:
     experiment: str = opt("finetune", "MLflow experiment name.", "Tracking and output", commands=MLFLOW_RUNS)
     run_name: str | None = opt(None, "MLflow run name.", "Tracking and output", shows="model-data-time",
                                commands=MLFLOW_RUNS)
-    register: str | None = opt(None, "Register the model under this name in the MLflow registry.",
-                               "Tracking and output", shows="not registered", commands=frozenset({"train"}))
+    register: str | None = opt(None, "Register the model (sweep: the best trial's) under this name in the MLflow "
+                               "registry.", "Tracking and output", shows="not registered",
+                               commands=frozenset({"train", "sweep"}))
     output: str | None = opt(None, "Output folder (new or empty: a run never writes into another's).",
                              "Tracking and output", shows="outputs/<run name>-<run id>", commands=EVERY - {"sanity"})
     # Hardware
