@@ -81,3 +81,8 @@ def test_docs_mention_only_options_the_commands_have(doc: str):
                       if command in known and opt not in known[command]})
     assert not unknown, (f"{doc} mentions options that no finetune command has: {', '.join(unknown)}. Fix the text, "
                          f"or the command (then regenerate docs/cli.md: `{REGENERATE}`).")
+
+
+def test_the_readme_stays_short():
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    assert len(readme.read_text().splitlines()) <= 250, "README.md is for the golden path; move detail into docs/"

@@ -117,6 +117,14 @@ class EpochScores(pl.Callback):
         if not trainer.sanity_checking and all(k in metrics for k in self.KEYS):
             self.scores[trainer.current_epoch] = {k: float(metrics[k]) for k in self.KEYS}
 
+    # In every checkpoint: a resumed run reads the scores of the epochs validated before the resume as they were,
+    # instead of validating the best epoch again on another loader and trainer.
+    def state_dict(self) -> dict[str, Any]:
+        return {"scores": {str(epoch): dict(s) for epoch, s in self.scores.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scores.update({int(epoch): dict(s) for epoch, s in state.get("scores", {}).items()})
+
 
 class DivergenceCallback(pl.Callback):
     """Stop at the first NaN/inf loss, or a loss `factor` times the first one (at least ln C).
