@@ -61,7 +61,7 @@ def naive(plan: Plan, epochs: int) -> Plan:
     `bench_dataset`, a plain recipe: light augmentation, constant LR, no regularisers)."""
     return dataclasses.replace(plan, scenario="naive", train_on_features=False, head_stage="final",
                                trainable_fraction=1.0, freeze_groups=None, backbone_lr_mult=1.0, layer_decay=1.0,
-                               warmup_epochs=0, epochs=epochs, bn_policy="train",
+                               head_warmup_epochs=0, epochs=epochs, bn_policy="train",
                                reasons=["naive baseline: all layers, one LR, no warm-up"])
 
 

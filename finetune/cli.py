@@ -141,7 +141,7 @@ def _plan_line(plan: dict[str, Any]) -> str:
         return f"linear head on cached {where}, {plan['epochs']} epochs (backbone frozen)"
     groups = plan.get("groups") or []
     frozen = sum(1 for g in groups if g.get("frozen"))
-    warmup = f" after {plan['warmup_epochs']} head warm-up epochs" if plan.get("warmup_epochs") else ""
+    warmup = f" after {plan['head_warmup_epochs']} head warm-up epochs" if plan.get("head_warmup_epochs") else ""
     return f"fine-tune {len(groups) - frozen} of {len(groups)} layer groups, {plan['epochs']} epochs{warmup}"
 
 

@@ -233,7 +233,7 @@ def plan_text(summary: dict[str, Any]) -> str:
     else:
         frac = plan["trainable_fraction"]
         how = ("all layers" if frac >= 1 else f"top {frac:.0%} of the layers") + " learn"
-        if plan["warmup_epochs"]:
+        if plan["head_warmup_epochs"]:
             how = f"head warm-up, then {how}"
     return f"{summary['scenario']}: {how}, {plan['epochs']} epochs"
 

@@ -55,7 +55,7 @@ def test_train_each_plan_on_cuda(tmp_path: Path, weights_file: Path, scenario: s
     if scenario.startswith("small"):
         assert plan["train_on_features"] is True  # a head on cached features, no backbone forward per epoch
     else:
-        assert plan["train_on_features"] is False and plan["warmup_epochs"] >= 1 and "warmup" in plan
+        assert plan["train_on_features"] is False and plan["head_warmup_epochs"] >= 1 and "warmup" in plan
         assert not all(g["frozen"] for g in plan["groups"])  # after the warm-up the backbone learns
 
     from finetune.model.artifact import load_model

@@ -58,7 +58,7 @@ def test_each_scenario_plan(scenario, on_features, fraction, lr_mult, epochs, wa
     assert plan.scenario == scenario and plan.source == "forced"
     assert "small-similar" in plan.reasons[0]  # the measured cell is still reported
     assert (plan.train_on_features, plan.trainable_fraction, plan.backbone_lr_mult) == (on_features, fraction, lr_mult)
-    assert (plan.epochs, plan.warmup_epochs) == (epochs, warmup)
+    assert (plan.epochs, plan.head_warmup_epochs) == (epochs, warmup)
 
 
 @pytest.mark.parametrize("sizes, pretrained, explained", [
@@ -95,13 +95,13 @@ def test_random_init_trains_every_layer():
     assert plan.scenario == "large-different" and plan.trainable_fraction == 1.0
     assert plan.epochs == 3  # --epochs as given: no "longer schedule" for a domain shift that was not measured
     # Random features: one LR for all, no warm-up of a head on them.
-    assert (plan.backbone_lr_mult, plan.layer_decay, plan.warmup_epochs) == (1.0, 1.0, 0)
+    assert (plan.backbone_lr_mult, plan.layer_decay, plan.head_warmup_epochs) == (1.0, 1.0, 0)
     assert "no pretrained weights" in plan.reasons[0]
     # Forced, the plan keeps its layer-wise LRs, but still no head warm-up on random features (BatchNorm then
     # trains in train mode: the network would not compute the eval-mode features the head was fitted on).
     forced = decide(profile(3000, 300), similarity(0.9), T, DEFAULTS, base_epochs=3, pretrained=False,
                     forced="large-similar")
-    assert forced.warmup_epochs == 0 and forced.layer_decay == DEFAULTS["large-similar"].layer_decay
+    assert forced.head_warmup_epochs == 0 and forced.layer_decay == DEFAULTS["large-similar"].layer_decay
 
 
 def test_overrides():

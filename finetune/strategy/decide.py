@@ -77,11 +77,11 @@ class ScenarioDefaults:
     trainable_fraction: float  # share of the backbone's layer groups, from the top, that learn
     backbone_lr_mult: float  # LR of the top trainable backbone group, relative to the head's
     layer_decay: float  # each group further down learns this factor slower
-    warmup_epochs: int  # head-only epochs on cached features before the network is fine-tuned
+    head_warmup_epochs: int  # head-only epochs on cached features before the network is fine-tuned
     epochs_scale: float  # epochs = ceil(--epochs * epochs_scale)
     weight_decay_grid: tuple[float, ...] = (0.0,)  # candidates for the head, chosen on the val split
     aug_views: int = 0  # augmented views per image in the feature cache (feature plans)
-    augment: str = "light"  # preset of the cached augmented views (feature plans)
+    cache_augment: str = "light"  # preset of the cached augmented views (feature plans)
 
 
 @dataclass
@@ -99,11 +99,11 @@ class Plan:
     backbone_lr_mult: float
     layer_decay: float
     bn_policy: str  # "eval": every BatchNorm keeps its pretrained statistics; "train": plain BatchNorm
-    warmup_epochs: int
+    head_warmup_epochs: int  # head-only epochs on cached features before the network is fine-tuned
     epochs: int
     weight_decay_grid: list[float]
     aug_views: int
-    augment: str
+    cache_augment: str  # preset of the augmented views in the feature cache
     reasons: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -200,7 +200,7 @@ def decide(profile: Mapping[str, Any], similarity: Mapping[str, Any], thresholds
     scale = d.epochs_scale if (pretrained or forced != "auto") else 1.0
     epochs = max(1, math.ceil(base_epochs * scale))
     lr_mult = d.backbone_lr_mult if backbone_lr_mult is None else float(backbone_lr_mult)
-    layer_decay, warmup = float(d.layer_decay), int(d.warmup_epochs)
+    layer_decay, warmup = float(d.layer_decay), int(d.head_warmup_epochs)
     if not pretrained:
         # Random features: nothing for a head warm-up to build on (and BatchNorm then trains in train mode, so
         # the network computes other features than the eval-mode ones a warm-up would fit), forced or not.
@@ -223,9 +223,9 @@ def decide(profile: Mapping[str, Any], similarity: Mapping[str, Any], thresholds
         trainable_fraction=0.0 if d.train_on_features else float(d.trainable_fraction),
         freeze_groups=freeze_groups, backbone_lr_mult=lr_mult, layer_decay=layer_decay,
         bn_policy=bn_policy,
-        warmup_epochs=0 if d.train_on_features else warmup, epochs=epochs,
+        head_warmup_epochs=0 if d.train_on_features else warmup, epochs=epochs,
         weight_decay_grid=grid,
-        aug_views=views if d.train_on_features else 0, augment=d.augment, reasons=reasons)
+        aug_views=views if d.train_on_features else 0, cache_augment=d.cache_augment, reasons=reasons)
 
 
 def _choose_scenario(profile: Mapping[str, Any], similarity: Mapping[str, Any], thresholds: Thresholds,

@@ -57,7 +57,7 @@ class Decision:
                 "plan": {"head_stage": p.head_stage, "train_on_features": p.train_on_features,
                          "frozen_groups": sum(1 for g in self.groups if g.frozen),
                          "backbone_lr_mult": p.backbone_lr_mult, "layer_decay": p.layer_decay,
-                         "epochs": p.epochs, "warmup_epochs": p.warmup_epochs, "aug_views": p.aug_views}}
+                         "epochs": p.epochs, "head_warmup_epochs": p.head_warmup_epochs, "aug_views": p.aug_views}}
 
 
 def process_runtime(cfg: TrainConfig) -> runtime.Runtime:

@@ -44,14 +44,14 @@ def describe(decision: Decision, groups: list[dict[str, Any]]) -> str:
     lines += pilot_lines(decision.pilot)
     lines += ["", "Plan",
               f"  head on        {plan.head_stage}" + ("  (cached features)" if plan.train_on_features else ""),
-              f"  epochs         {plan.epochs}" + (f" after {plan.warmup_epochs} head warm-up epochs on cached features"
-                                                   if plan.warmup_epochs else ""),
+              f"  epochs         {plan.epochs}" + (f" after {plan.head_warmup_epochs} head warm-up epochs on cached features"
+                                                   if plan.head_warmup_epochs else ""),
               f"  BatchNorm      {BN_POLICIES[plan.bn_policy]}"]
     if plan.train_on_features:
         lines.append(f"  weight decay   {plan.weight_decay_grid[0]:g}" if len(plan.weight_decay_grid) == 1
                      else f"  weight decay   chosen by cross-validation on train from {plan.weight_decay_grid}")
         if plan.aug_views:
-            lines.append(f"  aug views      {plan.aug_views} per image ({plan.augment})")
+            lines.append(f"  aug views      {plan.aug_views} per image ({plan.cache_augment})")
     lines += ["", "Layer groups (timm group_matcher; --freeze-groups N freezes the first N)",
               f"  {'#':>3}  {'group':<34} {'params':>10}  {'state':<8} {'lr':>9}"]
     settings = {g.index: g for g in decision.groups}

@@ -121,7 +121,7 @@ def head_inputs(cfg: TrainConfig, backbone: Backbone, train_samples: list[Sample
     train = cached_subset(backbone, train_samples, within, **kwargs)
     views = [train.arrays[stage]]
     if aug_views:
-        aug = cached_features(backbone, train_samples, views=aug_views, aug_preset=plan.augment, seed=cfg.seed,
+        aug = cached_features(backbone, train_samples, views=aug_views, aug_preset=plan.cache_augment, seed=cfg.seed,
                               **kwargs)
         views.append(aug.arrays[stage])
     return views, train, kwargs["rt"]

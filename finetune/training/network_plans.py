@@ -55,11 +55,11 @@ def prepare_network(cfg: TrainConfig, decision: Decision, recipe: Recipe, backbo
     """
     plan = decision.plan
     info: dict[str, Any] = {}
-    if plan.warmup_epochs and warm_up:
+    if plan.head_warmup_epochs and warm_up:
         started = time.perf_counter()
         with preserved_rng():  # cached or not, the fine-tuning that follows starts from the same RNG state
             result = head_on_features(cfg, recipe, backbone, splits.train, len(splits.classes), plan, FINAL,
-                                       plan.warmup_epochs, 0, False, rt, within=within)
+                                       plan.head_warmup_epochs, 0, False, rt, within=within)
             selection = cached_subset(backbone, splits.val, within, **_feature_kwargs(cfg, rt))
         load_linear(backbone.model.get_classifier(), result.weight, result.bias)
         # Scored as the validation loop scores the fine-tuned network (its loss weighs the classes the same way).
@@ -112,7 +112,7 @@ def fit_network_plan(cfg: TrainConfig, decision: Decision, recipe: Recipe, backb
     warm_state = _cpu_state(module.net) if "warmup" in report else None
     trainer, checkpoint, rank_sync = _trainer(cfg, recipe, plan, ctx, rt, plan_callbacks, len(splits.classes))
     # A warmed-up head is not fresh: its loss is rightly below ln(C).
-    if distributed.is_global_zero() and ctx.resume_checkpoint is None and not plan.warmup_epochs:
+    if distributed.is_global_zero() and ctx.resume_checkpoint is None and not plan.head_warmup_epochs:
         _babysit_initial_loss(module, datamodule, len(splits.classes), ctx.logger, rt)
     _fit(trainer, module, datamodule, ctx, cfg)
     if not trainer.is_global_zero:
