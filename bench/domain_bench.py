@@ -5,7 +5,7 @@
 
 For each dataset of the manifest (bench/domains.py writes it; the packed base sets are in it): scan, build the
 backbone, measure and decide as `finetune train` does, then run every plan -- the four scenarios forced, and a
-naive full fine-tune (bench/scenarios.py's `naive`) -- with the executor `run_plan`, and report it with
+naive full fine-tune (`naive` below) -- with the executor `run_plan`, and report it with
 `evaluate.after_training` (test when the dataset has a test split, else val). One JSON row per result is
 appended to --out as soon as it exists (schema: bench/calibrate.py), so a killed run keeps what it measured.
 A plan's row carries its per-image results on the reported split (`correct`), for bench/calibrate.py's intervals.
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import json
 import logging
 import multiprocessing
@@ -36,9 +37,17 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from finetune.strategy.decide import SCENARIO_NAMES  # noqa: E402  (pure: no torch)
+
 DEFAULT_MANIFEST = ROOT / ".bench-data" / "domains" / "domains.json"
 DEFAULT_WEIGHTS = ROOT.parent / "shared" / "weights" / "mobilenetv2_100.coral_in1k.safetensors"
 DEFAULT_OUT = ROOT / "bench" / "results" / "domain_bench.jsonl"
+# The four scenarios forced, then the naive baseline.
+PLANS = (*SCENARIO_NAMES, "naive")
+# The naive baseline's recipe (TrainConfig options, on top of large-different's): light augmentation, constant LR,
+# nothing else.
+NAIVE_RECIPE = dict(augment="light", mixup=0.0, cutmix=0.0, label_smoothing=0.0, schedule="constant",
+                    warmup_epochs=0.0, dropout=0.0, drop_path=0.0, drop_connect=0.0, ema=0.0)
 
 
 @dataclass(frozen=True)
@@ -79,6 +88,15 @@ def pilot_rows(name: str, cfg, measured, backbone, splits, rt, folds: int = 1) -
     return [{"kind": "pilot", "dataset": name, "plan": s, **v} for s, v in result.scores.items()]
 
 
+def naive(plan, epochs: int):
+    """Full fine-tune, one learning rate for every layer, plain BatchNorm, no warm-up, --epochs as given (and, in
+    `bench_dataset`, a plain recipe: `NAIVE_RECIPE`)."""
+    return dataclasses.replace(plan, scenario="naive", train_on_features=False, head_stage="final",
+                               trainable_fraction=1.0, freeze_groups=None, backbone_lr_mult=1.0, layer_decay=1.0,
+                               warmup_epochs=0, epochs=epochs, bn_policy="train",
+                               reasons=["naive baseline: all layers, one LR, no warm-up"])
+
+
 def read_correct(path: Path) -> str:
     """The reported split's per-image results in the model's crop mode, as a string of 1 (right), 0 (wrong) and
     - (unreadable), in the split's order (the same for every plan of a dataset): bench/calibrate.py resamples
@@ -104,7 +122,6 @@ def bench_dataset(name: str, path: str, opts: Options) -> list[dict[str, Any]]:
     """Measure one dataset and run every plan on it; the rows, also appended to opts.out as they come."""
     import pytorch_lightning as pl
 
-    from bench.scenarios import NAIVE_RECIPE, naive
     from finetune.config import TrainConfig
     from finetune.data.folders import scan_folder
     from finetune.evaluation import evaluate, trust
@@ -217,8 +234,6 @@ def load_manifest(path: Path, only: list[str] | None) -> list[tuple[str, str, in
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.scenarios import PLANS
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST, help="domains.json (bench/domains.py)")
     parser.add_argument("--datasets", default="", help="comma-separated names (default: all in the manifest)")
