@@ -34,12 +34,12 @@ test-gpu: env
 # The wheels the offline GPU machine lacks (MLflow and the part of its tree not there), at uv.lock's
 # versions, into .whl/ (git-ignored) for bench/gpu_check.sh; prints each size and the total.
 gpu-wheels:
-	python3 bench/gpu_wheels.py
+	python3 -m bench gpu_wheels
 
 # The domain bench's data for the GPU machine (bench/gpu_domains.sh): a <= 40 MiB archive of the shared sets
 # and the shared weights, under .bench-data/ (git-ignored). Needs ../shared.
 domains-pack: env
-	$(UV) run --frozen python bench/domains.py pack ../shared/data .bench-data/pack --archive .bench-data/pack.tar.gz
+	$(UV) run --frozen python -m bench domains pack ../shared/data .bench-data/pack --archive .bench-data/pack.tar.gz
 	mkdir -p .bench-data/weights && cp ../shared/weights/mobilenetv2_100.coral_in1k.* .bench-data/weights/
 
 clean:

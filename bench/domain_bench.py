@@ -1,7 +1,7 @@
 """Every plan on every bench domain (issue 13): the rows bench/calibrate.py fits the thresholds on.
 
-    uv run --frozen python bench/domains.py variants .bench-data/pack .bench-data/domains
-    uv run --frozen python bench/domain_bench.py --manifest .bench-data/domains/domains.json --epochs 3 --jobs 4
+    uv run --frozen python -m bench domains variants .bench-data/pack .bench-data/domains
+    uv run --frozen python -m bench domain_bench --manifest .bench-data/domains/domains.json --epochs 3 --jobs 4
 
 For each dataset of the manifest (bench/domains.py writes it; the packed base sets are in it): scan, build the
 backbone, measure and decide as `finetune train` does, then run every plan -- the four scenarios forced, and a
@@ -34,14 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from finetune.strategy.decide import SCENARIO_NAMES  # noqa: E402  (pure: no torch)
+from bench.common import DEFAULT_WEIGHTS, RESULTS, ROOT, append_jsonl
+from finetune.strategy.decide import SCENARIO_NAMES  # pure: no torch
 
 DEFAULT_MANIFEST = ROOT / ".bench-data" / "domains" / "domains.json"
-DEFAULT_WEIGHTS = ROOT.parent / "shared" / "weights" / "mobilenetv2_100.coral_in1k.safetensors"
-DEFAULT_OUT = ROOT / "bench" / "results" / "domain_bench.jsonl"
+DEFAULT_OUT = RESULTS / "domain_bench.jsonl"
 # The four scenarios forced, then the naive baseline.
 PLANS = (*SCENARIO_NAMES, "naive")
 # The naive baseline's recipe (TrainConfig options, on top of large-different's): light augmentation, constant LR,
@@ -68,12 +65,6 @@ class Options:
     cores: int  # this process's share of the machine
     workers: int | None = None  # data loader workers (None: finetune's split of `cores`)
     pilot_folds: int = 1  # the pilot's selection folds (workflows/pilot.py run_pilot)
-
-
-def append_row(path: str, row: dict[str, Any]) -> None:
-    """One line, one write, append mode: rows of parallel processes do not interleave."""
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
 
 
 def pilot_rows(name: str, cfg, measured, backbone, splits, rt, folds: int = 1) -> list[dict[str, Any]]:
@@ -143,7 +134,7 @@ def bench_dataset(name: str, path: str, opts: Options) -> list[dict[str, Any]]:
                 experiment="bench-domains")
 
     def emit(row: dict[str, Any]) -> None:
-        append_row(opts.out, row)
+        append_jsonl(opts.out, row)
         rows.append(row)
 
     started = time.perf_counter()
@@ -291,6 +282,3 @@ def main(argv: list[str] | None = None) -> int:
     assert not pulled, f"mlflow was imported (the GPU machine has none): {pulled}"
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

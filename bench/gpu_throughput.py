@@ -1,7 +1,7 @@
 """GPU throughput of finetune's pipelines vs the bare model on the same GPU, as ratios from one run.
 
-    python3 bench/gpu_throughput.py                     # resnet50 @224, random weights file, 640 JPEGs
-    python3 bench/gpu_throughput.py --model convnext_tiny --batch-size 128
+    python3 -m bench gpu_throughput                     # resnet50 @224, random weights file, 640 JPEGs
+    python3 -m bench gpu_throughput --model convnext_tiny --batch-size 128
 
 Made for the offline GPU machine (bench/gpu_check.sh calls it): nothing is downloaded. The model is
 created with RANDOM weights by timm, saved to a safetensors file and loaded back through finetune's
@@ -35,7 +35,6 @@ import csv
 import logging
 import os
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -46,8 +45,6 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # feature extraction's progress bar;
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/throughput.py, the CPU version
-sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repository (finetune, serve)
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*is smaller than the logging interval.*")
@@ -89,7 +86,7 @@ def random_weights_file(model: str, path: Path) -> Path:
 
 def finetune_train_epochs(args, cfg, splits, data_config, net, device, out: Path) -> float:
     """bench/throughput.py's finetune_train over `--train-epochs` epochs; the first epoch is not timed."""
-    import throughput as cpu
+    from bench import throughput as cpu  # the CPU version's loops
 
     return cpu.finetune_train(args, cfg, splits, data_config, net, device, out, epochs=args.train_epochs,
                               untimed_epochs=1, experiment="bench-gpu-throughput")
@@ -97,7 +94,7 @@ def finetune_train_epochs(args, cfg, splits, data_config, net, device, out: Path
 
 def finetune_predict(args, net, data_config, paths, classes, mode, device, out: Path) -> float:
     """bench/throughput.py's finetune_predict (the default single-process loop) with the model's class names."""
-    import throughput as cpu
+    from bench import throughput as cpu  # the CPU version's loops
 
     return cpu.finetune_predict(args, net, data_config, paths, mode, device, out, classes)
 
@@ -111,7 +108,7 @@ def finetune_features(args, backbone, samples, device, out: Path) -> float:
     return len(samples) / fs.seconds
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet50", help="timm architecture (random weights, saved to a file)")
     parser.add_argument("--image-size", type=int, default=224)
@@ -126,7 +123,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="images, weights, MLflow store (default: a temp folder)")
     parser.add_argument("--out", default="bench/results", help="folder for the CSV")
     parser.add_argument("--allow-cpu", action="store_true", help="run without CUDA (to test this script)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     if not torch.cuda.is_available() and not args.allow_cpu:
         print("CUDA not available: GPU throughput not measured (--allow-cpu runs it on the CPU).")
@@ -136,7 +133,7 @@ def main() -> None:
                   "lightning.pytorch.utilities.rank_zero", "mlflow", "alembic", "finetune"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
-    import throughput as cpu
+    from bench import throughput as cpu  # the CPU version's loops
     from finetune import runtime
     from finetune.data.transforms import eval_transform, resize_size
     from finetune.model.backbone import create_backbone
@@ -247,6 +244,3 @@ def main() -> None:
         w.writerows(out_rows)
     print(f"saved {csv_path} (total {time.perf_counter() - started:.0f}s)")
 
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,6 @@
 """Throughput of finetune's pipelines vs the bare model, measured side by side in one process.
 
-    uv run python bench/throughput.py --data ../shared/data/hymenoptera --model mobilenetv2_100 \
+    uv run python -m bench throughput --data ../shared/data/hymenoptera --model mobilenetv2_100 \
         --weights ../shared/weights/mobilenetv2_100.coral_in1k.safetensors --image-size 224
 
 Per repeat, interleaved (so a load change on the machine hits every row alike), in images/s:
@@ -50,7 +50,7 @@ from finetune.training.optim import create_optimizer, make_optimizer_factory
 from finetune.model.heads import init_head
 from finetune.training.recipe import resolve_recipe
 from finetune.data.crops import CropViews
-from finetune.data.crops import TTA_VIEWS  # noqa: E402
+from finetune.data.crops import TTA_VIEWS
 from serve.batch_predict import RowWriter, predict_rows, prediction_loader
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -205,7 +205,7 @@ def finetune_features(args, backbone, splits, device, out: Path) -> tuple[float,
     return len(samples) / fs.seconds, clock.images_per_s()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="../shared/data/hymenoptera")
     parser.add_argument("--model", default="mobilenetv2_100")
@@ -228,7 +228,7 @@ def main() -> None:
                         "(e.g. c,f: the extraction row and its reference only)")
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--out", default="bench/results")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     for noisy in ("pytorch_lightning", "lightning", "lightning_fabric", "mlflow", "alembic"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -338,6 +338,3 @@ def main() -> None:
             w.writerow({**row, "setup": header})
     print(f"saved {csv_path}")
 
-
-if __name__ == "__main__":
-    main()
