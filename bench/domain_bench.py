@@ -32,7 +32,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from bench.common import DEFAULT_WEIGHTS, RESULTS, ROOT, append_jsonl
 from finetune.strategy.decide import SCENARIO_NAMES  # pure: no torch
@@ -111,19 +111,8 @@ def _configure(opts: Options):
 
 def bench_dataset(name: str, path: str, opts: Options) -> list[dict[str, Any]]:
     """Measure one dataset and run every plan on it; the rows, also appended to opts.out as they come."""
-    import pytorch_lightning as pl
-
     from finetune.config import TrainConfig
-    from finetune.data.folders import scan_folder
-    from finetune.evaluation import evaluate, trust
-    from finetune.model.artifact import ModelSpec
-    from finetune.model.backbone import create_backbone
-    from finetune.model.heads import init_head
-    from finetune.strategy.decide import SCENARIO_NAMES, decide, load_scenario_defaults, load_thresholds, stage_index
-    from finetune.strategy.measure import measure_and_decide, with_plan
-    from finetune.training.distributed import QuietLogger
-    from finetune.training.recipe import model_kwargs, resolve_recipe
-    from finetune.training.run_plan import RunContext, run_plan
+    from finetune.strategy.decide import SCENARIO_NAMES, load_scenario_defaults, load_thresholds
 
     rows: list[dict[str, Any]] = []
     if time.time() > opts.deadline:
@@ -137,71 +126,107 @@ def bench_dataset(name: str, path: str, opts: Options) -> list[dict[str, Any]]:
         append_jsonl(opts.out, row)
         rows.append(row)
 
-    started = time.perf_counter()
     cfg = TrainConfig(epochs=opts.epochs, **base)
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    splits = scan_folder(cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_image_pixels)
-    backbone = create_backbone(cfg.model, cfg.weights, len(splits.classes), cfg.image_size, keep_source_head=True)
-    measured = measure_and_decide(cfg, splits, backbone, rt)
-    profile, similarity = measured.profile.to_dict(), measured.similarity.to_dict()
-    from finetune.strategy.decide import pilot_candidates
-
-    candidates, _ = pilot_candidates(profile, similarity, load_thresholds())
-    emit({"kind": "measure", "dataset": name, "profile": profile, "similarity": similarity,
-          "seconds": round(time.perf_counter() - started, 2), "auto": measured.plan.scenario,
-          "shipped_candidates": candidates, "layout": splits.layout, "counts": splits.counts()})
+    measured, backbone, splits = measure(name, cfg, rt, emit)
     if time.time() <= opts.deadline:
         for row in pilot_rows(name, cfg, measured, backbone, splits, rt, opts.pilot_folds):
             emit(row)
-    has_test = bool(splits.test)
     thresholds = load_thresholds()
     defaults = {s: load_scenario_defaults(s) for s in SCENARIO_NAMES}
-
     for plan_name in opts.plans:
         if time.time() > opts.deadline:
             break
-        t0 = time.perf_counter()
         small = plan_name.startswith("small-")
         epochs = opts.head_epochs if small and opts.head_epochs else opts.epochs
         # The naive baseline: large-different's settings replaced by one LR for all layers and a plain recipe.
         cfg = TrainConfig(epochs=epochs, scenario="large-different" if plan_name == "naive" else plan_name,
                           **base, **(NAIVE_RECIPE if plan_name == "naive" else {}))
-        pl.seed_everything(cfg.seed, workers=True, verbose=False)
-        net_backbone = create_backbone(cfg.model, cfg.weights, len(splits.classes), cfg.image_size,
-                                       keep_source_head=True)  # fresh weights: the last plan trained the old ones
-        plan = decide(profile, similarity, thresholds, defaults, base_epochs=cfg.epochs, forced=cfg.scenario)
-        plan = naive(plan, epochs) if plan_name == "naive" else plan
-        decision = with_plan(measured, plan, net_backbone.model, cfg.lr)
-        # As `train` does (workflows/train.py _recipe_and_network, not imported: that module pulls in MLflow).
-        recipe = resolve_recipe(cfg, cfg.scenario)
-        if model_kwargs(recipe) and not plan.train_on_features:
-            net_backbone = create_backbone(cfg.model, cfg.weights, len(splits.classes), cfg.image_size,
-                                           keep_source_head=True, **model_kwargs(recipe))
-            decision = with_plan(decision, plan, net_backbone.model, cfg.lr)
-        init_head(net_backbone.model, recipe.drop_connect)
-        with tempfile.TemporaryDirectory(prefix=f"bench-{name}-{plan_name}-") as tmp:
-            ctx = RunContext(run_id="bench", output=Path(tmp), logger=QuietLogger("bench"),
-                             set_status=lambda status: None)
-            fit = run_plan(cfg, decision, recipe, net_backbone, splits, ctx, rt)
-            tta = trust.choose_after_training(cfg.tta, fit.heldout, net_backbone.data_config,
-                                              batch_size=cfg.batch_size, max_pixels=cfg.max_image_pixels, rt=rt)
-            spec = ModelSpec(architecture=net_backbone.model_name.split(".")[0], num_classes=len(splits.classes),
-                             class_names=splits.classes, data_config=net_backbone.data_config,
-                             create_kwargs=net_backbone.create_kwargs, weights_source=net_backbone.weights_source,
-                             scenario=plan.scenario, default_tta=tta["mode"], head_stage=stage_index(plan.head_stage))
-            metrics = {**fit.metrics, **evaluate.after_training(fit.net, spec, splits, cfg, Path(tmp), rt,
-                                                                tta["mode"], fit.center_outputs)}
-            split = "test" if has_test else "val"
-            correct = read_correct(Path(tmp) / "evaluation" / split / "predictions.csv")
-        key = evaluate.metric_names(split, tta["mode"])[0]  # the model's own crop mode, chosen on train
-        emit({"kind": "plan", "dataset": name, "plan": plan_name, "acc": float(metrics[key]), "reported_split": split,
-              "select_acc": float(fit.metrics["select_acc"]), "tta": tta["mode"],
-              "seconds": round(time.perf_counter() - t0, 2), "epochs": plan.epochs,
-              "is_auto": plan_name == measured.plan.scenario, "correct": correct,
-              **{k: float(v) for k, v in metrics.items() if k.startswith(("val_acc", "test_acc"))}})
-        print(f"  {name:<22} {plan_name:<16} {split} acc {metrics[key]:.4f}  {rows[-1]['seconds']:>7.1f}s",
-              flush=True)
+        emit(plan_row(name, plan_name, cfg, measured, splits, rt, thresholds, defaults))
+        print(f"  {name:<22} {plan_name:<16} {rows[-1]['reported_split']} acc {rows[-1]['acc']:.4f}  "
+              f"{rows[-1]['seconds']:>7.1f}s", flush=True)
     return rows
+
+
+def measure(name: str, cfg, rt, emit: Callable[[dict[str, Any]], None]):
+    """Scan, build the backbone, measure and decide as `finetune train` does; emits the "measure" row and returns
+    (the measured decision, the backbone, the splits)."""
+    import pytorch_lightning as pl
+
+    from finetune.data.folders import scan_folder
+    from finetune.model.backbone import create_backbone
+    from finetune.strategy.decide import load_thresholds, pilot_candidates
+    from finetune.strategy.measure import measure_and_decide
+
+    started = time.perf_counter()
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    splits = scan_folder(cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_image_pixels)
+    backbone = create_backbone(cfg.model, cfg.weights, len(splits.classes), cfg.image_size, keep_source_head=True)
+    measured = measure_and_decide(cfg, splits, backbone, rt)
+    profile, similarity = measured.profile.to_dict(), measured.similarity.to_dict()
+    candidates, _ = pilot_candidates(profile, similarity, load_thresholds())
+    emit({"kind": "measure", "dataset": name, "profile": profile, "similarity": similarity,
+          "seconds": round(time.perf_counter() - started, 2), "auto": measured.plan.scenario,
+          "shipped_candidates": candidates, "layout": splits.layout, "counts": splits.counts()})
+    return measured, backbone, splits
+
+
+def plan_network(plan_name: str, cfg, measured, splits, thresholds, defaults):
+    """The forced plan (or the naive baseline), its decision, recipe and a fresh network, as `train` builds them
+    (workflows/train.py _recipe_and_network, not imported: that module pulls in MLflow)."""
+    import pytorch_lightning as pl
+
+    from finetune.model.backbone import create_backbone
+    from finetune.model.heads import init_head
+    from finetune.strategy.decide import decide
+    from finetune.strategy.measure import with_plan
+    from finetune.training.recipe import model_kwargs, resolve_recipe
+
+    profile, similarity = measured.profile.to_dict(), measured.similarity.to_dict()
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    net_backbone = create_backbone(cfg.model, cfg.weights, len(splits.classes), cfg.image_size,
+                                   keep_source_head=True)  # fresh weights: the last plan trained the old ones
+    plan = decide(profile, similarity, thresholds, defaults, base_epochs=cfg.epochs, forced=cfg.scenario)
+    plan = naive(plan, cfg.epochs) if plan_name == "naive" else plan
+    decision = with_plan(measured, plan, net_backbone.model, cfg.lr)
+    recipe = resolve_recipe(cfg, cfg.scenario)
+    if model_kwargs(recipe) and not plan.train_on_features:
+        net_backbone = create_backbone(cfg.model, cfg.weights, len(splits.classes), cfg.image_size,
+                                       keep_source_head=True, **model_kwargs(recipe))
+        decision = with_plan(decision, plan, net_backbone.model, cfg.lr)
+    init_head(net_backbone.model, recipe.drop_connect)
+    return plan, decision, recipe, net_backbone
+
+
+def plan_row(name: str, plan_name: str, cfg, measured, splits, rt, thresholds, defaults) -> dict[str, Any]:
+    """Train one plan with the executor and report it as `train` does (test when there is one, else val)."""
+    from finetune.evaluation import evaluate, trust
+    from finetune.model.artifact import ModelSpec
+    from finetune.strategy.decide import stage_index
+    from finetune.training.distributed import QuietLogger
+    from finetune.training.run_plan import RunContext, run_plan
+
+    t0 = time.perf_counter()
+    plan, decision, recipe, net_backbone = plan_network(plan_name, cfg, measured, splits, thresholds, defaults)
+    split = "test" if splits.test else "val"
+    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-{plan_name}-") as tmp:
+        ctx = RunContext(run_id="bench", output=Path(tmp), logger=QuietLogger("bench"),
+                         set_status=lambda status: None)
+        fit = run_plan(cfg, decision, recipe, net_backbone, splits, ctx, rt)
+        tta = trust.choose_after_training(cfg.tta, fit.heldout, net_backbone.data_config,
+                                          batch_size=cfg.batch_size, max_pixels=cfg.max_image_pixels, rt=rt)
+        spec = ModelSpec(architecture=net_backbone.model_name.split(".")[0], num_classes=len(splits.classes),
+                         class_names=splits.classes, data_config=net_backbone.data_config,
+                         create_kwargs=net_backbone.create_kwargs, weights_source=net_backbone.weights_source,
+                         scenario=plan.scenario, default_tta=tta["mode"], head_stage=stage_index(plan.head_stage))
+        metrics = {**fit.metrics, **evaluate.after_training(fit.net, spec, splits, cfg, Path(tmp), rt,
+                                                            tta["mode"], fit.center_outputs)}
+        correct = read_correct(Path(tmp) / "evaluation" / split / "predictions.csv")
+    key = evaluate.metric_names(split, tta["mode"])[0]  # the model's own crop mode, chosen on train
+    return {"kind": "plan", "dataset": name, "plan": plan_name, "acc": float(metrics[key]), "reported_split": split,
+            "select_acc": float(fit.metrics["select_acc"]), "tta": tta["mode"],
+            "seconds": round(time.perf_counter() - t0, 2), "epochs": plan.epochs,
+            "is_auto": plan_name == measured.plan.scenario, "correct": correct,
+            **{k: float(v) for k, v in metrics.items() if k.startswith(("val_acc", "test_acc"))}}
 
 
 def _worker_main(name: str, path: str, opts: Options) -> tuple[str, int, list[str]]:

@@ -74,7 +74,7 @@ def history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
                                                 key=lambda m: (m.step, m.timestamp))]
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", help="image folder (default: generated colours, 3 classes)")
     p.add_argument("--per-class", type=int, default=48, help="generated images per class")
@@ -87,7 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--tolerance", type=float, default=1.0, help="allowed final accuracy gap, in points")
     p.add_argument("--workdir", help="keep outputs here (default: a temporary folder)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """0 when every check passed, else 1."""
+    args = _parser().parse_args(argv)
     assert 3 <= args.kill_in_epoch <= args.epochs
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="resume-bench-")).resolve()
@@ -135,5 +140,5 @@ def main(argv: list[str] | None = None) -> int:
     for name, ok in checks.items():
         print(f"  [{'ok' if ok else 'FAIL'}] {name}")
     print(f"\noutputs: {work}")
-    sys.exit(0 if all(checks.values()) else 1)
+    return 0 if all(checks.values()) else 1
 
