@@ -4,7 +4,7 @@ SHELL := /bin/bash
 UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow test-all test-gpu gpu-wheels domains-pack env clean bench
+.PHONY: demo test test-slow test-all test-gpu gpu-wheels domains-pack env clean
 
 $(UV):
 	python3 -m pip install --user --quiet uv || python3 -m pip install --quiet uv || \
