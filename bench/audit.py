@@ -39,8 +39,6 @@ from finetune.strategy.features import FINAL, cached_features
 from finetune.strategy.measure import process_runtime
 from finetune.workflows.audit import audit_table
 
-WEIGHTS = DEFAULT_WEIGHTS
-
 
 def flipped(table: AuditTable, rate: float, seed: int) -> tuple[AuditTable, set[str]]:
     """The table with `rate` of the (valid) training labels moved to a random other class."""
@@ -129,7 +127,7 @@ def phash_versus_features(table: AuditTable, pairs: list[tuple[Sample, Sample]])
 
 
 def bench(name: str, flips: list[float], seed: int, phash: bool = False) -> None:
-    cfg = TrainConfig(data_dir=str(DATA / name), model="mobilenetv2_100", weights=str(WEIGHTS),
+    cfg = TrainConfig(data_dir=str(DATA / name), model="mobilenetv2_100", weights=str(DEFAULT_WEIGHTS),
                       num_workers=None)
     splits = scan_folder(cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_image_pixels)
     table, timings = audit_table(cfg, splits)
@@ -174,4 +172,3 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.datasets.split(","):
         bench(name, [float(f) for f in args.flips.split(",") if f], args.seed, args.phash)
     return 0
-

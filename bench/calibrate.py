@@ -357,4 +357,3 @@ def main(argv: list[str] | None = None) -> int:
     rows, all_fit, skipped = calibrate(read_results(args.results), candidates)
     emit(markdown(rows, all_fit, skipped, load_thresholds()), args.out)
     return 0
-

@@ -73,4 +73,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {rule} | {within}/{len(gaps)} | {statistics.fmean(gaps):+.1f} | {min(gaps):+.1f} | "
               + " ".join(f"{g:+.1f}" for g in gaps) + " |")
     return 0
-

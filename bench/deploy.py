@@ -306,4 +306,3 @@ def main(argv: list[str] | None = None) -> None:
           f"{100 * q['val_acc_int8']:.2f}%")
     print_table(rows, labels, args.repeats)
     print(f"(bench total {time.perf_counter() - started:.0f} s)")
-

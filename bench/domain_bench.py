@@ -306,4 +306,3 @@ def main(argv: list[str] | None = None) -> int:
     pulled = {n: s for n, s in mlflow_seen.items() if s} or ({"main": ["mlflow"]} if "mlflow" in sys.modules else {})
     assert not pulled, f"mlflow was imported (the GPU machine has none): {pulled}"
     return 0
-

@@ -413,4 +413,3 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "pack":
         return pack(args.shared, args.out, args.format, args.quality, args.jobs, args.max_mib, args.archive)
     return variants(args.pack, args.out, args.jobs, [n for n in args.only.split(",") if n] or None)
-

@@ -116,4 +116,3 @@ def main(argv: list[str] | None = None) -> None:
         total += size
         print(f"{size / 2**20:7.2f} MiB  {whl.name}")
     print(f"{total / 2**20:7.2f} MiB  total, {len(wheels)} wheels in {dest}")
-

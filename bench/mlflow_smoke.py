@@ -69,4 +69,3 @@ def check() -> None:
     assert len(out) == 2 and out["score"].tolist() == [3.0, 3.0], out
     print(f"mlflow {mlflow.__version__} ok: sqlite store, run, search, pyfunc log/register/load/predict "
           f"({os.path.dirname(mlflow.__file__)})")
-

@@ -202,4 +202,3 @@ def _tree_order(keys: list[str]) -> list[str]:
 def _median_phases(runs: list[dict[str, float]]) -> dict[str, float]:
     keys = list(dict.fromkeys(k for run in runs for k in run))
     return {k: statistics.median(run.get(k, 0.0) for run in runs) for k in keys}
-

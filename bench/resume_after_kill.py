@@ -141,4 +141,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  [{'ok' if ok else 'FAIL'}] {name}")
     print(f"\noutputs: {work}")
     return 0 if all(checks.values()) else 1
-

@@ -127,4 +127,3 @@ def main(argv: list[str] | None = None) -> int:
     names, runs = zip(*map(calibrate.read_run, args.runs))
     calibrate.emit(markdown(spreads(runs), names), args.out)
     return 0
-

@@ -45,7 +45,6 @@ from finetune.evaluation.tta import source_outputs
 from finetune.model.artifact import load_model, load_scoring
 from finetune.model.scoring import knn_score, pooled_features
 
-WEIGHTS = DEFAULT_WEIGHTS
 DATASETS = ("hymenoptera", "clothing", "omniglot")
 KS = (1, 5, 10, 20)
 
@@ -58,7 +57,7 @@ def train_model(name: str, args: argparse.Namespace, workdir: Path) -> dict:
         if not path.is_file():
             raise SystemExit(f"--reuse: {path} does not exist; run once with --workdir {workdir} first.")
         return json.loads(path.read_text())
-    cfg = TrainConfig(data_dir=str(DATA / name), model="mobilenetv2_100", weights=str(WEIGHTS),
+    cfg = TrainConfig(data_dir=str(DATA / name), model="mobilenetv2_100", weights=str(DEFAULT_WEIGHTS),
                       scenario=args.scenario, epochs=args.epochs, output=str(workdir / name), seed=args.seed,
                       experiment="bench-trust")
     return train(cfg)
@@ -192,4 +191,3 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         write_text(args.json, json.dumps(rows, indent=2) + "\n")
     return 0
-

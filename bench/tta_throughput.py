@@ -77,4 +77,3 @@ def main(argv: list[str] | None = None) -> None:
           f"   (before {bare[0]:.2f}s, after {bare[1]:.2f}s)")
     print(f"{'batch_predict --tta ' + args.tta + ' (end to end)':<42}{pipeline:>9.2f}{n_crops / pipeline:>10.1f}")
     print(f"ratio pipeline / bare throughput: {bare_s / pipeline:.3f}")
-
