@@ -4,7 +4,7 @@ SHELL := /bin/bash
 UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-install test-slow test-all test-gpu gpu-wheels domains-pack env clean bench
+.PHONY: demo test test-install test-slow test-all test-gpu gpu-wheels domains-pack env clean
 
 $(UV):
 	python3 -m pip install --user --quiet uv || python3 -m pip install --quiet uv || \
@@ -40,12 +40,12 @@ test-gpu: env
 # The wheels the offline GPU machine lacks (MLflow and the part of its tree not there), at uv.lock's
 # versions, into .whl/ (git-ignored) for bench/gpu_check.sh; prints each size and the total.
 gpu-wheels:
-	python3 bench/gpu_wheels.py
+	python3 -m bench gpu_wheels
 
 # The domain bench's data for the GPU machine (bench/gpu_domains.sh): a <= 40 MiB archive of the shared sets
 # and the shared weights, under .bench-data/ (git-ignored). Needs ../shared.
 domains-pack: env
-	$(UV) run --frozen python bench/domains.py pack ../shared/data .bench-data/pack --archive .bench-data/pack.tar.gz
+	$(UV) run --frozen python -m bench domains pack ../shared/data .bench-data/pack --archive .bench-data/pack.tar.gz
 	mkdir -p .bench-data/weights && cp ../shared/weights/mobilenetv2_100.coral_in1k.* .bench-data/weights/
 
 clean:

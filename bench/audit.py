@@ -14,15 +14,14 @@ default 224 px), the pretrained features are extracted once (the feature cache),
 Label flips change only the labels the audit sees (the images and their cached features are the same);
 the planted copies are new files whose features are extracted (20 images).
 
-    uv run python bench/audit.py                    # hymenoptera and clothing
-    uv run python bench/audit.py --datasets hymenoptera --flips 0.05
+    uv run python -m bench audit                    # hymenoptera and clothing
+    uv run python -m bench audit --datasets hymenoptera --flips 0.05
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,20 +29,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from finetune.config import TrainConfig  # noqa: E402
-from finetune.data.folders import Sample, scan_folder  # noqa: E402
-from finetune.data.images import display_path, load_rgb  # noqa: E402
-from finetune.model.backbone import create_backbone  # noqa: E402
-from finetune.strategy.audit import AuditTable, find_duplicates, find_label_issues, run_audit  # noqa: E402
-from finetune.strategy.features import FINAL, cached_features  # noqa: E402
-from finetune.strategy.measure import process_runtime  # noqa: E402
-from finetune.workflows.audit import audit_table  # noqa: E402
-
-SHARED = ROOT.parent / "shared"
-WEIGHTS = SHARED / "weights" / "mobilenetv2_100.coral_in1k.safetensors"
+from bench.common import DATA, DEFAULT_WEIGHTS
+from finetune.config import TrainConfig
+from finetune.data.folders import Sample, scan_folder
+from finetune.data.images import display_path, load_rgb
+from finetune.model.backbone import create_backbone
+from finetune.strategy.audit import AuditTable, find_duplicates, find_label_issues, run_audit
+from finetune.strategy.features import FINAL, cached_features
+from finetune.strategy.measure import process_runtime
+from finetune.workflows.audit import audit_table
 
 
 def flipped(table: AuditTable, rate: float, seed: int) -> tuple[AuditTable, set[str]]:
@@ -133,7 +127,7 @@ def phash_versus_features(table: AuditTable, pairs: list[tuple[Sample, Sample]])
 
 
 def bench(name: str, flips: list[float], seed: int, phash: bool = False) -> None:
-    cfg = TrainConfig(data_dir=str(SHARED / "data" / name), model="mobilenetv2_100", weights=str(WEIGHTS),
+    cfg = TrainConfig(data_dir=str(DATA / name), model="mobilenetv2_100", weights=str(DEFAULT_WEIGHTS),
                       num_workers=None)
     splits = scan_folder(cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_image_pixels)
     table, timings = audit_table(cfg, splits)
@@ -178,7 +172,3 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.datasets.split(","):
         bench(name, [float(f) for f in args.flips.split(",") if f], args.seed, args.phash)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """Fit the four-scenario thresholds on bench results, and check them leave-one-dataset-out (issue 13).
 
-    uv run --frozen python bench/calibrate.py bench/results/domain_bench.jsonl --out bench/results/calibrate.md
+    uv run --frozen python -m bench calibrate bench/results/domain_bench.jsonl --out bench/results/calibrate.md
 
 Reads the JSONL that bench/domain_bench.py appends (one object per line):
 
@@ -34,17 +34,14 @@ import itertools
 import json
 import math
 import statistics
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from finetune.strategy.decide import (SCENARIO_NAMES, Thresholds, decide, load_scenario_defaults,  # noqa: E402
+from bench.common import write_text
+from finetune.strategy.decide import (SCENARIO_NAMES, Thresholds, decide, load_scenario_defaults,
                                       load_thresholds)
 
 PLANS = (*SCENARIO_NAMES, "naive")
@@ -106,8 +103,7 @@ def emit(text: str, out: Path | None) -> None:
     """Print the markdown, and write it to `out` too when given."""
     print(text, end="")
     if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
+        write_text(out, text)
 
 
 def default_candidates() -> CandidatesFn:
@@ -361,7 +357,3 @@ def main(argv: list[str] | None = None) -> int:
     rows, all_fit, skipped = calibrate(read_results(args.results), candidates)
     emit(markdown(rows, all_fit, skipped, load_thresholds()), args.out)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """Replay other ways for `auto` to choose its plan on domain-bench results (issue 13), without training anything.
 
-    uv run --frozen python bench/choice_replay.py docs/results/domain_bench_gpu.jsonl \
+    uv run --frozen python -m bench choice_replay docs/results/domain_bench_gpu.jsonl \
         docs/results/domain_bench_cpu.jsonl
 
 Every bench run (bench/domain_bench.py) trains all four scenarios in full and runs the pilot of all four, so the
@@ -13,15 +13,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 from typing import Callable, Sequence
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench import calibrate  # noqa: E402
-from finetune.strategy.decide import SCENARIO_NAMES, load_thresholds, pilot_candidates  # noqa: E402
+from bench import calibrate
+from finetune.strategy.decide import SCENARIO_NAMES, load_thresholds, pilot_candidates
 
 
 Chooser = Callable[[object, Sequence[str]], str]  # (DatasetResults, candidates, the cell first) -> scenario
@@ -78,7 +73,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {rule} | {within}/{len(gaps)} | {statistics.fmean(gaps):+.1f} | {min(gaps):+.1f} | "
               + " ".join(f"{g:+.1f}" for g in gaps) + " |")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """Deployment throughput: the same trained model run by eager PyTorch and by ONNX Runtime (fp32, int8).
 
-    uv run --frozen python bench/deploy.py                       # trains a small-similar model first
-    uv run --frozen python bench/deploy.py --model-uri models:/NAME@champion --data DIR
+    uv run --frozen python -m bench deploy                       # trains a small-similar model first
+    uv run --frozen python -m bench deploy --model-uri models:/NAME@champion --data DIR
 
 Defaults: hymenoptera (../shared/data) with the shared mobilenetv2_100 weights (../shared/weights), a
 linear head trained by `finetune train --scenario small-similar --epochs 1 --tta center` into a bench-only
@@ -35,10 +35,9 @@ from typing import Callable
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-DEFAULT_DATA = SHARED / "data" / "hymenoptera"
-DEFAULT_WEIGHTS = SHARED / "weights" / "mobilenetv2_100.coral_in1k.safetensors"
+from bench.common import DATA, DEFAULT_WEIGHTS, ROOT
+
+DEFAULT_DATA = DATA / "hymenoptera"
 
 
 @dataclass
@@ -261,7 +260,7 @@ def val_split(spec, data: Path, batch_size: int) -> tuple[list[torch.Tensor], to
     return list(images.split(batch_size)), labels, [s.path for s in samples]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-uri", help="a logged/registered model (default: train one)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -273,7 +272,7 @@ def main() -> None:
     parser.add_argument("--variants", action="store_true", help="also int8 QDQ/QOperator x per-channel on/off")
     parser.add_argument("--workers", type=int, default=0, help="batch prediction's loader workers")
     parser.add_argument("--no-rest", dest="rest", action="store_false", help="skip the REST rows (servers)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     args.output.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{args.output.resolve()}/mlflow.db")
@@ -307,7 +306,3 @@ def main() -> None:
           f"{100 * q['val_acc_int8']:.2f}%")
     print_table(rows, labels, args.repeats)
     print(f"(bench total {time.perf_counter() - started:.0f} s)")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,11 +1,11 @@
 """Every plan on every bench domain (issue 13): the rows bench/calibrate.py fits the thresholds on.
 
-    uv run --frozen python bench/domains.py variants .bench-data/pack .bench-data/domains
-    uv run --frozen python bench/domain_bench.py --manifest .bench-data/domains/domains.json --epochs 3 --jobs 4
+    uv run --frozen python -m bench domains variants .bench-data/pack .bench-data/domains
+    uv run --frozen python -m bench domain_bench --manifest .bench-data/domains/domains.json --epochs 3 --jobs 4
 
 For each dataset of the manifest (bench/domains.py writes it; the packed base sets are in it): scan, build the
 backbone, measure and decide as `finetune train` does, then run every plan -- the four scenarios forced, and a
-naive full fine-tune (bench/scenarios.py's `naive`) -- with the executor `run_plan`, and report it with
+naive full fine-tune (`naive` below) -- with the executor `run_plan`, and report it with
 `evaluate.after_training` (test when the dataset has a test split, else val). One JSON row per result is
 appended to --out as soon as it exists (schema: bench/calibrate.py), so a killed run keeps what it measured.
 A plan's row carries its per-image results on the reported split (`correct`), for bench/calibrate.py's intervals.
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import json
 import logging
 import multiprocessing
@@ -31,14 +32,19 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.common import DEFAULT_WEIGHTS, RESULTS, ROOT, append_jsonl
+from finetune.strategy.decide import SCENARIO_NAMES  # pure: no torch
 
 DEFAULT_MANIFEST = ROOT / ".bench-data" / "domains" / "domains.json"
-DEFAULT_WEIGHTS = ROOT.parent / "shared" / "weights" / "mobilenetv2_100.coral_in1k.safetensors"
-DEFAULT_OUT = ROOT / "bench" / "results" / "domain_bench.jsonl"
+DEFAULT_OUT = RESULTS / "domain_bench.jsonl"
+# The four scenarios forced, then the naive baseline.
+PLANS = (*SCENARIO_NAMES, "naive")
+# The naive baseline's recipe (TrainConfig options, on top of large-different's): light augmentation, constant LR,
+# nothing else.
+NAIVE_RECIPE = dict(augment="light", mixup=0.0, cutmix=0.0, label_smoothing=0.0, schedule="constant",
+                    warmup_epochs=0.0, dropout=0.0, drop_path=0.0, drop_connect=0.0, ema=0.0)
 
 
 @dataclass(frozen=True)
@@ -61,12 +67,6 @@ class Options:
     pilot_folds: int = 1  # the pilot's selection folds (workflows/pilot.py run_pilot)
 
 
-def append_row(path: str, row: dict[str, Any]) -> None:
-    """One line, one write, append mode: rows of parallel processes do not interleave."""
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
 def pilot_rows(name: str, cfg, measured, backbone, splits, rt, folds: int = 1) -> list[dict[str, Any]]:
     """The pilot (workflows/pilot.py) run on all four scenarios, the measured cell first: one row per scenario
     ({"kind": "pilot", "dataset", "plan", "select_acc", "seconds"}), so bench/calibrate.py can replay the pilot
@@ -77,6 +77,15 @@ def pilot_rows(name: str, cfg, measured, backbone, splits, rt, folds: int = 1) -
     order = [measured.plan.scenario, *[s for s in SCENARIO_NAMES if s != measured.plan.scenario]]
     result = run_pilot(cfg, measured, order, ["bench: every scenario"], backbone, splits, rt, folds)
     return [{"kind": "pilot", "dataset": name, "plan": s, **v} for s, v in result.scores.items()]
+
+
+def naive(plan, epochs: int):
+    """Full fine-tune, one learning rate for every layer, plain BatchNorm, no warm-up, --epochs as given (and, in
+    `bench_dataset`, a plain recipe: `NAIVE_RECIPE`)."""
+    return dataclasses.replace(plan, scenario="naive", train_on_features=False, head_stage="final",
+                               trainable_fraction=1.0, freeze_groups=None, backbone_lr_mult=1.0, layer_decay=1.0,
+                               head_warmup_epochs=0, epochs=epochs, bn_policy="train",
+                               reasons=["naive baseline: all layers, one LR, no warm-up"])
 
 
 def read_correct(path: Path) -> str:
@@ -102,21 +111,8 @@ def _configure(opts: Options):
 
 def bench_dataset(name: str, path: str, opts: Options) -> list[dict[str, Any]]:
     """Measure one dataset and run every plan on it; the rows, also appended to opts.out as they come."""
-    import pytorch_lightning as pl
-
-    from bench.scenarios import NAIVE_RECIPE, naive
     from finetune.config import TrainConfig
-    from finetune.data.folders import scan_folder
-    from finetune.evaluation import evaluate, trust
-    from finetune.model.artifact import ModelSpec
-    from finetune.model.backbone import create_backbone
-    from finetune.model.heads import init_head
-    from finetune.strategy.decide import SCENARIO_NAMES, decide, load_scenario_defaults, load_thresholds, stage_index
-    from finetune.strategy.measure import measure_and_decide, with_plan
-    from finetune.training.distributed import QuietLogger
-    from finetune.training.recipe import model_kwargs, resolve_recipe
-    from finetune.training.plan_context import RunContext
-    from finetune.training.run_plan import run_plan
+    from finetune.strategy.decide import SCENARIO_NAMES, load_scenario_defaults, load_thresholds
 
     rows: list[dict[str, Any]] = []
     if time.time() > opts.deadline:
@@ -127,74 +123,111 @@ def bench_dataset(name: str, path: str, opts: Options) -> list[dict[str, Any]]:
                 experiment="bench-domains")
 
     def emit(row: dict[str, Any]) -> None:
-        append_row(opts.out, row)
+        append_jsonl(opts.out, row)
         rows.append(row)
 
-    started = time.perf_counter()
     cfg = TrainConfig(epochs=opts.epochs, **base)
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    splits = scan_folder(cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_image_pixels)
-    backbone = create_backbone(cfg.model, cfg.weights, len(splits.classes), cfg.image_size, keep_source_head=True)
-    measured = measure_and_decide(cfg, splits, backbone, rt)
-    profile, similarity = measured.profile.to_dict(), measured.similarity.to_dict()
-    from finetune.strategy.decide import pilot_candidates
-
-    candidates, _ = pilot_candidates(profile, similarity, load_thresholds())
-    emit({"kind": "measure", "dataset": name, "profile": profile, "similarity": similarity,
-          "seconds": round(time.perf_counter() - started, 2), "auto": measured.plan.scenario,
-          "shipped_candidates": candidates, "layout": splits.layout, "counts": splits.counts()})
+    measured, backbone, splits = measure(name, cfg, rt, emit)
     if time.time() <= opts.deadline:
         for row in pilot_rows(name, cfg, measured, backbone, splits, rt, opts.pilot_folds):
             emit(row)
-    has_test = bool(splits.test)
     thresholds = load_thresholds()
     defaults = {s: load_scenario_defaults(s) for s in SCENARIO_NAMES}
-
     for plan_name in opts.plans:
         if time.time() > opts.deadline:
             break
-        t0 = time.perf_counter()
         small = plan_name.startswith("small-")
         epochs = opts.head_epochs if small and opts.head_epochs else opts.epochs
         # The naive baseline: large-different's settings replaced by one LR for all layers and a plain recipe.
         cfg = TrainConfig(epochs=epochs, scenario="large-different" if plan_name == "naive" else plan_name,
                           **base, **(NAIVE_RECIPE if plan_name == "naive" else {}))
-        pl.seed_everything(cfg.seed, workers=True, verbose=False)
-        net_backbone = create_backbone(cfg.model, cfg.weights, len(splits.classes), cfg.image_size,
-                                       keep_source_head=True)  # fresh weights: the last plan trained the old ones
-        plan = decide(profile, similarity, thresholds, defaults, base_epochs=cfg.epochs, forced=cfg.scenario)
-        plan = naive(plan, epochs) if plan_name == "naive" else plan
-        decision = with_plan(measured, plan, net_backbone.model, cfg.lr)
-        # As `train` does (workflows/train.py _recipe_and_network, not imported: that module pulls in MLflow).
-        recipe = resolve_recipe(cfg, cfg.scenario)
-        if model_kwargs(recipe) and not plan.train_on_features:
-            net_backbone = create_backbone(cfg.model, cfg.weights, len(splits.classes), cfg.image_size,
-                                           keep_source_head=True, **model_kwargs(recipe))
-            decision = with_plan(decision, plan, net_backbone.model, cfg.lr)
-        init_head(net_backbone.model, recipe.drop_connect)
-        with tempfile.TemporaryDirectory(prefix=f"bench-{name}-{plan_name}-") as tmp:
-            ctx = RunContext(run_id="bench", output=Path(tmp), logger=QuietLogger("bench"),
-                             set_status=lambda status: None)
-            fit = run_plan(cfg, decision, recipe, net_backbone, splits, ctx, rt)
-            tta = trust.choose_after_training(cfg.tta, fit.heldout, net_backbone.data_config,
-                                              batch_size=cfg.batch_size, max_pixels=cfg.max_image_pixels, rt=rt)
-            spec = ModelSpec(architecture=net_backbone.model_name.split(".")[0], num_classes=len(splits.classes),
-                             class_names=splits.classes, data_config=net_backbone.data_config,
-                             create_kwargs=net_backbone.create_kwargs, weights_source=net_backbone.weights_source,
-                             scenario=plan.scenario, default_tta=tta["mode"], head_stage=stage_index(plan.head_stage))
-            metrics = {**fit.metrics, **evaluate.after_training(fit.net, spec, splits, cfg, Path(tmp), rt,
-                                                                tta["mode"], fit.center_outputs)}
-            split = "test" if has_test else "val"
-            correct = read_correct(Path(tmp) / "evaluation" / split / "predictions.csv")
-        key = evaluate.metric_names(split, tta["mode"])[0]  # the model's own crop mode, chosen on train
-        emit({"kind": "plan", "dataset": name, "plan": plan_name, "acc": float(metrics[key]), "reported_split": split,
-              "select_acc": float(fit.metrics["select_acc"]), "tta": tta["mode"],
-              "seconds": round(time.perf_counter() - t0, 2), "epochs": plan.epochs,
-              "is_auto": plan_name == measured.plan.scenario, "correct": correct,
-              **{k: float(v) for k, v in metrics.items() if k.startswith(("val_acc", "test_acc"))}})
-        print(f"  {name:<22} {plan_name:<16} {split} acc {metrics[key]:.4f}  {rows[-1]['seconds']:>7.1f}s",
-              flush=True)
+        emit(plan_row(name, plan_name, cfg, measured, splits, rt, thresholds, defaults))
+        print(f"  {name:<22} {plan_name:<16} {rows[-1]['reported_split']} acc {rows[-1]['acc']:.4f}  "
+              f"{rows[-1]['seconds']:>7.1f}s", flush=True)
     return rows
+
+
+def measure(name: str, cfg, rt, emit: Callable[[dict[str, Any]], None]):
+    """Scan, build the backbone, measure and decide as `finetune train` does; emits the "measure" row and returns
+    (the measured decision, the backbone, the splits)."""
+    import pytorch_lightning as pl
+
+    from finetune.data.folders import scan_folder
+    from finetune.model.backbone import create_backbone
+    from finetune.strategy.decide import load_thresholds, pilot_candidates
+    from finetune.strategy.measure import measure_and_decide
+
+    started = time.perf_counter()
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    splits = scan_folder(cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_image_pixels)
+    backbone = create_backbone(cfg.model, cfg.weights, len(splits.classes), cfg.image_size, keep_source_head=True)
+    measured = measure_and_decide(cfg, splits, backbone, rt)
+    profile, similarity = measured.profile.to_dict(), measured.similarity.to_dict()
+    candidates, _ = pilot_candidates(profile, similarity, load_thresholds())
+    emit({"kind": "measure", "dataset": name, "profile": profile, "similarity": similarity,
+          "seconds": round(time.perf_counter() - started, 2), "auto": measured.plan.scenario,
+          "shipped_candidates": candidates, "layout": splits.layout, "counts": splits.counts()})
+    return measured, backbone, splits
+
+
+def plan_network(plan_name: str, cfg, measured, splits, thresholds, defaults):
+    """The forced plan (or the naive baseline), its decision, recipe and a fresh network, as `train` builds them
+    (workflows/train.py _recipe_and_network, not imported: that module pulls in MLflow)."""
+    import pytorch_lightning as pl
+
+    from finetune.model.backbone import create_backbone
+    from finetune.model.heads import init_head
+    from finetune.strategy.decide import decide
+    from finetune.strategy.measure import with_plan
+    from finetune.training.recipe import model_kwargs, resolve_recipe
+
+    profile, similarity = measured.profile.to_dict(), measured.similarity.to_dict()
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    net_backbone = create_backbone(cfg.model, cfg.weights, len(splits.classes), cfg.image_size,
+                                   keep_source_head=True)  # fresh weights: the last plan trained the old ones
+    plan = decide(profile, similarity, thresholds, defaults, base_epochs=cfg.epochs, forced=cfg.scenario)
+    plan = naive(plan, cfg.epochs) if plan_name == "naive" else plan
+    decision = with_plan(measured, plan, net_backbone.model, cfg.lr)
+    recipe = resolve_recipe(cfg, cfg.scenario)
+    if model_kwargs(recipe) and not plan.train_on_features:
+        net_backbone = create_backbone(cfg.model, cfg.weights, len(splits.classes), cfg.image_size,
+                                       keep_source_head=True, **model_kwargs(recipe))
+        decision = with_plan(decision, plan, net_backbone.model, cfg.lr)
+    init_head(net_backbone.model, recipe.drop_connect)
+    return plan, decision, recipe, net_backbone
+
+
+def plan_row(name: str, plan_name: str, cfg, measured, splits, rt, thresholds, defaults) -> dict[str, Any]:
+    """Train one plan with the executor and report it as `train` does (test when there is one, else val)."""
+    from finetune.evaluation import evaluate, trust
+    from finetune.model.artifact import ModelSpec
+    from finetune.strategy.decide import stage_index
+    from finetune.training.distributed import QuietLogger
+    from finetune.training.plan_context import RunContext
+    from finetune.training.run_plan import run_plan
+
+    t0 = time.perf_counter()
+    plan, decision, recipe, net_backbone = plan_network(plan_name, cfg, measured, splits, thresholds, defaults)
+    split = "test" if splits.test else "val"
+    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-{plan_name}-") as tmp:
+        ctx = RunContext(run_id="bench", output=Path(tmp), logger=QuietLogger("bench"),
+                         set_status=lambda status: None)
+        fit = run_plan(cfg, decision, recipe, net_backbone, splits, ctx, rt)
+        tta = trust.choose_after_training(cfg.tta, fit.heldout, net_backbone.data_config,
+                                          batch_size=cfg.batch_size, max_pixels=cfg.max_image_pixels, rt=rt)
+        spec = ModelSpec(architecture=net_backbone.model_name.split(".")[0], num_classes=len(splits.classes),
+                         class_names=splits.classes, data_config=net_backbone.data_config,
+                         create_kwargs=net_backbone.create_kwargs, weights_source=net_backbone.weights_source,
+                         scenario=plan.scenario, default_tta=tta["mode"], head_stage=stage_index(plan.head_stage))
+        metrics = {**fit.metrics, **evaluate.after_training(fit.net, spec, splits, cfg, Path(tmp), rt,
+                                                            tta["mode"], fit.center_outputs)}
+        correct = read_correct(Path(tmp) / "evaluation" / split / "predictions.csv")
+    key = evaluate.metric_names(split, tta["mode"])[0]  # the model's own crop mode, chosen on train
+    return {"kind": "plan", "dataset": name, "plan": plan_name, "acc": float(metrics[key]), "reported_split": split,
+            "select_acc": float(fit.metrics["select_acc"]), "tta": tta["mode"],
+            "seconds": round(time.perf_counter() - t0, 2), "epochs": plan.epochs,
+            "is_auto": plan_name == measured.plan.scenario, "correct": correct,
+            **{k: float(v) for k, v in metrics.items() if k.startswith(("val_acc", "test_acc"))}}
 
 
 def _worker_main(name: str, path: str, opts: Options) -> tuple[str, int, list[str]]:
@@ -218,8 +251,6 @@ def load_manifest(path: Path, only: list[str] | None) -> list[tuple[str, str, in
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.scenarios import PLANS
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST, help="domains.json (bench/domains.py)")
     parser.add_argument("--datasets", default="", help="comma-separated names (default: all in the manifest)")
@@ -276,7 +307,3 @@ def main(argv: list[str] | None = None) -> int:
     pulled = {n: s for n, s in mlflow_seen.items() if s} or ({"main": ["mlflow"]} if "mlflow" in sys.modules else {})
     assert not pulled, f"mlflow was imported (the GPU machine has none): {pulled}"
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

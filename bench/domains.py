@@ -1,7 +1,7 @@
 """Domains for the scenario bench (issue 13): a compact pack of the shared sets, and shifted domains made from it.
 
-    uv run --frozen python bench/domains.py pack ../shared/data .bench-data/pack
-    uv run --frozen python bench/domains.py variants .bench-data/pack .bench-data/domains
+    uv run --frozen python -m bench domains pack ../shared/data .bench-data/pack
+    uv run --frozen python -m bench domains variants .bench-data/pack .bench-data/domains
 
 `pack` copies hymenoptera, clothing and omniglot with their layouts, photos resized so the shorter side is at
 most 256 px (mobilenetv2_100 at 224 px resizes to 256 before its centre crop, so training sees nothing more) and
@@ -413,7 +413,3 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "pack":
         return pack(args.shared, args.out, args.format, args.quality, args.jobs, args.max_mib, args.archive)
     return variants(args.pack, args.out, args.jobs, [n for n in args.only.split(",") if n] or None)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,9 +11,9 @@
 #   2. picks the interpreter: $PYTHON if given (e.g. PYTHON="uv run --frozen python"), else python3 if
 #      it imports torch, pytorch_lightning, timm and mlflow, else `uv run --frozen python` when uv and
 #      uv.lock are here (a development machine);
-#   3. bench/mlflow_smoke.py: MLflow works (SQLite run, pyfunc log/register/load/predict), seconds;
+#   3. `python -m bench mlflow_smoke`: MLflow works (SQLite run, pyfunc log/register/load/predict), seconds;
 #   4. without CUDA: says so and stops here, exit 0 (GPU tests and throughput skipped);
-#   5. with CUDA: `python -m pytest -m gpu -x -q` (tests/test_gpu.py), then bench/gpu_throughput.py
+#   5. with CUDA: `python -m pytest -m gpu -x -q` (tests/test_gpu.py), then `python -m bench gpu_throughput`
 #      (resnet50 @224, random weights file, generated JPEGs; one table of finetune vs bare img/s).
 # Each step has a time limit so the whole script ends within 8 minutes (GPU_CHECK_TEST_TIMEOUT,
 # GPU_CHECK_BENCH_TIMEOUT, in seconds). The log and the throughput CSV go to $OUT when set (the device
@@ -84,7 +84,7 @@ EOF
 
 # 3. MLflow
 say "MLflow smoke check"
-if ! timeout 120 "${PY[@]}" bench/mlflow_smoke.py 2>&1 | grep -v "WARNING mlflow.utils.git_utils"; then
+if ! timeout 120 "${PY[@]}" -m bench mlflow_smoke 2>&1 | grep -v "WARNING mlflow.utils.git_utils"; then
     say "FAILED: MLflow does not work with this interpreter (a wheel missing from .whl/?)"
     exit 1
 fi
@@ -109,7 +109,7 @@ else
     status=1
 fi
 say "throughput vs the bare model (limit ${BENCH_TIMEOUT}s)"
-if timeout "$BENCH_TIMEOUT" "${PY[@]}" bench/gpu_throughput.py --out "$RESULTS" ${GPU_THROUGHPUT_ARGS:-}; then
+if timeout "$BENCH_TIMEOUT" "${PY[@]}" -m bench gpu_throughput --out "$RESULTS" ${GPU_THROUGHPUT_ARGS:-}; then
     say "throughput measured"
 else
     rc=$?

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 13's domain bench in one command, for the offline GPU machine (no MLflow there; nothing here needs it):
 # unpack the compact pack of the shared sets, derive the shifted domains, run every plan on every domain
-# (bench/domain_bench.py), then fit the thresholds and report them leave-one-dataset-out (bench/calibrate.py).
+# (`python -m bench domain_bench`), then fit the thresholds and report them leave-one-dataset-out
+# (`python -m bench calibrate`); it runs them from the repository root, where `-m bench` finds the package.
 #
 #   make domains-pack        # here: .bench-data/pack.tar.gz and .bench-data/weights/ (git-ignored, ~52 MiB)
 #   OUT=/tmp/out bash bench/gpu_domains.sh        # there, with .bench-data carried
@@ -17,10 +18,10 @@ WORK=${WORK:-/tmp/finetune-domains}
 mkdir -p "$OUT" "$WORK"
 started=$(date +%s)
 [ -d "$WORK/pack" ] || tar xzf .bench-data/pack.tar.gz -C "$WORK"
-"$PY" bench/domains.py variants "$WORK/pack" "$WORK/domains" ${ONLY:+--only "$ONLY"} > "$OUT/variants.log" 2>&1 \
+"$PY" -m bench domains variants "$WORK/pack" "$WORK/domains" ${ONLY:+--only "$ONLY"} > "$OUT/variants.log" 2>&1 \
   || { tail -n 30 "$OUT/variants.log"; exit 1; }
 echo "pack + variants: $(( $(date +%s) - started )) s"
-"$PY" bench/domain_bench.py --manifest "$WORK/domains/domains.json" \
+"$PY" -m bench domain_bench --manifest "$WORK/domains/domains.json" \
   --weights .bench-data/weights/mobilenetv2_100.coral_in1k.safetensors --epochs "${EPOCHS:-4}" --jobs "${JOBS:-4}" \
   --max-seconds "${MAX_SECONDS:-420}" --out "$OUT/domain_bench.jsonl" ${DATASETS:+--datasets "$DATASETS"} \
   ${IMAGE_SIZE:+--image-size "$IMAGE_SIZE"} ${WORKERS:+--workers "$WORKERS"} > "$OUT/bench.log" 2>&1 || { tail -n 60 "$OUT/bench.log"; exit 1; }
@@ -33,6 +34,6 @@ for line in open(sys.argv[1]):
         print(f"{r['dataset']:<22} {r['plan']:<16} {r['reported_split']} {r['acc']:.4f} select {r['select_acc']:.4f} "
               f"tta {r['tta']:<6} {r['seconds']:>6.1f}s")
 PYEOF
-"$PY" bench/calibrate.py "$OUT/domain_bench.jsonl" --out "$OUT/calibrate.md" > "$OUT/calibrate.log" 2>&1 \
+"$PY" -m bench calibrate "$OUT/domain_bench.jsonl" --out "$OUT/calibrate.md" > "$OUT/calibrate.log" 2>&1 \
   && cat "$OUT/calibrate.md" || tail -n 5 "$OUT/calibrate.log"
 echo "total: $(( $(date +%s) - started )) s"

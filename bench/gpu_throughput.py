@@ -1,7 +1,7 @@
 """GPU throughput of finetune's pipelines vs the bare model on the same GPU, as ratios from one run.
 
-    python3 bench/gpu_throughput.py                     # resnet50 @224, random weights file, 640 JPEGs
-    python3 bench/gpu_throughput.py --model convnext_tiny --batch-size 128
+    python3 -m bench gpu_throughput                     # resnet50 @224, random weights file, 640 JPEGs
+    python3 -m bench gpu_throughput --model convnext_tiny --batch-size 128
 
 Made for the offline GPU machine (bench/gpu_check.sh calls it): nothing is downloaded. The model is
 created with RANDOM weights by timm, saved to a safetensors file and loaded back through finetune's
@@ -34,8 +34,6 @@ import copy
 import csv
 import logging
 import os
-import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -46,8 +44,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # feature extraction's progress bar;
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/throughput.py, the CPU version
-sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repository (finetune, serve)
+from bench.common import interleave, medians
+from finetune.files import atomic_write
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*is smaller than the logging interval.*")
@@ -89,7 +87,7 @@ def random_weights_file(model: str, path: Path) -> Path:
 
 def finetune_train_epochs(args, cfg, splits, data_config, net, device, out: Path) -> float:
     """bench/throughput.py's finetune_train over `--train-epochs` epochs; the first epoch is not timed."""
-    import throughput as cpu
+    from bench import throughput as cpu  # the CPU version's loops
 
     return cpu.finetune_train(args, cfg, splits, data_config, net, device, out, epochs=args.train_epochs,
                               untimed_epochs=1, experiment="bench-gpu-throughput")
@@ -97,7 +95,7 @@ def finetune_train_epochs(args, cfg, splits, data_config, net, device, out: Path
 
 def finetune_predict(args, net, data_config, paths, classes, mode, device, out: Path) -> float:
     """bench/throughput.py's finetune_predict (the default single-process loop) with the model's class names."""
-    import throughput as cpu
+    from bench import throughput as cpu  # the CPU version's loops
 
     return cpu.finetune_predict(args, net, data_config, paths, mode, device, out, classes)
 
@@ -111,7 +109,7 @@ def finetune_features(args, backbone, samples, device, out: Path) -> float:
     return len(samples) / fs.seconds
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet50", help="timm architecture (random weights, saved to a file)")
     parser.add_argument("--image-size", type=int, default=224)
@@ -126,33 +124,11 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="images, weights, MLflow store (default: a temp folder)")
     parser.add_argument("--out", default="bench/results", help="folder for the CSV")
     parser.add_argument("--allow-cpu", action="store_true", help="run without CUDA (to test this script)")
-    args = parser.parse_args()
+    return parser
 
-    if not torch.cuda.is_available() and not args.allow_cpu:
-        print("CUDA not available: GPU throughput not measured (--allow-cpu runs it on the CPU).")
-        return
-    logging.basicConfig(level=logging.WARNING)
-    for noisy in ("pytorch_lightning", "pytorch_lightning.utilities.rank_zero", "lightning", "lightning_fabric",
-                  "lightning.pytorch.utilities.rank_zero", "mlflow", "alembic", "finetune"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
 
-    import throughput as cpu
-    from finetune import runtime
-    from finetune.data.transforms import eval_transform, resize_size
-    from finetune.model.backbone import create_backbone
-    from finetune.config import TrainConfig
-    from finetune.data.folders import scan_folder
-    from finetune.data.images import load_rgb
-    from finetune.model.heads import init_head
-
-    # The product's own decision for this process: device, precision (training's, also used by batch
-    # prediction and feature extraction), loader workers.
-    args.rt = runtime.configure(workers=args.num_workers)
-    device = args.rt.device
-    args.train_precision = args.precision = args.rt.precision
-    args.num_workers = args.rt.workers
-    torch.backends.cudnn.benchmark = False  # Lightning's default; the bare loops run with the same setting
-
+def _inputs(args) -> tuple[Path, Path, Path]:
+    """(work folder, generated images, random weights file), made once per work folder."""
     work = Path(args.workdir or tempfile.mkdtemp(prefix="gpu-throughput-"))
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work.resolve()}/mlflow.db")
@@ -166,37 +142,35 @@ def main() -> None:
         random_weights_file(args.model, weights)
     print(f"setup: {args.images} JPEGs and {weights.name} in {time.perf_counter() - started:.1f}s ({work})",
           flush=True)
+    return work, data, weights
 
-    cfg = TrainConfig(data_dir=str(data), model=args.model, weights=str(weights), batch_size=args.batch_size,
-                      image_size=args.image_size, scenario=args.scenario)
-    splits = scan_folder(data)
-    backbone = create_backbone(args.model, str(weights), len(splits.classes), args.image_size,
-                               keep_source_head=True)
-    init_head(backbone.model)
+
+def _measures(args, cfg, splits, backbone, device, work: Path) -> list:
+    """The rows, each a (name, callable returning img/s); the bare rows run on batches preprocessed once, on the
+    device, so they pay for the model only."""
+    from bench import throughput as cpu  # the CPU version's bare loops
+    from finetune.data.images import load_rgb
+    from finetune.data.transforms import eval_transform, resize_size
+
     data_config = backbone.data_config
     size = resize_size(data_config)
     samples = splits.train + splits.val
     paths = [s.path for s in samples]
-
-    # Preprocessed once, on the GPU: the bare rows pay for the model only.
     prep = eval_transform(data_config)
-    imgs = [prep(load_rgb(p, draft_size=(size, size))) for p in paths[:args.batch_size * 4]]
-    pool = torch.stack(imgs)
-    n_classes = len(splits.classes)
+    pool = torch.stack([prep(load_rgb(p, draft_size=(size, size))) for p in paths[:args.batch_size * 4]])
 
     def batches(batch: int, count: int) -> list[torch.Tensor]:
         idx = torch.arange(batch * count) % len(pool)
         return [pool[idx[i * batch:(i + 1) * batch]].to(device) for i in range(count)]
 
     train_batches = batches(args.batch_size, args.bare_batches)
-    train_labels = [torch.randint(0, n_classes, (args.batch_size,), device=device) for _ in train_batches]
+    train_labels = [torch.randint(0, len(splits.classes), (args.batch_size,), device=device) for _ in train_batches]
     fwd_batches = batches(args.batch_size, args.bare_batches)
     crop_batches = batches(args.batch_size * 10, max(args.warmup + 2, args.bare_batches // 4))
-
     bare_net = copy.deepcopy(backbone.model).to(device)
     ft_net = copy.deepcopy(backbone.model)
     ft_net_predict = copy.deepcopy(backbone.model).eval()
-    measures = [
+    return [
         ("bare train", lambda: cpu.bare_train(bare_net, train_batches, train_labels, cfg, device,
                                               args.train_precision, args.warmup)),
         ("train", lambda: finetune_train_epochs(args, cfg, splits, data_config, ft_net, device, work)),
@@ -208,14 +182,48 @@ def main() -> None:
                                                     "10crop", device, work)),
         ("feature extraction", lambda: finetune_features(args, backbone, samples, device, work)),
     ]
-    rows: dict[str, list[float]] = {}
-    for r in range(args.repeats):
-        for name, fn in measures:
-            value = fn()
-            rows.setdefault(name, []).append(value)
-            print(f"  repeat {r + 1}: {name:<20}{value:9.1f} img/s", flush=True)
-    med = {name: statistics.median(v) for name, v in rows.items()}
 
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    if not torch.cuda.is_available() and not args.allow_cpu:
+        print("CUDA not available: GPU throughput not measured (--allow-cpu runs it on the CPU).")
+        return
+    logging.basicConfig(level=logging.WARNING)
+    for noisy in ("pytorch_lightning", "pytorch_lightning.utilities.rank_zero", "lightning", "lightning_fabric",
+                  "lightning.pytorch.utilities.rank_zero", "mlflow", "alembic", "finetune"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+    from finetune import runtime
+    from finetune.config import TrainConfig
+    from finetune.data.folders import scan_folder
+    from finetune.model.backbone import create_backbone
+    from finetune.model.heads import init_head
+
+    # The product's own decision for this process: device, precision (training's, also used by batch
+    # prediction and feature extraction), loader workers.
+    args.rt = runtime.configure(workers=args.num_workers)
+    device = args.rt.device
+    args.train_precision = args.precision = args.rt.precision
+    args.num_workers = args.rt.workers
+    torch.backends.cudnn.benchmark = False  # Lightning's default; the bare loops run with the same setting
+
+    started = time.perf_counter()
+    work, data, weights = _inputs(args)
+    cfg = TrainConfig(data_dir=str(data), model=args.model, weights=str(weights), batch_size=args.batch_size,
+                      image_size=args.image_size, scenario=args.scenario)
+    splits = scan_folder(data)
+    backbone = create_backbone(args.model, str(weights), len(splits.classes), args.image_size,
+                               keep_source_head=True)
+    init_head(backbone.model)
+    rows = interleave(_measures(args, cfg, splits, backbone, device, work), args.repeats,
+                      line="  repeat {repeat}: {name:<20}{value:9.1f} img/s")
+    _report(args, rows, device, started)
+
+
+def _report(args, rows: dict[str, list[float]], device, started: float) -> None:
+    """The markdown table of finetune against bare, printed and saved as CSV under --out."""
+    med = medians(rows)
     table = [  # row, finetune, bare reference, precision, what is counted
         ("train", "train", "bare train", args.train_precision, "images"),
         ("predict center", "predict center", "bare forward", args.precision, "images"),
@@ -241,12 +249,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / f"gpu-throughput-{args.model}-{args.image_size}-{time.strftime('%Y%m%d-%H%M%S')}.csv"
-    with open(csv_path, "w", newline="") as f:
+    with atomic_write(csv_path, newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(out_rows[0]))
         w.writeheader()
         w.writerows(out_rows)
     print(f"saved {csv_path} (total {time.perf_counter() - started:.0f}s)")
-
-
-if __name__ == "__main__":
-    main()

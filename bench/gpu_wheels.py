@@ -14,8 +14,8 @@ MLflow's server-side requirements (flask, gunicorn, graphene, huey, docker, skop
 `mlflow models serve`, gitpython for the source-version tag) are left out: MLflow imports them lazily,
 and the check imports and runs the model without them. `optuna` (only `finetune sweep`) is left out too.
 
-    python3 bench/gpu_wheels.py            # download (pip download --no-deps ...), prune, print sizes
-    python3 bench/gpu_wheels.py --list     # the NAME==VERSION list only
+    python3 -m bench gpu_wheels            # download (pip download --no-deps ...), prune, print sizes
+    python3 -m bench gpu_wheels --list     # the NAME==VERSION list only
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench.common import ROOT
 
 # Missing on the GPU machine and needed at runtime (why, in the comment).
 NAMES = [
@@ -86,12 +86,12 @@ def wheel_dist(path: Path) -> tuple[str, str]:
     return norm(name), version
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dest", default=str(ROOT / ".whl"))
     parser.add_argument("--list", action="store_true", help="print NAME==VERSION and exit")
     parser.add_argument("--python", default=sys.executable, help="whose pip downloads (default: this python)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     wanted = pins()
     if args.list:
         print("\n".join(wanted))
@@ -116,7 +116,3 @@ def main() -> None:
         total += size
         print(f"{size / 2**20:7.2f} MiB  {whl.name}")
     print(f"{total / 2**20:7.2f} MiB  total, {len(wheels)} wheels in {dest}")
-
-
-if __name__ == "__main__":
-    main()

@@ -6,7 +6,7 @@ temporary SQLite store: create an experiment and a run, log params/metrics/an ar
 log a pyfunc model with a signature (with params) and an input example, register it and set an alias,
 load it back by `models:/NAME@ALIAS` and predict.
 
-    python3 bench/mlflow_smoke.py
+    python3 -m bench mlflow_smoke
 """
 
 from __future__ import annotations
@@ -17,7 +17,20 @@ import tempfile
 from pathlib import Path
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """No options (`--help` aside): the check, and on failure one line that says what is missing, then the
+    traceback."""
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return
+    try:
+        check()
+    except Exception as e:
+        print(f"mlflow smoke check FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+        raise
+
+
+def check() -> None:
     import mlflow
     import mlflow.pyfunc
     import pandas as pd
@@ -56,11 +69,3 @@ def main() -> None:
     assert len(out) == 2 and out["score"].tolist() == [3.0, 3.0], out
     print(f"mlflow {mlflow.__version__} ok: sqlite store, run, search, pyfunc log/register/load/predict "
           f"({os.path.dirname(mlflow.__file__)})")
-
-
-if __name__ == "__main__":
-    try:
-        main()
-    except Exception as e:  # one line that says what is missing, then the traceback
-        print(f"mlflow smoke check FAILED: {type(e).__name__}: {e}", file=sys.stderr)
-        raise

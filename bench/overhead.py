@@ -1,6 +1,6 @@
 """Where `finetune train`'s time goes, and what it costs over a plain Lightning fit of the same network.
 
-    uv run python bench/overhead.py --repeats 3 [--before ../wt-before] [--json bench/results/overhead.json]
+    uv run python -m bench overhead --repeats 3 [--before ../wt-before] [--json bench/results/overhead.json]
 
 Per repeat, interleaved (a load change on this shared machine hits every row alike), whole commands in fresh
 processes, each timed from its start to its exit:
@@ -33,10 +33,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-DEFAULT_DATA = SHARED / "data" / "hymenoptera"
-DEFAULT_WEIGHTS = SHARED / "weights" / "mobilenetv2_100.coral_in1k.safetensors"
+from bench.common import DATA, DEFAULT_WEIGHTS, ROOT, write_text
+
+DEFAULT_DATA = DATA / "hymenoptera"
 
 
 def plain_fit(args: argparse.Namespace) -> None:
@@ -99,7 +98,7 @@ def _phases(output: Path, seconds: float) -> dict[str, float]:
     return {"imports and CLI": seconds - timing["total"], **timing}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--model", default="mobilenetv2_100")
@@ -115,7 +114,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the rows and phases here")
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.plain:
         return plain_fit(args)
     if not args.data.is_dir() or not args.weights.is_file():
@@ -142,9 +141,10 @@ def main() -> None:
         # Equal epochs: the plan's fine-tuning epochs (large-different runs 1.5 x --epochs), read from this
         # repeat's first run.
         epochs = json.loads((work / f"after-cold{r}" / "summary.json").read_text())["plan"]["epochs"]
-        plain_cmd = ["uv", "run", "--frozen", "--project", str(ROOT), "python", str(Path(__file__).resolve()),
+        plain_cmd = ["uv", "run", "--frozen", "--project", str(ROOT), "python", "-m", "bench", "overhead",
                      "--plain", "--workdir", str(work / f"plain{r}"), *_shared_args(args), "--epochs", str(epochs)]
-        seconds = _run(plain_cmd, env, work, work / f"plain{r}.log")
+        # `-m bench` from the work folder: the repository on the path, as from its root.
+        seconds = _run(plain_cmd, {**env, "PYTHONPATH": str(ROOT)}, work, work / f"plain{r}.log")
         rows.setdefault("plain Lightning fit", []).append(seconds)
         plain_timing = json.loads((work / f"plain{r}" / "timing.json").read_text())
         phases.setdefault("plain Lightning fit", []).append({"imports and CLI": seconds - plain_timing["total"],
@@ -180,7 +180,7 @@ def _report(args: argparse.Namespace, rows: dict[str, list[float]], phases: dict
             f"{medians[n][key]:16.1f}" if key in medians[n] else f"{'-':>16s}" for n in names))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"setting": {k: str(v) for k, v in vars(args).items()}, "seconds": rows,
+        write_text(args.json, json.dumps({"setting": {k: str(v) for k, v in vars(args).items()}, "seconds": rows,
                                          "phases_median": medians}, indent=1))
         print(f"\nwrote {args.json}")
 
@@ -202,7 +202,3 @@ def _tree_order(keys: list[str]) -> list[str]:
 def _median_phases(runs: list[dict[str, float]]) -> dict[str, float]:
     keys = list(dict.fromkeys(k for run in runs for k in run))
     return {k: statistics.median(run.get(k, 0.0) for run in runs) for k in keys}
-
-
-if __name__ == "__main__":
-    main()

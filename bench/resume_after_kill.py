@@ -1,7 +1,7 @@
 """Kill a training run with SIGKILL mid-epoch, resume it, and compare it with an uninterrupted run.
 
-    uv run python bench/resume_after_kill.py                       # generated images, tiny model (~2 min)
-    uv run python bench/resume_after_kill.py --data ../shared/data/hymenoptera --model mobilenetv2_100 \
+    uv run python -m bench resume_after_kill                       # generated images, tiny model (~2 min)
+    uv run python -m bench resume_after_kill --data ../shared/data/hymenoptera --model mobilenetv2_100 \
         --weights ../shared/weights/mobilenetv2_100.coral_in1k.safetensors --image-size 128 --batch-size 16
 
 Runs three commands: an uninterrupted `finetune train`, the same command killed (SIGKILL, no chance to
@@ -22,11 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from bench.common import ROOT
 
 
 def make_data(root: Path, per_class: int) -> Path:
-    sys.path.insert(0, str(REPO))
     from tests.conftest import make_folder
 
     return make_folder(root, classes=("red", "blue", "green"), per_class=per_class, size=64)
@@ -75,7 +74,7 @@ def history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
                                                 key=lambda m: (m.step, m.timestamp))]
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", help="image folder (default: generated colours, 3 classes)")
     p.add_argument("--per-class", type=int, default=48, help="generated images per class")
@@ -88,14 +87,19 @@ def main() -> None:
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--tolerance", type=float, default=1.0, help="allowed final accuracy gap, in points")
     p.add_argument("--workdir", help="keep outputs here (default: a temporary folder)")
-    args = p.parse_args()
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """0 when every check passed, else 1."""
+    args = _parser().parse_args(argv)
     assert 3 <= args.kill_in_epoch <= args.epochs
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="resume-bench-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     data = Path(args.data).resolve() if args.data else make_data(work / "data", args.per_class)
     uri = f"sqlite:///{work}/mlflow.db"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT)}
 
     full_s = run(command(args, data, work / "full"), env)
     last = work / "killed" / "checkpoints" / "last.ckpt"
@@ -136,8 +140,4 @@ def main() -> None:
     for name, ok in checks.items():
         print(f"  [{'ok' if ok else 'FAIL'}] {name}")
     print(f"\noutputs: {work}")
-    sys.exit(0 if all(checks.values()) else 1)
-
-
-if __name__ == "__main__":
-    main()
+    return 0 if all(checks.values()) else 1

@@ -1,6 +1,6 @@
 """How much of auto's gap is the training seed's? Domain-bench runs that differ only in `--seed` (issue 13).
 
-    uv run --frozen python bench/seed_spread.py docs/results/domain_bench_cpu.jsonl \
+    uv run --frozen python -m bench seed_spread docs/results/domain_bench_cpu.jsonl \
         docs/results/domain_bench_cpu_seed1.jsonl --out docs/results/seed_spread_cpu.md
 
 Each argument is one bench run (bench/domain_bench.py; `A+B` reads B's rows over A's, as bench/choice_replay.py
@@ -25,16 +25,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import statistics
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench import calibrate  # noqa: E402
-from finetune.strategy.decide import SCENARIO_NAMES, load_thresholds  # noqa: E402
+from bench import calibrate
+from finetune.strategy.decide import SCENARIO_NAMES, load_thresholds
 
 
 @dataclass
@@ -131,7 +127,3 @@ def main(argv: list[str] | None = None) -> int:
     names, runs = zip(*map(calibrate.read_run, args.runs))
     calibrate.emit(markdown(spreads(runs), names), args.out)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """Throughput of finetune's pipelines vs the bare model, measured side by side in one process.
 
-    uv run python bench/throughput.py --data ../shared/data/hymenoptera --model mobilenetv2_100 \
+    uv run python -m bench throughput --data ../shared/data/hymenoptera --model mobilenetv2_100 \
         --weights ../shared/weights/mobilenetv2_100.coral_in1k.safetensors --image-size 224
 
 Per repeat, interleaved (so a load change on the machine hits every row alike), in images/s:
@@ -23,10 +23,10 @@ and finetune alike, so a ratio measures the pipeline, not a different computatio
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import logging
 import os
-import statistics
 import tempfile
 import time
 import warnings
@@ -36,6 +36,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
+from bench.common import DATA, interleave, medians
 from finetune import runtime
 from finetune import tracking
 from finetune.data.transforms import eval_transform, resize_size, train_transform
@@ -43,6 +44,7 @@ from finetune.model.backbone import create_backbone
 from finetune.training.callbacks import recipe_callbacks
 from finetune.config import TrainConfig
 from finetune.data.loaders import FolderDataModule
+from finetune.files import atomic_write
 from finetune.data.folders import scan_folder
 from finetune.data.images import load_rgb
 from finetune.training.module import Classifier
@@ -50,7 +52,7 @@ from finetune.training.optim import create_optimizer, make_optimizer_factory
 from finetune.model.heads import init_head
 from finetune.training.recipe import resolve_recipe
 from finetune.data.crops import CropViews
-from finetune.data.crops import TTA_VIEWS  # noqa: E402
+from finetune.data.crops import TTA_VIEWS
 from serve.batch_predict import RowWriter, predict_rows, prediction_loader
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -205,9 +207,9 @@ def finetune_features(args, backbone, splits, device, out: Path) -> tuple[float,
     return len(samples) / fs.seconds, clock.images_per_s()
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="../shared/data/hymenoptera")
+    parser.add_argument("--data", default=str(DATA / "hymenoptera"))
     parser.add_argument("--model", default="mobilenetv2_100")
     parser.add_argument("--weights", default="none", help="none, hub or a weights file (same compute either way)")
     parser.add_argument("--image-size", type=int, default=224)
@@ -228,36 +230,13 @@ def main() -> None:
                         "(e.g. c,f: the extraction row and its reference only)")
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--out", default="bench/results")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    for noisy in ("pytorch_lightning", "lightning", "lightning_fabric", "mlflow", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    return parser
 
-    args.rt = runtime.configure(args.accelerator, precision=args.precision, workers=args.num_workers,
-                                threads=args.threads)
-    device = args.rt.device
-    threads, args.num_workers = args.rt.threads, args.rt.workers
-    only = set(args.only.split(","))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="throughput-", dir=out))
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work.resolve()}/mlflow.db")
 
-    cfg = TrainConfig(data_dir=args.data, model=args.model, weights=args.weights, batch_size=args.batch_size,
-                      image_size=args.image_size, scenario=args.scenario)
-    splits = scan_folder(args.data)
-    backbone = create_backbone(args.model, args.weights, len(splits.classes), args.image_size)
-    init_head(backbone.model)
-    data_config = backbone.data_config
+def _preloaded(args, splits, data_config, device) -> tuple[list, list, list[str], list, list]:
+    """Real images, preprocessed once, on the device: the bare rows only pay for the model. (train batches,
+    their labels, the predict rows' paths, forward batches, forward batches at 10x)."""
     size = resize_size(data_config)
-
-    def prepared(net):
-        net = net.to(device)
-        if args.channels_last:
-            net = net.to(memory_format=torch.channels_last)
-        return torch.compile(net) if args.compile else net
-
-    # Real images, preprocessed once: the bare rows only pay for the model.
     n_train = args.train_batches * args.batch_size
     train_imgs = [eval_transform(data_config)(load_rgb(s.path, draft_size=(size, size)))
                   for s in (splits.train * 4)[:n_train]]
@@ -271,13 +250,41 @@ def main() -> None:
     fwd_batches = [torch.stack(center[i:i + args.batch_size]).to(device).contiguous(memory_format=fmt)
                    for i in range(0, len(center), args.batch_size)]
     crop_batches = [torch.cat([b] * 10) for b in fwd_batches]  # 10x the crops per forward, as 10crop runs
+    return train_batches, train_labels, paths, fwd_batches, crop_batches
 
-    bare_net = prepared(backbone.model)
-    import copy
 
-    ft_net = prepared(copy.deepcopy(backbone.model))
+def _prepared(args, net, device):
+    net = net.to(device)
+    if args.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    return torch.compile(net) if args.compile else net
 
-    rows: dict[str, list[float]] = {}
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    for noisy in ("pytorch_lightning", "lightning", "lightning_fabric", "mlflow", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+    args.rt = runtime.configure(args.accelerator, precision=args.precision, workers=args.num_workers,
+                                threads=args.threads)
+    device = args.rt.device
+    args.num_workers = args.rt.workers
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="throughput-", dir=out))
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work.resolve()}/mlflow.db")
+
+    cfg = TrainConfig(data_dir=args.data, model=args.model, weights=args.weights, batch_size=args.batch_size,
+                      image_size=args.image_size, scenario=args.scenario)
+    splits = scan_folder(args.data)
+    backbone = create_backbone(args.model, args.weights, len(splits.classes), args.image_size)
+    init_head(backbone.model)
+    data_config = backbone.data_config
+    train_batches, train_labels, paths, fwd_batches, crop_batches = _preloaded(args, splits, data_config, device)
+    bare_net = _prepared(args, backbone.model, device)
+    ft_net = _prepared(args, copy.deepcopy(backbone.model), device)
+
     measures = [
         ("a", "bare train step", lambda: bare_train(bare_net, train_batches, train_labels, cfg, device,
                                                      args.precision, args.warmup)),
@@ -293,35 +300,33 @@ def main() -> None:
         ("f", ("finetune features (cold cache)", "finetune features, after 1st batch"),
          lambda: finetune_features(args, backbone, splits, device, work)),
     ]
-    for r in range(args.repeats):
-        for key, name, fn in measures:
-            if key not in only:
-                continue
-            value = fn()
-            if value is None:
-                continue
-            names, values = (name, value) if isinstance(name, tuple) else ((name,), (value,))
-            for one, v in zip(names, values):
-                rows.setdefault(one, []).append(v)
-                print(f"  repeat {r + 1}: {one:<44}{v:8.1f} img/s", flush=True)
+    only = set(args.only.split(","))
+    rows = interleave([(name, fn) for key, name, fn in measures if key in only], args.repeats)
+    _report(args, rows, device, out)
 
-    med = {name: statistics.median(v) for name, v in rows.items()}
-    ratios = {
-        "finetune train (DataModule+Trainer+MLflow)": "bare train step",
-        "finetune predict center": "bare forward",
-        "finetune predict 10crop (per crop)": "bare forward, 10x batch (per crop)",
-        "finetune features (cold cache)": "bare forward",
-        "finetune features, after 1st batch": "bare forward",
-    }
+
+# Each finetune row and the bare row it is compared with.
+RATIOS = {
+    "finetune train (DataModule+Trainer+MLflow)": "bare train step",
+    "finetune predict center": "bare forward",
+    "finetune predict 10crop (per crop)": "bare forward, 10x batch (per crop)",
+    "finetune features (cold cache)": "bare forward",
+    "finetune features, after 1st batch": "bare forward",
+}
+
+
+def _report(args, rows: dict[str, list[float]], device, out: Path) -> None:
+    """The table of medians and ratios, printed and saved as CSV under `out`."""
+    med = medians(rows)
     load = os.getloadavg()[0]
     header = (f"{args.model} @{args.image_size}, batch {args.batch_size}, {device.type}, precision {args.precision}, "
-              f"channels_last {args.channels_last}, compile {args.compile}, torch threads {threads}, "
+              f"channels_last {args.channels_last}, compile {args.compile}, torch threads {args.rt.threads}, "
               f"workers {args.num_workers}, repeats {args.repeats}, load {load:.2f}")
     print(header)
     print(f"{'what':<46}{'img/s':>9}{'ratio':>8}  vs")
     table = []
     for name, value in med.items():
-        ref = ratios.get(name)
+        ref = RATIOS.get(name)
         ratio = value / med[ref] if ref in med else None
         table.append({"what": name, "images_per_s": round(value, 2), "ratio": round(ratio, 3) if ratio else "",
                       "vs": ref or "", "runs": " ".join(f"{v:.1f}" for v in rows[name])})
@@ -331,13 +336,9 @@ def main() -> None:
               f"{med['finetune predict 10crop (per crop)'] / med['bare forward']:.2f}")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     csv_path = out / f"throughput-{args.model}-{args.image_size}-{stamp}.csv"
-    with open(csv_path, "w", newline="") as f:
+    with atomic_write(csv_path, newline="") as f:
         w = csv.DictWriter(f, fieldnames=["what", "images_per_s", "ratio", "vs", "runs", "setup"])
         w.writeheader()
         for row in table:
             w.writerow({**row, "setup": header})
     print(f"saved {csv_path}")
-
-
-if __name__ == "__main__":
-    main()

@@ -19,10 +19,10 @@ ECE with 15 bins moves by about 0.01 when a handful of a few hundred images cros
 row also gives the negative log-likelihood (a proper score, no bins) before and after, and a 95% paired bootstrap
 interval of ECE after minus before (resampling the report images).
 
-    uv run python bench/trust.py                           # the product's defaults: auto, 10 epochs (46 min of CPU)
-    uv run python bench/trust.py --scenario small-similar  # a head on cached features (12 min of CPU)
-    uv run python bench/trust.py --epochs 3
-    uv run python bench/trust.py --workdir W --reuse       # score the models a run left in W again, no training
+    uv run python -m bench trust                           # the product's defaults: auto, 10 epochs (46 min of CPU)
+    uv run python -m bench trust --scenario small-similar  # a head on cached features (12 min of CPU)
+    uv run python -m bench trust --epochs 3
+    uv run python -m bench trust --workdir W --reuse       # score the models a run left in W again, no training
 """
 
 from __future__ import annotations
@@ -30,26 +30,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.common import DATA, DEFAULT_WEIGHTS, write_text
+from finetune.config import TrainConfig
+from finetune.data.folders import scan_folder
+from finetune.data.profile import stratified_subset
+from finetune.evaluation.trust import KNN_K, ece
+from finetune.evaluation.tta import source_outputs
+from finetune.model.artifact import load_model, load_scoring
+from finetune.model.scoring import knn_score, pooled_features
 
-from finetune.config import TrainConfig  # noqa: E402
-from finetune.data.folders import scan_folder  # noqa: E402
-from finetune.data.profile import stratified_subset  # noqa: E402
-from finetune.evaluation.trust import KNN_K, ece  # noqa: E402
-from finetune.evaluation.tta import source_outputs  # noqa: E402
-from finetune.model.artifact import load_model, load_scoring  # noqa: E402
-from finetune.model.scoring import knn_score, pooled_features  # noqa: E402
-
-SHARED = ROOT.parent / "shared"
-WEIGHTS = SHARED / "weights" / "mobilenetv2_100.coral_in1k.safetensors"
 DATASETS = ("hymenoptera", "clothing", "omniglot")
 KS = (1, 5, 10, 20)
 
@@ -62,19 +57,19 @@ def train_model(name: str, args: argparse.Namespace, workdir: Path) -> dict:
         if not path.is_file():
             raise SystemExit(f"--reuse: {path} does not exist; run once with --workdir {workdir} first.")
         return json.loads(path.read_text())
-    cfg = TrainConfig(data_dir=str(SHARED / "data" / name), model="mobilenetv2_100", weights=str(WEIGHTS),
+    cfg = TrainConfig(data_dir=str(DATA / name), model="mobilenetv2_100", weights=str(DEFAULT_WEIGHTS),
                       scenario=args.scenario, epochs=args.epochs, output=str(workdir / name), seed=args.seed,
                       experiment="bench-trust")
     return train(cfg)
 
 
 def report_split(name: str) -> tuple[str, list]:
-    splits = scan_folder(str(SHARED / "data" / name))
+    splits = scan_folder(str(DATA / name))
     return ("test", splits.test) if splits.test else ("val", splits.val)
 
 
 def other_images(name: str, limit: int) -> list[str]:
-    splits = scan_folder(str(SHARED / "data" / name))
+    splits = scan_folder(str(DATA / name))
     pool = splits.test or splits.val or splits.train
     return [s.path for s in stratified_subset(list(pool), limit)]
 
@@ -194,9 +189,5 @@ def main(argv: list[str] | None = None) -> int:
                 for name in ("hymenoptera", "clothing")]
     print_rows(rows)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        write_text(args.json, json.dumps(rows, indent=2) + "\n")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """Batch prediction with multi-crop TTA vs the bare model forward on the same number of crops.
 
-    uv run python bench/tta_throughput.py --model-uri models:/NAME@champion --input ../shared/data/hymenoptera/val
+    uv run python -m bench tta_throughput --model-uri models:/NAME@champion --input ../shared/data/hymenoptera/val
 
 Bare: the crops of every image are built beforehand (not timed); only `net(crops)` is timed, in the
 same batch shape the pipeline uses. Pipeline: `serve.batch_predict.predict_to_file` end to end
@@ -35,7 +35,7 @@ def bare_forward_seconds(net: torch.nn.Module, batches: list[torch.Tensor]) -> f
     return time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-uri", required=True)
     parser.add_argument("--input", required=True, help="folder of images")
@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="images per batch (x crops per forward)")
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--limit", type=int, default=0, help="use only the first N images (0: all)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     tracking.client()
     model = mlflow.pyfunc.load_model(args.model_uri).unwrap_python_model()
@@ -77,7 +77,3 @@ def main() -> None:
           f"   (before {bare[0]:.2f}s, after {bare[1]:.2f}s)")
     print(f"{'batch_predict --tta ' + args.tta + ' (end to end)':<42}{pipeline:>9.2f}{n_crops / pipeline:>10.1f}")
     print(f"ratio pipeline / bare throughput: {bare_s / pipeline:.3f}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,24 +1,17 @@
-"""bench/calibrate.py: leave-one-dataset-out fitting of the scenario thresholds, on synthetic bench results."""
+"""`python -m bench calibrate`: leave-one-dataset-out fitting of the scenario thresholds, on synthetic bench results."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _load_bench(name: str):
-    """bench/NAME.py as a module (bench/ is scripts, not a package the tests import)."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
+    """bench/NAME.py, the module `python -m bench NAME` runs."""
+    return importlib.import_module(f"bench.{name}")
 
 
 calibrate = _load_bench("calibrate")

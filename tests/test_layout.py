@@ -1,6 +1,7 @@
 """The house rules, checked: packages follow the data flow and import only from earlier stages, the
-decision imports no torch, the inference side imports no Lightning, and no function is longer than
-60 lines. Read from the source (imports as written), and from fresh interpreters (imports as run)."""
+decision imports no torch, the inference side imports no Lightning, no function is longer than 60 lines
+(finetune/, serve/, bench/), and bench/ is one tool that the product never imports. Read from the source
+(imports as written), and from fresh interpreters (imports as run)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "finetune"
+BENCH = ROOT / "bench"
 # The data flow, first to last; a module may import from its own stage and earlier ones only.
 STAGES = ["base", "data", "model", "strategy", "training", "evaluation", "tracking", "workflows", "commands"]
 BASE_MODULES = {"errors", "config", "console", "runtime", "files", "timing"}
@@ -87,12 +89,58 @@ def test_model_and_pyfunc_import_no_lightning():
     assert _fresh_interpreter(code) == "[]"
 
 
-def test_no_function_is_longer_than_60_lines():
+@pytest.mark.parametrize("folder", ["finetune", "serve", "bench"])
+def test_no_function_is_longer_than_60_lines(folder: str):
     long = []
-    for module, path in modules():
+    for path in sorted((ROOT / folder).rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 lines = node.end_lineno - node.lineno + 1
                 if lines > MAX_FUNCTION_LINES:
-                    long.append(f"{module}.{node.name}: {lines} lines")
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {lines} lines")
     assert not long, long
+
+
+def _imports_of(path: Path) -> set[str]:
+    """Top-level names of every module a file imports (module level and inside functions)."""
+    tree = ast.parse(path.read_text())
+    found = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    return found | {n.module.split(".")[0] for n in ast.walk(tree)
+                    if isinstance(n, ast.ImportFrom) and n.module and not n.level}
+
+
+BENCHMARKS = sorted(p for p in BENCH.glob("*.py") if p.stem not in {"__init__", "__main__", "common"})
+
+
+@pytest.mark.parametrize("folder", ["finetune", "serve"])
+def test_the_product_never_imports_bench(folder: str):
+    importers = [str(p.relative_to(ROOT)) for p in (ROOT / folder).rglob("*.py") if "bench" in _imports_of(p)]
+    assert not importers, importers
+
+
+@pytest.mark.parametrize("path", BENCHMARKS, ids=[p.stem for p in BENCHMARKS])
+def test_each_benchmark_is_a_module_of_the_tool(path: Path):
+    """A docstring (its line in `python -m bench --help`), a `main(argv)` the dispatcher calls, no path tricks:
+    `python -m bench` from the repository root finds finetune, serve and bench."""
+    tree = ast.parse(path.read_text())
+    assert ast.get_docstring(tree), f"{path.name}: no module docstring"
+    mains = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main"]
+    assert mains and [a.arg for a in mains[0].args.args] == ["argv"], f"{path.name}: no main(argv)"
+    assert "sys.path" not in path.read_text(), f"{path.name}: edits sys.path"
+
+
+def test_bench_common_is_light():
+    """bench/common.py runs on the bare GPU machine and under every benchmark: standard library and
+    finetune.files only (no torch, no MLflow)."""
+    assert _imports_of(BENCH / "common.py") <= set(sys.stdlib_module_names) | {"finetune"}
+    code = "import sys, bench.common; print(sorted(m for m in ('torch', 'mlflow', 'numpy') if m in sys.modules))"
+    assert _fresh_interpreter(code) == "[]"
+
+
+def test_bench_help_lists_every_benchmark_without_importing_them():
+    proc = subprocess.run([sys.executable, "-c", "import runpy, sys; sys.argv = ['bench', '--help']; "
+                           "runpy.run_module('bench', run_name='__main__')"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    listed = {line.split()[0] for line in proc.stdout.splitlines() if line.startswith("  ")}
+    assert {p.stem for p in BENCHMARKS} <= listed

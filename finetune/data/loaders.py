@@ -87,9 +87,6 @@ class FolderDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.splits.val, self.eval_transform, train=False)
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.splits.test, self.eval_transform, train=False)
-
 
 def balanced_sampler_factory(num_classes: int):
     """A `FolderDataModule(sampler_factory=...)`: each class drawn equally often (with replacement)."""

@@ -23,7 +23,6 @@ from finetune.errors import UserError
 
 log = logging.getLogger(__name__)
 
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 SIDECAR_DATA_KEYS = ("mean", "std", "input_size", "crop_pct", "interpolation", "crop_mode")
 
 

@@ -89,14 +89,5 @@ class Classifier(pl.LightningModule):
             return None
         return self.model_step(batch, SELECT)
 
-    def test_step(self, batch, batch_idx):
-        if batch is None:
-            return None
-        return self.model_step(batch, "test")
-
-    def predict_step(self, batch, batch_idx):
-        x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        return self(x).softmax(dim=1)
-
     def configure_optimizers(self):
         return self.optimizer_factory(self)
