@@ -158,7 +158,11 @@ def _trainer(cfg: TrainConfig, recipe: Recipe, plan: Plan, ctx: RunContext, rt: 
              plan_callbacks: list[pl.Callback], num_classes: int
              ) -> tuple[pl.Trainer, ModelCheckpoint, distributed.RankSyncCheck]:
     folder = checkpoints.checkpoint_dir(ctx.output)
-    best = ModelCheckpoint(dirpath=folder, filename="best", monitor="select_acc", mode="max", save_weights_only=False)
+    # Saved when validation ends, like `last.ckpt` and before it (the callbacks' order): a resume point then holds
+    # this epoch's best candidate. Left to Lightning, it saved at the train epoch's end, after `last.ckpt` had
+    # recorded the previous best, and a run resumed from there could pick a worse epoch.
+    best = ModelCheckpoint(dirpath=folder, filename="best", monitor="select_acc", mode="max", save_weights_only=False,
+                           save_on_train_epoch_end=False)
     rank_sync = distributed.RankSyncCheck()
     trainer = pl.Trainer(
         max_epochs=plan.epochs, accelerator=cfg.accelerator, devices=runtime.parse_devices(cfg.devices),
