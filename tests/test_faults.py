@@ -61,6 +61,12 @@ def test_checkpoints_are_renamed_into_place_from_their_own_folder(image_folder: 
     last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     prev = torch.load(out / "checkpoints" / "last.prev.ckpt", weights_only=True)
     assert (prev["epoch"], last["epoch"]) == (0, 1)
+    # Each resume point knows the best epoch so far, this one included: resumed there, the run keeps choosing
+    # among the same candidates as an uninterrupted run.
+    for ckpt in (prev, last):
+        scores = next(v for k, v in ckpt["callbacks"].items() if k.startswith("EpochScores"))["scores"]
+        best = next(v for k, v in ckpt["callbacks"].items() if "'monitor': 'select_acc'" in k)
+        assert float(best["best_model_score"]) == max(s["select_acc"] for s in scores.values())
 
 
 def test_a_checkpoint_write_onto_a_full_disk_leaves_the_previous_resume_point_loadable(
