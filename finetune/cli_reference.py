@@ -1,7 +1,8 @@
-"""The CLI reference, docs/cli.md, generated from the click commands themselves, so it cannot drift from them.
+"""The CLI reference, docs/cli.md, generated from the click commands themselves, and examples/config.yaml, generated
+from the option declarations, so neither can drift from them.
 
-    python -m finetune.cli_reference            # (re)writes docs/cli.md
-    python -m finetune.cli_reference --check    # exits 1 when docs/cli.md is not what the commands say now
+    python -m finetune.cli_reference            # (re)writes docs/cli.md and examples/config.yaml
+    python -m finetune.cli_reference --check    # exits 1 when either is not what the code says now
 
 Deterministic: commands in name order, options in declaration order, nothing read from the environment
 (defaults that depend on the machine are declared as None and described in the help).
@@ -16,6 +17,7 @@ from pathlib import Path
 import click
 
 REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "config.yaml"
 REGENERATE = "uv run --frozen python -m finetune.cli_reference"
 
 
@@ -25,6 +27,8 @@ def _cell(text: str) -> str:
 
 
 def _default(param: click.Parameter) -> str:
+    if isinstance(getattr(param, "show_default", None), str):  # a declared option: its effective default
+        return f"`{param.show_default}`" if " " not in param.show_default else param.show_default
     default = param.to_info_dict().get("default")  # None when unset (click's own sentinel otherwise)
     if default is None or callable(default) or (getattr(param, "is_flag", False) and not default):
         return ""
@@ -83,20 +87,49 @@ def render(group: click.Group | None = None) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def render_example() -> str:
+    """examples/config.yaml's text: every option of `finetune train` with its default, by group, from the
+    declarations (a None default, "derived", is written commented out with what it means)."""
+    from finetune.cli_options import shown_default
+    from finetune.config import GROUPS, options
+
+    lines = ["# Every option of `finetune train DATA_DIR --config examples/config.yaml`, at its default.",
+             f"# Generated from the option declarations by `{REGENERATE}`; do not edit by hand: copy it.",
+             "# Flags on the command line override the file; an unknown key is an error that lists the valid ones;",
+             "# the resolved config is saved with every run (config.json, and the MLflow run)."]
+    for group in GROUPS:
+        lines += ["", f"# {group}"]
+        for f in options("train"):
+            if f.metadata["group"] != group:
+                continue
+            note = f"  # {' '.join(f.metadata['help'].split())}"
+            if f.default is None:
+                lines.append(f"# {f.name}:{note} Default: {shown_default(f)}.")
+            else:
+                value = str(f.default).lower() if isinstance(f.default, bool) else f.default
+                lines.append(f"{f.name}: {value}{note}")
+    return "\n".join(lines) + "\n"
+
+
+GENERATED = {REFERENCE: render, EXAMPLE: render_example}
+
+
 def main(argv: list[str]) -> int:
     from finetune.files import atomic_write
 
-    text = render()
-    if "--check" in argv:
-        current = REFERENCE.read_text(encoding="utf-8") if REFERENCE.is_file() else ""
-        if current != text:
-            print(f"{REFERENCE} is out of date; regenerate it with: {REGENERATE}", file=sys.stderr)
-            return 1
-        return 0
-    with atomic_write(REFERENCE, encoding="utf-8") as f:
-        f.write(text)
-    print(f"wrote {REFERENCE}")
-    return 0
+    stale = []
+    for path, make in GENERATED.items():
+        text = make()
+        current = path.read_text(encoding="utf-8") if path.is_file() else ""
+        if "--check" in argv:
+            stale += [path] if current != text else []
+            continue
+        with atomic_write(path, encoding="utf-8") as f:
+            f.write(text)
+        print(f"wrote {path}")
+    for path in stale:
+        print(f"{path} is out of date; regenerate it with: {REGENERATE}", file=sys.stderr)
+    return 1 if stale else 0
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import click
 import pytest
 
 from finetune.cli import cli
-from finetune.cli_reference import REFERENCE, REGENERATE, render
+from finetune.cli_reference import EXAMPLE, REFERENCE, REGENERATE, render, render_example
 
 REPO = Path(__file__).resolve().parents[1]
 # `finetune CMD ...` up to the end of its shell command: a pipe, &&, ;, a comment, or the end of the span.
@@ -86,3 +86,15 @@ def test_docs_mention_only_options_the_commands_have(doc: str):
 def test_the_readme_stays_short():
     readme = Path(__file__).resolve().parents[1] / "README.md"
     assert len(readme.read_text().splitlines()) <= 250, "README.md is for the golden path; move detail into docs/"
+
+
+def test_the_example_config_is_generated_from_the_declarations_and_lists_every_option():
+    import re
+
+    from finetune.config import load_yaml, options, resolve_config
+
+    assert EXAMPLE.read_text(encoding="utf-8") == render_example(), f"examples/config.yaml is stale: run `{REGENERATE}`"
+    listed = set(re.findall(r"^#? ?(\w+):", EXAMPLE.read_text(), flags=re.M))
+    assert {f.name for f in options("train")} <= listed
+    cfg = resolve_config(load_yaml(EXAMPLE), {"data_dir": "d"})
+    assert cfg == resolve_config({}, {"data_dir": "d"})  # every value it sets is the default

@@ -335,11 +335,9 @@ def test_example_config_loads_and_documents_the_recipe():
     from finetune.training.recipe import Recipe
 
     path = Path(__file__).resolve().parents[1] / "examples" / "config.yaml"
-    values = load_yaml(path)
-    cfg = resolve_config(values, {"data_dir": "x"})
-    recipe_keys = {f for f in Recipe.__dataclass_fields__} | {
-        "optimizer", "momentum", "nesterov", "step_epochs", "lr_gamma", "patience", "class_weights", "sampler"}
-    assert recipe_keys <= set(values)
+    cfg = resolve_config(load_yaml(path), {"data_dir": "x"})
+    text = path.read_text()
+    assert all(f"{name}:" in text for name in Recipe.__dataclass_fields__)
     assert cfg.optimizer == "adamw"
 
 
