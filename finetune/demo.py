@@ -20,6 +20,7 @@ import json
 import math
 import random
 import shutil
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -188,23 +189,26 @@ PLAIN_RECIPE = dict(augment="light", mixup=0.0, cutmix=0.0, label_smoothing=0.0,
 
 
 def demo_configs(workdir: Path, model: str, weights: str | None, epochs: int, pretrain_epochs: int,
-                 seed: int = 0) -> tuple[TrainConfig | None, TrainConfig, TrainConfig]:
+                 seed: int = 0, stamp: str | None = None) -> tuple[TrainConfig | None, TrainConfig, TrainConfig]:
     """(pretraining config or None when weights are given, fine-tuning config, from-scratch config).
 
     The two target configs differ only in `weights` (and where they write): same data, split, seed,
     epochs, learning rate, batch size and resolution; the from-scratch run (a network that trains) sets the
-    plain recipe, which the fine-tuned run's feature plan has already and would refuse as options.
+    plain recipe, which the fine-tuned run's feature plan has already and would refuse as options. Each demo
+    writes its runs under `workdir/runs/<stamp>/` (default: the time), so a second demo never reuses the
+    first one's run folders.
     """
+    runs = workdir / "runs" / (stamp or time.strftime("%Y%m%d-%H%M%S"))
     common = dict(model=model, batch_size=16, image_size=IMAGE_SIZE, experiment="finetune-demo", seed=seed)
     pretrain = None
     if weights is None:
         pretrain = TrainConfig(data_dir=str(workdir / "source"), weights="none", epochs=pretrain_epochs,
-                               lr=3e-3, output=str(workdir / "pretrain"), run_name="demo-pretrain-source",
+                               lr=3e-3, output=str(runs / "pretrain"), run_name="demo-pretrain-source",
                                **common, **PLAIN_RECIPE)
         weights = str(workdir / "weights" / f"{model}.demo.safetensors")
     finetuned = TrainConfig(data_dir=str(workdir / "target"), weights=weights, epochs=epochs, lr=3e-3,
-                            output=str(workdir / "finetuned"), run_name="demo-target-finetuned", **common)
-    scratch = replace(finetuned, weights="none", output=str(workdir / "scratch"), run_name="demo-target-scratch",
+                            output=str(runs / "finetuned"), run_name="demo-target-finetuned", **common)
+    scratch = replace(finetuned, weights="none", output=str(runs / "scratch"), run_name="demo-target-scratch",
                       **PLAIN_RECIPE)
     return pretrain, finetuned, scratch
 

@@ -51,8 +51,9 @@ def test_demo_compares_finetuned_and_from_scratch_runs(tmp_path: Path):
     assert weights.is_file() and weights.with_suffix(".json").is_file()
 
     runs = {}
+    (stamp,) = list((workdir / "runs").iterdir())  # this demo's runs, in a folder of their own
     for name in ("finetuned", "scratch"):
-        summary = json.loads((workdir / name / "summary.json").read_text())
+        summary = json.loads((stamp / name / "summary.json").read_text())
         spec = json.loads(Path(summary["model_dir"], "model.json").read_text())
         assert spec["class_names"] == list(TARGET_CLASSES)
         runs[name] = (summary, spec)
