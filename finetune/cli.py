@@ -63,12 +63,9 @@ def train(data_dir: str, config_file: str | None, resume_run: str | None, **opti
     cfg = build_config("train", data_dir, config_file, **options)
     point = None
     if resume_run:
-        from finetune.workflows import resume
-        from finetune import tracking
+        from finetune.workflows.resume import resumed
 
-        tracking.check_reachable()
-        point = resume.locate(resume_run, cfg.experiment)
-        cfg = resume.resume_config(point, data_dir, {**(load_yaml(config_file) if config_file else {}), **options})
+        point, cfg = resumed(resume_run, cfg, {**(load_yaml(config_file) if config_file else {}), **options})
     summary = run_train(cfg, resume_from=point)
     if summary is not None:  # None on the extra ranks of a multi-process run
         _print_summary(summary, data_dir)
@@ -327,37 +324,9 @@ def demo(workdir: str, model: str, weights: str | None, epochs: int, pretrain_ep
     the same data, epochs and recipe: fine-tuned from the saved weights file (the plan `finetune
     train` measures) and from random init. Prints both runs' plan, val accuracy and wall time.
     """
-    import time
+    from finetune.demo import run_demo
 
-    from finetune.demo import TARGET_CLASSES, comparison_table, demo_configs, export_weights, make_tasks
-    from finetune.workflows.train import train
-
-    def run_train(cfg):  # the run's summary and its wall time, MLflow logging included
-        started = time.monotonic()
-        return train(cfg), time.monotonic() - started
-
-    started = time.monotonic()
-    root = Path(workdir)
-    pretrain, finetuned, scratch = demo_configs(root, model, weights, epochs, pretrain_epochs, seed)
-    make_tasks(root, seed, source=pretrain is not None)
-    if pretrain is not None:
-        click.echo(f"[1/3] Pretraining {model} from random init on generated shapes (stands in for ImageNet)...")
-        summary, seconds = run_train(pretrain)
-        export_weights(Path(summary["model_dir"]), Path(finetuned.weights))
-        click.echo(f"      source val_acc {summary['metrics']['val_acc']:.2f} after {seconds:.0f} s; saved the weights "
-                   f"to {finetuned.weights} (+ sidecar .json)")
-    click.echo(f"[2/3] Target task, fine-tuned: finetune train {finetuned.data_dir} --weights {finetuned.weights} ...")
-    tuned, tuned_s = run_train(finetuned)
-    click.echo("[3/3] Target task, from scratch: the same run with --weights none ...")
-    fresh, fresh_s = run_train(scratch)
-    click.echo(f"\nTarget task: {len(TARGET_CLASSES)} classes ({', '.join(TARGET_CLASSES)}), chance "
-               f"{1 / len(TARGET_CLASSES):.2f}; {tuned['data']['train']} training and {tuned['data']['val']} validation "
-               "images, the same for both runs")
-    click.echo(comparison_table([("fine-tuned", tuned, tuned_s), ("from scratch", fresh, fresh_s)]))
-    click.echo(f"(demo total {time.monotonic() - started:.0f} s, pretraining and data generation included)")
-    click.echo(f"\nsummaries:  {tuned['output']}/summary.json, {fresh['output']}/summary.json")
-    click.echo(f"MLflow:     mlflow ui --backend-store-uri {tuned['mlflow_tracking_uri']}  (experiment "
-               f"{tuned['experiment']!r})")
+    run_demo(Path(workdir), model, weights, epochs, pretrain_epochs, seed, say=click.echo)
 
 
 # --- evaluation and registry commands -------------------------------------------------------------

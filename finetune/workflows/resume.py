@@ -111,3 +111,11 @@ def resume_config(point: ResumePoint, data_dir: str, cli_values: dict[str, Any])
                         f"{' and finished' if point.finished else ''}; pass --epochs larger than "
                         f"{point.epochs_done} to train further.")
     return cfg
+
+
+def resumed(resume: str, cfg: TrainConfig, given: dict[str, Any]) -> tuple[ResumePoint, TrainConfig]:
+    """`finetune train --resume RUN_ID|last`: the run to continue and its saved config, with the options that may
+    change (`given`: the values of the command line and the config file)."""
+    tracking.check_reachable()
+    point = locate(resume, cfg.experiment)
+    return point, resume_config(point, cfg.data_dir, given)
