@@ -65,7 +65,8 @@ def train(data_dir: str, config_file: str | None, resume_run: str | None, **opti
     if resume_run:
         from finetune.workflows.resume import resumed
 
-        point, cfg = resumed(resume_run, cfg, {**(load_yaml(config_file) if config_file else {}), **options})
+        given = {k: v for k, v in options.items() if v is not None}  # click's None: not given here
+        point, cfg = resumed(resume_run, cfg, {**(load_yaml(config_file) if config_file else {}), **given})
     summary = run_train(cfg, resume_from=point)
     if summary is not None:  # None on the extra ranks of a multi-process run
         _print_summary(summary, data_dir)
@@ -298,7 +299,8 @@ def sweep(data_dir: str, config_file: str | None, trials: int, lr_range: tuple[f
 
     cfg = build_config("sweep", data_dir, config_file, **options)
     r = run_sweep(cfg, trials, tuple(lr_range), tuple(wd_range) if wd_range else None, search_augment)
-    click.echo(f"best select_acc {r['best_select_acc']:.4f} (trial {r['best_trial']}, val_acc {r['best_val_acc']:.4f}): "
+    val = "n/a" if r["best_val_acc"] is None else f"{r['best_val_acc']:.4f}"
+    click.echo(f"best select_acc {r['best_select_acc']:.4f} (trial {r['best_trial']}, val_acc {val}): "
                + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["best_params"].items()))
     click.echo(f"best config: {r['best_config']}  (finetune train DATA_DIR --config {r['best_config']})")
     click.echo(f"MLflow parent run: {r['mlflow_run_id']}")

@@ -9,6 +9,8 @@ unknown keys are an error naming the valid ones. The resolved config is saved wi
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import Field, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
@@ -195,7 +197,8 @@ def read_yaml_mapping(path: str | Path, label: str) -> dict[str, Any]:
 def resolve_config(file_values: dict[str, Any], cli_values: dict[str, Any], command: str = "train") -> TrainConfig:
     """Merge defaults, file and explicitly-given CLI values (CLI wins) into a checked TrainConfig.
 
-    `command`: a file may set only the options that command acts on, as its command line does.
+    `command`: the command line offers only the options the command acts on; a file may set any option (one
+    file serves every command), and the keys that do not act on this command are left out, with a note.
     """
     valid = config_keys()
     unknown = sorted(set(file_values) - set(valid))
@@ -203,9 +206,10 @@ def resolve_config(file_values: dict[str, Any], cli_values: dict[str, Any], comm
         raise UserError(f"Unknown config key(s): {', '.join(unknown)}. Valid keys: {', '.join(valid)}.")
     acts = {f.name for f in options(command)} | {"data_dir"}
     ignored = sorted(k for k, v in file_values.items() if k not in acts and v is not None)
-    if ignored:
-        raise UserError(f"Config key(s) {', '.join(ignored)} do not act on `finetune {command}`. Remove them from "
-                        "the file for this command.")
+    if ignored:  # one file serves every command: say what this one leaves to the others
+        logging.getLogger(__name__).info("Config key(s) %s act on other commands than `finetune %s`; not used here.",
+                                         ", ".join(ignored), command)
+    file_values = {k: v for k, v in file_values.items() if k in acts}
     merged = {**file_values, **{k: v for k, v in cli_values.items() if v is not None}}
     cfg = TrainConfig(**merged)
     for f in options():
@@ -227,10 +231,11 @@ def checked_value(f: Field, value: Any) -> Any:
         return value
     try:
         cast = kind(value)
-        if kind is int and float(value) != cast:
+        if kind is int and float(value) != cast or kind is float and not math.isfinite(cast):
             raise ValueError
-    except (TypeError, ValueError):
-        raise UserError(f"Config value {f.name}={value!r} is not a valid {kind.__name__}.") from None
+    except (TypeError, ValueError, OverflowError):
+        raise UserError(f"Config value {f.name}={value!r} is not a valid {kind.__name__}"
+                        f"{' (a finite number)' if kind is float else ''}.") from None
     m = f.metadata
     if m["choices"] and cast not in m["choices"]:
         raise UserError(f"Invalid {f.name} {cast!r}. Valid values: {', '.join(m['choices'])}.")

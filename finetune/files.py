@@ -26,6 +26,12 @@ def fsync_dir(folder: str | Path) -> None:
         fsync(folder)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def replacing(path: str | Path) -> Iterator[Path]:
     """A temporary name beside `path` to write to; when the block succeeds it is fsynced and renamed to `path`,
@@ -36,6 +42,9 @@ def replacing(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        # mkstemp makes the file 0600; the file gets the mode a plain open() would have given it, so a server or a
+        # teammate running as another user can still read a model.
+        os.chmod(tmp, 0o666 & ~_umask())
         fsync(tmp)
         os.replace(tmp, path)
     except BaseException:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import dataclasses
 import datetime
 import fcntl
@@ -162,7 +163,7 @@ def _read_partial(path: str) -> list[list[str]]:
     text = Path(path).read_text(encoding="utf-8", errors="surrogateescape")
     if not text.endswith("\n"):
         text = text[:text.rfind("\n") + 1]
-    return list(csv.reader(text.splitlines()))
+    return list(csv.reader(io.StringIO(text, newline="")))  # a name may hold a newline or U+2028: csv quotes it
 
 
 def read_output(output: Path):

@@ -67,7 +67,7 @@ def test_unknown_option_values_on_the_command_line(flag: str, value: str, messag
 @pytest.mark.parametrize("yaml_text, message", [
     ("tta: 11crop\n", "Error: Invalid tta '11crop'. Valid values: auto, none, center, 5crop, 10crop."),
     ("epochz: 3\n", "Error: Unknown config key(s): epochz. Valid keys: data_dir, val_fraction,"),
-    ("lr: fast\n", "Error: Config value lr='fast' is not a valid float."),
+    ("lr: fast\n", "Error: Config value lr='fast' is not a valid float (a finite number)."),
     ("lr: 0\n", "Error: lr must be > 0 (got 0.0)."),
     ("label_smoothing: 1.5\n", "Error: label_smoothing must be in [0, 1) (got 1.5)."),
     ("- a list\n", "Error: Config file config.yaml must hold a mapping of option: value, not list."),

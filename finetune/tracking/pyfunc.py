@@ -11,7 +11,8 @@ for `mlflow models serve`):
 * ``path_root`` / ``FINETUNE_PATH_ROOT``: the only folder a request's `path` column may read from.
   Unset: `path` is refused, so a server never reads arbitrary files.
 * ``max_image_pixels`` / ``FINETUNE_MAX_IMAGE_PIXELS``: larger images are refused before decoding
-  (default: training's limit, at most 40 million pixels).
+  (default: training's limit; a REST request's images at most 40 million pixels unless the environment
+  variable is set).
 * ``max_request_rows`` / ``FINETUNE_MAX_REQUEST_ROWS``: rows per request (default 256).
 * ``max_request_bytes`` / ``FINETUNE_MAX_REQUEST_BYTES``: image bytes per request, the sizes of the files
   a `path` names included (default 32 MiB).
@@ -55,6 +56,7 @@ from mlflow.pyfunc import PythonModel
 from finetune import runtime
 from finetune.model.artifact import load_model, load_scoring
 from finetune.model.onnx import RUNTIME_FILES, OnnxRunner, check_graph, choose_runtime
+from finetune.data.images import DEFAULT_MAX_PIXELS
 from finetune.model.scoring import UNKNOWN_LABEL
 from finetune.errors import UserError
 from finetune.data.crops import TTA_VIEWS, CropViews, ViewsDataset
@@ -72,7 +74,7 @@ SERVING_MAX_PIXELS = 40_000_000
 DEFAULT_MAX_ROWS = 256
 DEFAULT_MAX_BYTES = 32 * 2**20
 # model_config key -> (environment variable, default) of each per-request limit
-LIMITS = {"max_image_pixels": ("FINETUNE_MAX_IMAGE_PIXELS", SERVING_MAX_PIXELS),
+LIMITS = {"max_image_pixels": ("FINETUNE_MAX_IMAGE_PIXELS", DEFAULT_MAX_PIXELS),
           "max_request_rows": ("FINETUNE_MAX_REQUEST_ROWS", DEFAULT_MAX_ROWS),
           "max_request_bytes": ("FINETUNE_MAX_REQUEST_BYTES", DEFAULT_MAX_BYTES)}
 
@@ -147,6 +149,10 @@ class ImageClassifierModel(PythonModel):
         self.plan = config.get("plan")
         self.path_root = config.get("path_root") or os.environ.get("FINETUNE_PATH_ROOT") or None
         self.max_pixels, self.max_rows, self.max_bytes = (_setting(config, key, *LIMITS[key]) for key in LIMITS)
+        # What a request may send: the model's limit, at most SERVING_MAX_PIXELS unless the server's environment
+        # sets FINETUNE_MAX_IMAGE_PIXELS (batch prediction and evaluation read `max_pixels`, training's limit).
+        self.request_max_pixels = (self.max_pixels if os.environ.get("FINETUNE_MAX_IMAGE_PIXELS")
+                                   else min(self.max_pixels, SERVING_MAX_PIXELS))
 
     @property
     def class_names(self) -> list[str]:
@@ -225,7 +231,7 @@ class ImageClassifierModel(PythonModel):
         at once, whatever the number of images.
         """
         crops = CropViews(self.spec.data_config, tta)
-        ds = ViewsDataset(sources, crops, self.spec.data_config, self.max_pixels)
+        ds = ViewsDataset(sources, crops, self.spec.data_config, self.request_max_pixels)
         step = max(1, self.batch_size // crops.views)
         probs, ood = [torch.empty(0, len(self.class_names))], [torch.empty(0)]
         with torch.no_grad(), self.runtime.autocast():

@@ -25,8 +25,9 @@ from packaging.version import Version
 
 from finetune import tracking
 from finetune.errors import UserError
+from finetune.data.images import DEFAULT_MAX_PIXELS
 from finetune.tracking.pyfunc import (DEFAULT_BATCH_SIZE, DEFAULT_MAX_BYTES, DEFAULT_MAX_ROWS, DEFAULT_TOP_K, MODEL_CODE,
-                                      MODEL_DIR_ARTIFACT, SERVING_MAX_PIXELS, example_image_bytes, format_predictions)
+                                      MODEL_DIR_ARTIFACT, example_image_bytes, format_predictions)
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,9 @@ def log_pyfunc(run_id: str, model_dir: str | Path, class_names: list[str], defau
     tracking.client()
     # MLflow lets load-time model_config override only keys logged here, so every setting is present; the
     # request limits are logged with their values, so the MLmodel states them.
-    pixels = min(int(max_image_pixels or SERVING_MAX_PIXELS), SERVING_MAX_PIXELS)
+    # The training run's pixel limit: batch prediction, evaluation and export read the images training could;
+    # a REST request is held to at most SERVING_MAX_PIXELS on top (pyfunc `request_max_pixels`).
+    pixels = int(max_image_pixels or DEFAULT_MAX_PIXELS)
     config = {"default_tta": default_tta, "plan": plan or {}, "path_root": "", "max_image_pixels": pixels,
               "max_request_rows": DEFAULT_MAX_ROWS, "max_request_bytes": DEFAULT_MAX_BYTES,
               "batch_size": DEFAULT_BATCH_SIZE, "ood_threshold": "", "reject_unknown": False, "runtime": "auto"}

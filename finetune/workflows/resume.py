@@ -36,6 +36,7 @@ class ResumePoint:
     config: dict[str, Any]
     finished: bool = False
     files_sha256: str | None = None  # the digest of the run's file list, from its checkpoint
+    data_dir: str | None = None  # the data folder, absolute, as the run started (its DATA_TAG)
 
 
 def locate(resume: str, experiment: str) -> ResumePoint:
@@ -69,7 +70,8 @@ def locate(resume: str, experiment: str) -> ResumePoint:
     if not resume_candidates(output):  # killed before its first epoch ended: the same run starts over
         log.warning("Run %s has no checkpoint yet (it stopped in its first epoch): training it from the start.",
                     run_id)
-        return ResumePoint(run_id, Path(output), None, 0, json.loads(config_file.read_text()))
+        return ResumePoint(run_id, Path(output), None, 0, json.loads(config_file.read_text()),
+                           data_dir=run.data.tags.get(DATA_TAG))
     ckpt, checkpoint = _newest_readable(run_id, output)
     identity = identity_of(checkpoint)
     if identity.get("run_id", run_id) != run_id:
@@ -77,7 +79,7 @@ def locate(resume: str, experiment: str) -> ResumePoint:
                         "folder was reused. Resume that run instead, or start a new one.")
     return ResumePoint(run_id, Path(output), ckpt, int(checkpoint.get("epoch", -1)) + 1,
                        json.loads(config_file.read_text()), finished=run.info.status == "FINISHED",
-                       files_sha256=identity.get("files_sha256"))
+                       files_sha256=identity.get("files_sha256"), data_dir=run.data.tags.get(DATA_TAG))
 
 
 def _newest_readable(run_id: str, output: str) -> tuple[Path, dict[str, Any]]:
@@ -96,9 +98,13 @@ def _newest_readable(run_id: str, output: str) -> tuple[Path, dict[str, Any]]:
 def resume_config(point: ResumePoint, data_dir: str, cli_values: dict[str, Any]) -> TrainConfig:
     """The saved configuration of the run, with the few options that may change on resume."""
     saved = {k: v for k, v in point.config.items() if k in config_keys()}  # runs saved by older versions
-    if Path(data_dir).resolve() != Path(saved["data_dir"]).resolve():
-        raise UserError(f"Run {point.run_id} trained on {saved['data_dir']}, not {data_dir}; resume it with the "
-                        "same data folder.")
+    # The folder as the run resolved it when it started (its MLflow tag), not its path relative to wherever the
+    # resume runs; the resumed run reads the folder as given now.
+    trained_on = Path(point.data_dir or saved["data_dir"]).resolve()
+    if Path(data_dir).resolve() != trained_on:
+        raise UserError(f"Run {point.run_id} trained on {trained_on}, not {Path(data_dir).resolve()}; resume it with "
+                        "the same data folder.")
+    saved["data_dir"] = data_dir
     given = {k: v for k, v in cli_values.items() if v is not None}
     changed = sorted(k for k, v in given.items()
                      if k not in RESUMABLE_OVERRIDES and saved.get(k) != v)

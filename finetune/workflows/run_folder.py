@@ -29,11 +29,11 @@ _held: dict[Path, int] = {}  # folder -> the lock file's descriptor, held by thi
 
 def file_list(splits: FolderSplits) -> list[str]:
     """Every image the run reads, as `split<TAB>class<TAB>path relative to the data folder`, sorted."""
-    root = Path(splits.root)
+    root = os.path.abspath(splits.root)  # relative to the data folder, wherever the command runs from
     rows = []
     for split, samples in (("train", splits.train), ("val", splits.val), ("test", splits.test)):
         for s in samples:
-            rel = os.path.relpath(s.path, root) if os.path.isabs(s.path) else s.path
+            rel = os.path.relpath(os.path.abspath(s.path), root)
             rows.append(f"{split}\t{splits.classes[s.label]}\t{rel}")
     return sorted(rows)
 
@@ -110,6 +110,18 @@ def _check_contents(folder: Path, run_id: str | None, resuming: bool) -> None:
                         f"To continue, {hint} a new --output (or leave it out for a fresh folder).")
 
 
+def check_free(folder: str | Path) -> None:
+    """The refusals of `claim`, early and without taking the lock: a run checks its `--output` before hours of
+    measuring, and claims it (locked, checked again) when the run starts."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    if is_held_elsewhere(folder):
+        raise UserError(f"{folder} is in use: another run is training there now{_holder(folder)}. Wait for it to "
+                        "end, or pass another --output.")
+    _check_contents(folder, None, resuming=False)
+
+
 def record(folder: str | Path, run_id: str) -> None:
     write_json(Path(folder) / RUN_FILE, {"run_id": run_id})
 
@@ -119,11 +131,16 @@ def is_held_elsewhere(folder: str | Path) -> bool:
     folder = Path(folder)
     if folder.resolve() in _held or not (folder / LOCK_FILE).exists():
         return False
-    fd = _lock(folder)
-    if fd is None:
+    # A shared probe: two processes asking at once (the ranks of a resumed DDP run) do not block each other, and
+    # the holder's pid in the file stays.
+    fd = os.open(folder / LOCK_FILE, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
         return True
-    os.close(fd)
-    return False
+    finally:
+        os.close(fd)
 
 
 def release(folder: str | Path | None = None) -> None:

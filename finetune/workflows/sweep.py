@@ -130,10 +130,10 @@ def sweep(cfg: TrainConfig, trials: int, lr_range: tuple[float, float] = DEFAULT
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=cfg.seed))
     try:
         study.optimize(objective, n_trials=trials)
-    except BaseException:
-        tracking.client().set_terminated(parent_id, "FAILED")
+        return _finish(cfg, study, parent_id, output)
+    except BaseException as e:  # the parent run never stays RUNNING (an interruption ends it KILLED)
+        tracking.end_run_if_running(parent_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
-    return _finish(cfg, study, parent_id, output)
 
 
 def _finish(cfg: TrainConfig, study: optuna.Study, parent_id: str, output: Path) -> dict[str, Any]:

@@ -10,6 +10,7 @@ groups) and suggests train's --lr.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -62,8 +63,13 @@ def _setup(cfg: TrainConfig, splits: FolderSplits, augment: str, regularize: boo
     return backbone, datamodule, module
 
 
+def one_device(cfg: TrainConfig) -> TrainConfig:
+    """These checks run in one process on one device (their commands take no DDP options): what reads the
+    config further down (the pilot's fits) must not start DDP on a machine with several GPUs either."""
+    return dataclasses.replace(cfg, devices="1", strategy="auto", num_nodes=1)
+
+
 def _runtime(cfg: TrainConfig) -> runtime.Runtime:
-    """One process on one device: these checks never run under DDP (their commands take no DDP options)."""
     return runtime.configure(cfg.accelerator, 1, "auto", cfg.precision, cfg.num_workers)
 
 
@@ -95,6 +101,7 @@ def sanity(cfg: TrainConfig, samples: int = 20, epochs: int | None = None) -> di
     """
     if samples < 2:
         raise UserError(f"--samples must be at least 2 (got {samples}).")
+    cfg = one_device(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     splits = scan_folder(cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_image_pixels,
                          exclude=read_exclude_list(cfg.exclude))
@@ -137,6 +144,7 @@ def lr_find(cfg: TrainConfig, min_lr: float = 1e-6, max_lr: float = 1.0, num_tra
     if num_training < 10:
         raise UserError(f"--num-training must be at least 10 (got {num_training}): the curve needs points to read.")
     check_forced_scenario(cfg)
+    cfg = one_device(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     started = time.time()
     rt = _runtime(cfg)

@@ -108,6 +108,8 @@ def _train(cfg: TrainConfig, tags: dict[str, str] | None, resume_from: ResumePoi
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     started = time.time()
     rt = _start_process(cfg)
+    if cfg.output and resume_from is None and distributed.is_global_zero():
+        run_folder.check_free(cfg.output)  # before the measurement: claimed when the run starts
     splits, decision, backbone, recipe = prepare_run(cfg, rt, plan_override)
     if resume_from is not None:
         run_folder.check_files(resume_from.output, resume_from.files_sha256, splits, resume_from.run_id)
