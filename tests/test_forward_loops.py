@@ -112,7 +112,7 @@ def test_pyfunc_model_forwards_a_large_request_in_bounded_chunks(tmp_path: Path)
     data = make_folder(tmp_path / "data", per_class=6)
     files = sorted(str(p) for p in data.rglob("*.png"))
     model = ImageClassifierModel()
-    model.runtime, model.batch_size, model.max_pixels = runtime.cpu(), 4, None
+    model.runtime, model.batch_size, model.max_pixels, model.request_max_pixels = runtime.cpu(), 4, None, None
     model.net, model.runner, model.scoring = _CountingNet(), None, Scoring()
     model.spec = ModelSpec(architecture="x", num_classes=2, class_names=["a", "b"], data_config=DATA_CONFIG)
     probs, _ = model.predict_scores(files, "5crop")
