@@ -51,6 +51,7 @@ from finetune import runtime
 from finetune.data.folders import iter_image_files
 from finetune.data.images import IMAGE_EXTENSIONS
 from finetune.errors import UserError
+from finetune.files import fsync_dir, replacing
 from finetune.data.crops import TTA_VIEWS, CropViews, ViewsDataset, collate_views
 from finetune.evaluation.tta import score_views
 from finetune.model.scoring import UNKNOWN_LABEL, Scoring
@@ -215,15 +216,6 @@ def load_done(output: Path, cols: list[str]):
     return stacked.loc[sorted(newest), cols].reset_index(drop=True), read
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Makes a rename or a new name in `folder` durable."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # Descriptors of partial files this process holds locked. A process forked while one is open (a DataLoader
 # worker) would share the lock and keep it after this process died, making a dead run's file look live.
 _LOCKED_FDS: set[int] = set()
@@ -262,7 +254,7 @@ def create_locked(path: Path, header: list[str]):
         raise
     finally:
         os.unlink(new)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return f
 
 
@@ -393,25 +385,17 @@ def finalize(output: Path, done, cols: list[str], new_parts: list[Path], read_pa
     Only then are partial files deleted: `new_parts` (this run's) and `read_parts` (earlier runs' whose
     rows are in `done`), each unless a live process holds it. Other partial files are left as they are.
     """
-    tmp = output.parent / f".{output.name}.{secrets.token_hex(4)}.tmp"
-    try:
-        with open(tmp, "x", newline="", encoding="utf-8", errors="surrogateescape") as f:
-            if output_format(output) == "csv":
+    with replacing(output) as tmp:
+        if output_format(output) == "parquet":
+            _write_parquet(tmp, done, cols, new_parts)
+        else:
+            with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
                 done.to_csv(f, index=False, columns=cols)
                 for part in new_parts:
                     with open(part, encoding="utf-8", errors="surrogateescape") as src:
                         next(src, None)  # header
                         for line in src:
                             f.write(line)
-        if output_format(output) == "parquet":
-            _write_parquet(tmp, done, cols, new_parts)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, output)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-    _fsync_dir(output.parent)
     for path in [*new_parts, *read_parts]:
         with claimed(path) as ours:
             if ours:
