@@ -23,7 +23,6 @@ import logging
 import os
 import pickle
 import random
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from finetune.config import TrainConfig
 from finetune.errors import UserError
-from finetune.files import atomic_write
+from finetune.files import atomic_write, copy_file
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +96,8 @@ def _keep_previous(path: Path) -> None:
     try:
         os.link(path, link)
     except OSError:  # no hard links on this filesystem: a copy, written atomically too
-        with atomic_write(link, "wb") as f, open(path, "rb") as src:
-            shutil.copyfileobj(src, f)
+        copy_file(path, previous)
+        return
     os.replace(link, previous)
 
 

@@ -79,9 +79,7 @@ def claim(folder: str | Path, run_id: str | None = None, resuming: bool = False)
     folder.mkdir(parents=True, exist_ok=True)
     fd = _lock(folder)
     if fd is None:
-        what = f"run {run_id}" if resuming else "another run"
-        raise UserError(f"{folder} is in use: {what} is training there now{_holder(folder)}. Wait for it to end, "
-                        f"or {'stop that process first' if resuming else 'pass another --output'}.")
+        raise _in_use(folder, run_id if resuming else None)
     try:
         _check_contents(folder, run_id, resuming)
     except BaseException:
@@ -91,6 +89,12 @@ def claim(folder: str | Path, run_id: str | None = None, resuming: bool = False)
     if run_id is not None and not resuming:
         record(folder, run_id)
     return folder.resolve()
+
+
+def _in_use(folder: Path, resumed_run: str | None = None) -> UserError:
+    what = f"run {resumed_run}" if resumed_run else "another run"
+    return UserError(f"{folder} is in use: {what} is training there now{_holder(folder)}. Wait for it to end, "
+                     f"or {'stop that process first' if resumed_run else 'pass another --output'}.")
 
 
 def _check_contents(folder: Path, run_id: str | None, resuming: bool) -> None:
@@ -117,8 +121,7 @@ def check_free(folder: str | Path) -> None:
     if not folder.is_dir():
         return
     if is_held_elsewhere(folder):
-        raise UserError(f"{folder} is in use: another run is training there now{_holder(folder)}. Wait for it to "
-                        "end, or pass another --output.")
+        raise _in_use(folder)
     _check_contents(folder, None, resuming=False)
 
 
