@@ -210,8 +210,7 @@ def plan_row(name: str, plan_name: str, cfg, measured, splits, rt, thresholds, d
     plan, decision, recipe, net_backbone = plan_network(plan_name, cfg, measured, splits, thresholds, defaults)
     split = "test" if splits.test else "val"
     with tempfile.TemporaryDirectory(prefix=f"bench-{name}-{plan_name}-") as tmp:
-        ctx = RunContext(run_id="bench", output=Path(tmp), logger=QuietLogger("bench"),
-                         set_status=lambda status: None)
+        ctx = RunContext(run_id="bench", output=Path(tmp), logger=QuietLogger("bench"))
         fit = run_plan(cfg, decision, recipe, net_backbone, splits, ctx, rt)
         tta = trust.choose_after_training(cfg.tta, fit.heldout, net_backbone.data_config,
                                           batch_size=cfg.batch_size, max_pixels=cfg.max_image_pixels, rt=rt)

@@ -319,13 +319,8 @@ def resilient_logger(experiment: str, run_id: str | None, pending: PendingLog):
 
         @_rank_zero_only
         def finalize(self, status: str = "success") -> None:
-            # The run is not over when a fit is: evaluation and the model follow, and `finish_run` ends it FINISHED
-            # (or the workflow FAILED). Only a failed fit ends it here.
-            if pending.active or status != "failed":
-                return
-            try:
-                super().finalize(status)
-            except Exception as e:
-                pending.failed("finalize", e)
+            # The run is not over when a fit is: evaluation and the model follow. The workflow that started the run
+            # ends it: `finish_run` FINISHED, or KILLED / FAILED when an interruption or an error stops it.
+            return
 
     return ResilientMLFlowLogger(experiment_name=experiment, tracking_uri=tracking_uri(), run_id=run_id)

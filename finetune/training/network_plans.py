@@ -22,7 +22,6 @@ from finetune.config import TrainConfig
 from finetune.data.folders import FolderSplits, Sample
 from finetune.data.loaders import EpochShuffle, FolderDataModule, balanced_sampler_factory
 from finetune.data.transforms import eval_transform, make_mixup, resize_size, train_transform
-from finetune.errors import UserError
 from finetune.model.backbone import Backbone
 from finetune.model.heads import load_linear
 from finetune.strategy.decide import Plan
@@ -184,24 +183,16 @@ def _trainer(cfg: TrainConfig, recipe: Recipe, plan: Plan, ctx: RunContext, rt: 
 @timing.timed("lightning fit")
 def _fit(trainer: pl.Trainer, module: Classifier, datamodule: FolderDataModule, ctx: RunContext,
          cfg: TrainConfig) -> None:
-    """`trainer.fit`, with the run marked FAILED on divergence and KILLED (checkpoint saved) on a signal."""
+    """`trainer.fit`; a signal (checkpoint saved) becomes `Interrupted`, whose message says how to resume. The
+    workflow that started the MLflow run ends it (KILLED, or FAILED on divergence and any other error)."""
     on_interrupt = next(cb for cb in trainer.callbacks if isinstance(cb, checkpoints.SaveOnInterrupt))
     try:
         # weights_only: a checkpoint holding pickled code is refused, not run.
         trainer.fit(module, datamodule=datamodule, weights_only=True,
                     ckpt_path=str(ctx.resume_checkpoint) if ctx.resume_checkpoint else None)
-    except UserError:  # divergence: the run is marked failed, the message says which checkpoint is good
-        if distributed.is_global_zero():
-            ctx.set_status("FAILED")
-        raise
     except (SIGTERMException, SystemExit):
         if on_interrupt.interrupted is None:
             raise
-        if distributed.is_global_zero():
-            try:
-                ctx.set_status("KILLED")
-            except Exception:  # the hint below matters more than the status
-                pass
         raise checkpoints.Interrupted(
             f"Training interrupted in epoch {trainer.current_epoch + 1}; checkpoint saved to {on_interrupt.path}. "
             f"Continue with: {checkpoints.resume_hint(cfg, ctx.run_id)}") from None

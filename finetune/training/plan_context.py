@@ -60,7 +60,6 @@ class RunContext:
     run_id: str
     output: Path
     logger: Any  # the Lightning logger (MLflow on rank 0)
-    set_status: Callable[[str], None]  # marks the MLflow run FAILED / KILLED
     resume_checkpoint: Path | None = None
     identity: dict[str, Any] | None = None  # written into every checkpoint (`checkpoints.RunIdentity`)
     progress: bool = True  # Lightning's progress bar (on stdout); the pilot's candidates run without it

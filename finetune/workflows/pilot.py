@@ -132,7 +132,7 @@ def _run_candidate(cfg: TrainConfig, decision: Decision, scenario: str, backbone
     # Nothing of a candidate is tracked (a logger that keeps nothing: the LR monitor needs one).
     # The budget is cut from the training split, whose features the measurement cached: read, not extracted.
     ctx = RunContext(run_id=f"pilot-{scenario}", output=workdir / scenario, logger=QuietLogger(f"pilot-{scenario}"),
-                     set_status=lambda s: None, progress=False, features_within=within)
+                     progress=False, features_within=within)
     fit = run_plan(cfg, candidate, recipe, net, splits, ctx, rt)
     probs = predict_sources(fit.net, [s.path for s in splits.val], net.data_config, "center", cfg.batch_size,
                             cfg.max_image_pixels, rt)[0].numpy()

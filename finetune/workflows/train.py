@@ -122,8 +122,7 @@ def _train(cfg: TrainConfig, tags: dict[str, str] | None, resume_from: ResumePoi
     # Only rank 0 opens an MLflow client (opening one creates a new store's tables).
     logger = (tracking.resilient_logger(cfg.experiment, run_id, pending) if distributed.is_global_zero()
               else distributed.QuietLogger(run_id))
-    ctx = RunContext(run_id, output, logger, lambda status: tracking.client().set_terminated(run_id, status),
-                     resume_from.checkpoint if resume_from and resume_from.checkpoint else None,
+    ctx = RunContext(run_id, output, logger, resume_from.checkpoint if resume_from else None,
                      identity=run_folder.run_identity(splits, output, run_id))
     fit = run_plan(cfg, decision, recipe, backbone, splits, ctx, rt)
     if fit is None:
