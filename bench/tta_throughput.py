@@ -60,10 +60,10 @@ def main(argv: list[str] | None = None) -> None:
     bare_forward_seconds(net, batches[:2])  # warm-up: allocator, kernels
     bare = [bare_forward_seconds(net, batches)]
     with tempfile.TemporaryDirectory() as tmp:
-        predict_to_file(args.model_uri, paths[:args.batch_size], Path(tmp) / "warmup.csv", args.tta,
+        predict_to_file(args.model_uri, paths[:args.batch_size], Path(tmp) / "warmup.csv", tta=args.tta,
                         batch_size=args.batch_size, num_workers=args.num_workers, progress=False)
         start = time.perf_counter()
-        result = predict_to_file(args.model_uri, paths, Path(tmp) / "preds.csv", args.tta, batch_size=args.batch_size,
+        result = predict_to_file(args.model_uri, paths, Path(tmp) / "preds.csv", tta=args.tta, batch_size=args.batch_size,
                                  num_workers=args.num_workers, progress=False)
         pipeline = time.perf_counter() - start
     bare.append(bare_forward_seconds(net, batches))

@@ -1,4 +1,5 @@
-"""The options of batch prediction, declared once for `finetune predict` and `python -m serve.batch_predict`.
+"""The options of batch prediction, declared once (`PredictOptions`) for `finetune predict` and
+`python -m serve.batch_predict`: the click options of both commands are generated from its fields.
 
 Light on purpose (click and finetune.config only): the CLI imports it to build its commands, and building
 `finetune --help` must not import torch.
@@ -6,6 +7,9 @@ Light on purpose (click and finetune.config only): the CLI imports it to build i
 
 from __future__ import annotations
 
+import dataclasses
+import os
+from dataclasses import dataclass, field
 from typing import Any
 
 import click
@@ -15,52 +19,80 @@ from finetune.config import FIXED_TTA_MODES
 RUNTIMES = ("auto", "torch", "onnx", "onnx-int8")
 
 
+def _opt(help: str, flag: str | None = None, short: str | None = None, type: Any = None, show: bool = False,
+         **click_kwargs: Any) -> dict[str, Any]:
+    """A field's command-line declaration: its help, the flag when it is not the field's name, a click type."""
+    return {"help": help, "flag": flag, "short": short, "type": type, "show": show, "click": click_kwargs}
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """How batch prediction runs: every option but the model and the inputs."""
+
+    output: str = field(default="", metadata=_opt(
+        "Output file: .csv or .parquet (written when every image is done).", short="-o",
+        type=click.Path(dir_okay=False), required=True))
+    tta: str | None = field(default=None, metadata=_opt(
+        "Test-time crops (default: the model's).", type=click.Choice(FIXED_TTA_MODES)))
+    top_k: int = field(default=3, metadata=_opt(
+        "How many top classes to write per image.", type=click.IntRange(min=1), show=True))
+    batch_size: int = field(default=32, metadata=_opt(
+        "Images per batch.", type=click.IntRange(min=1), show=True))
+    num_workers: int | None = field(default=None, metadata=_opt(
+        "Data loader workers (default: from the cores).", type=click.IntRange(min=0)))
+    resume: bool = field(default=False, metadata=_opt(
+        "Keep rows already in the output (or left by an interrupted run) and predict only the other images.",
+        is_flag=True))
+    max_pixels: int | None = field(default=None, metadata=_opt(
+        "Refuse images with more pixels than this (default: the model's training limit).",
+        flag="--max-image-pixels", type=click.IntRange(min=1)))
+    accelerator: str = field(default="auto", metadata=_opt("auto, cpu or gpu.", show=True))
+    devices: str | int = field(default="1", metadata=_opt(
+        "Devices (processes with --strategy ddp).", show=True))
+    strategy: str = field(default="auto", metadata=_opt(
+        "ddp (with --devices N) shards the inputs over N processes (Lightning).", show=True))
+    explain: str | None = field(default=None, metadata=_opt(
+        "Also write each predicted image's Grad-CAM overlay (<stem>_cam.png) into this folder.",
+        type=click.Path(file_okay=False)))
+    reject_unknown: bool = field(default=False, metadata=_opt(
+        "Write 'unknown' as the label of images the model flags unknown (default: keep the label).", is_flag=True))
+    runtime_name: str | None = field(default=None, metadata=_opt(
+        "torch, or ONNX Runtime (the ONNX version `finetune export --register` registers); default auto: ONNX "
+        "Runtime when the model carries an ONNX graph.", flag="--runtime", type=click.Choice(RUNTIMES)))
+    ood_threshold: float | None = field(default=None, metadata=_opt(
+        "Unknown-score threshold (default: the model's, which keeps 95% of held-out training images).", type=float))
+    progress: bool = True  # a progress bar (not an option: tests and library callers turn it off)
+
+    def __post_init__(self) -> None:
+        devices = self.devices
+        if isinstance(devices, str) and devices.isdigit():
+            object.__setattr__(self, "devices", int(devices))
+
+
+def _click_option(f: dataclasses.Field) -> Any:
+    meta = f.metadata
+    flag = meta["flag"] or "--" + f.name.replace("_", "-")
+    names = [flag, *([meta["short"]] if meta["short"] else []), f.name]
+    kwargs = dict(meta["click"])
+    if meta["type"] is not None:
+        kwargs["type"] = meta["type"]
+    if not kwargs.get("required") and not kwargs.get("is_flag") and f.default is not None:
+        kwargs["default"] = f.default
+    return click.option(*names, help=meta["help"], show_default=meta["show"], **kwargs)
+
+
 def prediction_options(f):
-    """Every option of batch prediction but the model and the inputs, which the two commands take differently."""
-    options = [
-        click.option("--output", "-o", required=True, type=click.Path(dir_okay=False),
-                     help="Output file: .csv or .parquet (written when every image is done)."),
-        click.option("--tta", type=click.Choice(FIXED_TTA_MODES), help="Test-time crops (default: the model's)."),
-        click.option("--top-k", default=3, show_default=True, type=click.IntRange(min=1),
-                     help="How many top classes to write per image."),
-        click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
-                     help="Images per batch."),
-        click.option("--num-workers", type=click.IntRange(min=0), help="Data loader workers (default: from the cores)."),
-        click.option("--resume", is_flag=True, help="Keep rows already in the output (or left by an interrupted "
-                     "run) and predict only the other images."),
-        click.option("--max-image-pixels", type=click.IntRange(min=1), help="Refuse images with more pixels than this."),
-        click.option("--accelerator", default="auto", show_default=True, help="auto, cpu or gpu."),
-        click.option("--devices", default="1", show_default=True, help="Devices (processes with --strategy ddp)."),
-        click.option("--strategy", default="auto", show_default=True,
-                     help="ddp (with --devices N) shards the inputs over N processes (Lightning)."),
-        click.option("--explain", type=click.Path(file_okay=False),
-                     help="Also write each predicted image's Grad-CAM overlay (<stem>_cam.png) into this folder."),
-        click.option("--reject-unknown", is_flag=True,
-                     help="Write 'unknown' as the label of images the model flags unknown (default: keep the label)."),
-        click.option("--runtime", "runtime_name", type=click.Choice(RUNTIMES),
-                     help="torch, or ONNX Runtime (the ONNX version `finetune export --register` registers); default "
-                          "auto: ONNX Runtime when the model carries an ONNX graph."),
-        click.option("--ood-threshold", type=float, help="Unknown-score threshold (default: the model's, which "
-                     "keeps 95% of held-out training images)."),
-    ]
-    for option in reversed(options):
+    """Every field of `PredictOptions` that is a command-line option, as click options in declaration order."""
+    for option in reversed([_click_option(o) for o in dataclasses.fields(PredictOptions) if o.metadata]):
         f = option(f)
     return f
 
 
 def run_prediction(model_uri: str, inputs: Any, options: dict[str, Any]) -> None:
     """Predict with the parsed `prediction_options` and print the counts (on the first process only)."""
-    import os
+    from serve.batch_predict import predict
 
-    from serve.batch_predict import predict_to_file
-
-    devices = options["devices"]
-    result = predict_to_file(model_uri, inputs, options["output"], options["tta"], options["top_k"],
-                             options["batch_size"], options["num_workers"], options["resume"],
-                             options["accelerator"], int(devices) if devices.isdigit() else devices,
-                             options["strategy"], options["max_image_pixels"], explain=options["explain"],
-                             ood_threshold=options["ood_threshold"], reject_unknown=options["reject_unknown"],
-                             runtime_name=options["runtime_name"])
+    result = predict(model_uri, inputs, PredictOptions(**options))
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
         click.echo(f"{result['predicted']} predicted, {result['already_done']} kept from before, "
                    f"{result['total']} rows in {result['output']}")

@@ -19,8 +19,10 @@ from PIL import Image
 
 import finetune.data.crops
 import serve.batch_predict as batch_predict
+import serve.rows as rows_module
 from finetune.errors import UserError
-from serve.batch_predict import RowWriter, list_inputs, main, predict_to_file, row_path
+from serve.batch_predict import list_inputs, main, predict_to_file
+from serve.rows import RowWriter, row_path
 from tests import badfiles
 from tests.conftest import make_folder, run_bounded
 from tests.model_helpers import logged_model
@@ -353,10 +355,10 @@ def test_a_forked_child_does_not_keep_a_partial_file_locked(tmp_path):
         os._exit(0)
     try:
         assert os.read(ready_r, 1) == b"1"
-        with batch_predict.claimed(rows.path) as ours:
+        with rows_module.claimed(rows.path) as ours:
             assert not ours  # the parent holds it
         rows.close()
-        with batch_predict.claimed(rows.path) as ours:
+        with rows_module.claimed(rows.path) as ours:
             assert ours  # the child, still alive, does not
     finally:
         os.kill(pid, signal.SIGKILL)
@@ -385,10 +387,10 @@ def test_sharded_ranks_write_under_rank_zeros_token_and_refuse_to_disagree(tmp_p
 
     out, todo = tmp_path / "preds.csv", ["a.png", "b.png"]
     writer = batch_predict.CsvRowWriter(RowWriter(out, todo, ["cat", "dog"], 1))
-    trainer = SimpleNamespace(global_rank=1, strategy=FakeStrategy(("rank0token", batch_predict._digest(todo))))
+    trainer = SimpleNamespace(global_rank=1, strategy=FakeStrategy(("rank0token", rows_module.digest(todo))))
     writer.setup(trainer, None)
     writer.teardown(trainer, None)
-    assert partials(out) == [batch_predict.partial_path(out, "rank0token", 1)]
+    assert partials(out) == [rows_module.partial_path(out, "rank0token", 1)]
 
     other = batch_predict.CsvRowWriter(RowWriter(out, todo[:1], ["cat", "dog"], 1))
     with pytest.raises(UserError, match="different images left to predict"):

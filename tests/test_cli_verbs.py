@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import importlib.metadata
 import json
 import os
@@ -16,6 +18,7 @@ import serve.rest
 from finetune.cli import cli
 from finetune.tracking import registry
 from serve.batch_predict import main as batch_main
+from serve.options import PredictOptions
 from tests.conftest import make_folder, tiny_train_args
 from tests.model_helpers import logged_model
 
@@ -46,9 +49,13 @@ def test_predict_takes_exactly_the_options_of_batch_predict():
 
     ours, theirs = _option_names(predict), _option_names(batch_main)
     assert ours == theirs
-    assert {"tta", "top_k", "batch_size", "num_workers", "resume", "max_image_pixels", "accelerator", "devices",
+    # Both are generated from PredictOptions: each of its option fields is one click option, and nothing else.
+    assert set(ours) == {f.name for f in dataclasses.fields(PredictOptions) if f.metadata}
+    assert {"tta", "top_k", "batch_size", "num_workers", "resume", "max_pixels", "accelerator", "devices",
             "strategy", "explain", "reject_unknown", "runtime_name", "ood_threshold", "output"} <= set(ours)
     assert ours["output"][0] == ("--output", "-o")
+    assert ours["max_pixels"][0] == ("--max-image-pixels",) and ours["runtime_name"][0] == ("--runtime",)
+    assert ours["top_k"][1] == PredictOptions.top_k
 
 
 def test_predict_reads_folders_lists_and_image_files_into_one_output(tmp_path: Path):

@@ -58,7 +58,7 @@ def test_batch_prediction_keeps_the_training_pixel_limit_and_rest_requests_are_c
 
 
 def test_a_partial_row_whose_path_holds_a_line_break_reads_back_whole(tmp_path: Path):
-    from serve import batch_predict
+    from serve import rows as batch_rows
 
     path = tmp_path / ".out.csv.partial.x.rank0.csv"
     rows = [["path", "label"], ["a\u2028b.png", "cat"], ["c\nd.png", "dog"]]
@@ -66,7 +66,7 @@ def test_a_partial_row_whose_path_holds_a_line_break_reads_back_whole(tmp_path: 
 
     with open(path, "w", newline="", encoding="utf-8") as f:
         csv.writer(f).writerows(rows)
-    assert batch_predict._read_partial(str(path)) == rows
+    assert batch_rows._read_partial(str(path)) == rows
 
 
 def test_a_used_output_is_refused_before_the_measurement(image_folder: Path, tmp_path: Path):
