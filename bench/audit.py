@@ -35,7 +35,7 @@ from finetune.data.folders import Sample, scan_folder
 from finetune.data.images import display_path, load_rgb
 from finetune.model.backbone import create_backbone
 from finetune.strategy.audit import AuditTable, find_duplicates, find_label_issues, run_audit
-from finetune.strategy.features import FINAL, cached_features
+from finetune.model.features import FINAL, cached_features
 from finetune.strategy.measure import process_runtime
 from finetune.workflows.audit import audit_table
 

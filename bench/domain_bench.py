@@ -201,7 +201,7 @@ def plan_row(name: str, plan_name: str, cfg, measured, splits, rt, thresholds, d
     """Train one plan with the executor and report it as `train` does (test when there is one, else val)."""
     from finetune.evaluation import evaluate, trust
     from finetune.model.artifact import ModelSpec
-    from finetune.strategy.decide import stage_index
+    from finetune.model.stages import stage_index
     from finetune.training.distributed import QuietLogger
     from finetune.training.plan_context import RunContext
     from finetune.training.run_plan import run_plan

@@ -20,7 +20,7 @@ Rows (median of `--repeats`, interleaved so a change of load hits every row alik
   batch prediction runs in (training's, from finetune.runtime: bf16-mixed on a GPU with native bf16).
   10crop counts crops and is compared with a bare forward at 10x the batch (the crops of one batch go
   through the network together).
-* feature extraction: finetune.strategy.features.cached_features, cold cache (every stage pooled, source
+* feature extraction: finetune.model.features.cached_features, cold cache (every stage pooled, source
   logits, BatchNorm statistics, written to memory-mapped files), whole call including the loader's
   start, vs the bare forward at `--batch-size` in the same precision.
 
@@ -101,7 +101,7 @@ def finetune_predict(args, net, data_config, paths, classes, mode, device, out: 
 
 
 def finetune_features(args, backbone, samples, device, out: Path) -> float:
-    from finetune.strategy.features import cached_features
+    from finetune.model.features import cached_features
 
     fs = cached_features(backbone, samples, batch_size=args.batch_size, cache_dir=tempfile.mkdtemp(dir=out),
                          rt=args.rt)

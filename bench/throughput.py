@@ -12,7 +12,7 @@ Per repeat, interleaved (so a load change on the machine hits every row alike), 
 * ``bare forward``: eval forward under no_grad on preloaded tensors;
 * ``finetune predict center`` / ``10crop``: `serve.batch_predict`'s loader and its single-process
   predict loop (decode, resize, crops, CSV writer), steady-state batches; 10crop counts crops;
-* ``finetune features``: `finetune.strategy.features.cached_features` (cold cache) when present: the
+* ``finetune features``: `finetune.model.features.cached_features` (cold cache) when present: the
   whole call, and its batches after the first (timed like the predict rows).
 
 The median over ``--repeats`` is reported with the ratios finetune/bare, and saved as CSV under
@@ -185,7 +185,7 @@ def finetune_features(args, backbone, splits, device, out: Path) -> tuple[float,
     """Images/s of a cold-cache `cached_features` call: the whole call, and after its first batch (the
     predict rows' clock: the loader's start and first batch untimed, as the bare row's decoding is)."""
     try:
-        from finetune.strategy import features
+        from finetune.model import features
     except ImportError:
         return None
     samples = splits.val[:args.predict_images]

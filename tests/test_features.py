@@ -16,7 +16,7 @@ from finetune.model.artifact import ModelSpec, load_model, save_model
 from finetune.data.transforms import eval_transform, resize_size
 from finetune.model.backbone import create_backbone
 from finetune.data.folders import scan_folder
-from finetune.strategy.features import FINAL, cached_features, feature_stages
+from finetune.model.features import FINAL, cached_features, feature_stages
 from finetune.model.heads import StageClassifier, load_linear
 from finetune.data.images import load_rgb
 from finetune.data.profile import profile_splits
@@ -166,7 +166,7 @@ def test_a_stage_head_network_leaves_the_backbone_whole(tmp_path: Path):
     cache (keyed by its weights) misses and re-extracts with a pruned model."""
     from types import SimpleNamespace
 
-    from finetune.strategy.features import weights_fingerprint
+    from finetune.model.features import weights_fingerprint
     from finetune.training.feature_plans import head_network
 
     bb = _backbone("test_efficientnet", num_classes=3)
@@ -238,7 +238,7 @@ def test_cached_batchnorm_statistics_match_a_float64_two_pass_reference(image_fo
 def test_channel_moments_give_the_float64_mean_and_variance_per_channel(shape):
     """[N, C], [N, C, L] and [N, C, H, W] inputs, reduced over all but the channels; the mean is large
     against the spread (mean 3, sd 0.1), where E[x^2] - E[x]^2 cancels."""
-    from finetune.strategy.features import channel_moments
+    from finetune.model.features import channel_moments
 
     torch.manual_seed(0)
     x = torch.randn(shape, dtype=torch.float64) * 0.1 + 3.0

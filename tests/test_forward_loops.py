@@ -17,7 +17,7 @@ from finetune.training.callbacks import initial_loss
 from finetune.data.loaders import FolderDataModule
 from finetune.data.folders import scan_folder
 from finetune.data.transforms import eval_transform, train_transform
-from finetune.strategy.features import FINAL, cached_features
+from finetune.model.features import FINAL, cached_features
 from finetune.training.linear_probe import fit_linear_head
 from finetune.training.optim import create_optimizer
 from finetune.config import TrainConfig

@@ -29,7 +29,7 @@ def test_a_k_fold_pilot_scores_every_candidate_on_all_of_train(image_folder: Pat
     decision = measure_and_decide(cfg, splits, backbone, rt)
     candidates = ["small-similar", "large-similar"]
     monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cold-cache"))  # the pilot finds nothing cached
-    with caplog.at_level(logging.INFO, logger="finetune.strategy.features"):
+    with caplog.at_level(logging.INFO, logger="finetune.model.features"):
         three = run_pilot(cfg, decision, candidates, ["test"], backbone, splits, rt, folds=3)
     # The folds' parts are read from the cache entry of the whole training split (which the run after the pilot
     # reads too): no part of it is extracted on its own, whichever network config a candidate builds.

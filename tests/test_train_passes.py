@@ -20,7 +20,7 @@ from finetune.cli import cli
 from finetune.config import TrainConfig
 from finetune.data.folders import scan_folder
 from finetune.model.backbone import create_backbone
-from finetune.strategy.features import cached_features, cached_subset
+from finetune.model.features import cached_features, cached_subset
 from finetune.strategy.measure import measure_and_decide
 from finetune.training import checkpoints
 from finetune.training.recipe import resolve_recipe

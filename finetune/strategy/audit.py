@@ -1,6 +1,6 @@
 """Audit the data before training: likely label errors, duplicates (and leakage across splits), outliers.
 
-Everything here reads the cached pretrained features (`finetune.strategy.features`), so an audit costs
+Everything here reads the cached pretrained features (`finetune.model.features`), so an audit costs
 no backbone pass once `plan` or `train` has run:
 
 * label issues: out-of-fold class probabilities of a cross-validated, strongly regularised logistic-regression

@@ -24,6 +24,7 @@ from typing import Any, Mapping
 
 from finetune.config import read_yaml_mapping
 from finetune.errors import UserError
+from finetune.model.stages import FINAL
 
 SCENARIO_NAMES = ("small-similar", "large-similar", "small-different", "large-different")
 # What each BatchNorm policy of a fine-tuning plan does (Plan.bn_policy; executed by freezing.apply_plan).
@@ -35,12 +36,6 @@ BN_POLICIES = {
 # strategy.yaml and <scenario>.yaml ship inside the package (finetune/configs/), read through importlib.resources
 # so that they are found wherever finetune is installed, not only in a source checkout.
 CONFIG_PACKAGE, CONFIG_FOLDER = "finetune", "configs"
-FINAL = "final"
-
-
-def stage_index(head_stage: str) -> int | None:
-    """The feature_info index of a plan's head stage ("stage3" -> 3); None for the final features."""
-    return None if head_stage == FINAL else int(head_stage.removeprefix("stage"))
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from finetune.model.backbone import Backbone, resolve_data_config
 from finetune.config import TrainConfig
 from finetune.data.folders import FolderSplits
 from finetune import runtime, timing
-from finetune.strategy.features import FeatureSet, cached_features
+from finetune.model.features import FeatureSet, cached_features
 from finetune.strategy.groups import GroupSetting, plan_groups
 from finetune.data.profile import DatasetProfile, profile_splits, stratified_subset
 from finetune.strategy.similarity import Similarity, measure

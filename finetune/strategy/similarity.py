@@ -38,7 +38,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from finetune.strategy.features import FINAL, FeatureSet
+from finetune.model.features import FINAL, FeatureSet
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,9 @@ from finetune.data.profile import stratified_indices, stratified_subset
 from finetune.model.backbone import Backbone
 from finetune.model.heads import StageClassifier, load_linear
 from finetune.model.outputs import Outputs
-from finetune.strategy.decide import Plan, stage_index
-from finetune.strategy.features import FeatureSet, cached_features, cached_subset
+from finetune.model.stages import stage_index
+from finetune.strategy.decide import Plan
+from finetune.model.features import FeatureSet, cached_features, cached_subset
 from finetune.strategy.measure import Decision, _feature_kwargs
 from finetune.training.linear_probe import HeadResult, fit_linear_head
 from finetune.training.optim import make_optimizer_factory

@@ -25,7 +25,7 @@ from finetune.data.transforms import eval_transform, make_mixup, resize_size, tr
 from finetune.model.backbone import Backbone
 from finetune.model.heads import load_linear
 from finetune.strategy.decide import Plan
-from finetune.strategy.features import FINAL, FeatureSet, cached_subset
+from finetune.model.features import FINAL, FeatureSet, cached_subset
 from finetune.strategy.measure import Decision, _feature_kwargs, preserved_rng
 from finetune.training import checkpoints, distributed
 from finetune.training.callbacks import (EMA, EpochScores, ValidationTime, check_initial_loss, initial_loss,

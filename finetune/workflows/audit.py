@@ -21,7 +21,7 @@ from finetune.evaluation.evaluate import pyplot
 from finetune.files import atomic_write, write_json
 from finetune.model.backbone import create_backbone
 from finetune.strategy.audit import AuditTable, run_audit
-from finetune.strategy.features import FINAL, cached_features
+from finetune.model.features import FINAL, cached_features
 from finetune import runtime, timing
 from finetune.strategy.measure import process_runtime
 

@@ -24,7 +24,8 @@ from finetune.evaluation import evaluate, trust
 from finetune.model.artifact import ModelSpec, load_scoring, save_model
 from finetune.model.scoring import Scoring
 from finetune.model.backbone import Backbone, create_backbone
-from finetune.strategy.decide import SCENARIO_NAMES, Plan, stage_index
+from finetune.model.stages import stage_index
+from finetune.strategy.decide import SCENARIO_NAMES, Plan
 from finetune.strategy.measure import Decision, measure_and_decide, preserved_rng, with_plan
 from finetune.tracking import registry
 from finetune.training import checkpoints, distributed

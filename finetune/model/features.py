@@ -46,7 +46,7 @@ from finetune.data.crops import CropViews
 from finetune.data.transforms import eval_transform, resize_size, train_transform
 from finetune.model.backbone import Backbone
 from finetune.data.folders import Sample
-from finetune.strategy.decide import FINAL
+from finetune.model.stages import FINAL
 from finetune.data.images import ImageError, display_path, load_rgb
 
 log = logging.getLogger(__name__)
