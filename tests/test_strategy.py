@@ -11,7 +11,8 @@ import pytest
 from finetune.errors import UserError
 from finetune.strategy.similarity import bn_shift, source_confidence
 from finetune.strategy.decide import (SCENARIO_NAMES, Thresholds, decide, load_scenario_defaults, load_thresholds,
-                                      pilot_candidates, pilot_separates, resolve_frozen_count)
+                                      pilot_candidates, pilot_separates, resolve_frozen_count,
+                                      settle_pilot)
 
 T = Thresholds(large_min_images=1000, large_min_per_class=100, similar_min_score=0.6)
 DEFAULTS = {name: load_scenario_defaults(name) for name in SCENARIO_NAMES}
@@ -175,34 +176,55 @@ def signals(score: float, probe: float, depth: float, source_confidence: float, 
 
 
 @pytest.mark.parametrize("n_train, per_class, sim, expected, why", [
-    # clear large-similar: far from every threshold, signals agree -> the cell alone
-    (3068, 220, signals(0.80, 0.85, 0.75, 0.80, 0.80), ["large-similar"], "clear case"),
-    (2176, 435, signals(0.45, 0.55, 0.40, 0.45, 0.40), ["large-different"], "clear case"),
-    # one half-weight signal on the other side (a probe confounded with task difficulty) does not reopen it
-    (2176, 435, signals(0.48, 0.75, 0.45, 0.45, 0.35), ["large-different"], "clear case"),
-    # little data far from the band: the fine-tuning plan of the same domain is measured too
-    (245, 122, signals(0.88, 0.94, 0.88, 0.88, 0.83), ["small-similar", "large-similar"], "little data"),
-    (300, 30, signals(0.40, 0.40, 0.40, 0.40, 0.40), ["small-different", "large-different"], "little data"),
-    # near the similarity threshold (0.6 +- 0.08): both domains, the measured one first
-    (3068, 220, signals(0.64, 0.64, 0.64, 0.64, 0.64), ["large-similar", "large-different"], "within 0.08"),
-    (3068, 220, signals(0.55, 0.55, 0.55, 0.55, 0.55), ["large-different", "large-similar"], "within 0.08"),
-    (202, 101, signals(0.65, 0.65, 0.65, 0.65, 0.65),
-     ["small-similar", "large-similar", "small-different", "large-different"], "within 0.08"),
-    # near the size boundary (a factor 2 of 1000 images / 100 per class): both sizes
-    (1500, 150, signals(0.85, 0.85, 0.85, 0.85, 0.85), ["large-similar", "small-similar"], "size unclear"),
-    (600, 60, signals(0.85, 0.85, 0.85, 0.85, 0.85), ["small-similar", "large-similar"], "size unclear"),
-    (5000, 150, signals(0.85, 0.85, 0.85, 0.85, 0.85), ["large-similar", "small-similar"], "size unclear"),
-    # many images but very few per class: clearly little data (still piloted for fine-tuning: little data)
-    (5000, 5, signals(0.85, 0.85, 0.85, 0.85, 0.85), ["small-similar", "large-similar"], "little data"),
-    # the signals disagree: score far from the threshold, but a third of the weight says the opposite
-    (3068, 220, signals(0.75, 0.90, 0.90, 0.40, 0.90), ["large-similar", "large-different"], "disagree"),
-    (3068, 220, signals(0.45, 0.30, 0.30, 0.85, 0.30), ["large-different", "large-similar"], "disagree"),
+    # a lot of data: the table's cell, fine-tuned, no pilot
+    (3068, 220, signals(0.80, 0.85, 0.75, 0.80, 0.80), ["large-similar"], "a lot of data"),
+    (2176, 435, signals(0.45, 0.55, 0.40, 0.45, 0.40), ["large-different"], "a lot of data"),
+    (1000, 100, signals(0.61, 0.61, 0.61, 0.61, 0.61), ["large-similar"], "a lot of data"),
+    # little data: both linear heads, the measured cell first
+    (245, 122, signals(0.88, 0.94, 0.88, 0.88, 0.83), ["small-similar", "small-different"], "little data"),
+    (300, 30, signals(0.40, 0.40, 0.40, 0.40, 0.40), ["small-different", "small-similar"], "little data"),
+    (999, 500, signals(0.85, 0.85, 0.85, 0.85, 0.85), ["small-similar", "small-different"], "little data"),
+    # many images but very few per class: little data
+    (5000, 5, signals(0.85, 0.85, 0.85, 0.85, 0.85), ["small-similar", "small-different"], "little data"),
 ])
 def test_pilot_candidates(n_train, per_class, sim, expected, why):
     candidates, reasons = pilot_candidates(profile(n_train, per_class), sim, T)
     assert candidates == expected
     assert candidates[0] == decide(profile(n_train, per_class), sim, T, DEFAULTS, base_epochs=1).scenario
     assert any(why in r for r in reasons), reasons
+
+
+@pytest.mark.parametrize("domain, scores, expected, why", [
+    # the better head is good enough: it goes on
+    ("similar", {"small-similar": 0.90, "small-different": 0.80}, "small-similar", ">= 0.85"),
+    ("similar", {"small-similar": 0.80, "small-different": 0.86}, "small-different", ">= 0.85"),
+    ("different", {"small-different": 0.85, "small-similar": 0.70}, "small-different", ">= 0.85"),  # on the line
+    # a tie between the heads goes to the measured cell (listed first)
+    ("different", {"small-different": 0.95, "small-similar": 0.95}, "small-different", ">= 0.85"),
+    # neither head is good enough: the network is fine-tuned, the measured domain choosing how
+    ("similar", {"small-similar": 0.84, "small-different": 0.60}, "large-similar", "< 0.85"),
+    ("different", {"small-different": 0.50, "small-similar": 0.70}, "large-different", "< 0.85"),
+    # no head could run (an option they refuse): fine-tuning
+    ("similar", {}, "large-similar", "no linear head"),
+])
+def test_settle_pilot_keeps_a_linear_head_only_where_it_is_good(domain, scores, expected, why):
+    chosen, reason = settle_pilot(domain, scores, T)
+    assert chosen == expected
+    assert why in reason, reason
+
+
+def test_the_linear_head_threshold_is_configurable_and_checked(tmp_path: Path):
+    assert 0 < load_thresholds().linear_min_select_acc < 1
+    strict = Thresholds(**{**vars(T), "linear_min_select_acc": 0.95})
+    assert settle_pilot("similar", {"small-similar": 0.90}, strict)[0] == "large-similar"
+    assert settle_pilot("similar", {"small-similar": 0.90}, T)[0] == "small-similar"
+    bad = tmp_path / "strategy.yaml"
+    bad.write_text("linear_min_select_acc: 1.5\n")
+    with pytest.raises(UserError, match=r"linear_min_select_acc must be in \[0, 1\]"):
+        load_thresholds(bad)
+    bad.write_text("pilot_band: 0.08\n")  # a key of earlier versions: named, not silently ignored
+    with pytest.raises(UserError, match="Unknown key"):
+        load_thresholds(bad)
 
 
 @pytest.mark.parametrize("winner_only, other_only, separated", [
@@ -219,20 +241,3 @@ def test_pilot_separates_only_beyond_the_noise_of_the_disagreeing_images(winner_
     assert pilot_separates(winner_only, other_only) is separated
 
 
-def test_pilot_candidates_without_weights_use_the_configured_ones():
-    sim = signals(0.75, 0.90, 0.90, 0.40, 0.90)
-    del sim["weights"]
-    assert pilot_candidates(profile(3068, 220), sim, T)[0] == ["large-similar", "large-different"]
-    only_probe = Thresholds(**{**vars(T), "similarity_weights": {"probe": 1.0}})
-    assert pilot_candidates(profile(3068, 220), sim, only_probe)[0] == ["large-similar"]
-
-
-def test_pilot_settings_are_configurable_and_checked(tmp_path: Path):
-    t = load_thresholds()
-    assert t.pilot_band > 0 and t.pilot_size_factor >= 1 and 0 <= t.pilot_disagree_share <= 1
-    narrow = Thresholds(**{**vars(T), "pilot_band": 0.01, "pilot_size_factor": 1.0})
-    assert pilot_candidates(profile(1500, 150), signals(0.64, 0.64, 0.64, 0.64, 0.64), narrow)[0] == ["large-similar"]
-    bad = tmp_path / "strategy.yaml"
-    bad.write_text("pilot_size_factor: 0.5\n")
-    with pytest.raises(UserError, match="pilot_size_factor >= 1"):
-        load_thresholds(bad)

@@ -51,16 +51,14 @@ class Thresholds:
     probe_alpha: float = 100.0  # ridge penalty of the probe (standardised features)
     probe_max_images: int = 4000  # the probe uses a stratified subset of at most this many images
     source_max_images: int = 500  # ... and the source components, when measured at another size (extra pass)
-    # Where the table is unclear, candidate plans compete in a pilot (`pilot_candidates`):
-    pilot_band: float = 0.08  # a score (or a component) this close to similar_min_score is unclear
-    pilot_disagree_share: float = 0.25  # components disagree when each side carries this share of the weight
-    pilot_size_factor: float = 2.0  # size is unclear when thresholds moved by this factor would flip it
+    # On little data the linear heads compete in a pilot (`pilot_candidates`); the better one goes on only when it
+    # gets at least this share of the selection images right, else the network is fine-tuned (`settle_pilot`):
+    linear_min_select_acc: float = 0.85
 
     def __post_init__(self):
-        if self.pilot_band < 0 or self.pilot_size_factor < 1 or not 0 <= self.pilot_disagree_share <= 1:
-            raise UserError(f"Strategy config: pilot_band must be >= 0, pilot_size_factor >= 1 and "
-                            f"pilot_disagree_share in [0, 1] (got {self.pilot_band}, {self.pilot_size_factor}, "
-                            f"{self.pilot_disagree_share}).")
+        if not 0 <= self.linear_min_select_acc <= 1:
+            raise UserError(f"Strategy config: linear_min_select_acc must be in [0, 1] (got "
+                            f"{self.linear_min_select_acc}).")
 
 
 @dataclass(frozen=True)
@@ -318,74 +316,45 @@ def _head_stage(rule: str, similarity: Mapping[str, Any]) -> tuple[str, str]:
 
 def pilot_candidates(profile: Mapping[str, Any], similarity: Mapping[str, Any],
                      thresholds: Thresholds) -> tuple[list[str], list[str]]:
-    """The scenarios worth piloting, the measured cell first, without duplicates; and why.
+    """The scenarios the pilot compares, the measured cell first; and why.
 
-    One scenario is a clear case: the table's cell runs as decided. Several mean the measurements
-    leave the cell open, and the candidates compete on the selection split (`training.pilot`):
-
-    * the score within ``pilot_band`` of ``similar_min_score``, or components that disagree (on each
-      side of the threshold, beyond the band, components carrying ``pilot_disagree_share`` of the
-      weight): both domains;
-    * a size cell that thresholds moved by ``pilot_size_factor`` (either way) would flip: both sizes;
-    * little data: the fine-tuning plan of each candidate domain as well, because fine-tuning every
-      layer on few images is cheap: measure it rather than rule it out.
+    Little data: both linear heads (on the final features, and on the stage that probes best), which train on
+    cached features in seconds; `settle_pilot` then keeps the better one only where it is already good, and
+    fine-tunes the network otherwise. A lot of data: the table's cell, no pilot (fine-tuning wins there).
 
     Callers pilot only a measured plan with pretrained weights (``plan.source == "measured"`` and a
     backbone whose ``weights_source != "none"``): a forced scenario is the user's choice, and from
     random init every layer learns whatever the cell (`decide`); those plans run as decided.
     """
-    t = thresholds
-    n, per_class, score = int(profile["n_train"]), float(profile["per_class_median"]), float(similarity["score"])
-    size, _ = classify_size(n, per_class, t)
-    domain, _ = classify_domain(score, similarity["components"], t)
-    sizes, domains, reasons = [size], [domain], []
-    domain_reason = _domain_unclear(score, similarity["components"], similarity.get("weights") or
-                                    t.similarity_weights, t)
-    if domain_reason:
-        domains.append("different" if domain == "similar" else "similar")
-        reasons.append(domain_reason)
-    if _size_unclear(n, per_class, t):
-        sizes.append("small" if size == "large" else "large")
-        reasons.append(f"size unclear: {n} training images, median {per_class:g} per class, within a factor "
-                       f"{t.pilot_size_factor:g} of the thresholds ({t.large_min_images}, "
-                       f"{t.large_min_per_class:g} per class): both sizes are piloted")
-    elif size == "small":
-        sizes.append("large")
-        reasons.append(f"little data ({n} training images): fine-tuning every layer is cheap on so few, so the "
-                       "fine-tuning plan is piloted too rather than ruled out")
-    candidates = [f"{s}-{d}" for d in domains for s in sizes]
-    if len(candidates) == 1:
-        reasons.append(f"clear case: {candidates[0]}, far from every threshold; no pilot")
-    return candidates, reasons
+    n, per_class = int(profile["n_train"]), float(profile["per_class_median"])
+    size, _ = classify_size(n, per_class, thresholds)
+    domain, _ = classify_domain(float(similarity["score"]), similarity["components"], thresholds)
+    if size == "large":
+        return [f"large-{domain}"], [f"a lot of data ({n} training images): the network is fine-tuned, no pilot"]
+    other = "different" if domain == "similar" else "similar"
+    return [f"small-{domain}", f"small-{other}"], [
+        f"little data ({n} training images): the linear heads on the final and on the best earlier stage's features "
+        f"compete on cached features (no backbone pass); the better one goes on if it gets at least "
+        f"{thresholds.linear_min_select_acc:.0%} of the selection images right, else the network is fine-tuned"]
 
 
-def _domain_unclear(score: float, components: Mapping[str, float], weights: Mapping[str, float],
-                    t: Thresholds) -> str | None:
-    """Why the domain is unclear (the score near the threshold, or the signals disagree), else None."""
-    low, high = t.similar_min_score - t.pilot_band, t.similar_min_score + t.pilot_band
-    if low < score < high:
-        return (f"similarity {score:.2f} is within {t.pilot_band:g} of the {t.similar_min_score:.2f} threshold: "
-                "both domains are piloted")
-    used = {k: float(w) for k, w in weights.items()
-            if w > 0 and k in components and not math.isnan(float(components[k]))}
-    total = sum(used.values())
-    above = [k for k in used if components[k] >= high]
-    below = [k for k in used if components[k] <= low]
-    if not (total and above and below):
-        return None
-    if min(sum(used[k] for k in above), sum(used[k] for k in below)) / total < t.pilot_disagree_share:
-        return None
-    say = lambda ks: ", ".join(f"{k} {float(components[k]):.2f}" for k in ks)  # noqa: E731
-    return (f"the signals disagree: {say(above)} say similar, {say(below)} say different (beyond "
-            f"{t.pilot_band:g} of {t.similar_min_score:.2f}): both domains are piloted")
+def settle_pilot(domain: str, scores: Mapping[str, float], thresholds: Thresholds) -> tuple[str, str]:
+    """The plan after the pilot of the linear heads (`scores`: scenario -> selection accuracy), and why.
 
-
-def _size_unclear(n_train: int, per_class_median: float, t: Thresholds) -> bool:
-    """True when size thresholds lowered or raised by `pilot_size_factor` would give different cells."""
-    f = t.pilot_size_factor
-    large_if_lower = n_train >= t.large_min_images / f and per_class_median >= t.large_min_per_class / f
-    large_if_higher = n_train >= t.large_min_images * f and per_class_median >= t.large_min_per_class * f
-    return large_if_lower != large_if_higher
+    The better head goes on where it is already good (at least `linear_min_select_acc`): fine-tuning has
+    little left to gain there and costs several times more. Elsewhere the network is fine-tuned, the measured
+    domain choosing how (`large-similar` or `large-different`). Measured on the domain bench: docs/decisions.md,
+    "When a linear head is enough"."""
+    finetune = f"large-{domain}"
+    if not scores:
+        return finetune, f"no linear head could run: {finetune} (the network is fine-tuned)"
+    best = max(scores, key=lambda s: (scores[s], -list(scores).index(s)))  # a tie: the measured cell (first)
+    acc, need = scores[best], thresholds.linear_min_select_acc
+    if acc >= need:
+        return best, (f"the better linear head, {best}, gets {acc:.3f} of the selection images right (>= {need:g}): "
+                      "it goes on (fine-tuning has little left to gain, at several times the cost)")
+    return finetune, (f"the better linear head, {best}, gets only {acc:.3f} of the selection images right "
+                      f"(< {need:g}): the network is fine-tuned ({finetune}, by the measured domain)")
 
 
 def pilot_separates(winner_only: int, other_only: int, z: float = 1.96) -> bool:

@@ -69,8 +69,8 @@ def pilot_lines(pilot: dict[str, Any] | None) -> list[str]:
     """The pilot's candidates, what each cost and scored, and the winner."""
     if not pilot:
         return []
-    lines = ["", f"Pilot  {pilot['seconds']:.0f} s: the signals are unclear, so the candidates competed on "
-                 f"{pilot['select_images']} held-out training images (val untouched)"]
+    lines = ["", f"Pilot  {pilot['seconds']:.0f} s: the candidates competed on {pilot['select_images']} held-out "
+                 "training images (val untouched)"]
     lines += [f"  - {r}" for r in pilot["reasons"]]
     lines.append(f"  {'candidate':<16} {'select acc':>10} {'epochs':>7} {'images':>7} {'seconds':>8}")
     for scenario in pilot["candidates"]:
@@ -84,6 +84,10 @@ def pilot_lines(pilot: dict[str, Any] | None) -> list[str]:
                          f"{v['seconds']:>8.1f}{mark}")
         else:
             lines.append(f"  {scenario:<16} not run: {pilot['skipped'].get(scenario, '')}")
+    if pilot["winner"] not in pilot["candidates"]:
+        lines.append(f"  {pilot['winner']:<16} {'':>10} {'':>7} {'':>7} {'':>8}  <- goes on")
+    if pilot.get("choice"):
+        lines.append(f"  - {pilot['choice']}")
     return lines
 
 

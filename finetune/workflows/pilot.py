@@ -1,10 +1,13 @@
-"""The pilot: where the table's signals are near a boundary or disagree, the candidate plans compete.
+"""The pilot: on little data, is a linear head on the frozen features enough, or must the network be fine-tuned?
 
-Each candidate (`strategy.decide.pilot_candidates`) is executed by `run_plan` on a budget: the fit part
-of the training split (capped at `PILOT_MAX_IMAGES`, stratified) for a share of the epochs, feature
-plans in full (a head on cached features costs seconds). Every candidate is then scored the same way,
-centre crop, on the selection part of train, which none of them fitted on or chose anything with. The
-best goes on; a tie goes to the measured cell. The user's val and test are not read.
+The candidates (`strategy.decide.pilot_candidates`: the two linear heads) are executed by `run_plan` on the
+fit part of the training split, on cached features (seconds: no backbone pass), and scored the same way,
+centre crop, on the selection part of train, which none of them fitted on or chose anything with.
+`strategy.decide.settle_pilot` keeps the better head where it is already good and fine-tunes the network
+elsewhere. The user's val and test are not read.
+
+`run_pilot` runs network candidates too (on a budget: the fit part capped at `PILOT_MAX_IMAGES`,
+stratified, for a share of the epochs): the domain bench pilots all four scenarios with it.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from finetune.data.profile import stratified_subset
 from finetune.errors import UserError
 from finetune.evaluation.tta import predict_sources
 from finetune.model.backbone import Backbone, create_backbone
-from finetune.strategy.decide import Plan, load_thresholds, pilot_candidates, pilot_separates
+from finetune.strategy.decide import Plan, load_thresholds, pilot_candidates, pilot_separates, settle_pilot
 from finetune.strategy.report import unresolved_sentence
 from finetune.strategy.measure import Decision, plan_for, preserved_rng, with_plan
 from finetune.model.heads import init_head
@@ -54,6 +57,7 @@ class PilotResult:
     skipped: dict[str, str] = field(default_factory=dict)  # scenario -> why it could not run
     select_images: int = 0
     seconds: float = 0.0
+    choice: str = ""  # why the winner goes on (decide.settle_pilot), when the pilot's best is not simply it
     # scenario -> [images only the winner got right, images only it got right], for each candidate the
     # selection images cannot tell from the winner (decide.pilot_separates)
     unresolved: dict[str, list[int]] = field(default_factory=dict)
@@ -149,8 +153,9 @@ def pilot_plan(decision: Decision, winner: Plan, pilot: PilotResult) -> Plan:
     scores = ", ".join(f"{s} {v['select_acc']:.3f}" for s, v in pilot.scores.items())
     skipped = "".join(f"; {s} not run ({why})" for s, why in pilot.skipped.items())
     unresolved = f"; {unresolved_sentence(pilot.to_dict())}" if pilot.unresolved else ""
+    choice = f"; {pilot.choice}" if pilot.choice else ""
     why = (f"pilot ({pilot.seconds:.0f} s): {' '.join(pilot.reasons)}; candidates scored on {pilot.select_images} "
-           f"held-out training images: {scores}{skipped} -> {pilot.winner}{unresolved}")
+           f"held-out training images: {scores}{skipped}{choice} -> {pilot.winner}{unresolved}")
     measured = [r for r in decision.plan.reasons if "forced" not in r]
     return dataclasses.replace(winner, source="pilot", reasons=[why, *measured, *winner.reasons[1:]])
 
@@ -158,8 +163,9 @@ def pilot_plan(decision: Decision, winner: Plan, pilot: PilotResult) -> Plan:
 @timing.timed("pilot")
 def settle(cfg: TrainConfig, decision: Decision, backbone: Backbone, splits: FolderSplits,
            rt: runtime.Runtime) -> Decision:
-    """The measured decision, or, where its signals are unclear, the pilot's winner (`decision.pilot` says).
-    A forced scenario, or a network without pretrained weights, is not piloted."""
+    """The measured decision, or, on little data, the pilot's choice (`decision.pilot` says): the better linear
+    head where it is good enough, else the network fine-tuned. A forced scenario, or a network without pretrained
+    weights, is not piloted."""
     if decision.plan.source != "measured" or backbone.weights_source == "none":
         return decision
     candidates, reasons = pilot_candidates(decision.profile.to_dict(), decision.similarity.to_dict(),
@@ -167,13 +173,19 @@ def settle(cfg: TrainConfig, decision: Decision, backbone: Backbone, splits: Fol
     if len(candidates) < 2:
         return decision
     if distributed.is_multi_process():  # rank 0 alone, inside the one-time work: it cannot start Trainers
-        note = (f"pilot skipped: the table is unclear ({' '.join(reasons)}) but a multi-process run cannot pilot; "
+        note = (f"pilot skipped: {' '.join(reasons)}; but a multi-process run cannot pilot: the table's cell runs; "
                 f"run `finetune plan` on one device to compare {', '.join(candidates)}, then pass --scenario")
         log.warning(note)
         return dataclasses.replace(decision, plan=dataclasses.replace(decision.plan,
                                                                       reasons=[*decision.plan.reasons, note]))
+    log.info("Pilot: %s on the cached features of the training split (no backbone pass)", ", ".join(candidates))
     pilot = run_pilot(cfg, decision, candidates, reasons, backbone, splits, rt)
-    plan = pilot_plan(decision, plan_for(decision, pilot.winner, cfg), pilot)
+    chosen, why = settle_pilot(decision.plan.domain, {s: v["select_acc"] for s, v in pilot.scores.items()},
+                               load_thresholds())
+    if chosen != pilot.winner:
+        pilot.unresolved = {}  # between the heads, which do not go on
+    pilot.winner, pilot.choice = chosen, why
+    plan = pilot_plan(decision, plan_for(decision, chosen, cfg), pilot)
     settled = with_plan(decision, plan, backbone.model, cfg.lr)
     return dataclasses.replace(settled, pilot=pilot.to_dict(),
                                timings={**decision.timings, "pilot_s": pilot.seconds})
