@@ -63,7 +63,7 @@ def test_demo_compares_finetuned_and_from_scratch_runs(tmp_path: Path):
     assert tuned["data"] == scratch["data"]  # same images, same split
     assert tuned["data"]["layout"] == "split-folders" and tuned["data"]["train"] == 72 and tuned["data"]["val"] == 180
     assert scratch["scenario"] == "large-different" and not scratch["plan"]["train_on_features"]
-    # 72 training images: little data, so the fine-tuning plans are piloted beside the measured cell.
+    # 72 training images: little data, so the linear heads are piloted (and a head goes on only where it is good).
     assert tuned["plan"]["source"] == "pilot" and tuned["scenario"] in tuned["plan"]["reasons"][0]
 
     # The side-by-side table: a header and one row per run, with its weights, plan and numbers.

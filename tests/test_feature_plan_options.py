@@ -153,9 +153,9 @@ def test_refusal_names_every_ignored_option_and_defaults_pass():
 
 
 def test_a_measured_feature_plan_is_not_piloted_with_options_it_would_refuse(image_folder: Path, tmp_path: Path):
-    """A 'pretrained' file on 12 images measures a small-* cell, and the pilot (little data) adds the fine-tuning
-    plans; with --ema, which a feature plan refuses, the feature candidates do not run (the pilot says why) and
-    a fine-tuning plan, which honours --ema, goes on."""
+    """A 'pretrained' file on 12 images measures a small-* cell, and the pilot (little data) compares the two
+    linear heads; with --ema, which a feature plan refuses, neither runs (the pilot says why) and the network is
+    fine-tuned, which honours --ema."""
     import timm
     from safetensors.torch import save_file
 
@@ -170,7 +170,7 @@ def test_a_measured_feature_plan_is_not_piloted_with_options_it_would_refuse(ima
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["scenario"].startswith("large-") and summary["recipe"]["ema"] == 0.9
     reasons = " ".join(summary["plan"]["reasons"])
-    assert "pilot" in reasons and "small-" in reasons
+    assert "pilot" in reasons and "small-" in reasons and "no linear head could run" in reasons
 
 
 def test_sweep_space_per_plan():

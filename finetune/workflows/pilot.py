@@ -173,11 +173,14 @@ def settle(cfg: TrainConfig, decision: Decision, backbone: Backbone, splits: Fol
     if len(candidates) < 2:
         return decision
     if distributed.is_multi_process():  # rank 0 alone, inside the one-time work: it cannot start Trainers
-        note = (f"pilot skipped: {' '.join(reasons)}; but a multi-process run cannot pilot: the table's cell runs; "
-                f"run `finetune plan` on one device to compare {', '.join(candidates)}, then pass --scenario")
+        finetune = f"large-{decision.plan.domain}"
+        note = (f"pilot skipped: a multi-process run cannot pilot, so without the evidence that a linear head is "
+                f"enough the network is fine-tuned ({finetune}); run `finetune plan` on one device to compare "
+                f"{', '.join(candidates)}, then pass its choice as --scenario")
         log.warning(note)
-        return dataclasses.replace(decision, plan=dataclasses.replace(decision.plan,
-                                                                      reasons=[*decision.plan.reasons, note]))
+        plan = plan_for(decision, finetune, cfg)
+        plan = dataclasses.replace(plan, source="measured", reasons=[note, *plan.reasons[1:]])
+        return with_plan(decision, plan, backbone.model, cfg.lr)
     log.info("Pilot: %s on the cached features of the training split (no backbone pass)", ", ".join(candidates))
     pilot = run_pilot(cfg, decision, candidates, reasons, backbone, splits, rt)
     chosen, why = settle_pilot(decision.plan.domain, {s: v["select_acc"] for s, v in pilot.scores.items()},
