@@ -94,6 +94,7 @@ class FeatureSet:
     seconds: float  # wall time of the extraction (0 when read from the cache)
     logits: np.ndarray | None = None  # source classifier logits [images, source classes], clean view
     bn_stats: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    images_per_s: float | None = None  # how fast the extraction ran (images x views), also when read from the cache
 
     @property
     def views(self) -> int:
@@ -356,8 +357,10 @@ def _load(directory: Path, extracted: bool, seconds: float) -> FeatureSet:
             for k in z.files:
                 layer, stat = k.rsplit("|", 1)
                 bn.setdefault(layer, {})[stat] = z[k]
+    speed = json.loads((directory / "speed.json").read_text()) if (directory / "speed.json").exists() else {}
+    rate = speed["images"] / speed["seconds"] if speed.get("seconds") else None
     return FeatureSet(stages, arrays, np.load(directory / "labels.npy"), np.load(directory / "valid.npy"),
-                      meta["paths"], directory, extracted, seconds, logits, bn)
+                      meta["paths"], directory, extracted, seconds, logits, bn, rate)
 
 
 @timing.timed("features")
@@ -399,6 +402,9 @@ def cached_features(backbone: Backbone, samples: Sequence[Sample], *, views: int
         _extract(backbone, samples, transform, n_views, seed, augmented, tmp, batch_size, rt or runtime.cpu(),
                  max_pixels, with_stats=not augmented and crops is None)
         (tmp / "key.json").write_text(json.dumps(key, indent=1, default=str))
+        # How fast this backbone ran here: `finetune plan` estimates a run's time from it (strategy.cost).
+        (tmp / "speed.json").write_text(json.dumps({"images": len(samples) * n_views,
+                                                   "seconds": round(time.perf_counter() - started, 3)}))
         try:
             os.replace(tmp, directory)
         except OSError:  # another process finished the same entry first: theirs is as good

@@ -139,7 +139,8 @@ def _measure_and_decide(cfg: TrainConfig, splits: FolderSplits, backbone: Backbo
                   forced=cfg.scenario, freeze_groups=cfg.freeze_groups, backbone_lr_mult=cfg.backbone_lr_mult,
                   aug_views=cfg.aug_views, weight_decay=cfg.weight_decay, pretrained=backbone.weights_source != "none")
     groups = plan_groups(backbone.model, plan, cfg.lr)
-    timings = {"features_s": round(extracted, 2), "features_cached": not feats.extracted, "probe_s": round(probed, 2)}
+    timings = {"features_s": round(extracted, 2), "features_cached": not feats.extracted, "probe_s": round(probed, 2),
+               "images_per_s": round(feats.images_per_s, 2) if feats.images_per_s else None}
     return Decision(profile, similarity, plan, groups, len(feats.labels), timings)
 
 

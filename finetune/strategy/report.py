@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import nn
 
+from finetune.strategy.cost import estimate_sentence
 from finetune.strategy.decide import BN_POLICIES
 from finetune.strategy.groups import layer_groups
 from finetune.strategy.measure import Decision
@@ -52,6 +53,7 @@ def describe(decision: Decision, groups: list[dict[str, Any]]) -> str:
                      else f"  weight decay   chosen by cross-validation on train from {plan.weight_decay_grid}")
         if plan.aug_views:
             lines.append(f"  aug views      {plan.aug_views} per image ({plan.cache_augment})")
+    lines.append(f"  time           {estimate_sentence(plan, p.to_dict(), decision.timings.get('images_per_s'))}")
     lines += ["", "Layer groups (timm group_matcher; --freeze-groups N freezes the first N)",
               f"  {'#':>3}  {'group':<34} {'params':>10}  {'state':<8} {'lr':>9}"]
     settings = {g.index: g for g in decision.groups}

@@ -25,6 +25,7 @@ from finetune.model.artifact import ModelSpec, load_scoring, save_model
 from finetune.model.scoring import Scoring
 from finetune.model.backbone import Backbone, create_backbone
 from finetune.model.stages import stage_index
+from finetune.strategy.cost import estimate_sentence
 from finetune.strategy.decide import SCENARIO_NAMES, Plan
 from finetune.strategy.measure import Decision, measure_and_decide, preserved_rng, with_plan
 from finetune.tracking import registry
@@ -189,7 +190,8 @@ def _measure_and_decide(cfg: TrainConfig, rt: runtime.Runtime, plan_override: Ca
         decision = pilot.settle(cfg, measure_and_decide(cfg, splits, backbone, rt), backbone, splits, rt)
         if plan_override is not None:
             decision = with_plan(decision, plan_override(decision.plan), backbone.model, cfg.lr)
-        log.info("Scenario %s (%s)", decision.plan.scenario, decision.plan.source)
+        log.info("Scenario %s (%s): %s", decision.plan.scenario, decision.plan.source,
+                 estimate_sentence(decision.plan, decision.profile.to_dict(), decision.timings.get("images_per_s")))
         return splits, decision
 
     splits, decision = distributed.on_rank_zero(measure)
