@@ -184,7 +184,9 @@ def report_model(model: str, files: list[Path], thresholds: Thresholds) -> list[
         policies["auto (before)"] = before
     policies["auto"] = shipped(thresholds)
     scores = {name: score(runs, sets, p) for name, p in policies.items()}
-    scores["auto, leave-one-set-out"], picked = leave_one_out(runs, sets, thresholds)
+    picked: dict[str, float] = {}
+    if len(sets) > 1:  # a threshold fitted on no set says nothing
+        scores["auto, leave-one-set-out"], picked = leave_one_out(runs, sets, thresholds)
     base = scores["always large-different"].wall
     seeds = ", ".join(re.sub(r".*_s(\d+)\.jsonl$", r"\1", f.name) for f in files)
     lines = [f"### {model}: {len(sets)} sets x seeds {seeds}", "",
@@ -195,7 +197,7 @@ def report_model(model: str, files: list[Path], thresholds: Thresholds) -> list[
     lines += ["", "| set | " + " | ".join(scores) + " |", "|---" * (len(scores) + 1) + "|"]
     lines += [f"| {d} | " + " | ".join(f"{s.per_set[d]:.1f}" for s in scores.values()) + " |" for d in sets]
     taus = sorted(set(picked.values()))
-    lines += ["", f"leave-one-set-out `linear_min_select_acc`: {', '.join(f'{t:g}' for t in taus)} "
+    lines += ["", f"leave-one-set-out `linear_min_select_acc`: {', '.join(f'{t:g}' for t in taus) or 'not fitted'} "
                   f"(shipped {thresholds.linear_min_select_acc:g})", ""]
     return lines
 

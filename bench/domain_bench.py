@@ -10,8 +10,8 @@ naive full fine-tune (`naive` below) -- with the executor `run_plan`, and report
 appended to --out as soon as it exists (schema: bench/calibrate.py), so a killed run keeps what it measured.
 A plan's row carries its per-image results on the reported split (`correct`), for bench/calibrate.py's intervals.
 `--pilot-folds K` pilots on K folds of train (every training image scored once; `"folds"` in the pilot rows);
-with `--plans ''` only the measurement and the pilots run, and bench/choice_replay.py reads them over a full
-run's rows (`full.jsonl+pilots.jsonl`).
+with `--plans ''` only the measurement and the pilots run. bench/decision.py runs this bench per backbone and
+seed and replays the shipped rule over the rows.
 
 Built for a bare, offline GPU machine without MLflow: nothing here imports it (checked at the end of a run).
 `--jobs N` benches N datasets at a time in N processes, each owning cores // N cores (torch threads and loader

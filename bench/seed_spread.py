@@ -3,7 +3,7 @@
     uv run --frozen python -m bench seed_spread docs/results/domain_bench_cpu.jsonl \
         docs/results/domain_bench_cpu_seed1.jsonl --out docs/results/seed_spread_cpu.md
 
-Each argument is one bench run (bench/domain_bench.py; `A+B` reads B's rows over A's, as bench/choice_replay.py
+Each argument is one bench run (bench/domain_bench.py; `A+B` reads B's rows over A's, as the replay script did
 does). The bench's datasets have their reported split in a folder, so two seeds score the same images (a set
 without a val folder would have val carved by the seed as well). What the seed changes is the training: the
 selection split carved from train, the head's initialisation, the data order and the augmentation.

@@ -157,49 +157,6 @@ def test_gap_interval_resamples_the_reported_images_paired():
     assert calibrate.gap_interval(same, forced[0]) is None
 
 
-def test_choice_replay_reads_each_rules_pick_off_the_rows(tmp_path, capsys):
-    replay = _load_bench("choice_replay")
-    best = {name: d[3] for name, d in DATASETS.items()}
-    # A (200 images, similarity 0.70) is little data: the shipped candidates are small-similar, then large-similar.
-    # Their pilots tie, and large-similar is the best forced plan.
-    pilots = {"A": {"small-similar": (0.8, 5.0), "large-similar": (0.8, 20.0), "small-different": (0.6, 5.0),
-                    "large-different": (0.6, 20.0)}}
-    path = tmp_path / "results.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in _rows({**best, "A": "large-similar"}, pilots)))
-    assert replay.main([str(path)]) == 0
-    lines = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:4] for line in capsys.readouterr().out.splitlines()
-             if line.startswith("| ")}
-    gap = (0.5 - 0.1 * calibrate.PLANS.index("small-similar") - 0.9) * 100
-    # Only A has all four pilots. A tie goes to the cell (small-similar) ...
-    assert lines["shipped: the pilot of the candidates, a tie to the cell"] == ["0/1", f"{gap:+.1f}", f"{gap:+.1f}"]
-    # ... or, in the variant, to the fine-tuning plan; the full runs' selection accuracy also finds the best.
-    assert lines["the pilot of the candidates, a tie to a fine-tuning plan"] == ["1/1", "+0.0", "+0.0"]
-    assert lines["the candidates' full runs, by their selection accuracy"] == ["1/1", "+0.0", "+0.0"]
-    # The shipped replay is calibrate.py's rule.
-    d = calibrate.read_results(path)["A"]
-    assert calibrate.Rule(calibrate.default_candidates()).pick(d, calibrate.load_thresholds()).auto == "small-similar"
-
-
-def test_choice_replay_replaces_a_runs_pilots_with_those_of_another_file(tmp_path, capsys):
-    replay = _load_bench("choice_replay")
-    best = {**{name: d[3] for name, d in DATASETS.items()}, "A": "large-similar"}
-    tied = {"A": {"small-similar": (0.8, 5.0), "large-similar": (0.8, 20.0), "small-different": (0.6, 5.0),
-                  "large-different": (0.6, 20.0)}}
-    path = tmp_path / "results.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in _rows(best, tied)))
-    # a pilot-only run (e.g. k-fold) of A where large-similar wins
-    folds = tmp_path / "folds.jsonl"
-    folds.write_text("".join(json.dumps({"kind": "pilot", "dataset": "A", "plan": p, "select_acc": a, "seconds": 9.0,
-                                         "folds": 5}) + "\n"
-                             for p, a in (("small-similar", 0.7), ("large-similar", 0.75), ("small-different", 0.6),
-                                          ("large-different", 0.6))))
-    assert replay.main([str(path), f"{path}+{folds}"]) == 0
-    out = capsys.readouterr().out
-    assert "2 dataset-runs: results:A, results+folds:A" in out
-    shipped = next(line for line in out.splitlines() if line.startswith("| shipped"))
-    assert shipped.split(" | ")[1] == "1/2"  # the tie missed, the folds' pilot found large-similar
-
-
 def test_the_noise_floor_is_the_bootstrap_of_the_best_forced_plan_as_if_auto_had_picked_it():
     forced = [p for p in calibrate.PLANS if p != "naive"]
     similarity = {"score": 0.5, "components": {"probe": 0.5}, "best_stage": "stage3", "best_earlier_stage": "stage3",

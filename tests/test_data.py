@@ -85,7 +85,7 @@ def test_training_reports_and_logs_skipped_files(image_folder: Path, tmp_path: P
 @pytest.mark.parametrize(
     "setup, message",
     [
-        (lambda r: r.mkdir(), "No class folders"),
+        (lambda r: r.mkdir(), "No classes in"),
         (lambda r: make_folder(r, classes=("only",)), "at least 2 classes"),
         (lambda r: (make_folder(r), (r / "empty").mkdir()), "empty"),
         (lambda r: (make_folder(r), (r / "junk").mkdir(), (r / "junk" / "x.jpg").write_bytes(b"no")),

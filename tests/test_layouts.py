@@ -126,7 +126,7 @@ def test_empty_test_folder_of_train_test_layout_is_an_error(tmp_path: Path):
     root = tmp_path / "d"
     make_folder(root / "train", per_class=4)
     (root / "test" / "cat").mkdir(parents=True)
-    with pytest.raises(UserError, match="test folder .* holds no usable image: add images to it or remove it"):
+    with pytest.raises(UserError, match="test split .* holds no usable image: add images to it or remove it"):
         scan_folder(root)
 
 

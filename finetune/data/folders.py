@@ -19,6 +19,9 @@ Split folder names, any case: ``train|training``, ``val|valid|validation``, ``te
    (``DATA/val/cat/`` next to ``DATA/cat/``: a split folder beside class folders), which is an error;
    two or more split-named folders next to other folders are an error.
 
+A CSV label file (`data/label_files.py`: columns path, label and optionally split) stands for the folder:
+"csv" (val split off train as above), "csv-train-test", or "csv-splits" (the file names a validation split).
+
 Every error names the accepted layouts. Images may sit in nested folders below a class folder. Every
 file is decoded once while scanning (JPEGs at 1/8 scale, so it is cheap); files that cannot be used are
 skipped and reported, so no epoch ever crashes on a bad file.
@@ -38,6 +41,7 @@ from typing import Sequence
 
 from finetune.errors import UserError
 from finetune.data.images import IMAGE_EXTENSIONS, ImageError, ImageInfo, display_path, probe_image
+from finetune.data.label_files import is_label_file, read_label_file
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +76,7 @@ class FolderSplits:
     """The result of scanning an image folder."""
 
     root: str
-    layout: str  # "class-folders", "split-folders" or "train-test-folders"
+    layout: str  # "class-folders", "split-folders", "train-test-folders"; "csv", "csv-train-test", "csv-splits"
     classes: list[str]
     train: list[Sample]
     val: list[Sample]
@@ -259,10 +263,10 @@ def stratified_folds(samples: Sequence[Sample], k: int, seed: int) -> list[list[
 def _final_splits(root: Path, layout: str, parts: dict[str, Path], split_samples: dict[str, list[Sample]],
                   val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample], list[Sample]]:
     """train, val, test: the user's own splits, or val split off train (or off all the images)."""
-    if layout == "split-folders":
+    if "val" in parts:  # the user's own validation split (split folders, or a label file's split column)
         train, val, test = split_samples["train"], split_samples["val"], split_samples.get("test", [])
         if not val:
-            raise UserError(f"The validation folder {display_path(parts['val'])} holds no usable image: "
+            raise UserError(f"The validation split {display_path(parts['val'])} holds no usable image: "
                             "add images to it or remove it.")
         return train, val, test
     primary = "train" if "train" in parts else "all"
@@ -271,8 +275,8 @@ def _final_splits(root: Path, layout: str, parts: dict[str, Path], split_samples
     if not val:
         raise UserError(f"Too few images in {display_path(parts[primary])} to hold out a validation split "
                         "(each class needs at least 2 images).")
-    if layout == "train-test-folders" and not test:
-        raise UserError(f"The test folder {display_path(parts['test'])} holds no usable image: "
+    if "test" in parts and not test:
+        raise UserError(f"The test split {display_path(parts['test'])} holds no usable image: "
                         "add images to it or remove it.")
     return train, val, test
 
@@ -322,6 +326,30 @@ def _without_excluded(root: Path, files_per_part: dict[str, dict[str, list[str]]
              for part, per_class in files_per_part.items()}, excluded)
 
 
+def base_folder(root: str | Path) -> Path:
+    """The folder a data path's relative image paths start from: the data folder, or a label file's folder."""
+    root = Path(root)
+    return root.parent if is_label_file(root) else root
+
+
+def _folder_parts(root: Path) -> tuple[str, dict[str, Path], dict[str, dict[str, list[str]]], list[Skipped]]:
+    if not root.exists():
+        raise UserError(f"Data folder not found: {display_path(root)}")
+    if not root.is_dir():
+        raise UserError(f"Data path is not a folder or a .csv label file: {display_path(root)}")
+    layout, parts = _detect_layout(root)
+    return layout, parts, {name: _class_files(path) for name, path in parts.items()}, []
+
+
+def _label_file_parts(path: Path) -> tuple[str, dict[str, Path], dict[str, dict[str, list[str]]], list[Skipped]]:
+    """A label file as the parts a folder would give: "csv" (val split off train), "csv-train-test" or
+    "csv-splits" (its split column names a validation split)."""
+    listed = read_label_file(path)
+    names = set(listed.parts)
+    layout = "csv-splits" if "val" in names else "csv-train-test" if "test" in names else "csv"
+    return layout, {name: path for name in listed.parts}, listed.parts, [Skipped(p, why) for p, why in listed.bad]
+
+
 def scan_folder(root: str | Path, val_fraction: float = 0.2, seed: int = 0,
                 max_pixels: int = 89_478_485, exclude: Sequence[str] | None = None,
                 min_classes: int = 2) -> FolderSplits:
@@ -332,30 +360,28 @@ def scan_folder(root: str | Path, val_fraction: float = 0.2, seed: int = 0,
         min_classes: 1 for commands that only look at the data (`finetune audit`).
     """
     root = Path(root)
-    if not root.exists():
-        raise UserError(f"Data folder not found: {display_path(root)}")
-    if not root.is_dir():
-        raise UserError(f"Data path is not a folder: {display_path(root)}")
-    layout, parts = _detect_layout(root)
-    files_per_part, excluded = _without_excluded(root, {name: _class_files(path) for name, path in parts.items()},
-                                                 exclude)
+    if is_label_file(root):
+        layout, parts, files_per_part, bad = _label_file_parts(root)
+    else:
+        layout, parts, files_per_part, bad = _folder_parts(root)
+    files_per_part, excluded = _without_excluded(base_folder(root), files_per_part, exclude)
     primary = files_per_part["train" if "train" in parts else "all"]
     classes = sorted(primary)
+    where = display_path(parts.get('train', parts.get('all', root)))
     if not classes:
-        raise UserError(f"No class folders in {display_path(parts.get('train', parts.get('all', root)))}: "
-                        "expected one subfolder per class, each holding images.")
+        raise UserError(f"No classes in {where}: expected one subfolder per class, each holding images (or a CSV "
+                        "file with path and label columns).")
     if len(classes) < min_classes:
-        raise UserError(f"Only one class folder ({classes[0]!r}) in {display_path(root)}: "
-                        "a classifier needs at least 2 classes, one subfolder each.")
+        raise UserError(f"Only one class ({classes[0]!r}) in {display_path(root)}: a classifier needs at least 2.")
     for part, per_class in files_per_part.items():
         extra = sorted(set(per_class) - set(classes))
         if extra:
-            raise UserError(f"The {part} split of {display_path(root)} has class folder(s) {extra} "
+            raise UserError(f"The {part} split of {display_path(root)} has class(es) {extra} "
                             f"that train does not have; classes must match across splits.")
 
     all_paths = [p for per_class in files_per_part.values() for files in per_class.values() for p in files]
     probed = _probe_all(all_paths, max_pixels)
-    skipped = [Skipped(display_path(p), r) for p, r in probed.items() if isinstance(r, str)]
+    skipped = bad + [Skipped(display_path(p), r) for p, r in probed.items() if isinstance(r, str)]
 
     def samples(per_class: dict[str, list[str]]) -> list[Sample]:
         return [Sample(p, classes.index(c), probed[p]) for c in sorted(per_class) for p in per_class[c]
@@ -366,8 +392,11 @@ def scan_folder(root: str | Path, val_fraction: float = 0.2, seed: int = 0,
     present = Counter(s.label for s in primary_samples)
     for idx, name in enumerate(classes):
         if present[idx] == 0:
-            folder = parts.get("train", parts.get("all", root)) / name
             n_files = len(primary[name])
+            if layout.startswith("csv"):
+                raise UserError(f"Class {name!r} of {display_path(root)} has no usable training image: all "
+                                f"{n_files} listed are unreadable. Fix its rows or remove them.")
+            folder = parts.get("train", parts.get("all", root)) / name
             why = (f"all {n_files} image file(s) in it are unreadable" if n_files
                    else "it holds no image files (" + ", ".join(IMAGE_EXTENSIONS) + ")")
             raise UserError(f"Class folder {display_path(folder)} has no usable image: {why}. "

@@ -36,7 +36,8 @@ def estimate_sentence(plan: Any, profile: Mapping[str, Any], images_per_s: float
     seconds = estimate_seconds(plan, profile, images_per_s)
     if seconds is None:
         return "no estimate (the backbone's speed was not measured)"
-    what = (f"{plan.epochs} epochs fine-tuning {profile['n_train']} images" if not plan.train_on_features else
+    epochs = f"{plan.epochs} epoch{'s' if plan.epochs != 1 else ''}"
+    what = (f"{epochs} fine-tuning {profile['n_train']} images" if not plan.train_on_features else
             f"a linear head on cached features, {plan.aug_views} augmented views per image" if plan.aug_views else
             "a linear head on cached features")
     return (f"about {_duration(seconds)} to train and report ({what}; the backbone ran at {images_per_s:.0f} "

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-from finetune.data.folders import FolderSplits
+from finetune.data.folders import FolderSplits, base_folder
 from finetune.errors import UserError
 from finetune.files import write_json
 
@@ -29,7 +29,7 @@ _held: dict[Path, int] = {}  # folder -> the lock file's descriptor, held by thi
 
 def file_list(splits: FolderSplits) -> list[str]:
     """Every image the run reads, as `split<TAB>class<TAB>path relative to the data folder`, sorted."""
-    root = os.path.abspath(splits.root)  # relative to the data folder, wherever the command runs from
+    root = os.path.abspath(base_folder(splits.root))  # relative to the data folder (or the label file's), wherever the command runs from
     rows = []
     for split, samples in (("train", splits.train), ("val", splits.val), ("test", splits.test)):
         for s in samples:

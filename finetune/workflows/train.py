@@ -52,7 +52,8 @@ def dataset_params(splits: FolderSplits) -> dict[str, Any]:
 
 
 def run_name_for(cfg: TrainConfig) -> str:
-    data_name = Path(cfg.data_dir).resolve().name
+    data = Path(cfg.data_dir).resolve()
+    data_name = data.stem if data.is_file() else data.name  # a label file: its name without .csv
     return cfg.run_name or f"{cfg.model.split('.')[0]}-{data_name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -297,12 +298,16 @@ def _save(cfg: TrainConfig, backbone: Backbone, splits: FolderSplits, plan: Plan
 def metric_sources(splits: FolderSplits, fit: FitResult) -> dict[str, str]:
     """Which images each number of the summary comes from."""
     val_from = {"split-folders": "the val folder", "class-folders": "split off the class folders (--val-fraction)",
-                "train-test-folders": "split off the train folder (--val-fraction)"}[splits.layout]
+                "train-test-folders": "split off the train folder (--val-fraction)",
+                "csv-splits": "the label file's val rows",
+                "csv": "split off the label file's rows (--val-fraction)",
+                "csv-train-test": "split off the label file's train rows (--val-fraction)"}[splits.layout]
     sources = {"select_*": f"choices (epochs, weights, head, crop mode, temperature, unknown threshold): "
                            f"{fit.selection['protocol']}",
                "val_*": f"val: {len(splits.val)} images, {val_from}; read once, after every choice was made"}
     if splits.test:
-        sources["test_*"] = f"test: {len(splits.test)} images, the test folder; read once, after every choice"
+        where = "the label file's test rows" if splits.layout.startswith("csv") else "the test folder"
+        sources["test_*"] = f"test: {len(splits.test)} images, {where}; read once, after every choice"
     return sources
 
 
