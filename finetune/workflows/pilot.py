@@ -157,7 +157,8 @@ def pilot_plan(decision: Decision, winner: Plan, pilot: PilotResult) -> Plan:
     why = (f"pilot ({pilot.seconds:.0f} s): {' '.join(pilot.reasons)}; candidates scored on {pilot.select_images} "
            f"held-out training images: {scores}{skipped}{choice} -> {pilot.winner}{unresolved}")
     measured = [r for r in decision.plan.reasons if "forced" not in r]
-    return dataclasses.replace(winner, source="pilot", reasons=[why, *measured, *winner.reasons[1:]])
+    # The measured cell's reasons and the winner's own share lines when the winner is the cell: each once.
+    return dataclasses.replace(winner, source="pilot", reasons=list(dict.fromkeys([why, *measured, *winner.reasons[1:]])))
 
 
 @timing.timed("pilot")
