@@ -35,3 +35,10 @@ def test_without_a_measured_speed_there_is_no_estimate_and_the_sentence_says_so(
 def test_the_sentence_gives_the_duration_and_what_it_rests_on(rate, words):
     sentence = estimate_sentence(plan(False, epochs=3), PROFILE, rate)
     assert sentence.startswith(words) and "3 epochs fine-tuning 200 images" in sentence
+
+
+def test_the_pilot_states_its_cost_from_the_selection_images_it_scores():
+    from finetune.strategy.cost import pilot_sentence
+
+    assert pilot_sentence(2, 50, 20.0).startswith("about 5 s (2 heads on cached features, each scored on 50")
+    assert "no estimate" in pilot_sentence(2, 50, None)

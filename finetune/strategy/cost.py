@@ -44,6 +44,15 @@ def estimate_sentence(plan: Any, profile: Mapping[str, Any], images_per_s: float
             "images/s here)")
 
 
+def pilot_sentence(candidates: int, select_images: int, images_per_s: float | None) -> str:
+    """What a pilot of linear heads costs: each scores the selection images through the backbone once (their
+    training reads cached features: a small part of it)."""
+    if not images_per_s:
+        return "no estimate (the backbone's speed was not measured)"
+    return (f"about {_duration(candidates * select_images / images_per_s)} ({candidates} heads on cached features, "
+            f"each scored on {select_images} selection images)")
+
+
 def _duration(seconds: float) -> str:
     if seconds < 90:
         return f"{max(1, round(seconds))} s"

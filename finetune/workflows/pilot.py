@@ -31,6 +31,7 @@ from finetune.errors import UserError
 from finetune.evaluation.tta import predict_sources
 from finetune.model.backbone import Backbone, create_backbone
 from finetune.strategy.decide import Plan, load_thresholds, pilot_candidates, pilot_separates, settle_pilot
+from finetune.strategy.cost import pilot_sentence
 from finetune.strategy.report import unresolved_sentence
 from finetune.strategy.measure import Decision, plan_for, preserved_rng, with_plan
 from finetune.model.heads import init_head
@@ -182,7 +183,9 @@ def settle(cfg: TrainConfig, decision: Decision, backbone: Backbone, splits: Fol
         plan = plan_for(decision, finetune, cfg)
         plan = dataclasses.replace(plan, source="measured", reasons=[note, *plan.reasons[1:]])
         return with_plan(decision, plan, backbone.model, cfg.lr)
-    log.info("Pilot: %s on the cached features of the training split (no backbone pass)", ", ".join(candidates))
+    select = round(len(splits.train) * cfg.select_share)
+    log.info("Pilot: %s, %s", ", ".join(candidates),
+             pilot_sentence(len(candidates), select, decision.timings.get("images_per_s")))
     pilot = run_pilot(cfg, decision, candidates, reasons, backbone, splits, rt)
     chosen, why = settle_pilot(decision.plan.domain, {s: v["select_acc"] for s, v in pilot.scores.items()},
                                load_thresholds())
