@@ -157,8 +157,9 @@ def pilot_plan(decision: Decision, winner: Plan, pilot: PilotResult) -> Plan:
     choice = f"; {pilot.choice}" if pilot.choice else ""
     why = (f"pilot ({pilot.seconds:.0f} s): {' '.join(pilot.reasons)}; candidates scored on {pilot.select_images} "
            f"held-out training images: {scores}{skipped}{choice} -> {pilot.winner}{unresolved}")
-    measured = [r for r in decision.plan.reasons if "forced" not in r]
-    # The measured cell's reasons and the winner's own share lines when the winner is the cell: each once.
+    # What the measurement said (size, domain: the first two reasons of a measured cell), then the winner's own
+    # reasons (not the cell's plan: a fine-tuning winner is not described as the linear head it replaced).
+    measured = [r for r in decision.plan.reasons[:2] if "forced" not in r]
     return dataclasses.replace(winner, source="pilot", reasons=list(dict.fromkeys([why, *measured, *winner.reasons[1:]])))
 
 
