@@ -14,6 +14,7 @@ import click
 from finetune import console
 from finetune.cli_options import GroupedCommand, config_options
 from finetune.config import FIXED_TTA_MODES, load_yaml, resolve_config
+from finetune.errors import UserError
 
 log = logging.getLogger("finetune")
 
@@ -107,6 +108,28 @@ def plan(data_dir: str, config_file: str | None, as_json: bool, **options: Any) 
     else:
         lines = [f"  skipped: {audit['skipped']}"] if "skipped" in audit else ["  " + line for line in summary_lines(audit)]
         click.echo(describe(decision, groups) + "\n\nAudit\n" + "\n".join(lines))
+
+
+@cli.command()
+@click.argument("data_dir", type=click.Path())
+@config_options("rank")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+def rank(data_dir: str, config_file: str | None, as_json: bool, **options: Any) -> None:
+    """Rank pretrained backbones (--candidates) on DATA_DIR's training images, before training.
+
+    For each candidate: one pass over the training images at its own input size (features cached for `plan`
+    and `train`), the leave-one-out k-NN accuracy and LogME of its frozen features, its size, and its latency
+    on this machine (ms per image at batch 1 and 32). Prints them best first (k-NN accuracy), marks the
+    accuracy-latency front, and the `train` command of the best. Val and test are not read.
+    """
+    from finetune.workflows.rank import rank_backbones, table
+
+    cfg = build_config("rank", data_dir, config_file, **options)
+    if not cfg.candidates:
+        raise UserError("finetune rank needs --candidates: a folder of weight files with sidecars, a file with one "
+                        "candidate per line, or timm names separated by commas.")
+    result = rank_backbones(cfg, cfg.candidates, cfg.max_latency_ms)
+    click.echo(json.dumps(result) if as_json else table(result))
 
 
 @cli.command()

@@ -33,8 +33,9 @@ CLASS_WEIGHTS = ("none", "auto")
 SAMPLERS = ("shuffle", "balanced")
 
 # The commands that build a TrainConfig, and which of its options each one acts on (`opt(commands=...)`).
-COMMANDS = ("train", "plan", "sweep", "sanity", "lr-find", "audit")
-EVERY = frozenset(COMMANDS)  # the data, the model and the hardware: every command reads them
+COMMANDS = ("train", "plan", "sweep", "sanity", "lr-find", "audit", "rank")
+EVERY = frozenset(COMMANDS) - {"rank"}  # the data, the model and the hardware: every command with one model reads them
+READERS = EVERY | {"rank"}  # the data and the hardware: `rank` too (it compares several models, each at its own size)
 TRAINING = EVERY - {"audit"}  # what measures, decides and trains (or, `plan`, shows the plan)
 RUNS = TRAINING - {"sanity", "lr-find"}  # options of a real run: DDP and the like
 MLFLOW_RUNS = frozenset({"train", "sweep", "lr-find"})  # the commands that make an MLflow run
@@ -61,16 +62,16 @@ class TrainConfig:
     # Data
     val_fraction: float = opt(0.2, "Fraction held out for validation when the folder has no val/ split "
                               "(stratified).", "Data", low=0.0, high=1.0, low_open=True, high_open=True,
-                              commands=EVERY)
+                              commands=READERS)
     exclude: str | None = opt(None, "A file of image paths, one per line (e.g. reviewed findings of `finetune "
                               "audit`), left out of training and evaluation; nothing is moved or deleted.", "Data",
-                              shows="none", commands=EVERY, path=True)
-    seed: int = opt(0, "Random seed (split, init, augmentation).", "Data", commands=EVERY)
+                              shows="none", commands=READERS, path=True)
+    seed: int = opt(0, "Random seed (split, init, augmentation).", "Data", commands=READERS)
     max_image_pixels: int = opt(89_478_485, "Refuse images with more pixels than this (Pillow's "
-                                "decompression-bomb limit).", "Data", low=1, commands=EVERY)
+                                "decompression-bomb limit).", "Data", low=1, commands=READERS)
     image_size: int | None = opt(None, "Input size in pixels.", "Data", low=16, shows="the model's pretrained size",
                                  commands=EVERY)
-    batch_size: int = opt(32, "Images per batch (per process under DDP).", "Data", low=1, commands=EVERY)
+    batch_size: int = opt(32, "Images per batch (per process under DDP).", "Data", low=1, commands=READERS)
     # Model and plan
     model: str = opt("resnet50.a1_in1k", "timm model name, optionally with a weight tag, e.g. "
                      "convnext_tiny.fb_in22k.", "Model and plan", commands=EVERY)
@@ -136,15 +137,22 @@ class TrainConfig:
                                commands=frozenset({"train", "sweep"}))
     output: str | None = opt(None, "Output folder (new or empty: a run never writes into another's).",
                              "Tracking and output", shows="outputs/<run name>-<run id>", commands=EVERY - {"sanity"})
+    # Choosing the backbone (`finetune rank`)
+    candidates: str | None = opt(None, "The backbones to rank: a folder of weight files with sidecars, a file with "
+                                 "one timm name or weights file per line, or timm names separated by commas "
+                                 "(hub weights).", "Model and plan", shows="required", commands=frozenset({"rank"}))
+    max_latency_ms: float | None = opt(None, "Leave out candidates slower than this, in ms per image at batch 1 on "
+                                       "this machine.", "Model and plan", low=0.0, low_open=True, shows="no limit",
+                                       commands=frozenset({"rank"}))
     # Hardware
     num_workers: int | None = opt(None, "Data loader workers.", "Hardware", low=0, shows="from the cores",
-                                  commands=EVERY)
-    accelerator: str = opt("auto", "auto, cpu, gpu, ... (Lightning).", "Hardware", commands=EVERY)
+                                  commands=READERS)
+    accelerator: str = opt("auto", "auto, cpu, gpu, ... (Lightning).", "Hardware", commands=READERS)
     devices: str = opt("auto", "Number of devices, or 'auto' (Lightning).", "Hardware", commands=RUNS)
     num_nodes: int = opt(1, "Machines in a multi-node DDP run (Lightning).", "Hardware", low=1, commands=RUNS)
     strategy: str = opt("auto", "Lightning strategy: auto, ddp, ...", "Hardware", commands=RUNS)
     precision: str | None = opt(None, "Lightning precision.", "Hardware", shows="bf16-mixed on GPUs with native "
-                                "bf16, 16-mixed on older ones, 32-true on CPU", commands=EVERY)
+                                "bf16, 16-mixed on older ones, 32-true on CPU", commands=READERS)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -62,6 +62,9 @@ def read_sidecar(weights_path: Path) -> dict[str, Any]:
     return data
 
 
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")  # what --weights FILE reads (`read_state_dict`)
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Load tensors only: safetensors, or torch.load with weights_only=True (pickled code refused)."""
     try:
