@@ -74,7 +74,8 @@ class TrainConfig:
     batch_size: int = opt(32, "Images per batch (per process under DDP).", "Data", low=1, commands=READERS)
     # Model and plan
     model: str = opt("resnet50.a1_in1k", "timm model name, optionally with a weight tag, e.g. "
-                     "convnext_tiny.fb_in22k.", "Model and plan", commands=EVERY)
+                     "convnext_tiny.fb_in22k; `train` also takes auto: the best of --candidates.", "Model and plan",
+                     commands=EVERY)
     weights: str = opt("hub", "'hub' (download timm's pretrained weights), 'none', or a local "
                        ".safetensors/.pth/.bin file (a sidecar <file>.json is honoured).", "Model and plan",
                        commands=EVERY)
@@ -140,10 +141,11 @@ class TrainConfig:
     # Choosing the backbone (`finetune rank`)
     candidates: str | None = opt(None, "The backbones to rank: a folder of weight files with sidecars, a file with "
                                  "one timm name or weights file per line, or timm names separated by commas "
-                                 "(hub weights).", "Model and plan", shows="required", commands=frozenset({"rank"}))
+                                 "(hub weights). With `train --model auto` the best of them is trained.", "Model and plan",
+                                 shows="none (rank: required)", commands=frozenset({"rank", "train"}))
     max_latency_ms: float | None = opt(None, "Leave out candidates slower than this, in ms per image at batch 1 on "
                                        "this machine.", "Model and plan", low=0.0, low_open=True, shows="no limit",
-                                       commands=frozenset({"rank"}))
+                                       commands=frozenset({"rank", "train"}))
     # Hardware
     num_workers: int | None = opt(None, "Data loader workers.", "Hardware", low=0, shows="from the cores",
                                   commands=READERS)

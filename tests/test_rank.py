@@ -129,3 +129,37 @@ def test_rank_needs_candidates(tmp_path: Path):
     data = make_folder(tmp_path / "data", per_class=4)
     result = CliRunner().invoke(cli, ["rank", str(data)])
     assert result.exit_code == 2 and "needs --candidates" in result.output
+
+
+@pytest.mark.slow
+def test_train_with_model_auto_ranks_trains_the_best_and_logs_the_ranking(tmp_path: Path):
+    from mlflow.tracking import MlflowClient
+
+    data = make_folder(tmp_path / "data", per_class=6)
+    save_weights(tmp_path / "w", "test_resnet", 0)
+    save_weights(tmp_path / "w", "test_efficientnet", 1)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["train", str(data), "--model", "auto", "--candidates", str(tmp_path / "w"),
+                                      "--scenario", "small-similar", "--epochs", "1", "--batch-size", "4",
+                                      "--num-workers", "0", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    choice = summary["backbone_choice"]
+    assert [c["name"] for c in choice["candidates"]][0] == choice["best"]
+    config = json.loads((out / "config.json").read_text())  # what the run trained, and what --resume reads
+    assert config["model"] == choice["best"] and config["weights"] == choice["best_weights"]
+    spec = json.loads((Path(summary["model_dir"]) / "model.json").read_text())
+    assert spec["architecture"] == choice["best"]
+    logged = MlflowClient().download_artifacts(summary["mlflow_run_id"], "backbone_choice.json", str(tmp_path))
+    assert json.loads(Path(logged).read_text())["best"] == choice["best"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "auto"], "--model auto chooses among --candidates"),
+    (["--candidates", "test_resnet,test_vit"], "--candidates choose the backbone with --model auto"),
+    (["--max-latency-ms", "5"], "--max-latency-ms choose the backbone with --model auto"),
+])
+def test_model_auto_and_its_options_come_together(tmp_path: Path, args, message):
+    data = make_folder(tmp_path / "data", per_class=4)
+    result = CliRunner().invoke(cli, ["train", str(data), "--weights", "none", *args])
+    assert result.exit_code == 2 and message in result.output

@@ -17,7 +17,17 @@ from finetune.training.recipe import check_feature_plan_options, check_selection
 def check(cfg: TrainConfig, devices, precision: str) -> None:
     """Raise UserError for an unknown model, recipe options a forced feature plan ignores, Lightning options
     it would refuse, or an unreachable store."""
-    check_model_name(cfg.model)
+    if cfg.model == "auto":  # chosen by `finetune rank`'s ranking of --candidates (workflows/rank.py)
+        if not cfg.candidates:
+            raise UserError("--model auto chooses among --candidates: pass them (timm names separated by commas, a "
+                            "folder of weight files with sidecars, or a file listing them), or name one --model.")
+    else:
+        check_model_name(cfg.model)
+        given = [flag for flag, value in (("--candidates", cfg.candidates), ("--max-latency-ms", cfg.max_latency_ms))
+                 if value is not None]
+        if given:
+            raise UserError(f"{' and '.join(given)} choose the backbone with --model auto; with --model {cfg.model} "
+                            "they would do nothing. Pass --model auto, or leave them out.")
     check_forced_scenario(cfg)
     check_lightning_options(cfg.accelerator, devices, cfg.strategy, precision, cfg.num_nodes)
     if distributed.is_global_zero():

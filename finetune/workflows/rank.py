@@ -110,13 +110,14 @@ def measure_candidate(cfg: TrainConfig, name: str, weights: str, splits, rt: run
     return candidate
 
 
-def rank_backbones(cfg: TrainConfig, spec: str, max_latency_ms: float | None = None) -> dict[str, Any]:
+def rank_backbones(cfg: TrainConfig, spec: str, max_latency_ms: float | None = None,
+                   rt: runtime.Runtime | None = None) -> dict[str, Any]:
     """Measure and rank every candidate of `spec` on `cfg.data_dir`'s training split."""
     started = time.perf_counter()
     pairs = parse_candidates(spec)
     splits = scan_folder(cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_image_pixels,
                          exclude=read_exclude_list(cfg.exclude))
-    rt = process_runtime(cfg)
+    rt = rt or process_runtime(cfg)
     with preserved_rng():
         measured = [measure_candidate(cfg, name, weights, splits, rt) for name, weights in pairs]
     ordered = rank(measured, max_latency_ms)

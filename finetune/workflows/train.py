@@ -111,6 +111,7 @@ def _train(cfg: TrainConfig, tags: dict[str, str] | None, resume_from: ResumePoi
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     started = time.time()
     rt = _start_process(cfg)
+    cfg, backbone_choice = _choose_backbone(cfg, rt)
     if cfg.output and resume_from is None and distributed.is_global_zero():
         run_folder.check_free(cfg.output)  # before the measurement: claimed when the run starts
     splits, decision, backbone, recipe = prepare_run(cfg, rt, plan_override)
@@ -142,10 +143,27 @@ def _train(cfg: TrainConfig, tags: dict[str, str] | None, resume_from: ResumePoi
     summary["tta"] = {k: tta[k] for k in ("mode", "chosen_by", "scores") if k in tta}
     summary["calibration"] = {"temperature": spec.temperature, "heldout_images": tta["heldout_images"]}
     summary["unknown"], summary["audit"] = spec.ood, audit
+    if backbone_choice is not None:
+        summary["backbone_choice"] = backbone_choice
+        tracking.log_dict(run_id, backbone_choice, "backbone_choice.json")
     if resume_from is not None:
         summary["resumed_from_epoch"] = resume_from.epochs_done
     tracking.write_json(output / "summary.json", summary)
     return _publish(cfg, summary, eval_metrics, pending, model_dir)
+
+
+@timing.timed("rank")
+def _choose_backbone(cfg: TrainConfig, rt: runtime.Runtime) -> tuple[TrainConfig, dict[str, Any] | None]:
+    """With `--model auto`: the best of `--candidates` as `finetune rank` ranks them on the training split (rank 0
+    ranks, every rank trains its choice); the config then names it. Else the config as it is."""
+    if cfg.model != "auto":
+        return cfg, None
+    from finetune.workflows.rank import rank_backbones
+
+    choice = distributed.on_rank_zero(lambda: rank_backbones(cfg, cfg.candidates, cfg.max_latency_ms, rt))
+    log.info("Backbone: %s (best of %d candidates by k-NN accuracy of frozen features, %.0f s)", choice["best"],
+             len(choice["candidates"]), choice["seconds"])
+    return dataclasses.replace(cfg, model=choice["best"], weights=choice["best_weights"]), choice
 
 
 @timing.timed("start")
