@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from finetune.cli import cli
-from finetune.data.folders import scan_folder
+from finetune.data.folders import iter_image_files, scan_folder
 from finetune.errors import UserError
 from tests.conftest import make_folder, tiny_train_args
 
@@ -119,12 +119,12 @@ def test_train_takes_a_label_file_and_names_the_run_after_it(tmp_path: Path):
 def test_a_label_file_predicts_exactly_as_the_folder_on_hymenoptera(tmp_path: Path):
     """The same images, split and seed through a CSV and through the folder: the same predictions on val."""
     data = SHARED / "data" / "hymenoptera"
-    rows = [{"path": os.path.relpath(p, data), "label": p.parent.name, "split": p.parent.parent.name}
-            for p in sorted(data.rglob("*.jpg"))]
+    rows = [{"path": os.path.relpath(p, data), "label": Path(p).parent.name, "split": Path(p).parent.parent.name}
+            for p in iter_image_files(data)]  # every image file the folder scan reads
     labels = write_csv(tmp_path / "labels.csv", [{**r, "path": str(data / r["path"])} for r in rows],
                        ("path", "label", "split"))
     args = ["--model", "mobilenetv2_100", "--weights", str(SHARED / "weights" / "mobilenetv2_100.coral_in1k.safetensors"),
-            "--image-size", "96", "--epochs", "1", "--num-workers", "0"]
+            "--image-size", "96", "--epochs", "1", "--num-workers", "0", "--scenario", "small-similar", "--tta", "center"]
     preds = {}
     for name, source in (("folder", data), ("csv", labels)):
         result = CliRunner().invoke(cli, ["train", str(source), "--output", str(tmp_path / name), *args])
@@ -132,4 +132,5 @@ def test_a_label_file_predicts_exactly_as_the_folder_on_hymenoptera(tmp_path: Pa
         frame = pd.read_csv(tmp_path / name / "evaluation" / "val" / "predictions.csv")
         preds[name] = frame.assign(path=frame["path"].map(lambda p: os.path.basename(p))).sort_values("path")
     assert len(preds["csv"]) == 153
+    assert json.loads((tmp_path / "csv" / "summary.json").read_text())["data"]["train"] == 245
     pd.testing.assert_frame_equal(preds["csv"].reset_index(drop=True), preds["folder"].reset_index(drop=True))
