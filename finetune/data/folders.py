@@ -372,7 +372,8 @@ def scan_folder(root: str | Path, val_fraction: float = 0.2, seed: int = 0,
         raise UserError(f"No classes in {where}: expected one subfolder per class, each holding images (or a CSV "
                         "file with path and label columns).")
     if len(classes) < min_classes:
-        raise UserError(f"Only one class ({classes[0]!r}) in {display_path(root)}: a classifier needs at least 2.")
+        raise UserError(f"Only one class ({classes[0]!r}) in {display_path(root)}: a classifier needs at least 2 "
+                        "classes (one subfolder each, or two labels in a label file).")
     for part, per_class in files_per_part.items():
         extra = sorted(set(per_class) - set(classes))
         if extra:
