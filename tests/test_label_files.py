@@ -111,6 +111,10 @@ def test_train_takes_a_label_file_and_names_the_run_after_it(tmp_path: Path):
     # the run's file list is relative to the label file's folder, like a data folder's
     listed = (tmp_path / "out" / "files.json").read_text()
     assert "cat/cat_0.png" in listed and ".." not in listed
+    from mlflow.tracking import MlflowClient
+
+    run_name = MlflowClient().get_run(summary["mlflow_run_id"]).info.run_name
+    assert run_name.split("-")[1] == "labels"  # named after the file, without .csv
 
 
 @pytest.mark.slow

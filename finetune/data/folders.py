@@ -332,6 +332,12 @@ def base_folder(root: str | Path) -> Path:
     return root.parent if is_label_file(root) else root
 
 
+def data_name(root: str | Path) -> str:
+    """What names a data path in run and output names: the folder's name, or a label file's without `.csv`."""
+    root = Path(root).resolve()
+    return root.stem if is_label_file(root) else root.name
+
+
 def _folder_parts(root: Path) -> tuple[str, dict[str, Path], dict[str, dict[str, list[str]]], list[Skipped]]:
     if not root.exists():
         raise UserError(f"Data folder not found: {display_path(root)}")

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from finetune.config import TrainConfig
-from finetune.data.folders import FolderSplits, read_exclude_list, scan_folder
+from finetune.data.folders import FolderSplits, data_name, read_exclude_list, scan_folder
 from finetune.data.images import ImageError, display_path, load_rgb
 from finetune.data.profile import profile_splits
 from finetune.errors import UserError
@@ -55,7 +55,7 @@ def audit_table(cfg: TrainConfig, splits: FolderSplits, rt: runtime.Runtime | No
 
 
 def default_output(cfg: TrainConfig) -> Path:
-    return Path(cfg.output or Path("outputs") / f"audit-{Path(cfg.data_dir).resolve().name}-"
+    return Path(cfg.output or Path("outputs") / f"audit-{data_name(cfg.data_dir)}-"
                                                 f"{time.strftime('%Y%m%d-%H%M%S')}")
 
 

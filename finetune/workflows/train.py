@@ -18,7 +18,7 @@ import pytorch_lightning as pl
 
 from finetune import runtime, timing, tracking
 from finetune.config import TrainConfig
-from finetune.data.folders import FolderSplits, read_exclude_list, scan_folder
+from finetune.data.folders import FolderSplits, data_name, read_exclude_list, scan_folder
 from finetune.errors import UserError
 from finetune.evaluation import evaluate, trust
 from finetune.model.artifact import ModelSpec, load_scoring, save_model
@@ -52,9 +52,7 @@ def dataset_params(splits: FolderSplits) -> dict[str, Any]:
 
 
 def run_name_for(cfg: TrainConfig) -> str:
-    data = Path(cfg.data_dir).resolve()
-    data_name = data.stem if data.is_file() else data.name  # a label file: its name without .csv
-    return cfg.run_name or f"{cfg.model.split('.')[0]}-{data_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return cfg.run_name or f"{cfg.model.split('.')[0]}-{data_name(cfg.data_dir)}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def recipe_scenario(cfg: TrainConfig) -> str:
