@@ -213,6 +213,12 @@ def test_settle_pilot_keeps_a_linear_head_only_where_it_is_good(domain, scores, 
     assert why in reason, reason
 
 
+def test_an_option_only_a_linear_head_honours_keeps_the_better_head_and_says_so():
+    chosen, why = settle_pilot("similar", {"small-similar": 0.60, "small-different": 0.70}, T, linear_only="--aug-views")
+    assert chosen == "small-different" and "--aug-views applies to linear heads only" in why
+    assert settle_pilot("similar", {"small-similar": 0.90}, T, linear_only="--aug-views")[0] == "small-similar"
+
+
 def test_the_linear_head_threshold_is_configurable_and_checked(tmp_path: Path):
     assert 0 < load_thresholds().linear_min_select_acc < 1
     strict = Thresholds(**{**vars(T), "linear_min_select_acc": 0.95})

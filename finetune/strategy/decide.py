@@ -338,8 +338,11 @@ def pilot_candidates(profile: Mapping[str, Any], similarity: Mapping[str, Any],
         f"{thresholds.linear_min_select_acc:.0%} of the selection images right, else the network is fine-tuned"]
 
 
-def settle_pilot(domain: str, scores: Mapping[str, float], thresholds: Thresholds) -> tuple[str, str]:
+def settle_pilot(domain: str, scores: Mapping[str, float], thresholds: Thresholds,
+                 linear_only: str | None = None) -> tuple[str, str]:
     """The plan after the pilot of the linear heads (`scores`: scenario -> selection accuracy), and why.
+    `linear_only`: an option the user gave that only a linear head honours (`--aug-views`): the better head then
+    goes on whatever its score, and the reason says so.
 
     The better head goes on where it is already good (at least `linear_min_select_acc`): fine-tuning has
     little left to gain there and costs several times more. Elsewhere the network is fine-tuned, the measured
@@ -353,6 +356,10 @@ def settle_pilot(domain: str, scores: Mapping[str, float], thresholds: Threshold
     if acc >= need:
         return best, (f"the better linear head, {best}, gets {acc:.3f} of the selection images right (>= {need:g}): "
                       "it goes on (fine-tuning has little left to gain, at several times the cost)")
+    if linear_only:
+        return best, (f"the better linear head, {best}, gets only {acc:.3f} of the selection images right (< {need:g}), "
+                      f"so the network would be fine-tuned, but {linear_only} applies to linear heads only: {best} goes "
+                      f"on. Leave {linear_only} out to let the network be fine-tuned")
     return finetune, (f"the better linear head, {best}, gets only {acc:.3f} of the selection images right "
                       f"(< {need:g}): the network is fine-tuned ({finetune}, by the measured domain)")
 

@@ -188,8 +188,11 @@ def settle(cfg: TrainConfig, decision: Decision, backbone: Backbone, splits: Fol
     log.info("Pilot: %s, %s", ", ".join(candidates),
              pilot_sentence(len(candidates), select, decision.timings.get("images_per_s")))
     pilot = run_pilot(cfg, decision, candidates, reasons, backbone, splits, rt)
+    thresholds = load_thresholds()
     chosen, why = settle_pilot(decision.plan.domain, {s: v["select_acc"] for s, v in pilot.scores.items()},
-                               load_thresholds())
+                               thresholds, linear_only="--aug-views" if cfg.aug_views is not None else None)
+    if chosen in pilot.scores and pilot.scores[chosen]["select_acc"] < thresholds.linear_min_select_acc:
+        log.warning(why)  # a head below the threshold goes on only because the user's option asks for one
     if chosen != pilot.winner:
         pilot.unresolved = {}  # between the heads, which do not go on
     pilot.winner, pilot.choice = chosen, why
