@@ -42,14 +42,10 @@ from typing import Sequence
 from finetune.errors import UserError
 from finetune.data.images import IMAGE_EXTENSIONS, ImageError, ImageInfo, display_path, probe_image
 from finetune.data.label_files import is_label_file, read_label_file
+from finetune.data.split_names import SPLIT_OF_NAME
 
 log = logging.getLogger(__name__)
 
-TRAIN_NAMES = ("train", "training")
-VAL_NAMES = ("val", "valid", "validation")
-TEST_NAMES = ("test", "testing")
-SPLIT_OF_NAME = {**{n: "train" for n in TRAIN_NAMES}, **{n: "val" for n in VAL_NAMES},
-                 **{n: "test" for n in TEST_NAMES}}
 ACCEPTED_LAYOUTS = (
     "Accepted layouts: DATA/<class>/... (class folders; val is split off with --val-fraction); "
     "DATA/train/ + DATA/val/ [+ DATA/test/], each holding the same class folders; "

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune.data.images import display_path
+from finetune.data.split_names import SPLIT_OF_NAME
 from finetune.errors import UserError
 
-SPLITS = {"": "train", "train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
-          "test": "test", "testing": "test"}
+SPLITS = {"": "train", **SPLIT_OF_NAME}  # an empty split: train
 
 
 @dataclass

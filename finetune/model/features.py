@@ -401,10 +401,10 @@ def cached_features(backbone: Backbone, samples: Sequence[Sample], *, views: int
     try:
         _extract(backbone, samples, transform, n_views, seed, augmented, tmp, batch_size, rt or runtime.cpu(),
                  max_pixels, with_stats=not augmented and crops is None)
+        seconds = time.perf_counter() - started
         (tmp / "key.json").write_text(json.dumps(key, indent=1, default=str))
         # How fast this backbone ran here: `finetune plan` estimates a run's time from it (strategy.cost).
-        (tmp / "speed.json").write_text(json.dumps({"images": len(samples) * n_views,
-                                                   "seconds": round(time.perf_counter() - started, 3)}))
+        (tmp / "speed.json").write_text(json.dumps({"images": len(samples) * n_views, "seconds": round(seconds, 3)}))
         try:
             os.replace(tmp, directory)
         except OSError:  # another process finished the same entry first: theirs is as good
@@ -412,7 +412,6 @@ def cached_features(backbone: Backbone, samples: Sequence[Sample], *, views: int
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    seconds = time.perf_counter() - started
     log.info("Extracted features of %d images x %d view(s) in %.1fs -> %s", len(samples), n_views, seconds, directory)
     return _load(directory, extracted=True, seconds=seconds)
 
