@@ -46,3 +46,23 @@ def test_a_k_fold_pilot_scores_every_candidate_on_all_of_train(image_folder: Pat
         assert three.scores[scenario]["fit_images"] < len(splits.train)
     assert three.winner == max(candidates, key=lambda s: (three.scores[s]["select_acc"], -candidates.index(s)))
     assert all(w + o <= len(splits.train) for w, o in three.unresolved.values())
+
+
+@pytest.mark.parametrize("aug_views, expected", [(None, "large-"), (2, "small-")])
+def test_a_multi_process_run_fine_tunes_without_the_pilot_unless_an_option_asks_for_a_linear_head(
+        image_folder: Path, weights_file: Path, tmp_path: Path, monkeypatch, aug_views, expected):
+    from finetune.training import distributed
+    from finetune.workflows.pilot import settle
+
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = TrainConfig(data_dir=str(image_folder), model=TINY_MODEL, weights=str(weights_file), image_size=32,
+                      batch_size=4, num_workers=0, epochs=1, aug_views=aug_views)
+    rt = runtime.cpu()
+    splits = scan_folder(cfg.data_dir, cfg.val_fraction, cfg.seed)
+    backbone = create_backbone(cfg.model, cfg.weights, len(splits.classes), cfg.image_size, keep_source_head=True)
+    decision = measure_and_decide(cfg, splits, backbone, rt)
+    assert decision.plan.scenario.startswith("small-")  # 12 training images: little data
+    monkeypatch.setattr(distributed, "is_multi_process", lambda: True)
+    settled = settle(cfg, decision, backbone, splits, rt)
+    assert settled.pilot is None and settled.plan.scenario.startswith(expected)
+    assert "pilot skipped: a multi-process run cannot pilot" in " ".join(settled.plan.reasons)

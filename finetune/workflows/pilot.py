@@ -171,26 +171,19 @@ def settle(cfg: TrainConfig, decision: Decision, backbone: Backbone, splits: Fol
     weights, is not piloted."""
     if decision.plan.source != "measured" or backbone.weights_source == "none":
         return decision
-    candidates, reasons = pilot_candidates(decision.profile.to_dict(), decision.similarity.to_dict(),
-                                           load_thresholds())
+    thresholds = load_thresholds()
+    candidates, reasons = pilot_candidates(decision.profile.to_dict(), decision.similarity.to_dict(), thresholds)
     if len(candidates) < 2:
         return decision
+    linear_only = "--aug-views" if cfg.aug_views is not None else None  # an option only a linear head honours
     if distributed.is_multi_process():  # rank 0 alone, inside the one-time work: it cannot start Trainers
-        finetune = f"large-{decision.plan.domain}"
-        note = (f"pilot skipped: a multi-process run cannot pilot, so without the evidence that a linear head is "
-                f"enough the network is fine-tuned ({finetune}); run `finetune plan` on one device to compare "
-                f"{', '.join(candidates)}, then pass its choice as --scenario")
-        log.warning(note)
-        plan = plan_for(decision, finetune, cfg)
-        plan = dataclasses.replace(plan, source="measured", reasons=[note, *plan.reasons[1:]])
-        return with_plan(decision, plan, backbone.model, cfg.lr)
+        return _without_pilot(cfg, decision, backbone, candidates, linear_only)
     select = round(len(splits.train) * cfg.select_share)
     log.info("Pilot: %s, %s", ", ".join(candidates),
              pilot_sentence(len(candidates), select, decision.timings.get("images_per_s")))
     pilot = run_pilot(cfg, decision, candidates, reasons, backbone, splits, rt)
-    thresholds = load_thresholds()
     chosen, why = settle_pilot(decision.plan.domain, {s: v["select_acc"] for s, v in pilot.scores.items()},
-                               thresholds, linear_only="--aug-views" if cfg.aug_views is not None else None)
+                               thresholds, linear_only)
     if chosen in pilot.scores and pilot.scores[chosen]["select_acc"] < thresholds.linear_min_select_acc:
         log.warning(why)  # a head below the threshold goes on only because the user's option asks for one
     if chosen != pilot.winner:
@@ -200,3 +193,24 @@ def settle(cfg: TrainConfig, decision: Decision, backbone: Backbone, splits: Fol
     settled = with_plan(decision, plan, backbone.model, cfg.lr)
     return dataclasses.replace(settled, pilot=pilot.to_dict(),
                                timings={**decision.timings, "pilot_s": pilot.seconds})
+
+
+def _without_pilot(cfg: TrainConfig, decision: Decision, backbone: Backbone, candidates: list[str],
+                   linear_only: str | None) -> Decision:
+    """A multi-process run, which cannot pilot: without the evidence that a linear head is enough the network is
+    fine-tuned, unless the user gave an option only a linear head honours (then the measured cell runs)."""
+    if linear_only:
+        note = (f"pilot skipped: a multi-process run cannot pilot; {linear_only} applies to linear heads only, so "
+                f"the measured cell {decision.plan.scenario} runs; run `finetune plan` on one device to compare "
+                f"{', '.join(candidates)}")
+        log.warning(note)
+        return dataclasses.replace(decision, plan=dataclasses.replace(decision.plan,
+                                                                      reasons=[*decision.plan.reasons, note]))
+    finetune = f"large-{decision.plan.domain}"
+    note = (f"pilot skipped: a multi-process run cannot pilot, so without the evidence that a linear head is "
+            f"enough the network is fine-tuned ({finetune}); run `finetune plan` on one device to compare "
+            f"{', '.join(candidates)}, then pass its choice as --scenario")
+    log.warning(note)
+    plan = plan_for(decision, finetune, cfg)
+    plan = dataclasses.replace(plan, source="measured", reasons=[note, *plan.reasons[1:]])
+    return with_plan(decision, plan, backbone.model, cfg.lr)
