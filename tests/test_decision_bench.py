@@ -62,3 +62,18 @@ def test_sets_missing_from_a_seed_are_left_out(tmp_path: Path):
     b = write(tmp_path / "net_s1.jsonl", rows("one", 200, acc, {}, COST))
     report = "\n".join(decision.report_model("net", [a, b], load_thresholds()))
     assert "1 sets x seeds 0, 1" in report and "| one |" in report and "| two |" not in report
+
+
+def test_the_bound_is_the_cheapest_choice_that_matches_the_best_fixed_regret(tmp_path: Path):
+    # "a": the cheap head is as good as the best plan; "b": only large-different is best (by 4 points).
+    a = {"small-similar": 0.9, "small-different": 0.8, "large-similar": 0.9, "large-different": 0.88}
+    b = {"small-similar": 0.7, "small-different": 0.7, "large-similar": 0.76, "large-different": 0.8}
+    runs = [decision.load(write(tmp_path / "net_s0.jsonl", rows("a", 200, a, {}, COST), rows("b", 200, b, {}, COST)))]
+    # best fixed: large-different (mean 1.0, worst 2.0) and large-similar (mean 2.0, worst 4.0): bounds 1.0 / 2.0
+    bound = decision.cheapest_within(runs, ["a", "b"], mean=1.0, worst=2.0)
+    assert bound is not None and {k: round(v, 6) for k, v in bound.per_set.items()} == {"a": 0.0, "b": 0.0}
+    assert bound.wall == (10 + 5) + (10 + 90)  # small-similar on a, large-different on b
+    assert decision.cheapest_within(runs, ["a", "b"], mean=0.0, worst=0.0).wall == bound.wall
+    assert decision.cheapest_within(runs, ["b"], mean=0.0, worst=-1.0) is None  # no choice has negative regret
+    report = "\n".join(decision.report_model("net", [tmp_path / "net_s0.jsonl"], load_thresholds()))
+    assert f"costs {bound.wall / 200:.2f} of always large-different" in report
