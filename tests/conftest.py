@@ -31,6 +31,25 @@ def make_folder(root: Path, classes=("cat", "dog"), per_class: int = 8, size: in
     return root
 
 
+def make_multilabel_folder(root: Path, classes=("red", "green", "blue"), n: int = 24, size: int = 48,
+                           seed: int = 0) -> tuple[Path, list[dict]]:
+    """Images of 1 to 3 coloured vertical bands, one colour per class (the label set: the colours shown), in one
+    folder, and their label-file rows (path, labels). Every class is shown alone at least once."""
+    rng = random.Random(seed)
+    palette = {"red": (220, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 220), "yellow": (200, 200, 40)}
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        shown = [classes[i % len(classes)]] if i < len(classes) else rng.sample(classes, rng.randint(1, len(classes)))
+        img = Image.new("RGB", (size, size), (128, 128, 128))
+        band = size // len(shown)
+        for j, name in enumerate(shown):
+            img.paste(palette[name], (j * band, 0, (j + 1) * band, size))
+        img.save(root / f"img_{i}.png")
+        rows.append({"path": f"img_{i}.png", "labels": ";".join(shown)})
+    return root, rows
+
+
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return make_folder(tmp_path / "data")

@@ -91,8 +91,9 @@ def test_every_bad_row_is_reported_and_the_good_rows_are_used(tmp_path: Path):
 
 
 @pytest.mark.parametrize("columns, message", [
-    (("path", "labels"), "several labels per image"),
+    (("path", "label", "labels"), "both a 'label' and a 'labels' column"),
     (("file", "label"), "needs the columns path and label"),
+    (("path",), "needs the columns path and label"),
 ])
 def test_a_label_file_without_the_columns_is_refused(tmp_path: Path, columns, message):
     make_folder(tmp_path / "data")

@@ -41,7 +41,8 @@ from typing import Sequence
 
 from finetune.errors import UserError
 from finetune.data.images import IMAGE_EXTENSIONS, ImageError, ImageInfo, display_path, probe_image
-from finetune.data.label_files import is_label_file, read_label_file
+from finetune.data.label_files import LabelFile, is_label_file, read_label_file
+from finetune.data.multilabel import iterative_parts, keep_every_label_in_first
 from finetune.data.split_names import SPLIT_OF_NAME
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,12 @@ IGNORED_DIRS = {"__MACOSX", "__pycache__"}
 @dataclass(frozen=True)
 class Sample:
     path: str
-    label: int
+    label: int  # the class index; MULTI for an image with several labels (multi-label data)
     info: ImageInfo | None = None
+    labels: tuple[int, ...] = ()  # multi-label data: the indices of every class the image shows
+
+
+MULTI = -1  # Sample.label of a multi-label image: its classes are in Sample.labels
 
 
 @dataclass
@@ -79,6 +84,7 @@ class FolderSplits:
     test: list[Sample] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     excluded: list[str] = field(default_factory=list)  # left out by --exclude, as display paths
+    multi_label: bool = False  # a label file with a `labels` column: each Sample's classes are in `labels`
 
     def counts(self) -> dict[str, int]:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test),
@@ -92,7 +98,7 @@ class FolderSplits:
         if not select:
             raise UserError(f"Too few training images ({len(self.train)}) to hold out a selection split "
                             "(each class needs at least 2 images). Add images.")
-        return FolderSplits(self.root, self.layout, self.classes, fit, select)
+        return FolderSplits(self.root, self.layout, self.classes, fit, select, multi_label=self.multi_label)
 
     def folds(self, k: int, seed: int) -> list["FolderSplits"]:
         """The training split cut k ways (stratified): k `selection`-like splits whose `val` parts are disjoint
@@ -102,7 +108,7 @@ class FolderSplits:
             raise UserError(f"Too few training images ({len(self.train)}) for {k} selection folds. "
                             "Use fewer folds or add images.")
         return [FolderSplits(self.root, self.layout, self.classes,
-                             [s for j, p in enumerate(parts) if j != i for s in p], part)
+                             [s for j, p in enumerate(parts) if j != i for s in p], part, multi_label=self.multi_label)
                 for i, part in enumerate(parts)]
 
     def evaluation_parts(self) -> dict[str, list[Sample]]:
@@ -228,7 +234,15 @@ def _shuffled_classes(samples: Sequence[Sample], seed: int) -> list[list[Sample]
 
 
 def stratified_split(samples: Sequence[Sample], val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """Deterministic per-class split: each class with >= 2 images puts at least one in val."""
+    """Deterministic per-class split: each class with >= 2 images puts at least one in val. Multi-label images:
+    iterative stratification, every label kept in train (`data/multilabel.py`)."""
+    if any(s.labels for s in samples):
+        if not 0 < val_fraction < 1:
+            return list(samples), []
+        parts = iterative_parts(samples, [s.labels for s in samples], [1 - val_fraction, val_fraction], seed,
+                                key=lambda s: s.path)
+        train, val = keep_every_label_in_first(parts, lambda s: s.labels)
+        return train, val
     train: list[Sample] = []
     val: list[Sample] = []
     for items in _shuffled_classes(samples, seed):
@@ -247,6 +261,8 @@ def stratified_folds(samples: Sequence[Sample], k: int, seed: int) -> list[list[
     seeded shuffle (so every part has about 1/k of each class); deterministic."""
     if k < 2:
         raise ValueError(f"k-fold needs k >= 2 (got {k})")
+    if any(s.labels for s in samples):
+        return iterative_parts(samples, [s.labels for s in samples], [1.0] * k, seed, key=lambda s: s.path)
     parts: list[list[Sample]] = [[] for _ in range(k)]
     start = 0  # the next class starts where the last one stopped: small classes do not all land in part 0
     for items in _shuffled_classes(samples, seed):
@@ -343,29 +359,64 @@ def _folder_parts(root: Path) -> tuple[str, dict[str, Path], dict[str, dict[str,
     return layout, parts, {name: _class_files(path) for name, path in parts.items()}, []
 
 
-def _label_file_parts(path: Path) -> tuple[str, dict[str, Path], dict[str, dict[str, list[str]]], list[Skipped]]:
+def _label_file_parts(listed: LabelFile, path: Path
+                      ) -> tuple[str, dict[str, Path], dict[str, dict[str, list[str]]], list[Skipped]]:
     """A label file as the parts a folder would give: "csv" (val split off train), "csv-train-test" or
     "csv-splits" (its split column names a validation split)."""
-    listed = read_label_file(path)
     names = set(listed.parts)
     layout = "csv-splits" if "val" in names else "csv-train-test" if "test" in names else "csv"
     return layout, {name: path for name in listed.parts}, listed.parts, [Skipped(p, why) for p, why in listed.bad]
 
 
+def _samples_of(per_class: dict[str, list[str]], classes: list[str], probed: dict[str, ImageInfo | str],
+                label_sets: dict[str, tuple[str, ...]] | None) -> list[Sample]:
+    """The readable images of one split: one Sample per image and class, or, multi-label (`label_sets`), one per
+    image with every class it shows."""
+    if label_sets is None:
+        return [Sample(p, classes.index(c), probed[p]) for c in sorted(per_class) for p in per_class[c]
+                if not isinstance(probed[p], str)]
+    paths = sorted({p for files in per_class.values() for p in files if not isinstance(probed[p], str)})
+    return [Sample(p, MULTI, probed[p], tuple(sorted(classes.index(c) for c in label_sets[p]))) for p in paths]
+
+
+def _check_every_class_trains(root: Path, layout: str, parts: dict[str, Path], classes: list[str],
+                              primary: dict[str, list[str]], primary_samples: list[Sample]) -> None:
+    """UserError naming the first class that has no readable image in the training (or only) split."""
+    present = Counter(label for s in primary_samples for label in (s.labels or (s.label,)))
+    for idx, name in enumerate(classes):
+        if present[idx] == 0:
+            n_files = len(primary[name])
+            if layout.startswith("csv"):
+                raise UserError(f"Class {name!r} of {display_path(root)} has no usable training image: all "
+                                f"{n_files} listed are unreadable. Fix its rows or remove them.")
+            folder = parts.get("train", parts.get("all", root)) / name
+            why = (f"all {n_files} image file(s) in it are unreadable" if n_files
+                   else "it holds no image files (" + ", ".join(IMAGE_EXTENSIONS) + ")")
+            raise UserError(f"Class folder {display_path(folder)} has no usable image: {why}. "
+                            "Add images or remove the folder.")
+
+
 def scan_folder(root: str | Path, val_fraction: float = 0.2, seed: int = 0,
                 max_pixels: int = 89_478_485, exclude: Sequence[str] | None = None,
-                min_classes: int = 2) -> FolderSplits:
+                min_classes: int = 2, multi_label: bool = False) -> FolderSplits:
     """Scan and validate an image folder; raise UserError for folders that cannot be trained on.
 
     Args:
         exclude: paths of images to leave out of every split (`--exclude`); nothing is moved or deleted.
         min_classes: 1 for commands that only look at the data (`finetune audit`).
+        multi_label: the caller takes multi-label data (a label file's `labels` column); else it is refused.
     """
     root = Path(root)
-    if is_label_file(root):
-        layout, parts, files_per_part, bad = _label_file_parts(root)
+    listed = read_label_file(root) if is_label_file(root) else None
+    if listed is not None and listed.multi_label and not multi_label:
+        raise UserError(f"{display_path(root)} lists several labels per image (a 'labels' column): this version "
+                        "reads and splits multi-label files but does not train on them yet. Use a 'label' column, "
+                        "one label per image.")
+    if listed is not None:
+        layout, parts, files_per_part, bad = _label_file_parts(listed, root)
     else:
         layout, parts, files_per_part, bad = _folder_parts(root)
+    label_sets = listed.label_sets if listed is not None and listed.multi_label else None
     files_per_part, excluded = _without_excluded(base_folder(root), files_per_part, exclude)
     primary = files_per_part["train" if "train" in parts else "all"]
     classes = sorted(primary)
@@ -386,28 +437,13 @@ def scan_folder(root: str | Path, val_fraction: float = 0.2, seed: int = 0,
     probed = _probe_all(all_paths, max_pixels)
     skipped = bad + [Skipped(display_path(p), r) for p, r in probed.items() if isinstance(r, str)]
 
-    def samples(per_class: dict[str, list[str]]) -> list[Sample]:
-        return [Sample(p, classes.index(c), probed[p]) for c in sorted(per_class) for p in per_class[c]
-                if not isinstance(probed[p], str)]
-
-    split_samples = {name: samples(per_class) for name, per_class in files_per_part.items()}
+    split_samples = {name: _samples_of(per_class, classes, probed, label_sets)
+                     for name, per_class in files_per_part.items()}
     primary_samples = split_samples["train" if "train" in parts else "all"]
-    present = Counter(s.label for s in primary_samples)
-    for idx, name in enumerate(classes):
-        if present[idx] == 0:
-            n_files = len(primary[name])
-            if layout.startswith("csv"):
-                raise UserError(f"Class {name!r} of {display_path(root)} has no usable training image: all "
-                                f"{n_files} listed are unreadable. Fix its rows or remove them.")
-            folder = parts.get("train", parts.get("all", root)) / name
-            why = (f"all {n_files} image file(s) in it are unreadable" if n_files
-                   else "it holds no image files (" + ", ".join(IMAGE_EXTENSIONS) + ")")
-            raise UserError(f"Class folder {display_path(folder)} has no usable image: {why}. "
-                            "Add images or remove the folder.")
-
+    _check_every_class_trains(root, layout, parts, classes, primary, primary_samples)
     train, val, test = _final_splits(root, layout, parts, split_samples, val_fraction, seed)
     result = FolderSplits(str(root), layout, classes, train, val, test, skipped,
-                          sorted(display_path(p) for p in excluded))
+                          sorted(display_path(p) for p in excluded), multi_label=label_sets is not None)
     if skipped:
         log.warning(result.skipped_report())
     return result
