@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from finetune.data.folders import MULTI, scan_folder
 from finetune.errors import UserError
+from finetune.evaluation import multilabel as ml
 from finetune.data.multilabel import iterative_parts, keep_every_label_in_first
 from tests.conftest import make_multilabel_folder
 from tests.test_label_files import write_csv
@@ -86,3 +88,49 @@ def test_commands_that_do_not_train_on_several_labels_refuse_them_clearly(tmp_pa
     labels = write_csv(folder / "labels.csv", rows, ("path", "labels"))
     with pytest.raises(UserError, match="several labels per image"):
         scan_folder(labels)
+
+
+# --- thresholds and metrics (finetune/evaluation/multilabel.py) --------------------------------------
+
+
+@pytest.mark.parametrize("probs, positive, precision, expected, why", [
+    # separable: halfway between the lowest positive (0.6) and the highest negative (0.3)
+    ([0.1, 0.2, 0.3, 0.6, 0.7, 0.9], [0, 0, 0, 1, 1, 1], None, 0.45, "f1"),
+    # a rare class with low probabilities: far below 0.5, which would never predict it
+    ([0.01, 0.02, 0.03, 0.2, 0.25], [0, 0, 0, 1, 1], None, 0.115, "f1"),
+    # overlap: best F1 takes 0.5 in (3 of 3 found, 1 false: F1 0.857) rather than stopping at 0.6 (2 of 3: 0.8)
+    ([0.1, 0.5, 0.55, 0.6, 0.9], [0, 1, 0, 1, 1], None, 0.3, "f1"),
+    # the same with a target precision of 1: 0.6 and above
+    ([0.1, 0.5, 0.55, 0.6, 0.9], [0, 1, 0, 1, 1], 1.0, 0.575, "precision"),
+    # unreachable precision: the highest threshold, and it says so
+    ([0.1, 0.9, 0.8], [1, 0, 0], 1.0, 0.85, "precision: 1 not reached, the highest threshold"),
+    # nothing to choose on
+    ([0.1, 0.2], [0, 0], None, 0.5, "default: the selection images are all negative"),
+    ([0.1, 0.2], [1, 1], None, 0.5, "default: the selection images are all positive"),
+])
+def test_each_class_gets_its_threshold(probs, positive, precision, expected, why):
+    chosen = ml.choose_thresholds(np.array(probs)[:, None], np.array(positive)[:, None], precision)
+    assert chosen.values == [pytest.approx(expected)] and chosen.chosen_by == [why]
+
+
+def test_thresholds_are_per_class_and_the_sets_follow_them():
+    probs = np.array([[0.9, 0.02], [0.8, 0.2], [0.2, 0.25], [0.1, 0.01]])
+    truth = np.array([[1, 0], [1, 1], [0, 1], [0, 0]])
+    chosen = ml.choose_thresholds(probs, truth)
+    assert chosen.values == [pytest.approx(0.5), pytest.approx(0.11)]
+    assert ml.predict_sets(probs, chosen).tolist() == truth.astype(bool).tolist()
+
+
+def test_multilabel_metrics_against_hand_counts():
+    probs = np.array([[0.9, 0.1, 0.4], [0.8, 0.7, 0.1], [0.3, 0.6, 0.2], [0.2, 0.2, 0.3]])
+    truth = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 0], [1, 0, 0]])
+    m = ml.metrics(probs, truth, ml.Thresholds([0.5, 0.5, 0.5], ["f1"] * 3), ["a", "b", "c"])
+    # a: found 2 of 3, no false positive; b: 1 right, 1 false (image 3); c: never positive, no AP
+    assert m["per_class"]["a"]["precision"] == 1.0 and m["per_class"]["a"]["recall"] == pytest.approx(2 / 3)
+    assert m["per_class"]["b"]["precision"] == 0.5 and m["per_class"]["b"]["recall"] == 1.0
+    assert m["per_class"]["c"]["ap"] is None and m["per_class"]["c"]["positives"] == 0
+    assert m["precision_micro"] == pytest.approx(3 / 4) and m["recall_micro"] == pytest.approx(3 / 4)
+    assert m["subset_accuracy"] == pytest.approx(2 / 4)  # images 1 and 2 exactly right
+    # AP of a: positives at ranks 1, 2 and 4 of 4 -> (1 + 1 + 3/4) / 3; of b: its positive ranked first -> 1
+    assert m["per_class"]["a"]["ap"] == pytest.approx((1 + 1 + 0.75) / 3)
+    assert m["map_macro"] == pytest.approx(((1 + 1 + 0.75) / 3 + 1.0) / 2)
