@@ -185,6 +185,37 @@ def _audit_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _score_lines(summary: dict[str, Any], kept: str) -> list[str]:
+    """Selection and val (and test) accuracy, with their intervals."""
+    m, lines = summary["metrics"], []
+    lines.append(f"            accuracy {m['select_acc']:.4f} ({kept}); test-time crops {summary['tta']['mode']} "
+                 f"({summary['tta']['chosen_by']})")
+    interval = _interval(m, "val_acc")
+    lines.append(f"Val:        accuracy {m['val_acc']:.4f} ({interval + '; ' if interval else ''}"
+                 f"{summary['data']['val']} images, read once after training)")
+    extra = [f"{k} {v:.4f}" + (f" ({i})" if (i := _interval(m, k)) else "") for k, v in m.items()
+             if (k.endswith("_tta") or k.startswith("test_acc")) and "top5" not in k and "no_leakage" not in k
+             and "_ci95_" not in k]
+    if extra:
+        lines.append(f"            {', '.join(extra)}")
+    return lines
+
+
+def _multi_label_lines(summary: dict[str, Any], kept: str) -> list[str]:
+    """Several labels per image: the selection mAP, the thresholds, and val's (and test's) mAP, F1, subset accuracy."""
+    m = summary["metrics"]
+    values = summary["thresholds"]["values"]
+    lines = [f"            mAP {m['select_map']:.4f} ({kept}); thresholds per class {min(values):.2f} to "
+             f"{max(values):.2f} (best F1 on held-out training images, or --threshold-precision)"]
+    for split in ("val", "test"):
+        if f"{split}_map_macro" in m:
+            lines.append(f"{split.capitalize() + ':':<12}mAP {m[f'{split}_map_macro']:.4f} (macro), "
+                         f"{m[f'{split}_map_micro']:.4f} (micro); at the thresholds F1 {m[f'{split}_f1_micro']:.4f} "
+                         f"(micro), subset accuracy {m[f'{split}_subset_accuracy']:.4f} "
+                         f"({summary['data'][split]} images, read once after training)")
+    return lines
+
+
 def _print_summary(summary: dict[str, Any], data_dir: str) -> None:
     """The end of `train`: the scenario and why, the plan, the numbers, and where everything is."""
     m, plan = summary["metrics"], summary["plan"]
@@ -204,16 +235,7 @@ def _print_summary(summary: dict[str, Any], data_dir: str) -> None:
     else:
         kept = f"{m.get('epochs')} epoch(s), weight decay {plan.get('weight_decay')}"
     lines.append(f"Chosen on:  {summary['selection']['protocol']}")
-    lines.append(f"            accuracy {m['select_acc']:.4f} ({kept}); test-time crops {summary['tta']['mode']} "
-                 f"({summary['tta']['chosen_by']})")
-    interval = _interval(m, "val_acc")
-    lines.append(f"Val:        accuracy {m['val_acc']:.4f} ({interval + '; ' if interval else ''}"
-                 f"{summary['data']['val']} images, read once after training)")
-    extra = [f"{k} {v:.4f}" + (f" ({i})" if (i := _interval(m, k)) else "") for k, v in m.items()
-             if (k.endswith("_tta") or k.startswith("test_acc")) and "top5" not in k and "no_leakage" not in k
-             and "_ci95_" not in k]
-    if extra:
-        lines.append(f"            {', '.join(extra)}")
+    lines += _multi_label_lines(summary, kept) if summary.get("task") == "multi-label" else _score_lines(summary, kept)
     lines += _audit_lines(summary)
     lines += [f"Model:      {summary['model_dir']}",
               f"Summary:    {summary['output']}/summary.json",

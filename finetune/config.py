@@ -96,6 +96,10 @@ class TrainConfig:
     tta: str = opt("auto", "Test-time crops the model uses: auto picks centre, 5crop or 10crop by accuracy on "
                    "held-out training images; or a fixed mode.", "Model and plan", choices=TTA_MODES,
                    commands=frozenset({"train", "sweep"}))
+    threshold_precision: float | None = opt(None, "Label files with several labels per image: each class's "
+                                            "threshold is the lowest that reaches this precision on the selection "
+                                            "images.", "Model and plan", low=0.0, high=1.0, low_open=True,
+                                            shows="each class's best F1", commands=frozenset({"train"}))
     # Recipe: None means "the plan's", the scenario's default (finetune.training.recipe.DEFAULT_RECIPES).
     lr: float = opt(1e-3, "Learning rate of the new head.", "Recipe", low=0.0, low_open=True)
     weight_decay: float | None = opt(None, "Weight decay (not on norms, biases, position embeddings).", "Recipe",

@@ -265,12 +265,15 @@ def predict(model_uri: str, inputs: str | Sequence[str], opts: PredictOptions) -
     mode = opts.tta or model.default_tta
     if mode not in TTA_VIEWS:
         raise UserError(f"Invalid tta {mode!r}. Valid values: {', '.join(TTA_VIEWS)}.")
+    if model.scoring.multi_label and (opts.explain or opts.reject_unknown or opts.ood_threshold is not None):
+        raise UserError("This model answers with several labels per image: --explain, --reject-unknown and "
+                        "--ood-threshold work with one-label models only. Leave them out.")
     if opts.explain:
         from finetune.evaluation.explain import check_explainable
 
         check_explainable(model.net)
     top_k = max(1, min(opts.top_k, len(model.spec.class_names)))
-    cols = columns(top_k)
+    cols = columns(top_k, model.scoring.multi_label)
     done, earlier = done_rows(output, cols, opts.resume)
     done_paths = set(done["path"])
     todo = [p for p in paths if row_path(p) not in done_paths]

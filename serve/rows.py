@@ -40,8 +40,10 @@ log = logging.getLogger("serve.batch_predict")
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 
 
-def columns(top_k: int) -> list[str]:
-    cols = ["path", "label", "score"]
+def columns(top_k: int, multi_label: bool = False) -> list[str]:
+    """A row's columns; a multi-label model's rows have `labels` (its classes at the thresholds, `;` between
+    them) in place of label and score."""
+    cols = ["path", "labels"] if multi_label else ["path", "label", "score"]
     for i in range(1, top_k + 1):
         cols += [f"top{i}_label", f"top{i}_score"]
     return cols + ["ood_score", "unknown", "error"]
@@ -226,23 +228,30 @@ class RowWriter:
     def open(self, rank: int = 0) -> None:
         """Creates this run's partial file for `rank` and holds its lock until `close`."""
         self.path = partial_path(self.output, self.token, rank)
-        self.file = create_locked(self.path, columns(self.top_k))
+        self.file = create_locked(self.path, columns(self.top_k, self.rejection.scoring.multi_label))
         self.writer = csv.writer(self.file)
 
     def write(self, probs: torch.Tensor, index: torch.Tensor, errors: Sequence[str],
               ood: torch.Tensor | None = None) -> None:
         scores, top = probs.topk(self.top_k, dim=1)
         ood = torch.full((len(probs),), float("nan")) if ood is None else ood
-        unknown = self.rejection.scoring.unknown(ood, self.rejection.threshold).tolist()
-        for i, err, s, t, o, u in zip(index.tolist(), errors, scores.tolist(), top.tolist(), ood.tolist(), unknown):
+        scoring = self.rejection.scoring
+        unknown = scoring.unknown(ood, self.rejection.threshold).tolist()
+        sets = scoring.label_sets(probs) if scoring.multi_label else [None] * len(probs)
+        lead = 1 if scoring.multi_label else 2  # labels, or label and score
+        for i, err, s, t, o, u, chosen in zip(index.tolist(), errors, scores.tolist(), top.tolist(), ood.tolist(),
+                                              unknown, sets):
             path = row_path(self.paths[i])
             if err:
                 # An error may quote the path, so it gets the same treatment.
-                self.writer.writerow([path, "", ""] + ["", ""] * self.top_k + ["", "", row_path(err)])
+                self.writer.writerow([path] + [""] * lead + ["", ""] * self.top_k + ["", "", row_path(err)])
                 continue
             pairs = [v for j, score in zip(t, s) for v in (self.class_names[j], f"{score:.6g}")]
-            label = UNKNOWN_LABEL if (u and self.rejection.reject) else self.class_names[t[0]]
-            self.writer.writerow([path, label, f"{s[0]:.6g}", *pairs, f"{o:.6g}", str(bool(u)).lower(), ""])
+            if chosen is not None:
+                answer = [";".join(self.class_names[j] for j in chosen)]
+            else:
+                answer = [UNKNOWN_LABEL if (u and self.rejection.reject) else self.class_names[t[0]], f"{s[0]:.6g}"]
+            self.writer.writerow([path, *answer, *pairs, f"{o:.6g}", str(bool(u)).lower(), ""])
         self.file.flush()
         os.fsync(self.file.fileno())
 

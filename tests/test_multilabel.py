@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+from click.testing import CliRunner
 
+from finetune.cli import cli
 from finetune.data.folders import MULTI, scan_folder
 from finetune.errors import UserError
 from finetune.evaluation import multilabel as ml
+from finetune.tracking.pyfunc import load_logged_model
+from finetune.workflows.export import ONNX_MODEL_NAME
 from finetune.data.multilabel import iterative_parts, keep_every_label_in_first
-from tests.conftest import make_multilabel_folder
+from tests.conftest import make_multilabel_folder, tiny_train_args
 from tests.test_label_files import write_csv
 
 
@@ -134,3 +140,67 @@ def test_multilabel_metrics_against_hand_counts():
     # AP of a: positives at ranks 1, 2 and 4 of 4 -> (1 + 1 + 3/4) / 3; of b: its positive ranked first -> 1
     assert m["per_class"]["a"]["ap"] == pytest.approx((1 + 1 + 0.75) / 3)
     assert m["map_macro"] == pytest.approx(((1 + 1 + 0.75) / 3 + 1.0) / 2)
+
+
+# --- end to end: train on a label file with several labels per image, then predict ------------------------------
+
+def train_multilabel(tmp_path: Path, weights: str, *extra: str) -> tuple[dict, Path, list[dict], str]:
+    """A tiny model trained on a label file with several labels per image: its summary, the images, their rows and
+    the console output."""
+    folder, rows = make_multilabel_folder(tmp_path / "data", n=40)
+    labels = write_csv(folder / "labels.csv", rows, ("path", "labels"))
+    args = tiny_train_args(labels, tmp_path / "out", "--epochs", "2", *extra)
+    args[args.index("--weights") + 1] = weights
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    return json.loads((tmp_path / "out" / "summary.json").read_text()), folder, rows, result.output
+
+
+def test_train_and_predict_with_several_labels_per_image(tmp_path: Path, weights_file: Path):
+    # pretrained weights: the audit and the head warm-up would run (both take one label per image)
+    summary, folder, rows, output = train_multilabel(tmp_path, str(weights_file), "--mixup", "0.2",
+                                                     "--class-weights", "auto")
+    assert summary["task"] == "multi-label" and summary["scenario"] == "large-different"
+    assert summary["similarity"]["details"]["not_measured"] == "several labels per image"
+    assert "select_map" in summary["metrics"] and "val_map_macro" in summary["metrics"]
+    assert len(summary["thresholds"]["values"]) == 3 and summary["audit"]["skipped"].startswith("several labels")
+    spec = json.loads((tmp_path / "out" / "model" / "model.json").read_text())
+    assert spec["thresholds"] == pytest.approx(summary["thresholds"]["values"], abs=1e-6)
+    report = json.loads((tmp_path / "out" / "evaluation" / "val" / "report.json").read_text())
+    assert set(report["per_class"]) == {"blue", "green", "red"} and report["images"] == summary["data"]["val"]
+    assert "Val:        mAP" in output and "thresholds per class" in output
+    # batch prediction: the labels column holds each image's set at the thresholds
+    out = tmp_path / "pred.csv"
+    result = CliRunner().invoke(cli, ["predict", summary["model_uri"], str(folder), "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    pred = pd.read_csv(out, keep_default_na=False)
+    assert "labels" in pred.columns and "label" not in pred.columns and len(pred) == len(rows)
+    assert all(set(v.split(";")) <= {"blue", "green", "red", ""} for v in pred["labels"])
+    # the pyfunc answers with label lists and every class's probability
+    model = load_logged_model(summary["model_uri"])
+    frame = model.predict(None, pd.DataFrame({"image": [(folder / "img_0.png").read_bytes()]}))
+    assert list(frame.columns)[0] == "labels" and set(frame.iloc[0]["probabilities"]) == {"blue", "green", "red"}
+
+
+def test_a_multi_label_model_evaluates_and_exports_like_pytorch(tmp_path: Path):
+    pytest.importorskip("onnxruntime", reason="the onnx extra (uv sync --extra onnx)")
+    summary, folder, _, _ = train_multilabel(tmp_path, "none", "--seed", "3")
+    uri = summary["model_uri"]
+    # finetune evaluate on the label file: the same report as training's, in the model's class order
+    result = CliRunner().invoke(cli, ["evaluate", uri, str(folder / "labels.csv"), "--output", str(tmp_path / "ev")])
+    assert result.exit_code == 0, result.output
+    evaluation = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
+    assert 0.0 <= evaluation["metrics"]["all_map_macro"] <= 1.0 and "all_subset_accuracy" in evaluation["metrics"]
+    # ONNX: the exported graph gives the same label sets and probabilities as PyTorch
+    result = CliRunner().invoke(cli, ["export", uri, "--output", str(tmp_path / "export")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "export" / "onnx" / "export.json").read_text())["fp32"]["passed"]
+    images = pd.DataFrame({"image": [p.read_bytes() for p in sorted(folder.glob("*.png"))[:8]]})
+    by_torch = load_logged_model(uri, {"runtime": "torch"}).predict(None, images)
+    onnx_uri = f"runs:/{summary['mlflow_run_id']}/{ONNX_MODEL_NAME}"
+    by_onnx = load_logged_model(onnx_uri, {"runtime": "onnx"}).predict(None, images)
+    assert by_onnx["labels"].tolist() == by_torch["labels"].tolist()
+    for a, b in zip(by_onnx["probabilities"], by_torch["probabilities"]):
+        assert a == pytest.approx(b, abs=1e-4)
+    refused = CliRunner().invoke(cli, ["export", uri, "--quantize", "int8", "--output", str(tmp_path / "e2")])
+    assert refused.exit_code != 0 and "answers with several" in refused.output

@@ -409,8 +409,8 @@ def scan_folder(root: str | Path, val_fraction: float = 0.2, seed: int = 0,
     root = Path(root)
     listed = read_label_file(root) if is_label_file(root) else None
     if listed is not None and listed.multi_label and not multi_label:
-        raise UserError(f"{display_path(root)} lists several labels per image (a 'labels' column): this version "
-                        "reads and splits multi-label files but does not train on them yet. Use a 'label' column, "
+        raise UserError(f"{display_path(root)} lists several labels per image (a 'labels' column): this command "
+                        "takes one label per image (train, plan and evaluate take several). Use a 'label' column, "
                         "one label per image.")
     if listed is not None:
         layout, parts, files_per_part, bad = _label_file_parts(listed, root)

@@ -23,11 +23,12 @@ class ImageListDataset(Dataset):
     """
 
     def __init__(self, samples: Sequence[Sample], transform: Callable | None, max_pixels: int | None = None,
-                 draft_size: tuple[int, int] | None = None):
+                 draft_size: tuple[int, int] | None = None, num_labels: int | None = None):
         self.samples = list(samples)
         self.transform = transform
         self.max_pixels = max_pixels
         self.draft_size = draft_size
+        self.num_labels = num_labels  # multi-label data: the target is a 0/1 vector of this many classes
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -40,7 +41,15 @@ class ImageListDataset(Dataset):
             log.warning("Skipping %s: %s", display_path(sample.path), e)
             return None
         x = self.transform(img) if self.transform is not None else img
-        return x, sample.label
+        if self.num_labels is None:
+            return x, sample.label
+        return x, multi_hot(sample.labels, self.num_labels)
+
+
+def multi_hot(labels: Sequence[int], num_labels: int) -> torch.Tensor:
+    target = torch.zeros(num_labels)
+    target[list(labels)] = 1.0
+    return target
 
 
 def skip_none_collate(batch):
@@ -67,7 +76,8 @@ class FolderDataModule(pl.LightningDataModule):
         self.sampler_factory = sampler_factory
 
     def _loader(self, samples: Sequence[Sample], transform: Callable, train: bool) -> DataLoader:
-        ds = ImageListDataset(samples, transform, self.max_pixels, self.draft_size)
+        ds = ImageListDataset(samples, transform, self.max_pixels, self.draft_size,
+                              len(self.splits.classes) if self.splits.multi_label else None)
         sampler = self.sampler_factory(ds.samples) if (train and self.sampler_factory) else None
         return DataLoader(
             ds,

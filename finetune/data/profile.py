@@ -39,8 +39,9 @@ class DatasetProfile:
 
 
 def profile_splits(splits: FolderSplits) -> DatasetProfile:
-    """Profile a scanned folder from the image info gathered during the scan."""
-    per_class = Counter(s.label for s in splits.train)
+    """Profile a scanned folder from the image info gathered during the scan. A class's count: the training
+    images that show it (multi-label images count for each of their classes)."""
+    per_class = Counter(label for s in splits.train for label in (s.labels or (s.label,)))
     counts = [per_class.get(i, 0) for i in range(len(splits.classes))]
     infos = [s.info for s in splits.train if s.info is not None]
     gray = sum(1 for i in infos if i.mode in GRAYSCALE_MODES)

@@ -100,11 +100,14 @@ def train_transform(data_config: dict[str, Any], preset: str = "light") -> Calla
     return transforms.Compose([*primary.transforms, *secondary.transforms, *steps])
 
 
-def make_mixup(mixup: float, cutmix: float, label_smoothing: float, num_classes: int) -> Mixup | None:
-    """timm's batch-level mixup/cutmix (with label smoothing folded into its soft targets), or None when off."""
+def make_mixup(mixup: float, cutmix: float, label_smoothing: float, num_classes: int,
+               multi_label: bool = False) -> Mixup | None:
+    """timm's batch-level mixup/cutmix (with label smoothing folded into its soft targets), or None when off.
+    `multi_label`: the targets are 0/1 vectors, and two images mixed carry both label sets, weighted."""
     if not (mixup or cutmix):
         return None
-    return Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing, num_classes=num_classes)
+    return Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing, num_classes=num_classes,
+                 multi_label=multi_label)
 
 
 def resize_size(data_config: dict[str, Any]) -> int:

@@ -14,14 +14,25 @@ subset accuracy (the share of images whose whole label set is right).
 
 from __future__ import annotations
 
+import csv
+import logging
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from sklearn.metrics import precision_recall_curve
 from torchmetrics.functional.classification import multilabel_average_precision
+
+from finetune import timing
+from finetune.data.folders import Sample
+from finetune.data.images import display_path
+from finetune.evaluation.tta import source_outputs
+from finetune.files import atomic_write, write_json
+
+log = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = 0.5  # a class with no positive (or no negative) selection image: nothing to choose on
 
@@ -107,3 +118,74 @@ def _prf(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> tuple[np.ndarray, np
     recall = np.divide(tp, tp + fn, out=np.zeros(tp.shape), where=(tp + fn) > 0)
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(tp.shape), where=(precision + recall) > 0)
     return precision, recall, f1
+
+
+# --- after training: thresholds on held-out training images, then val and test read once -----------------------
+
+def _probs_and_targets(net: Any, samples: Sequence[Sample], num_classes: int, data_config: dict[str, Any],
+                       batch_size: int, max_pixels: int | None, rt: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sigmoid probabilities (centre crop), 0/1 targets and the mask of images that decoded."""
+    out = source_outputs(net, [s.path for s in samples], data_config, "center", batch_size, max_pixels, rt)
+    probs = torch.sigmoid(out.logits[:, 0].float()).numpy() if len(samples) else np.zeros((0, num_classes))
+    ok = ~np.isnan(probs).any(axis=1)
+    targets = np.zeros((len(samples), num_classes), dtype=np.int64)
+    for row, s in enumerate(samples):
+        targets[row, list(s.labels)] = 1
+    return probs, targets, ok
+
+
+@timing.timed("thresholds")
+def thresholds_after_training(heldout: Sequence[Any], num_classes: int, data_config: dict[str, Any],
+                              target_precision: float | None, batch_size: int, max_pixels: int | None,
+                              rt: Any) -> dict[str, Any]:
+    """A multi-label network's per-class thresholds, on the held-out training images (the selection split), in
+    the shape of `trust.choose_after_training`'s result: the centre crop, no temperature, no unknown score."""
+    probs, targets = [], []
+    for h in heldout:
+        p, t, ok = _probs_and_targets(h.net(), h.samples, num_classes, data_config, batch_size, max_pixels, rt)
+        probs.append(p[ok])
+        targets.append(t[ok])
+    p, t = np.concatenate(probs), np.concatenate(targets)
+    chosen = choose_thresholds(p, t, target_precision)
+    rule = "best F1" if target_precision is None else f"precision {target_precision:g}"
+    log.info("Thresholds per class (%s on %d held-out training images): %s", rule, len(p),
+             ", ".join(f"{v:.3f}" for v in chosen.values))
+    return {"mode": "center", "chosen_by": "several labels per image: the centre crop", "temperature": 1.0,
+            "ood": None, "heldout_images": int(len(p)), "banks": [torch.empty(0, 0)], "thresholds": chosen}
+
+
+@timing.timed("evaluate")
+def evaluate_parts(net: Any, spec: Any, parts: dict[str, Sequence[Sample]], output: Path, batch_size: int,
+                   max_pixels: int | None, rt: Any) -> dict[str, float]:
+    """Each split's multi-label report (OUTPUT/evaluation/<split>/report.json, predictions.csv), read once; the
+    flat metrics (<split>_map_macro, _map_micro, _f1_macro, _f1_micro, _precision_micro, _recall_micro,
+    _subset_accuracy) for the summary and MLflow."""
+    thresholds = Thresholds(list(spec.thresholds), [])
+    flat: dict[str, float] = {}
+    for name, samples in parts.items():
+        if not samples:
+            continue
+        p, t, ok = _probs_and_targets(net, samples, spec.num_classes, spec.data_config, batch_size, max_pixels, rt)
+        result = {"images": int(ok.sum()), "failed_images": int((~ok).sum()),
+                  **metrics(p[ok], t[ok], thresholds, spec.class_names)}
+        folder = Path(output) / "evaluation" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(folder / "report.json", result)
+        _write_predictions(folder / "predictions.csv", [s for s, good in zip(samples, ok) if good], p[ok],
+                           predict_sets(p[ok], thresholds), spec.class_names)
+        flat.update({f"{name}_{k}": float(v) for k, v in result.items()
+                     if k not in ("per_class", "images", "failed_images") and v is not None})
+        log.info("%s: mAP %.4f (macro), F1 %.4f (micro), subset accuracy %.4f on %d images", name,
+                 result["map_macro"] if result["map_macro"] is not None else float("nan"), result["f1_micro"],
+                 result["subset_accuracy"], result["images"])
+    return flat
+
+
+def _write_predictions(path: Path, samples: Sequence[Sample], probs: np.ndarray, chosen: np.ndarray,
+                       class_names: list[str]) -> None:
+    with atomic_write(path, newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "labels", "true_labels", *class_names])
+        for s, p, c in zip(samples, probs, chosen):
+            writer.writerow([display_path(s.path), ";".join(n for n, on in zip(class_names, c) if on),
+                             ";".join(class_names[i] for i in s.labels), *(f"{v:.6g}" for v in p)])

@@ -39,6 +39,9 @@ class ModelSpec:
     # Calibration and unknown detection (finetune.model.scoring), chosen on held-out training images.
     temperature: float = 1.0
     ood: dict[str, Any] | None = None  # {"method": "knn", "k", "threshold", "kept", ...}; bank in BANK_FILE
+    # Multi-label models: one threshold per class (chosen on held-out training images); a class is in an image's
+    # answer when its (sigmoid) probability reaches it. None: one label per image (softmax).
+    thresholds: list[float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -79,7 +82,7 @@ def load_scoring(directory: str | Path, spec: ModelSpec):
     """The model's `finetune.model.scoring.Scoring` (temperature, unknown detector and its bank)."""
     from finetune.model.scoring import Scoring
 
-    return Scoring.load(directory, spec.temperature, spec.ood)
+    return Scoring.load(directory, spec.temperature, spec.ood, spec.thresholds)
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelSpec]:

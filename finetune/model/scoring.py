@@ -64,15 +64,26 @@ class Scoring:
     temperature: float = 1.0
     ood: dict[str, Any] | None = None  # {"method": "knn", "k", "threshold", "kept", "bank_images", ...}
     bank: torch.Tensor | None = None  # [M, C] normalised training features
+    thresholds: list[float] | None = None  # a multi-label model's per-class thresholds (`ModelSpec.thresholds`)
 
     @classmethod
-    def load(cls, directory: str | Path, temperature: float, ood: dict[str, Any] | None) -> "Scoring":
+    def load(cls, directory: str | Path, temperature: float, ood: dict[str, Any] | None,
+             thresholds: list[float] | None = None) -> "Scoring":
         bank = None
         if ood:
             from safetensors.torch import load_file
 
             bank = load_file(str(Path(directory) / BANK_FILE))["bank"].float()
-        return cls(float(temperature or 1.0), ood, bank)
+        return cls(float(temperature or 1.0), ood, bank, thresholds)
+
+    @property
+    def multi_label(self) -> bool:
+        return self.thresholds is not None
+
+    def label_sets(self, probs: torch.Tensor) -> list[list[int]]:
+        """A multi-label model's answer per image: the classes whose probability reaches their threshold."""
+        above = probs >= torch.tensor(self.thresholds, dtype=probs.dtype, device=probs.device)
+        return [row.nonzero().flatten().tolist() for row in above]
 
     def save_bank(self, directory: str | Path) -> None:
         if self.bank is not None:
@@ -88,6 +99,10 @@ class Scoring:
         return None if not self.ood else float(self.ood["threshold"])
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, V, K]`` -> ``[B, K]``: the crops' mean of softmax at the temperature; a multi-label model:
+        of each class's own sigmoid."""
+        if self.thresholds is not None:
+            return torch.sigmoid(logits.float()).mean(dim=1)
         return calibrated_probs(logits, self.temperature)
 
     def ood_score(self, features: torch.Tensor) -> torch.Tensor:

@@ -162,7 +162,8 @@ def classify_domain(score: float, components: Mapping[str, float], t: Thresholds
 def decide(profile: Mapping[str, Any], similarity: Mapping[str, Any], thresholds: Thresholds,
            defaults: Mapping[str, ScenarioDefaults], *, base_epochs: int, forced: str = "auto",
            freeze_groups: int | None = None, backbone_lr_mult: float | None = None,
-           aug_views: int | None = None, weight_decay: float | None = None, pretrained: bool = True) -> Plan:
+           aug_views: int | None = None, weight_decay: float | None = None, pretrained: bool = True,
+           multi_label: bool = False) -> Plan:
     """Choose the scenario and its plan.
 
     Args:
@@ -178,10 +179,11 @@ def decide(profile: Mapping[str, Any], similarity: Mapping[str, Any], thresholds
             this one value instead of choosing one by cross-validation on train from the scenario's grid;
             fine-tuning plans take it through the recipe (their head warm-up keeps the grid).
         pretrained: False for a randomly initialised backbone: nothing to keep, so every layer learns.
+        multi_label: several labels per image (`_multi_label_scenario`): no measured cell, no head warm-up.
     """
-    scenario, source, reasons = _choose_scenario(profile, similarity, thresholds, forced, pretrained)
-    size_reason = _input_size_reason(similarity) if pretrained else None
-    reasons += [size_reason] if size_reason else []
+    scenario, source, reasons = (_multi_label_scenario(profile, thresholds, forced) if multi_label else
+                                 _choose_scenario(profile, similarity, thresholds, forced, pretrained))
+    reasons += [r for r in [_input_size_reason(similarity) if pretrained else None] if r]
     d = defaults[scenario]
     size, domain = scenario.split("-")
     _check_overrides(scenario, d, freeze_groups, backbone_lr_mult, aug_views)
@@ -193,11 +195,11 @@ def decide(profile: Mapping[str, Any], similarity: Mapping[str, Any], thresholds
     scale = d.epochs_scale if (pretrained or forced != "auto") else 1.0
     epochs = max(1, math.ceil(base_epochs * scale))
     lr_mult = d.backbone_lr_mult if backbone_lr_mult is None else float(backbone_lr_mult)
-    layer_decay, warmup = float(d.layer_decay), int(d.head_warmup_epochs)
-    if not pretrained:
-        # Random features: nothing for a head warm-up to build on (and BatchNorm then trains in train mode, so
-        # the network computes other features than the eval-mode ones a warm-up would fit), forced or not.
-        warmup = 0
+    layer_decay = float(d.layer_decay)
+    # Random features: nothing for a head warm-up to build on (and BatchNorm then trains in train mode, so the
+    # network computes other features than the eval-mode ones a warm-up would fit), forced or not. Several labels
+    # per image: the warm-up fits a one-label head on cached features.
+    warmup = int(d.head_warmup_epochs) if pretrained and not multi_label else 0
     if not pretrained and forced == "auto":  # ... and nothing to protect with lower LRs
         lr_mult = 1.0 if backbone_lr_mult is None else lr_mult
         layer_decay = 1.0
@@ -211,13 +213,10 @@ def decide(profile: Mapping[str, Any], similarity: Mapping[str, Any], thresholds
         reasons += _network_reasons(scenario, d, freeze_groups, epochs, lr_mult, layer_decay, warmup, bn_policy,
                                     pretrained)
     return Plan(
-        scenario=scenario, source=source, size=size, domain=domain,
-        train_on_features=d.train_on_features, head_stage=head_stage,
-        trainable_fraction=0.0 if d.train_on_features else float(d.trainable_fraction),
-        freeze_groups=freeze_groups, backbone_lr_mult=lr_mult, layer_decay=layer_decay,
-        bn_policy=bn_policy,
-        head_warmup_epochs=0 if d.train_on_features else warmup, epochs=epochs,
-        weight_decay_grid=grid,
+        scenario=scenario, source=source, size=size, domain=domain, train_on_features=d.train_on_features,
+        head_stage=head_stage, trainable_fraction=0.0 if d.train_on_features else float(d.trainable_fraction),
+        freeze_groups=freeze_groups, backbone_lr_mult=lr_mult, layer_decay=layer_decay, bn_policy=bn_policy,
+        head_warmup_epochs=0 if d.train_on_features else warmup, epochs=epochs, weight_decay_grid=grid,
         aug_views=views if d.train_on_features else 0, cache_augment=d.cache_augment, reasons=reasons)
 
 
@@ -239,6 +238,24 @@ def _choose_scenario(profile: Mapping[str, Any], similarity: Mapping[str, Any], 
                "weights' own size)" if (similarity.get("details") or {}).get("source_skipped_forced") else "")
     return forced, "forced", [f"scenario {forced} forced by the user (the measurements say {measured}: "
                               f"{size_reason}; {domain_reason}{partial})"]
+
+
+def _multi_label_scenario(profile: Mapping[str, Any], thresholds: Thresholds, forced: str
+                          ) -> tuple[str, str, list[str]]:
+    """Several labels per image: the domain measurement and the linear heads take one label per image, so `auto`
+    fine-tunes every layer (large-different), the fixed policy with the lowest regret on the single-label bench
+    (docs/decisions.md); a forced fine-tuning scenario runs, a forced linear head is refused."""
+    _, size_reason = classify_size(int(profile["n_train"]), float(profile["per_class_median"]), thresholds)
+    if forced == "auto":
+        return "large-different", "multi-label", [
+            f"several labels per image: every layer is fine-tuned, the fixed plan that loses least on the bench "
+            f"(the domain is not measured: its probes take one label per image; {size_reason})"]
+    if forced not in SCENARIO_NAMES:
+        raise UserError(f"Invalid scenario {forced!r}. Valid values: auto, {', '.join(SCENARIO_NAMES)}.")
+    if forced.startswith("small-"):
+        raise UserError(f"Scenario {forced} trains a linear head on cached features, which takes one label per "
+                        "image; for several labels per image use auto, large-similar or large-different.")
+    return forced, "forced", [f"scenario {forced} forced by the user (several labels per image; {size_reason})"]
 
 
 def _input_size_reason(similarity: Mapping[str, Any]) -> str | None:

@@ -25,7 +25,7 @@ from finetune import runtime, timing
 from finetune.model.features import FeatureSet, cached_features
 from finetune.strategy.groups import GroupSetting, plan_groups
 from finetune.data.profile import DatasetProfile, profile_splits, stratified_subset
-from finetune.strategy.similarity import Similarity, measure
+from finetune.strategy.similarity import Similarity, measure, not_measured
 from finetune.strategy.decide import (SCENARIO_NAMES, Plan, decide, load_scenario_defaults, load_thresholds)
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,13 @@ def _measure_and_decide(cfg: TrainConfig, splits: FolderSplits, backbone: Backbo
     thresholds = load_thresholds()
     defaults = {name: load_scenario_defaults(name) for name in SCENARIO_NAMES}
     profile = profile_splits(splits)
+    if splits.multi_label:  # the probes take one label per image: nothing measured (`decide`, multi_label)
+        similarity = not_measured("several labels per image")
+        plan = decide(profile.to_dict(), similarity.to_dict(), thresholds, defaults, base_epochs=cfg.epochs,
+                      forced=cfg.scenario, freeze_groups=cfg.freeze_groups, backbone_lr_mult=cfg.backbone_lr_mult,
+                      aug_views=cfg.aug_views, weight_decay=cfg.weight_decay,
+                      pretrained=backbone.weights_source != "none", multi_label=True)
+        return Decision(profile, similarity, plan, plan_groups(backbone.model, plan, cfg.lr), 0, {})
     started = time.perf_counter()
     feats = train_features(cfg, backbone, splits, thresholds.probe_max_images, rt)
     native = native_backbone(backbone) if backbone.weights_source != "none" else backbone  # random init: no source

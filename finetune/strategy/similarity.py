@@ -70,6 +70,11 @@ class Similarity:
         return asdict(self)
 
 
+def not_measured(why: str) -> Similarity:
+    """The similarity of a decision that did not measure it (`details["not_measured"]` says why)."""
+    return Similarity(float("nan"), {}, {}, [], FINAL, FINAL, {"not_measured": why})
+
+
 def probe_stage(x: np.ndarray, y: np.ndarray, folds: int = 5, alpha: float = 100.0, seed: int = 0) -> float:
     """Cross-validated balanced accuracy of a linear probe on standardised features.
 

@@ -216,7 +216,8 @@ class ImageClassifierModel(PythonModel):
                     raise BadRequest(f"The input must be a table of rows ({e}).") from None
             probs, ood = self.predict_scores(self._sources(model_input), options["tta"])
             unknown = self.scoring.unknown(ood, options["threshold"])
-            return format_predictions(probs, self.class_names, options["top_k"], ood, unknown, options["reject"])
+            sets = self.scoring.label_sets(probs) if self.scoring.multi_label else None
+            return format_predictions(probs, self.class_names, options["top_k"], ood, unknown, options["reject"], sets)
         except MlflowException:
             raise
         except Exception:  # a bug of ours, not the client's: the log has the traceback, the response does not
@@ -310,13 +311,18 @@ def check_model_files(local_path: str | Path, model_uri: str = "") -> None:
 
 
 COLUMNS = ["label", "score", "top_labels", "top_scores", "probabilities", "ood_score", "unknown"]
+MULTI_LABEL_COLUMNS = ["labels", "top_labels", "top_scores", "probabilities", "ood_score", "unknown"]
 
 
 def format_predictions(probs: torch.Tensor, class_names: list[str], top_k: int, ood: torch.Tensor | None = None,
-                       unknown: torch.Tensor | None = None, reject_unknown: bool = False) -> pd.DataFrame:
+                       unknown: torch.Tensor | None = None, reject_unknown: bool = False,
+                       label_sets: list[list[int]] | None = None) -> pd.DataFrame:
     """One row per image: label, score, the top-k labels/scores, every class probability, the unknown score
     (NaN for a model without one) and whether the image is unknown (its label then is ``unknown`` with
-    `reject_unknown`)."""
+    `reject_unknown`). A multi-label model (`label_sets`: each image's classes at the thresholds): `labels`, the
+    list of those classes, in place of label and score."""
+    if label_sets is not None:
+        return _multi_label_rows(probs, class_names, top_k, label_sets)
     n = len(probs)
     ood = torch.full((n,), float("nan")) if ood is None else ood
     unknown = torch.zeros(n, dtype=torch.bool) if unknown is None else unknown
@@ -329,6 +335,16 @@ def format_predictions(probs: torch.Tensor, class_names: list[str], top_k: int, 
                      "probabilities": dict(zip(class_names, (float(v) for v in p))),
                      "ood_score": float(o), "unknown": bool(u)})
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _multi_label_rows(probs: torch.Tensor, class_names: list[str], top_k: int,
+                      label_sets: list[list[int]]) -> pd.DataFrame:
+    scores, indices = probs.topk(top_k, dim=1) if len(probs) else (probs, probs.long())
+    rows = [{"labels": [class_names[i] for i in chosen], "top_labels": [class_names[i] for i in idx],
+             "top_scores": [float(v) for v in s], "probabilities": dict(zip(class_names, (float(v) for v in p))),
+             "ood_score": float("nan"), "unknown": False}
+            for p, s, idx, chosen in zip(probs.tolist(), scores.tolist(), indices.tolist(), label_sets)]
+    return pd.DataFrame(rows, columns=MULTI_LABEL_COLUMNS)
 
 
 def _optional_float(value: Any, name: str) -> float | None:

@@ -26,6 +26,7 @@ from packaging.version import Version
 from finetune import tracking
 from finetune.errors import UserError
 from finetune.data.images import DEFAULT_MAX_PIXELS
+from finetune.model.artifact import SPEC_FILE
 from finetune.tracking.pyfunc import (DEFAULT_BATCH_SIZE, DEFAULT_MAX_BYTES, DEFAULT_MAX_ROWS, DEFAULT_TOP_K, MODEL_CODE,
                                       MODEL_DIR_ARTIFACT, example_image_bytes, format_predictions)
 
@@ -36,10 +37,11 @@ CANDIDATE, CHAMPION = "candidate", "champion"
 _REQUIREMENTS = ("torch", "torchvision", "timm", "mlflow", "pillow", "safetensors", "pandas", "numpy")
 
 
-def signature(class_names: list[str], default_tta: str) -> ModelSignature:
+def signature(class_names: list[str], default_tta: str, multi_label: bool = False) -> ModelSignature:
     inputs = Schema([ColSpec("binary", "image", required=False), ColSpec("string", "path", required=False)])
     example_out = format_predictions(torch.full((1, len(class_names)), 1.0 / len(class_names)),
-                                     class_names, min(DEFAULT_TOP_K, len(class_names)))
+                                     class_names, min(DEFAULT_TOP_K, len(class_names)),
+                                     label_sets=[[0]] if multi_label else None)
     outputs = infer_signature(model_output=example_out).outputs
     # None: the model's own setting (its load-time model_config, or what training set).
     params = ParamSchema([ParamSpec("tta", "string", default_tta), ParamSpec("top_k", "long", DEFAULT_TOP_K),
@@ -74,6 +76,7 @@ def log_pyfunc(run_id: str, model_dir: str | Path, class_names: list[str], defau
               "max_request_rows": DEFAULT_MAX_ROWS, "max_request_bytes": DEFAULT_MAX_BYTES,
               "batch_size": DEFAULT_BATCH_SIZE, "ood_threshold": "", "reject_unknown": False, "runtime": "auto"}
     example = pd.DataFrame({"image": [example_image_bytes()]})
+    multi_label = json.loads((Path(model_dir) / SPEC_FILE).read_text()).get("thresholds") is not None
     # A second model in a run (the ONNX export's) has the same model_config, whose keys MLflow tries to log as
     # params again and warns it cannot; the first model's params are the run's.
     quiet = logging.getLogger("mlflow.models.model")
@@ -84,7 +87,7 @@ def log_pyfunc(run_id: str, model_dir: str | Path, class_names: list[str], defau
         restore.callback(quiet.setLevel, level)
         info = mlflow.pyfunc.log_model(
             name=name, python_model=MODEL_CODE, artifacts={MODEL_DIR_ARTIFACT: str(model_dir)},
-            model_config=config, signature=signature(class_names, default_tta), input_example=example,
+            model_config=config, signature=signature(class_names, default_tta, multi_label), input_example=example,
             pip_requirements=_pip_requirements(_REQUIREMENTS + tuple(extra_requirements)))
     return info.model_uri
 

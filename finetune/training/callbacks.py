@@ -107,15 +107,16 @@ class EpochScores(pl.Callback):
     """The selection metrics of every epoch validated in this process (epoch -> select_*), as Lightning
     reduced them (over the ranks too): the best checkpoint's scores are read here, not validated again."""
 
-    KEYS = ("select_acc", "select_loss", "select_acc_top5")
+    KEYS = ("select_acc", "select_loss", "select_acc_top5")  # one label per image (`module.selection_keys`)
 
-    def __init__(self) -> None:
+    def __init__(self, keys: tuple[str, ...] = KEYS) -> None:
+        self.keys = keys
         self.scores: dict[int, dict[str, float]] = {}
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         metrics = trainer.callback_metrics
-        if not trainer.sanity_checking and all(k in metrics for k in self.KEYS):
-            self.scores[trainer.current_epoch] = {k: float(metrics[k]) for k in self.KEYS}
+        if not trainer.sanity_checking and all(k in metrics for k in self.keys):
+            self.scores[trainer.current_epoch] = {k: float(metrics[k]) for k in self.keys}
 
     # In every checkpoint: a resumed run reads the scores of the epochs validated before the resume as they were,
     # instead of validating the best epoch again on another loader and trainer.
@@ -217,8 +218,8 @@ def check_initial_loss(loss: float, num_classes: int, tolerance: float = 0.5) ->
     return None
 
 
-def recipe_callbacks(recipe: Recipe, num_classes: int, checkpoint: pl.callbacks.ModelCheckpoint | None
-                     ) -> list[pl.Callback]:
+def recipe_callbacks(recipe: Recipe, num_classes: int, checkpoint: pl.callbacks.ModelCheckpoint | None,
+                     monitor: str = "select_acc") -> list[pl.Callback]:
     """The recipe's callbacks for a Trainer: LR monitor, divergence stop, train/val gap, EMA, early stop."""
     from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor
 
@@ -227,7 +228,7 @@ def recipe_callbacks(recipe: Recipe, num_classes: int, checkpoint: pl.callbacks.
     if recipe.ema:
         callbacks.append(EMA(recipe.ema))
     if recipe.patience:
-        # Patience counts validation epochs without a better select_acc (the EMA weights' with --ema, as the
-        # best checkpoint).
-        callbacks.append(EarlyStopping(monitor="select_acc", mode="max", patience=recipe.patience))
+        # Patience counts validation epochs without a better select_acc (select_map with several labels per image;
+        # the EMA weights' with --ema, as the best checkpoint).
+        callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=recipe.patience))
     return callbacks

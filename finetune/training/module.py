@@ -8,10 +8,20 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.functional.classification import multiclass_accuracy
+from torchmetrics.functional.classification import multiclass_accuracy, multilabel_average_precision
 
 
 SELECT = "select"  # the name of the validation loop's metrics: select_acc, select_loss, select_acc_top5
+
+
+def selection_metric(multi_label: bool) -> str:
+    """What chooses the epoch and the weights: selection accuracy; with several labels per image, the selection
+    split's macro mAP (average precision needs no threshold: the thresholds are chosen after)."""
+    return "select_map" if multi_label else "select_acc"
+
+
+def selection_keys(multi_label: bool) -> tuple[str, ...]:
+    return ("select_map", "select_loss") if multi_label else ("select_acc", "select_loss", "select_acc_top5")
 
 
 class Classifier(pl.LightningModule):
@@ -26,17 +36,22 @@ class Classifier(pl.LightningModule):
         label_smoothing: for hard targets; mixup's soft targets carry their own smoothing.
         mixup: timm `Mixup` applied to each training batch; the loss then takes its soft targets,
             accuracy still the hard labels.
+        multi_label: targets are 0/1 vectors (several labels per image): one sigmoid per class and binary cross-
+            entropy (`class_weights` then weigh each class's positives, BCE's pos_weight; smoothing pulls the
+            targets towards 0.5); the selection metric is the macro mAP of the epoch (`selection_metric`).
     """
 
     def __init__(self, net: nn.Module, num_classes: int, optimizer_factory: Callable[[nn.Module], Any],
                  class_weights: torch.Tensor | None = None, label_smoothing: float = 0.0,
-                 mixup: Callable | None = None):
+                 mixup: Callable | None = None, multi_label: bool = False):
         super().__init__()
         self.net = net
         self.num_classes = num_classes
         self.optimizer_factory = optimizer_factory
         self.label_smoothing = label_smoothing
         self.mixup = mixup
+        self.multi_label = multi_label
+        self._selection: list[tuple[torch.Tensor, torch.Tensor]] = []  # multi-label: the epoch's (logits, targets)
         self.register_buffer("class_weights", class_weights, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -44,6 +59,8 @@ class Classifier(pl.LightningModule):
 
     def model_step(self, batch, stage: str, target: torch.Tensor | None = None):
         """Loss and metrics; `target` (soft, from mixup) replaces the hard labels in the loss only."""
+        if self.multi_label:
+            return self.multi_label_step(batch, stage, target)
         x, hard = batch
         target = hard if target is None else target
         logits = self(x)
@@ -61,6 +78,36 @@ class Classifier(pl.LightningModule):
         self.log(f"{stage}_acc", acc, prog_bar=True, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
         self.log(f"{stage}_acc_top5", acc5, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
         return loss
+
+    def multi_label_step(self, batch, stage: str, target: torch.Tensor | None = None):
+        x, hard = batch
+        logits = self(x)
+        if target is None:  # mixed targets already hold their smoothing (timm's multi-label mixup)
+            smoothing = self.label_smoothing if stage == "train" else 0.0
+            target = hard.float() * (1.0 - smoothing) + 0.5 * smoothing
+        loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=self.class_weights)
+        if stage == SELECT:
+            self._selection.append((logits.detach().float().cpu(), hard.detach().long().cpu()))
+        self.log(f"{stage}_loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=x.shape[0],
+                 sync_dist=True)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._selection = []
+
+    def on_validation_epoch_end(self) -> None:
+        """Multi-label: the epoch's macro mAP over the classes with a positive image (averaged over the ranks under
+        DDP, each rank's own share of the selection split)."""
+        if not self.multi_label or not self._selection:
+            return
+        logits = torch.cat([z for z, _ in self._selection])
+        target = torch.cat([t for _, t in self._selection])
+        present = target.sum(0) > 0
+        ap = multilabel_average_precision(logits.sigmoid(), target, self.num_classes, average="none",
+                                          validate_args=False)
+        value = ap[present].mean() if present.any() else torch.tensor(0.0)
+        self.log("select_map", value.to(self.device), prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
+        self._selection = []
 
     def training_step(self, batch, batch_idx):
         if batch is None:  # every image of the batch failed to decode

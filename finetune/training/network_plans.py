@@ -32,10 +32,10 @@ from finetune.training.callbacks import (EMA, EpochScores, ValidationTime, check
                                          recipe_callbacks)
 from finetune.training.feature_plans import head_on_features, report_outputs
 from finetune.training.freezing import apply_plan
-from finetune.training.module import Classifier
+from finetune.training.module import Classifier, selection_keys, selection_metric
 from finetune.training.optim import make_optimizer_factory
 from finetune.training.plan_context import HeldOut, FitResult, RunContext
-from finetune.training.recipe import Recipe, class_weights
+from finetune.training.recipe import Recipe, class_weights, positive_weights
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +109,11 @@ def fit_network_plan(cfg: TrainConfig, decision: Decision, recipe: Recipe, backb
     module = network_classifier(cfg, recipe, backbone, inner, param_groups)
     # The warmed-up head on the pretrained backbone is a candidate too: fine-tuning must beat it.
     warm_state = _cpu_state(module.net) if "warmup" in report else None
-    trainer, checkpoint, rank_sync = _trainer(cfg, recipe, plan, ctx, rt, plan_callbacks, len(splits.classes))
-    # A warmed-up head is not fresh: its loss is rightly below ln(C).
-    if distributed.is_global_zero() and ctx.resume_checkpoint is None and not plan.head_warmup_epochs:
+    trainer, checkpoint, rank_sync = _trainer(cfg, recipe, plan, ctx, rt, plan_callbacks, len(splits.classes),
+                                              splits.multi_label)
+    # A warmed-up head is not fresh: its loss is rightly below ln(C) (a multi-label loss is not compared with it).
+    if (distributed.is_global_zero() and ctx.resume_checkpoint is None and not plan.head_warmup_epochs
+            and not splits.multi_label):
         _babysit_initial_loss(module, datamodule, len(splits.classes), ctx.logger, rt)
     _fit(trainer, module, datamodule, ctx, cfg)
     if not trainer.is_global_zero:
@@ -144,24 +146,27 @@ def network_datamodule(cfg: TrainConfig, recipe: Recipe, backbone: Backbone, spl
 def network_classifier(cfg: TrainConfig, recipe: Recipe, backbone: Backbone, splits: FolderSplits,
                 param_groups: list[dict[str, Any]], schedule: bool = True) -> Classifier:
     """The network plan's LightningModule; `schedule=False`: constant LRs (an LR range test sets its own)."""
-    n = len(splits.classes)
+    n, multi = len(splits.classes), splits.multi_label
     schedule_args = (recipe.schedule, recipe.warmup_epochs) if schedule else ("constant", 0.0)
+    weights = None
+    if recipe.class_weights == "auto":
+        weights = (positive_weights([s.labels for s in splits.train], n) if multi else
+                   class_weights([s.label for s in splits.train], n))
     return Classifier(
-        backbone.model, n, make_optimizer_factory(recipe, param_groups, *schedule_args),
-        class_weights=class_weights([s.label for s in splits.train], n) if recipe.class_weights == "auto" else None,
+        backbone.model, n, make_optimizer_factory(recipe, param_groups, *schedule_args), class_weights=weights,
         label_smoothing=recipe.label_smoothing,
-        mixup=make_mixup(recipe.mixup, recipe.cutmix, recipe.label_smoothing, n))
+        mixup=make_mixup(recipe.mixup, recipe.cutmix, recipe.label_smoothing, n, multi), multi_label=multi)
 
 
 def _trainer(cfg: TrainConfig, recipe: Recipe, plan: Plan, ctx: RunContext, rt: runtime.Runtime,
-             plan_callbacks: list[pl.Callback], num_classes: int
+             plan_callbacks: list[pl.Callback], num_classes: int, multi_label: bool = False
              ) -> tuple[pl.Trainer, ModelCheckpoint, distributed.RankSyncCheck]:
     folder = checkpoints.checkpoint_dir(ctx.output)
     # Saved when validation ends, like `last.ckpt` and before it (the callbacks' order): a resume point then holds
     # this epoch's best candidate. Left to Lightning, it saved at the train epoch's end, after `last.ckpt` had
     # recorded the previous best, and a run resumed from there could pick a worse epoch.
-    best = ModelCheckpoint(dirpath=folder, filename="best", monitor="select_acc", mode="max", save_weights_only=False,
-                           save_on_train_epoch_end=False)
+    best = ModelCheckpoint(dirpath=folder, filename="best", monitor=selection_metric(multi_label), mode="max",
+                           save_weights_only=False, save_on_train_epoch_end=False)
     rank_sync = distributed.RankSyncCheck()
     trainer = pl.Trainer(
         max_epochs=plan.epochs, accelerator=cfg.accelerator, devices=runtime.parse_devices(cfg.devices),
@@ -169,9 +174,10 @@ def _trainer(cfg: TrainConfig, recipe: Recipe, plan: Plan, ctx: RunContext, rt: 
         # Any callback with state_dict/load_state_dict (EMA updates, RNG state, ...) is saved in the checkpoints and
         # restored on --resume by Lightning; its state must be tensors and plain data (weights_only).
         callbacks=[best, checkpoints.epoch_checkpoint(ctx.output), checkpoints.RngState(cfg.seed),
-                   checkpoints.SaveOnInterrupt(folder / checkpoints.LAST_CHECKPOINT), rank_sync, ValidationTime(), EpochScores(),
+                   checkpoints.SaveOnInterrupt(folder / checkpoints.LAST_CHECKPOINT), rank_sync, ValidationTime(),
+                   EpochScores(selection_keys(multi_label)),
                    *([TQDMProgressBar(refresh_rate=1)] if ctx.progress else []), *plan_callbacks,
-                   *recipe_callbacks(recipe, num_classes, best),
+                   *recipe_callbacks(recipe, num_classes, best, selection_metric(multi_label)),
                    *([checkpoints.RunIdentity(ctx.identity)] if ctx.identity else [])],
         # Every checkpoint is written to a temporary file in its own folder and renamed; `last.ckpt` two deep.
         plugins=[checkpoints.AtomicCheckpointIO()],
@@ -223,7 +229,8 @@ def _pick_weights(module: Classifier, datamodule: FolderDataModule, trainer: pl.
     best_path = checkpoint.best_model_path or str(checkpoints.checkpoint_dir(output) / checkpoints.LAST_CHECKPOINT)
     best = checkpoints.load_checkpoint(best_path)
     module.load_state_dict(best["state_dict"])
-    recorded = next(cb for cb in trainer.callbacks if isinstance(cb, EpochScores)).scores
+    scores = next(cb for cb in trainer.callbacks if isinstance(cb, EpochScores))
+    recorded = scores.scores
     scored = recorded.get(int(best["epoch"]))
     if scored is None:  # a resumed run whose best epoch was validated before the resume
         # A logger-less trainer: the final numbers go to MLflow as final_*, not as an extra epoch point.
@@ -231,7 +238,7 @@ def _pick_weights(module: Classifier, datamodule: FolderDataModule, trainer: pl.
                                enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
                                precision=rt.precision)
         scored = evaluator.validate(module, datamodule=datamodule, verbose=False)[0]
-    metrics = {**{k: float(scored[k]) for k in EpochScores.KEYS}, "best_epoch": int(best["epoch"]),
+    metrics = {**{k: float(scored[k]) for k in scores.keys}, "best_epoch": int(best["epoch"]),
                "weights": "ema" if any(isinstance(cb, EMA) for cb in trainer.callbacks) else "raw"}
     if warm_state is not None and warmup is not None:
         metrics = _keep_warmup_if_better(module, warm_state, warmup["select"], metrics)

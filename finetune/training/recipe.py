@@ -106,6 +106,14 @@ def class_weights(labels: Sequence[int], num_classes: int) -> torch.Tensor:
     return full
 
 
+def positive_weights(label_sets: Sequence[Sequence[int]], num_classes: int) -> torch.Tensor:
+    """Multi-label `--class-weights auto`: each class's positives weighed by its negatives / positives (BCE's
+    pos_weight), so a rare class counts as much as a common one; 1 for a class with no positive."""
+    positives = torch.zeros(num_classes)
+    for labels in label_sets:
+        positives[list(labels)] += 1
+    negatives = len(label_sets) - positives
+    return torch.where(positives > 0, negatives / positives.clamp(min=1), torch.ones(num_classes))
 
 
 # Recipe options with nothing to act on in a feature plan (a linear head on frozen, cached features):

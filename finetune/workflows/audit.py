@@ -97,6 +97,8 @@ def audit_or_note(cfg: TrainConfig, splits: FolderSplits, output: Path, weights_
     whose features mean nothing) gives {"skipped": why} and a warning instead of an error."""
     if weights_source == "none":
         return {"skipped": "no pretrained weights (--weights none): no features to audit"}
+    if splits.multi_label:
+        return {"skipped": "several labels per image: the audit's label checks take one label per image"}
     try:
         return audit_splits(cfg, splits, output, rt)
     except Exception as e:  # KeyboardInterrupt and SystemExit still stop the run

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 import time
 from typing import Any
 
 from finetune import runtime, tracking
-from finetune.data.folders import read_exclude_list, scan_folder
+from finetune.data.folders import Sample, read_exclude_list, scan_folder
 from finetune.errors import UserError
+from finetune.evaluation import multilabel
 from finetune.evaluation.evaluate import evaluate_splits
 from finetune.model.artifact import ModelSpec
 
@@ -25,6 +27,11 @@ def log_evaluation(run_id: str, output: Path, metrics: dict[str, float]) -> None
             c.log_metric(run_id, key, value)
 
 
+def _in_model_order(sample: Sample, classes: list[str], model_classes: list[str]) -> Sample:
+    """A multi-label sample with its labels as the model's class indices (the data may lack some classes)."""
+    return dataclasses.replace(sample, labels=tuple(sorted(model_classes.index(classes[i]) for i in sample.labels)))
+
+
 def evaluate_model(model_uri: str, data_dir: str, tta: str | None = None, batch_size: int = 32,
                    num_workers: int | None = None, experiment: str = "finetune-evaluate",
                    output: str | None = None, max_pixels: int | None = None, exclude: str | None = None
@@ -37,7 +44,14 @@ def evaluate_model(model_uri: str, data_dir: str, tta: str | None = None, batch_
     model = load_logged_model(model_uri)
     spec: ModelSpec = model.spec
     mode = tta or model.default_tta
-    splits = scan_folder(data_dir, max_pixels=max_pixels or model.max_pixels, exclude=read_exclude_list(exclude))
+    splits = scan_folder(data_dir, max_pixels=max_pixels or model.max_pixels, exclude=read_exclude_list(exclude),
+                         multi_label=True)
+    if splits.multi_label != (spec.thresholds is not None):
+        raise UserError(f"{data_dir} has {'several labels' if splits.multi_label else 'one label'} per image and "
+                        f"the model answers with {'several' if spec.thresholds is not None else 'one'}: evaluate it "
+                        "on data labelled as it was trained.")
+    if splits.multi_label and tta not in (None, "center"):
+        raise UserError("A model with several labels per image is evaluated on the centre crop: leave --tta out.")
     unknown = sorted(set(splits.classes) - set(spec.class_names))
     if unknown:
         raise UserError(f"Class folder(s) {unknown} in {data_dir} are not classes of the model "
@@ -53,9 +67,15 @@ def evaluate_model(model_uri: str, data_dir: str, tta: str | None = None, batch_
                                  "excluded": len(splits.excluded)})
     if splits.excluded:
         tracking.log_text(run_id, "\n".join(splits.excluded) + "\n", "excluded.txt")
-    metrics = evaluate_splits(model.net, spec, parts, mode, out, batch_size=batch_size,
-                              max_pixels=max_pixels or model.max_pixels, rt=rt, label_map=label_map,
-                              scoring=model.scoring)
+    if splits.multi_label:
+        parts = {name: [_in_model_order(s, splits.classes, spec.class_names) for s in samples]
+                 for name, samples in parts.items()}
+        metrics = multilabel.evaluate_parts(model.net, spec, parts, out, batch_size, max_pixels or model.max_pixels,
+                                            rt)
+    else:
+        metrics = evaluate_splits(model.net, spec, parts, mode, out, batch_size=batch_size,
+                                  max_pixels=max_pixels or model.max_pixels, rt=rt, label_map=label_map,
+                                  scoring=model.scoring)
     log_evaluation(run_id, out, metrics)
     summary = {"model_uri": model_uri, "data_dir": str(data_dir), "tta": mode, "metrics": metrics,
                "excluded": list(splits.excluded),

@@ -73,12 +73,14 @@ def preprocessed(samples: Sequence[Sample], data_config: dict[str, Any]) -> torc
 def training_data(run, data_dir: str | None, spec: ModelSpec) -> tuple[FolderSplits, list[int]]:
     """The splits of the training run's folder (or `data_dir`) and the map of its classes to the model's."""
     folder = data_dir or run.data.tags.get(DATA_TAG)
-    if not data_dir and (not folder or not Path(folder).is_dir()):  # a given --data is scan_folder's to check
-        where = f"the training run's data folder {folder} is not here" if folder else "the run records no data folder"
+    if not data_dir and (not folder or not Path(folder).exists()):  # a given --data is scan_folder's to check
+        # (the run's data: a folder, or a label file)
+        where = f"the training run's data {folder} is not here" if folder else "the run records no data folder"
         raise UserError(f"The export is checked on real images, but {where}: pass --data DIR (a labelled image "
                         "folder of the model's classes).")
     params = run.data.params  # the run's own split, so val images are ones the model did not train on
-    splits = scan_folder(folder, float(params.get("config.val_fraction", 0.2)), int(params.get("config.seed", 0)))
+    splits = scan_folder(folder, float(params.get("config.val_fraction", 0.2)), int(params.get("config.seed", 0)),
+                         multi_label=spec.thresholds is not None)
     unknown = sorted(set(splits.classes) - set(spec.class_names))
     if unknown:
         raise UserError(f"Class folder(s) {unknown} in {folder} are not classes of the model "
@@ -220,6 +222,9 @@ def export_model(model_uri: str, options: ExportOptions) -> dict[str, Any]:
     out = output_folder(options.output) / ONNX_DIR
     runtime.configure()
     model = load_logged_model(model_uri)
+    if model.spec.thresholds is not None and options.quantize == "int8":
+        raise UserError("int8 is judged by the accuracy of one label per image; this model answers with several. "
+                        "Export it without --quantize int8.")
     run_id, model_version = model_source(model_uri)
     register_as = None if options.register is None else registered_name(model_uri, options.register, model_version)
     splits, label_map = training_data(tracking.client().get_run(run_id), options.data_dir, model.spec)

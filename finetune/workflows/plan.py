@@ -35,7 +35,7 @@ def _plan(cfg: TrainConfig) -> tuple[Decision, list[dict[str, Any]], FolderSplit
     check_forced_scenario(cfg)  # `plan` takes train's options: it refuses what train would refuse
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     splits = scan_folder(cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_image_pixels,
-                         exclude=read_exclude_list(cfg.exclude))
+                         exclude=read_exclude_list(cfg.exclude), multi_label=True)
     backbone = create_backbone(cfg.model, cfg.weights, len(splits.classes), cfg.image_size, keep_source_head=True)
     rt = process_runtime(cfg)
     decision = pilot.settle(cfg, measure_and_decide(cfg, splits, backbone, rt), backbone, splits, rt)

@@ -96,7 +96,11 @@ def sweep(cfg: TrainConfig, trials: int, lr_range: tuple[float, float] = DEFAULT
         raise UserError(f"--trials must be at least 1 (got {trials}).")
     check_ranges(lr_range, wd_range)  # before the measurement
     # The plan every trial will run (its features are cached for them); it refuses what train would refuse.
-    plan = plan_folder(replace(cfg, register=None))[0].plan  # --register acts on the best trial, at the end
+    decision = plan_folder(replace(cfg, register=None))[0]  # --register acts on the best trial, at the end
+    if decision.plan.source == "multi-label" or "not_measured" in decision.similarity.details:
+        raise UserError("finetune sweep maximises the selection accuracy of one label per image; for several labels "
+                        "per image use finetune train.")
+    plan = decision.plan
     space = search_space(plan, lr_range, wd_range, search_augment)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = cfg.run_name or f"sweep-{Path(cfg.data_dir).resolve().name}-{stamp}"

@@ -20,7 +20,7 @@ from finetune import runtime, timing, tracking
 from finetune.config import TrainConfig
 from finetune.data.folders import FolderSplits, data_name, read_exclude_list, scan_folder
 from finetune.errors import UserError
-from finetune.evaluation import evaluate, trust
+from finetune.evaluation import evaluate, multilabel, trust
 from finetune.model.artifact import ModelSpec, load_scoring, save_model
 from finetune.model.scoring import Scoring
 from finetune.model.backbone import Backbone, create_backbone
@@ -129,16 +129,12 @@ def _train(cfg: TrainConfig, tags: dict[str, str] | None, resume_from: ResumePoi
     fit = run_plan(cfg, decision, recipe, backbone, splits, ctx, rt)
     if fit is None:
         return None  # rank 0 evaluates, writes and logs
-    # The crop mode, temperature and unknown threshold are choices too: made on held-out training images,
-    # then stored with the model.
-    tta = trust.choose_after_training(cfg.tta, fit.heldout, backbone.data_config, batch_size=cfg.batch_size,
-                                      max_pixels=cfg.max_image_pixels, rt=rt)
-    spec, model_dir = _save(cfg, backbone, splits, decision.plan, fit, tta, output)
-    # Val and test, read once now that every choice is made; written locally first, sent to MLflow below.
-    eval_metrics = evaluate.after_training(fit.net, spec, splits, cfg, output, rt, tta["mode"], fit.center_outputs,
-                                           leaked=audit.get("leaked"), scoring=load_scoring(model_dir, spec))
+    tta, spec, model_dir, eval_metrics = _choose_save_and_evaluate(cfg, backbone, splits, decision.plan, fit, audit,
+                                                                   output, rt)
     summary = _summary(cfg, decision, recipe, splits, fit, eval_metrics, run_id, model_dir, output, started)
     summary["tta"] = {k: tta[k] for k in ("mode", "chosen_by", "scores") if k in tta}
+    if splits.multi_label:
+        summary["task"], summary["thresholds"] = "multi-label", tta["thresholds"].to_dict()
     summary["calibration"] = {"temperature": spec.temperature, "heldout_images": tta["heldout_images"]}
     summary["unknown"], summary["audit"] = spec.ood, audit
     if backbone_choice is not None:
@@ -148,6 +144,28 @@ def _train(cfg: TrainConfig, tags: dict[str, str] | None, resume_from: ResumePoi
         summary["resumed_from_epoch"] = resume_from.epochs_done
     tracking.write_json(output / "summary.json", summary)
     return _publish(cfg, summary, eval_metrics, pending, model_dir)
+
+
+def _choose_save_and_evaluate(cfg: TrainConfig, backbone: Backbone, splits: FolderSplits, plan: Plan, fit: FitResult,
+                              audit: dict[str, Any], output: Path, rt: runtime.Runtime
+                              ) -> tuple[dict[str, Any], ModelSpec, Path, dict[str, float]]:
+    """The choices made after the fit on held-out training images (crop mode, temperature, unknown threshold; with
+    several labels per image, each class's threshold), the model saved with them, then val and test read once."""
+    if splits.multi_label:
+        tta = multilabel.thresholds_after_training(fit.heldout, len(splits.classes), backbone.data_config,
+                                                   cfg.threshold_precision, cfg.batch_size, cfg.max_image_pixels, rt)
+    else:
+        tta = trust.choose_after_training(cfg.tta, fit.heldout, backbone.data_config, batch_size=cfg.batch_size,
+                                          max_pixels=cfg.max_image_pixels, rt=rt)
+    spec, model_dir = _save(cfg, backbone, splits, plan, fit, tta, output)
+    # Val and test, read once now that every choice is made; written locally first, sent to MLflow later.
+    if splits.multi_label:
+        metrics = multilabel.evaluate_parts(fit.net, spec, {"val": splits.val, "test": splits.test}, output,
+                                            cfg.batch_size, cfg.max_image_pixels, rt)
+    else:
+        metrics = evaluate.after_training(fit.net, spec, splits, cfg, output, rt, tta["mode"], fit.center_outputs,
+                                          leaked=audit.get("leaked"), scoring=load_scoring(model_dir, spec))
+    return tta, spec, model_dir, metrics
 
 
 @timing.timed("rank")
@@ -198,7 +216,8 @@ def _measure_and_decide(cfg: TrainConfig, rt: runtime.Runtime, plan_override: Ca
     def measure() -> tuple[FolderSplits, Decision]:
         nonlocal backbone
         splits = scan_folder(cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_image_pixels,
-                             exclude=read_exclude_list(cfg.exclude))
+                             exclude=read_exclude_list(cfg.exclude), multi_label=True)
+        _check_task_options(cfg, splits)
         if cfg.batch_size > len(splits.train):
             raise UserError(f"batch_size {cfg.batch_size} is larger than the training split "
                             f"({len(splits.train)} images). Use --batch-size {len(splits.train)} or less.")
@@ -215,6 +234,16 @@ def _measure_and_decide(cfg: TrainConfig, rt: runtime.Runtime, plan_override: Ca
     if backbone is None:  # another rank: the same network; DDP gives it rank 0's weights when training starts
         backbone = create_backbone(cfg.model, cfg.weights, len(splits.classes), cfg.image_size, keep_source_head=True)
     return splits, decision, backbone
+
+
+def _check_task_options(cfg: TrainConfig, splits: FolderSplits) -> None:
+    """Options that act on one kind of labels only: refused on the other, before anything is trained."""
+    if cfg.threshold_precision is not None and not splits.multi_label:
+        raise UserError("--threshold-precision sets the thresholds of a model with several labels per image (a "
+                        "label file with a 'labels' column); this data has one label per image. Leave it out.")
+    if splits.multi_label and cfg.tta not in ("auto", "center"):
+        raise UserError(f"--tta {cfg.tta}: a model with several labels per image uses the centre crop (its thresholds "
+                        "are chosen on it). Leave --tta out.")
 
 
 @timing.timed("network")
@@ -301,7 +330,8 @@ def _save(cfg: TrainConfig, backbone: Backbone, splits: FolderSplits, plan: Plan
                      class_names=splits.classes, data_config=backbone.data_config,
                      create_kwargs=backbone.create_kwargs, weights_source=backbone.weights_source,
                      scenario=plan.scenario, default_tta=tta["mode"], head_stage=stage_index(plan.head_stage),
-                     temperature=tta["temperature"])
+                     temperature=tta["temperature"],
+                     thresholds=tta["thresholds"].values if "thresholds" in tta else None)
     banks = tta.pop("banks")
     bank = fit.bank() if fit.bank is not None else banks[0]
     if tta["ood"] is not None and len(bank):
