@@ -204,3 +204,25 @@ def test_a_multi_label_model_evaluates_and_exports_like_pytorch(tmp_path: Path):
         assert a == pytest.approx(b, abs=1e-4)
     refused = CliRunner().invoke(cli, ["export", uri, "--quantize", "int8", "--output", str(tmp_path / "e2")])
     assert refused.exit_code != 0 and "answers with several" in refused.output
+
+
+def test_permuting_val_label_sets_changes_no_threshold_and_no_prediction(tmp_path: Path, isolated_mlflow: str):
+    """The thresholds, like the epoch, are chosen inside train: val's label sets shuffled, the same model."""
+    folder, rows = make_multilabel_folder(tmp_path / "data", n=36)
+    rows = [{**r, "split": "val" if i % 4 == 0 else "train"} for i, r in enumerate(rows)]
+    val = [r for r in rows if r["split"] == "val"]
+    shuffled = [r["labels"] for r in val[1:] + val[:1]]
+    permuted = [dict(r, labels=shuffled.pop(0)) if r["split"] == "val" else r for r in rows]
+    summaries = []
+    for name, table in (("plain", rows), ("permuted", permuted)):
+        labels = write_csv(folder / f"{name}.csv", table, ("path", "labels", "split"))
+        result = CliRunner().invoke(cli, tiny_train_args(labels, tmp_path / name, "--epochs", "2", "--seed", "3"))
+        assert result.exit_code == 0, result.output
+        summaries.append(json.loads((tmp_path / name / "summary.json").read_text()))
+    a, b = summaries
+    assert a["thresholds"] == b["thresholds"]
+    for key in ("select_map", "select_loss", "best_epoch"):
+        assert a["metrics"][key] == b["metrics"][key], key
+    assert (Path(a["model_dir"]) / "model.safetensors").read_bytes() == \
+        (Path(b["model_dir"]) / "model.safetensors").read_bytes()
+    assert a["metrics"]["val_map_macro"] != b["metrics"]["val_map_macro"]  # only what is reported differs

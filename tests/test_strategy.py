@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from finetune.errors import UserError
-from finetune.strategy.similarity import bn_shift, source_confidence
+from finetune.strategy.similarity import bn_shift, not_measured, source_confidence
 from finetune.strategy.decide import (SCENARIO_NAMES, Thresholds, decide, load_scenario_defaults, load_thresholds,
                                       pilot_candidates, pilot_separates, resolve_frozen_count,
                                       settle_pilot)
@@ -247,3 +247,23 @@ def test_pilot_separates_only_beyond_the_noise_of_the_disagreeing_images(winner_
     assert pilot_separates(winner_only, other_only) is separated
 
 
+
+
+@pytest.mark.parametrize("forced, n_train, expected, source", [
+    ("auto", 300, "large-different", "multi-label"),  # little data too: the domain is not measured
+    ("auto", 5000, "large-different", "multi-label"),
+    ("large-similar", 300, "large-similar", "forced"),
+    ("large-different", 5000, "large-different", "forced"),
+])
+def test_several_labels_per_image_fine_tune_without_a_head_warm_up(forced, n_train, expected, source):
+    plan = decide(profile(n_train, n_train / 4), not_measured("several labels per image").to_dict(), T, DEFAULTS,
+                  base_epochs=10, forced=forced, multi_label=True)
+    assert (plan.scenario, plan.source, plan.head_warmup_epochs, plan.train_on_features) == (expected, source, 0, False)
+    assert any("several labels per image" in r for r in plan.reasons)
+
+
+@pytest.mark.parametrize("forced", ["small-similar", "small-different"])
+def test_a_linear_head_is_refused_for_several_labels_per_image(forced):
+    with pytest.raises(UserError, match="takes one label per image"):
+        decide(profile(300, 75), not_measured("x").to_dict(), T, DEFAULTS, base_epochs=10, forced=forced,
+               multi_label=True)
