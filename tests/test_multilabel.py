@@ -226,3 +226,13 @@ def test_permuting_val_label_sets_changes_no_threshold_and_no_prediction(tmp_pat
     assert (Path(a["model_dir"]) / "model.safetensors").read_bytes() == \
         (Path(b["model_dir"]) / "model.safetensors").read_bytes()
     assert a["metrics"]["val_map_macro"] != b["metrics"]["val_map_macro"]  # only what is reported differs
+
+
+def test_plan_says_the_domain_is_not_measured_for_several_labels_per_image(tmp_path: Path):
+    folder, rows = make_multilabel_folder(tmp_path / "data")
+    labels = write_csv(folder / "labels.csv", rows, ("path", "labels"))
+    result = CliRunner().invoke(cli, ["plan", str(labels), "--model", "test_resnet", "--weights", "none",
+                                      "--image-size", "32", "--output", str(tmp_path / "plan")])
+    assert result.exit_code == 0, result.output
+    assert "Domain similarity  not measured (several labels per image)" in result.output
+    assert "Scenario  large-different  (multi-label)" in result.output

@@ -19,6 +19,22 @@ def group_table(model: nn.Module) -> list[dict[str, Any]]:
              "head": g.is_head} for g in layer_groups(model)]
 
 
+def similarity_lines(s: Any, probe_images: int) -> list[str]:
+    """The domain similarity, its components and the probe of each stage; or why it was not measured."""
+    if "not_measured" in s.details:
+        return [f"Domain similarity  not measured ({s.details['not_measured']})"]
+    lines = [f"Domain similarity  {s.score:.3f}  (probe on {probe_images} training images)"]
+    for name, value in s.components.items():
+        lines.append(f"  {name:<18} {value:.3f}   weight {s.weights.get(name, 0.0):g}")
+    lines.append(f"  {'stage':<10} {'module':<28} {'channels':>8}  {'probe acc':>9}  {'normalised':>10}")
+    for pr in s.probes:
+        mark = "  <- best" if pr.key == s.best_stage else ""
+        lines.append(f"  {pr.key:<10} {pr.module:<28} {pr.channels:>8}  {pr.balanced_accuracy:>9.3f}  "
+                     f"{pr.normalized:>10.3f}{mark}")
+    lines += [f"  {k:<18} {v:.3f}" for k, v in s.details.items() if k.startswith(("source", "bn"))]
+    return lines
+
+
 def describe(decision: Decision, groups: list[dict[str, Any]]) -> str:
     """The decision as a readable report: profile, similarity, scenario, plan, layer groups."""
     p, s, plan = decision.profile, decision.similarity, decision.plan
@@ -27,20 +43,7 @@ def describe(decision: Decision, groups: list[dict[str, Any]]) -> str:
              f"  classes      {p.n_classes}; per class min {p.per_class_min}, median {p.per_class_median:g}, "
              f"max {p.per_class_max} (imbalance {p.imbalance_ratio:g}x)",
              f"  images look  {p.grayscale_share:.0%} grayscale, median size {p.median_width}x{p.median_height}",
-             "",
-             f"Domain similarity  {s.score:.3f}  (probe on {decision.probe_images} training images)"]
-    for name, value in s.components.items():
-        weight = s.weights.get(name, 0.0)
-        lines.append(f"  {name:<18} {value:.3f}   weight {weight:g}")
-    lines.append(f"  {'stage':<10} {'module':<28} {'channels':>8}  {'probe acc':>9}  {'normalised':>10}")
-    for pr in s.probes:
-        mark = "  <- best" if pr.key == s.best_stage else ""
-        lines.append(f"  {pr.key:<10} {pr.module:<28} {pr.channels:>8}  {pr.balanced_accuracy:>9.3f}  "
-                     f"{pr.normalized:>10.3f}{mark}")
-    for k, v in s.details.items():
-        if k.startswith(("source", "bn")):
-            lines.append(f"  {k:<18} {v:.3f}")
-    lines += ["", f"Scenario  {plan.scenario}  ({plan.source})"]
+             "", *similarity_lines(s, decision.probe_images), "", f"Scenario  {plan.scenario}  ({plan.source})"]
     lines += [f"  - {r}" for r in plan.reasons]
     lines += pilot_lines(decision.pilot)
     lines += ["", "Plan",
