@@ -228,8 +228,9 @@ def _print_summary(summary: dict[str, Any], data_dir: str) -> None:
     lines.append(f"Scenario:   {summary['scenario']} ({plan['source']})")
     lines += [f"  - {reason}" for reason in plan.get("reasons", [])]
     lines.append(f"Plan:       {_plan_line(plan)}")
-    if "select_acc_finetuned" in m and m.get("weights") == "warmup":
-        kept = f"warmed-up head kept: fine-tuning reached {m['select_acc_finetuned']:.4f}"
+    finetuned = next((k for k in ("select_acc_finetuned", "select_map_finetuned") if k in m), None)
+    if finetuned and m.get("weights") == "warmup":
+        kept = f"warmed-up head kept: fine-tuning reached {m[finetuned]:.4f}"
     elif "best_epoch" in m:
         kept = f"best epoch {m['best_epoch']}" + (", EMA weights" if m.get("weights") == "ema" else "")
     else:

@@ -162,6 +162,8 @@ def test_train_and_predict_with_several_labels_per_image(tmp_path: Path, weights
                                                      "--class-weights", "auto")
     assert summary["task"] == "multi-label" and summary["scenario"] == "large-different"
     assert summary["similarity"]["details"]["not_measured"] == "several labels per image"
+    warm = summary["plan"]["warmup"]  # the one-vs-rest logistic head on cached features, scored on selection
+    assert warm["c"] in (0.01, 0.1, 1.0, 10.0) and 0.0 <= warm["select"]["select_map"] <= 1.0
     assert "select_map" in summary["metrics"] and "val_map_macro" in summary["metrics"]
     assert len(summary["thresholds"]["values"]) == 3 and summary["audit"]["skipped"].startswith("several labels")
     spec = json.loads((tmp_path / "out" / "model" / "model.json").read_text())
@@ -236,3 +238,16 @@ def test_plan_says_the_domain_is_not_measured_for_several_labels_per_image(tmp_p
     assert result.exit_code == 0, result.output
     assert "Domain similarity  not measured (several labels per image)" in result.output
     assert "Scenario  large-different  (multi-label)" in result.output
+
+
+def test_the_logistic_head_warm_up_reads_raw_features_as_the_classifier_does():
+    from finetune.training.multilabel_head import fit_multilabel_head, macro_map
+
+    rng = np.random.default_rng(0)
+    y = (rng.random((200, 3)) < 0.4).astype(int)
+    x = rng.normal(size=(200, 8)) * 5 + 3  # raw features: not centred, not unit scale
+    x[:, :3] += 4 * y  # the first three features carry the labels
+    head = fit_multilabel_head(x, y, seed=0)
+    probs = 1 / (1 + np.exp(-(x @ head.weight.numpy().T + head.bias.numpy())))
+    assert macro_map(probs, y) > 0.95 and head.c in head.scores
+    assert ((probs > 0.5) == y).mean() > 0.9

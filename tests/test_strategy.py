@@ -255,11 +255,13 @@ def test_pilot_separates_only_beyond_the_noise_of_the_disagreeing_images(winner_
     ("large-similar", 300, "large-similar", "forced"),
     ("large-different", 5000, "large-different", "forced"),
 ])
-def test_several_labels_per_image_fine_tune_without_a_head_warm_up(forced, n_train, expected, source):
+def test_several_labels_per_image_fine_tune_after_a_logistic_head_warm_up(forced, n_train, expected, source):
     plan = decide(profile(n_train, n_train / 4), not_measured("several labels per image").to_dict(), T, DEFAULTS,
                   base_epochs=10, forced=forced, multi_label=True)
-    assert (plan.scenario, plan.source, plan.head_warmup_epochs, plan.train_on_features) == (expected, source, 0, False)
+    assert (plan.scenario, plan.source, plan.train_on_features) == (expected, source, False)
+    assert plan.head_warmup_epochs == DEFAULTS[expected].head_warmup_epochs > 0
     assert any("several labels per image" in r for r in plan.reasons)
+    assert any("one-vs-rest logistic regression" in r for r in plan.reasons)
 
 
 @pytest.mark.parametrize("forced", ["small-similar", "small-different"])

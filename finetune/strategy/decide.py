@@ -179,7 +179,8 @@ def decide(profile: Mapping[str, Any], similarity: Mapping[str, Any], thresholds
             this one value instead of choosing one by cross-validation on train from the scenario's grid;
             fine-tuning plans take it through the recipe (their head warm-up keeps the grid).
         pretrained: False for a randomly initialised backbone: nothing to keep, so every layer learns.
-        multi_label: several labels per image (`_multi_label_scenario`): no measured cell, no head warm-up.
+        multi_label: several labels per image (`_multi_label_scenario`): no measured cell; the head warm-up is a
+            one-vs-rest logistic regression.
     """
     scenario, source, reasons = (_multi_label_scenario(profile, thresholds, forced) if multi_label else
                                  _choose_scenario(profile, similarity, thresholds, forced, pretrained))
@@ -197,9 +198,8 @@ def decide(profile: Mapping[str, Any], similarity: Mapping[str, Any], thresholds
     lr_mult = d.backbone_lr_mult if backbone_lr_mult is None else float(backbone_lr_mult)
     layer_decay = float(d.layer_decay)
     # Random features: nothing for a head warm-up to build on (and BatchNorm then trains in train mode, so the
-    # network computes other features than the eval-mode ones a warm-up would fit), forced or not. Several labels
-    # per image: the warm-up fits a one-label head on cached features.
-    warmup = int(d.head_warmup_epochs) if pretrained and not multi_label else 0
+    # network computes other features than the eval-mode ones a warm-up would fit), forced or not.
+    warmup = int(d.head_warmup_epochs) if pretrained else 0
     if not pretrained and forced == "auto":  # ... and nothing to protect with lower LRs
         lr_mult = 1.0 if backbone_lr_mult is None else lr_mult
         layer_decay = 1.0
@@ -211,7 +211,7 @@ def decide(profile: Mapping[str, Any], similarity: Mapping[str, Any], thresholds
         reasons.append(_feature_reason(epochs, grid, weight_decay is not None, views))
     else:
         reasons += _network_reasons(scenario, d, freeze_groups, epochs, lr_mult, layer_decay, warmup, bn_policy,
-                                    pretrained)
+                                    pretrained, multi_label)
     return Plan(
         scenario=scenario, source=source, size=size, domain=domain, train_on_features=d.train_on_features,
         head_stage=head_stage, trainable_fraction=0.0 if d.train_on_features else float(d.trainable_fraction),
@@ -298,14 +298,18 @@ def _feature_reason(epochs: int, grid: list[float], given: bool, views: int) -> 
 
 
 def _network_reasons(scenario: str, d: ScenarioDefaults, freeze_groups: int | None, epochs: int, lr_mult: float,
-                     layer_decay: float, warmup: int, bn_policy: str, pretrained: bool) -> list[str]:
+                     layer_decay: float, warmup: int, bn_policy: str, pretrained: bool,
+                     multi_label: bool = False) -> list[str]:
     if freeze_groups is not None:
         train_what = f"all but the first {freeze_groups} layer group(s) (user override)"
     elif d.trainable_fraction >= 1:
         train_what = "all layer groups"
     else:
         train_what = f"the top {d.trainable_fraction:.0%} of the layer groups"
-    warm = f"head warm-up for {warmup} epochs on cached features with the backbone frozen, then " if warmup else ""
+    warm = (f"head warm-up for {warmup} epochs on cached features with the backbone frozen, then " if warmup else "")
+    if warmup and multi_label:
+        warm = ("head warm-up on cached features with the backbone frozen (a one-vs-rest logistic regression, C chosen "
+                "on a fifth of the fit images), then ")
     reasons = [f"{warm}fine-tune {train_what} for {epochs} epochs; backbone LR x{lr_mult:g} of the "
                f"head's, x{layer_decay:g} per group further down; {BN_POLICIES[bn_policy]}"]
     if scenario == "large-different" and pretrained:
