@@ -245,8 +245,9 @@ def test_the_logistic_head_warm_up_reads_raw_features_as_the_classifier_does():
 
     rng = np.random.default_rng(0)
     y = (rng.random((200, 3)) < 0.4).astype(int)
-    x = rng.normal(size=(200, 8)) * 5 + 3  # raw features: not centred, not unit scale
+    x = rng.normal(size=(200, 8))
     x[:, :3] += 4 * y  # the first three features carry the labels
+    x = x * 5 + 3  # raw features: not centred, not unit scale
     head = fit_multilabel_head(x, y, seed=0)
     probs = 1 / (1 + np.exp(-(x @ head.weight.numpy().T + head.bias.numpy())))
     assert macro_map(probs, y) > 0.95 and head.c in head.scores
