@@ -69,8 +69,8 @@ class TrainConfig:
     seed: int = opt(0, "Random seed (split, init, augmentation).", "Data", commands=READERS)
     max_image_pixels: int = opt(89_478_485, "Refuse images with more pixels than this (Pillow's "
                                 "decompression-bomb limit).", "Data", low=1, commands=READERS)
-    image_size: int | None = opt(None, "Input size in pixels.", "Data", low=16, shows="the model's pretrained size",
-                                 commands=EVERY)
+    image_size: int | None = opt(None, "Input size in pixels (rank: every candidate's, as it would be trained).",
+                                 "Data", low=16, shows="the model's pretrained size", commands=READERS)
     batch_size: int = opt(32, "Images per batch (per process under DDP).", "Data", low=1, commands=READERS)
     # Model and plan
     model: str = opt("resnet50.a1_in1k", "timm model name, optionally with a weight tag, e.g. "

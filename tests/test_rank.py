@@ -110,6 +110,14 @@ def test_rank_two_tiny_backbones_end_to_end_and_plan_reads_their_features(tmp_pa
                                "--scenario", "large-different", "--num-workers", "0", "--batch-size", "8", "--json"])
     assert best.exit_code == 0, best.output
     assert json.loads(best.stdout)["timings"]["features_cached"] is True
+    # --image-size: every candidate measured at the size it would be trained at, and that cache entry read too
+    sized = json.loads(runner.invoke(cli, [*args, "--image-size", "48", "--json"]).stdout)
+    assert {c["image_size"] for c in sized["candidates"]} == {48}
+    assert table(sized).endswith(f"--weights {sized['best_weights']} --image-size 48")
+    best = runner.invoke(cli, ["plan", str(data), "--model", sized["best"], "--weights", sized["best_weights"],
+                               "--image-size", "48", "--scenario", "large-different", "--num-workers", "0",
+                               "--batch-size", "8", "--json"])
+    assert json.loads(best.stdout)["timings"]["features_cached"] is True
 
 
 def test_a_latency_budget_no_candidate_meets_is_a_clear_error(tmp_path: Path, monkeypatch):

@@ -97,8 +97,9 @@ def latency_ms(model: torch.nn.Module, size: tuple[int, int], rt: runtime.Runtim
 def measure_candidate(cfg: TrainConfig, name: str, weights: str, splits, rt: runtime.Runtime) -> Candidate:
     """One candidate's features (cached), scores, size and latency."""
     started = time.perf_counter()
-    # Built as `plan` and `train` build it (the source head kept): the features' cache entry is theirs too.
-    backbone = create_backbone(name, weights, len(splits.classes), None, keep_source_head=True)
+    # Built as `plan` and `train` build it (the source head kept, at --image-size when given): the features' cache
+    # entry is theirs too.
+    backbone = create_backbone(name, weights, len(splits.classes), cfg.image_size, keep_source_head=True)
     feats = train_features(cfg, backbone, splits, load_thresholds().probe_max_images, rt)
     x, y = feats.matrix(FINAL)
     size = tuple(backbone.data_config["input_size"][1:])
@@ -130,8 +131,8 @@ def rank_backbones(cfg: TrainConfig, spec: str, max_latency_ms: float | None = N
                         f"{min(c.latency_ms['batch1'] for c in measured):.1f} ms per image at batch 1.")
     return {"data_dir": cfg.data_dir, "train_images": len(splits.train), "classes": len(splits.classes),
             "candidates": [c.to_dict() for c in ordered], "best": kept[0].name, "best_weights": kept[0].weights,
-            "max_latency_ms": max_latency_ms, "seconds": round(time.perf_counter() - started, 1),
-            "device": str(rt.device)}
+            "max_latency_ms": max_latency_ms, "image_size": cfg.image_size,
+            "seconds": round(time.perf_counter() - started, 1), "device": str(rt.device)}
 
 
 def table(result: dict[str, Any]) -> str:
@@ -145,5 +146,6 @@ def table(result: dict[str, Any]) -> str:
                      f"{c['latency_ms']['batch32']:>10.1f}  {'; '.join(c['reasons'])}")
     lines += ["", f"* the accuracy-latency front. Ranked on {result['train_images']} training images in "
                   f"{result['seconds']:.0f} s on {result['device']} (features cached for plan and train).",
-              f"Next: finetune train {result['data_dir']} --model {result['best']} --weights {result['best_weights']}"]
+              f"Next: finetune train {result['data_dir']} --model {result['best']} --weights {result['best_weights']}"
+              + (f" --image-size {result['image_size']}" if result.get("image_size") else "")]
     return "\n".join(lines)
