@@ -165,7 +165,7 @@ def test_train_and_predict_with_several_labels_per_image(tmp_path: Path, weights
     warm = summary["plan"]["warmup"]  # the one-vs-rest logistic head on cached features, scored on selection
     assert warm["c"] in (0.01, 0.1, 1.0, 10.0) and 0.0 <= warm["select"]["select_map"] <= 1.0
     assert "select_map" in summary["metrics"] and "val_map_macro" in summary["metrics"]
-    assert len(summary["thresholds"]["values"]) == 3 and summary["audit"]["skipped"].startswith("several labels")
+    assert len(summary["thresholds"]["values"]) == 3 and "label_issues" in summary["audit"]["counts"]
     spec = json.loads((tmp_path / "out" / "model" / "model.json").read_text())
     assert spec["thresholds"] == pytest.approx(summary["thresholds"]["values"], abs=1e-6)
     report = json.loads((tmp_path / "out" / "evaluation" / "val" / "report.json").read_text())
@@ -257,3 +257,36 @@ def test_the_logistic_head_warm_up_reads_raw_features_as_the_classifier_does():
     z = (x - x.mean(0)) / (x.std(0) + 1e-6)
     reference = LogisticRegression(C=head.c, max_iter=1000).fit(z, y[:, 1]).predict_proba(z)[:, 1]
     np.testing.assert_allclose(probs[:, 1], reference, atol=1e-5)
+
+
+def test_the_audit_checks_label_sets(tmp_path: Path, weights_file: Path):
+    """A multi-label file audited: duplicates and a flipped label set are found; the pair of a copy labelled
+    differently is conflicting."""
+    import shutil
+
+    from finetune.strategy.audit import AuditTable, run_audit
+
+    folder, rows = make_multilabel_folder(tmp_path / "data", n=60)
+    shutil.copy(folder / "img_5.png", folder / "copy_5.png")
+    rows.append({"path": "copy_5.png", "labels": "red;green;blue"})
+    labels = write_csv(folder / "labels.csv", rows, ("path", "labels"))
+    result = CliRunner().invoke(cli, ["audit", str(labels), "--model", "test_resnet", "--weights", str(weights_file),
+                                      "--image-size", "32", "--output", str(tmp_path / "audit"), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    pair = next(p for p in report["duplicates"] if {Path(p["a"]).name, Path(p["b"]).name} == {"img_5.png", "copy_5.png"})
+    assert pair["match"] == "exact"
+    assert (pair["kind"] == "conflicting") == (rows[5]["labels"] != "red;green;blue")
+    # the label check on a table whose features say the classes: a flipped label set is flagged first
+    rng = np.random.default_rng(0)
+    sets = [tuple(sorted(rng.choice(3, size=rng.integers(1, 3), replace=False).tolist())) for _ in range(120)]
+    x = rng.normal(size=(120, 6)) * 0.3
+    for i, s in enumerate(sets):
+        x[i, list(s)] += 3.0
+    given = list(sets)
+    given[7] = tuple(c for c in range(3) if c not in sets[7]) or (0,)  # the complement: clearly wrong
+    table = AuditTable([f"img_{i}" for i in range(120)], np.full(120, -1), ["train"] * 120, x.astype(np.float32),
+                       np.ones(120, dtype=bool), ["a", "b", "c"], given)
+    audit = run_audit(table)
+    assert audit.label_issues and audit.label_issues[0].path == "img_7"
+    assert audit.label_issues[0].suggested == ";".join("abc"[c] for c in sets[7])

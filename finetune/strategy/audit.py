@@ -14,6 +14,11 @@ no backbone pass once `plan` or `train` has run:
   plus `OUTLIER_MADS` robust standard deviations of the training images' distances.
 
 Inputs it cannot use say so in `Audit.notes` instead of failing (one class, classes of 1-2 images).
+
+Several labels per image (`AuditTable.label_sets`): the probe is one-vs-rest (one logistic regression per class,
+the same penalty), cleanlab's multi-label `find_label_issues` flags the images whose label set the out-of-fold
+probabilities disagree with (the suggestion: the classes above 0.5); a pair is conflicting when the two label
+sets differ; each class's centroid is made of the training images that carry it. Labels show as `a;b`.
 """
 
 from __future__ import annotations
@@ -56,10 +61,23 @@ class AuditTable:
     x: np.ndarray  # [n, C] float32
     valid: np.ndarray  # [n] bool: False where the image could not be decoded for features
     classes: list[str]
+    label_sets: list[tuple[int, ...]] | None = None  # several labels per image: each image's classes
 
     @property
     def train(self) -> np.ndarray:
         return np.array([s == "train" for s in self.splits], dtype=bool)
+
+    def label_of(self, i: int) -> str:
+        """Image i's label as the report shows it: its class, or its classes joined by ;."""
+        if self.label_sets is None:
+            return self.classes[self.labels[i]]
+        return ";".join(self.classes[c] for c in self.label_sets[i])
+
+    def members(self, c: int) -> np.ndarray:
+        """[n] bool: the images labelled with class c."""
+        if self.label_sets is None:
+            return self.labels == c
+        return np.array([c in labels for labels in self.label_sets], dtype=bool)
 
 
 @dataclass(frozen=True)
@@ -128,6 +146,8 @@ def find_label_issues(table: AuditTable, folds: int = CV_FOLDS, seed: int = 0) -
     """Training images whose given label the other images' probe disagrees with, most suspect first."""
     from cleanlab.filter import find_label_issues as cleanlab_issues
 
+    if table.label_sets is not None:
+        return find_multi_label_issues(table, folds, seed)
     rows = np.flatnonzero(table.train & table.valid)
     y = table.labels[rows]
     counts = np.bincount(y, minlength=len(table.classes))
@@ -154,6 +174,45 @@ def find_label_issues(table: AuditTable, folds: int = CV_FOLDS, seed: int = 0) -
         best = int(np.argmax(others))
         issues.append(LabelIssue(table.paths[rows[i]], table.classes[kept[given]], table.classes[kept[best]],
                                  round(float(probs[i, given]), 4), round(float(probs[i, best]), 4)))
+    return issues, notes
+
+
+def find_multi_label_issues(table: AuditTable, folds: int = CV_FOLDS, seed: int = 0
+                            ) -> tuple[list[LabelIssue], list[str]]:
+    """Several labels per image: training images whose label set the out-of-fold one-vs-rest probe disagrees
+    with (cleanlab's multi-label filter), most suspect first; a class on fewer than `MIN_IMAGES_FOR_CV` training
+    images (or on all of them) has no probe of its own and is left out of the check."""
+    from cleanlab.multilabel_classification.filter import find_label_issues as multi_label_issues
+    from cleanlab.multilabel_classification.rank import get_label_quality_scores
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import KFold, cross_val_predict
+    from sklearn.multiclass import OneVsRestClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rows = np.flatnonzero(table.train & table.valid)
+    y = np.stack([table.members(c)[rows] for c in range(len(table.classes))], axis=1).astype(int)
+    counts = y.sum(0)
+    kept = np.flatnonzero((counts >= MIN_IMAGES_FOR_CV) & (counts <= len(rows) - MIN_IMAGES_FOR_CV))
+    notes = [] if len(kept) == len(table.classes) else [
+        f"Class(es) {', '.join(table.classes[c] for c in range(len(table.classes)) if c not in kept)} are on fewer "
+        f"than {MIN_IMAGES_FOR_CV} training images (or on nearly all): not checked for label errors."]
+    if len(kept) < 2 or len(rows) < 2 * folds:
+        return [], notes + ["Too few training images or checkable classes: no search for mislabeled images."]
+    probe = make_pipeline(StandardScaler(), OneVsRestClassifier(
+        LogisticRegression(C=1.0 / (PROBE_L2_PER_IMAGE * len(rows)), max_iter=1000)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        probs = cross_val_predict(probe, table.x[rows], y[:, kept], method="predict_proba",
+                                  cv=KFold(n_splits=folds, shuffle=True, random_state=seed))
+        given = [list(np.flatnonzero(row)) for row in y[:, kept]]
+        flagged = multi_label_issues(given, probs, return_indices_ranked_by="self_confidence")
+        quality = get_label_quality_scores(given, probs)
+    issues = []
+    for i in flagged:
+        suggested = ";".join(table.classes[kept[k]] for k in np.flatnonzero(probs[i] > 0.5)) or "(none)"
+        issues.append(LabelIssue(table.paths[rows[i]], table.label_of(rows[i]), suggested,
+                                 round(float(quality[i]), 4), round(float(probs[i].max()), 4)))
     return issues, notes
 
 
@@ -213,7 +272,7 @@ def similar_pairs(x: np.ndarray, threshold: float, limit: int = MAX_PAIRS) -> tu
     return best, total
 
 
-def pair_kind(split_a: str, split_b: str, label_a: int, label_b: int) -> str:
+def pair_kind(split_a: str, split_b: str, label_a: int | str, label_b: int | str) -> str:
     if split_a != split_b and "train" in (split_a, split_b):
         return "leakage"
     return "redundant" if label_a == label_b else "conflicting"
@@ -222,10 +281,9 @@ def pair_kind(split_a: str, split_b: str, label_a: int, label_b: int) -> str:
 def _pair(table: AuditTable, i: int, j: int, match: str, similarity: float) -> DuplicatePair:
     if table.splits[j] == "train" and table.splits[i] != "train":
         i, j = j, i  # the training image first
-    kind = pair_kind(table.splits[i], table.splits[j], int(table.labels[i]), int(table.labels[j]))
-    c = table.classes
-    return DuplicatePair(kind, match, round(similarity, 4), table.paths[i], table.splits[i], c[table.labels[i]],
-                         table.paths[j], table.splits[j], c[table.labels[j]])
+    kind = pair_kind(table.splits[i], table.splits[j], table.label_of(i), table.label_of(j))
+    return DuplicatePair(kind, match, round(similarity, 4), table.paths[i], table.splits[i], table.label_of(i),
+                         table.paths[j], table.splits[j], table.label_of(j))
 
 
 def find_duplicates(table: AuditTable, threshold: float = NEAR_DUPLICATE_COSINE) -> tuple[list[DuplicatePair], list[str]]:
@@ -250,8 +308,8 @@ def centroid_distances(table: AuditTable) -> tuple[np.ndarray, np.ndarray]:
     """(cosine distance to the nearest class centroid of train, that class) for every image."""
     x = normalized(table.x)
     use = table.train & table.valid
-    present = [c for c in range(len(table.classes)) if np.any(use & (table.labels == c))]
-    centroids = normalized(np.stack([x[use & (table.labels == c)].mean(axis=0) for c in present]))
+    present = [c for c in range(len(table.classes)) if np.any(use & table.members(c))]
+    centroids = normalized(np.stack([x[use & table.members(c)].mean(axis=0) for c in present]))
     sims = x @ centroids.T
     nearest = np.asarray(present)[sims.argmax(axis=1)]
     return 1.0 - sims.max(axis=1), nearest
@@ -265,7 +323,7 @@ def find_outliers(table: AuditTable, mads: float = OUTLIER_MADS) -> tuple[list[O
     spread = max(1.4826 * float(np.median(np.abs(train - median))), MIN_MAD)
     threshold = median + mads * spread
     flagged = [i for i in np.argsort(-distance, kind="stable") if table.valid[i] and distance[i] > threshold]
-    return [Outlier(table.paths[i], table.splits[i], table.classes[table.labels[i]], round(float(distance[i]), 4),
+    return [Outlier(table.paths[i], table.splits[i], table.label_of(i), round(float(distance[i]), 4),
                     table.classes[nearest[i]]) for i in flagged], threshold
 
 

@@ -49,8 +49,10 @@ def audit_table(cfg: TrainConfig, splits: FolderSplits, rt: runtime.Runtime | No
         xs.append(x)
         valid.append(feats.valid)
         seconds[f"features_{name}_s"] = round(feats.seconds, 2)
+    label_sets = ([s.labels for name in ("train", "val", "test") for s in getattr(splits, name)]
+                  if splits.multi_label else None)
     table = AuditTable(paths, np.concatenate(labels), names, np.concatenate(xs), np.concatenate(valid),
-                       list(splits.classes))
+                       list(splits.classes), label_sets)
     return table, seconds
 
 
@@ -64,7 +66,7 @@ def audit_folder(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.register is not None:
         raise UserError("--register: `finetune audit` trains and registers nothing. Leave it out.")
     splits = scan_folder(cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_image_pixels,
-                         exclude=read_exclude_list(cfg.exclude), min_classes=1)
+                         exclude=read_exclude_list(cfg.exclude), min_classes=1, multi_label=True)
     return audit_splits(cfg, splits, default_output(cfg))
 
 
@@ -97,8 +99,6 @@ def audit_or_note(cfg: TrainConfig, splits: FolderSplits, output: Path, weights_
     whose features mean nothing) gives {"skipped": why} and a warning instead of an error."""
     if weights_source == "none":
         return {"skipped": "no pretrained weights (--weights none): no features to audit"}
-    if splits.multi_label:
-        return {"skipped": "several labels per image: the audit's label checks take one label per image"}
     try:
         return audit_splits(cfg, splits, output, rt)
     except Exception as e:  # KeyboardInterrupt and SystemExit still stop the run
