@@ -269,16 +269,16 @@ def _pick_weights(module: Classifier, datamodule: FolderDataModule, trainer: pl.
     metrics = {**{k: float(scored[k]) for k in scores.keys}, "best_epoch": int(best["epoch"]),
                "weights": "ema" if any(isinstance(cb, EMA) for cb in trainer.callbacks) else "raw"}
     if warm_state is not None and warmup is not None:
-        metrics = _keep_warmup_if_better(module, warm_state, warmup["select"], metrics)
+        metrics = _keep_warmup_if_better(module, warm_state, warmup["select"], metrics,
+                                         selection_metric(module.multi_label))
     return metrics
 
 
 def _keep_warmup_if_better(module: Classifier, warm_state: dict[str, torch.Tensor], warm: dict[str, float],
-                           metrics: dict[str, Any]) -> dict[str, Any]:
+                           metrics: dict[str, Any], key: str = "select_acc") -> dict[str, Any]:
     """Keep the network as it was after the head warm-up (pretrained backbone + warmed-up head, scored `warm`)
     when fine-tuning did not beat it: a short schedule can leave the moved features behind the frozen ones
     (omniglot at 128 px, 2 epochs: 0.84 fine-tuned vs 0.875 warmed up)."""
-    key = selection_metric(module.multi_label)
     metrics = {**metrics, f"{key}_finetuned": metrics[key], f"{key}_warmup": warm[key]}
     if warm[key] <= metrics[key]:
         return metrics
