@@ -35,7 +35,7 @@ from typing import Any
 from bench.common import DATA, DEFAULT_WEIGHTS, ROOT, append_jsonl
 
 POLICIES = ("auto", "large-similar", "large-different", "linear (frozen features)")
-C_GRID = (0.01, 0.1, 1.0, 10.0)
+C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 1.0, 10.0)
 
 
 # --- build -----------------------------------------------------------------------------------------
