@@ -241,7 +241,8 @@ def test_plan_says_the_domain_is_not_measured_for_several_labels_per_image(tmp_p
 
 
 def test_the_logistic_head_warm_up_reads_raw_features_as_the_classifier_does():
-    from finetune.training.multilabel_head import fit_multilabel_head, macro_map
+    from finetune.data.multilabel import macro_map
+    from finetune.training.multilabel_head import fit_multilabel_head
 
     rng = np.random.default_rng(0)
     y = (rng.random((200, 3)) < 0.4).astype(int)

@@ -237,8 +237,6 @@ def stratified_split(samples: Sequence[Sample], val_fraction: float, seed: int) 
     """Deterministic per-class split: each class with >= 2 images puts at least one in val. Multi-label images:
     iterative stratification, every label kept in train (`data/multilabel.py`)."""
     if any(s.labels for s in samples):
-        if not 0 < val_fraction < 1:
-            return list(samples), []
         parts = iterative_parts(samples, [s.labels for s in samples], [1 - val_fraction, val_fraction], seed,
                                 key=lambda s: s.path)
         train, val = keep_every_label_in_first(parts, lambda s: s.labels)

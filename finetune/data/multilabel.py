@@ -7,13 +7,20 @@ label that the images carry keeps at least one image in the first part (train): 
 training cannot be learned, and its threshold cannot be chosen.
 
 Pure and deterministic: the same parts for the same paths, label sets, fractions and seed, whatever the order.
+
+Also here, as the lowest place every stage can import: the 0/1 matrix of label sets, and the macro mAP that
+chooses the epoch (`training.module`), the warm-up's regularisation (`training.multilabel_head`) and that val and
+test report (`evaluation.multilabel`): one definition for every number compared with another.
 """
 
 from __future__ import annotations
 
 import random
+import warnings
 from collections import Counter
 from typing import Sequence, TypeVar
+
+import numpy as np
 
 T = TypeVar("T")
 
@@ -54,6 +61,34 @@ def iterative_parts(items: Sequence[T], label_sets: Sequence[Sequence[int]], fra
         taken = set(batch)
         left = [i for i in left if i not in taken]
     return [[items[i] for i in sorted(p, key=lambda i: key(items[i]))] for p in parts]
+
+
+def label_matrix(label_sets: Sequence[Sequence[int]], num_classes: int) -> np.ndarray:
+    """[N, num_classes] 0/1 (int64): row i marks the classes of label set i."""
+    y = np.zeros((len(label_sets), num_classes), dtype=np.int64)
+    for row, labels in enumerate(label_sets):
+        y[row, list(labels)] = 1
+    return y
+
+
+def per_class_ap(probs: np.ndarray, targets: np.ndarray) -> list[float | None]:
+    """Each class's average precision; None for a class with no positive image in `targets` (nothing to rank)."""
+    import torch
+    from torchmetrics.functional.classification import multilabel_average_precision
+
+    t = torch.from_numpy(np.asarray(targets, dtype=np.int64))
+    p = torch.from_numpy(np.asarray(probs, dtype=np.float32))
+    with warnings.catch_warnings():  # a class without positives: its AP is left out below, not guessed
+        warnings.filterwarnings("ignore", "No positive samples found in target")
+        ap = multilabel_average_precision(p, t, num_labels=t.shape[1], average="none").tolist()
+    return [float(a) if t[:, c].any() else None for c, a in enumerate(ap)]
+
+
+def macro_map(probs: np.ndarray, targets: np.ndarray) -> float:
+    """The mean AP over the classes with a positive image; NaN when none has one. What chooses the epoch
+    (`select_map`), the warm-up's regularisation, and what val and test report as `map_macro`."""
+    scored = [a for a in per_class_ap(probs, targets) if a is not None]
+    return float(np.mean(scored)) if scored else float("nan")
 
 
 def keep_every_label_in_first(parts: list[list[T]], label_sets_of) -> list[list[T]]:

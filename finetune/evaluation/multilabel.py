@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,6 +27,7 @@ from torchmetrics.functional.classification import multilabel_average_precision
 
 from finetune import timing
 from finetune.data.folders import Sample
+from finetune.data.multilabel import label_matrix, per_class_ap
 from finetune.data.images import display_path
 from finetune.evaluation.tta import source_outputs
 from finetune.files import atomic_write, write_json
@@ -88,10 +88,7 @@ def metrics(probs: np.ndarray, targets: np.ndarray, thresholds: Thresholds, clas
     t = torch.from_numpy(targets.astype(np.int64))
     p = torch.from_numpy(probs.astype(np.float32))
     has_positive = targets.sum(0) > 0
-    with warnings.catch_warnings():  # a class without positives: its AP is left out below, not guessed
-        warnings.filterwarnings("ignore", "No positive samples found in target")
-        per_class_ap = multilabel_average_precision(p, t, num_labels=len(classes), average="none").tolist()
-    ap = [float(a) if has_positive[c] else None for c, a in enumerate(per_class_ap)]
+    ap = per_class_ap(probs, targets)
     predicted = predict_sets(probs, thresholds)
     truth = targets.astype(bool)
     tp = (predicted & truth).sum(0)
@@ -128,10 +125,7 @@ def _probs_and_targets(net: Any, samples: Sequence[Sample], num_classes: int, da
     out = source_outputs(net, [s.path for s in samples], data_config, "center", batch_size, max_pixels, rt)
     probs = torch.sigmoid(out.logits[:, 0].float()).numpy() if len(samples) else np.zeros((0, num_classes))
     ok = ~np.isnan(probs).any(axis=1)
-    targets = np.zeros((len(samples), num_classes), dtype=np.int64)
-    for row, s in enumerate(samples):
-        targets[row, list(s.labels)] = 1
-    return probs, targets, ok
+    return probs, label_matrix([s.labels for s in samples], num_classes), ok
 
 
 @timing.timed("thresholds")

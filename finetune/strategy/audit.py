@@ -31,6 +31,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from finetune.data.multilabel import label_matrix
+
 log = logging.getLogger(__name__)
 
 # Measured on shared hymenoptera with mobilenetv2_100 (418 images): 20 planted copies (JPEG q75 re-encoded,
@@ -191,7 +193,7 @@ def find_multi_label_issues(table: AuditTable, folds: int = CV_FOLDS, seed: int 
     from sklearn.preprocessing import StandardScaler
 
     rows = np.flatnonzero(table.train & table.valid)
-    y = np.stack([table.members(c)[rows] for c in range(len(table.classes))], axis=1).astype(int)
+    y = label_matrix([table.label_sets[r] for r in rows], len(table.classes))
     counts = y.sum(0)
     kept = np.flatnonzero((counts >= MIN_IMAGES_FOR_CV) & (counts <= len(rows) - MIN_IMAGES_FOR_CV))
     notes = [] if len(kept) == len(table.classes) else [

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.functional.classification import multiclass_accuracy, multilabel_average_precision
+from torchmetrics.functional.classification import multiclass_accuracy
+
+from finetune.data.multilabel import macro_map
 
 
 SELECT = "select"  # the name of the validation loop's metrics: select_acc, select_loss, select_acc_top5
@@ -100,13 +103,11 @@ class Classifier(pl.LightningModule):
         DDP, each rank's own share of the selection split)."""
         if not self.multi_label or not self._selection:
             return
-        logits = torch.cat([z for z, _ in self._selection])
-        target = torch.cat([t for _, t in self._selection])
-        present = target.sum(0) > 0
-        ap = multilabel_average_precision(logits.sigmoid(), target, self.num_classes, average="none",
-                                          validate_args=False)
-        value = ap[present].mean() if present.any() else torch.tensor(0.0)
-        self.log("select_map", value.to(self.device), prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
+        probs = torch.cat([z for z, _ in self._selection]).sigmoid().numpy()
+        value = macro_map(probs, torch.cat([t for _, t in self._selection]).numpy())
+        value = 0.0 if math.isnan(value) else value  # no class with a positive image: nothing ranked
+        self.log("select_map", torch.tensor(value, device=self.device), prog_bar=True, on_step=False, on_epoch=True,
+                 sync_dist=True)
         self._selection = []
 
     def training_step(self, batch, batch_idx):

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
+
+from finetune.data.multilabel import macro_map
 
 C_GRID = (0.01, 0.1, 1.0, 10.0)
 
@@ -27,16 +28,6 @@ class MultiLabelHead:
     c: float
     held_out_map: float  # macro mAP of the chosen C on the held-out fifth
     scores: dict[float, float]  # C -> that mAP
-
-
-def macro_map(probs: np.ndarray, targets: np.ndarray) -> float:
-    """Mean average precision over the classes with a positive image (scikit-learn)."""
-    from sklearn.metrics import average_precision_score
-
-    present = targets.sum(0) > 0
-    if not present.any():
-        return float("nan")
-    return float(average_precision_score(targets[:, present], probs[:, present], average="macro"))
 
 
 def _fit(x: np.ndarray, y: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]:
@@ -76,9 +67,3 @@ def fit_multilabel_head(x: np.ndarray, y: np.ndarray, seed: int, c_grid: tuple[f
     return MultiLabelHead(torch.tensor(w, dtype=torch.float32), torch.tensor(b, dtype=torch.float32), best,
                           scores.get(best, float("nan")), scores)
 
-
-def targets_of(samples: Any, num_classes: int) -> np.ndarray:
-    y = np.zeros((len(samples), num_classes), dtype=np.int64)
-    for row, s in enumerate(samples):
-        y[row, list(s.labels)] = 1
-    return y

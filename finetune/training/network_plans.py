@@ -33,7 +33,8 @@ from finetune.training.callbacks import (EMA, EpochScores, ValidationTime, check
 from finetune.training.feature_plans import head_on_features, report_outputs
 from finetune.training.freezing import apply_plan
 from finetune.training.module import Classifier, selection_keys, selection_metric
-from finetune.training.multilabel_head import fit_multilabel_head, macro_map, targets_of
+from finetune.data.multilabel import label_matrix, macro_map
+from finetune.training.multilabel_head import fit_multilabel_head
 from finetune.training.optim import make_optimizer_factory
 from finetune.training.plan_context import HeldOut, FitResult, RunContext
 from finetune.training.recipe import Recipe, class_weights, positive_weights
@@ -86,10 +87,11 @@ def _multi_label_warm_up(cfg: TrainConfig, backbone: Backbone, splits: FolderSpl
         fit = cached_subset(backbone, splits.train, within, **_feature_kwargs(cfg, rt))
         selection = cached_subset(backbone, splits.val, within, **_feature_kwargs(cfg, rt))
     x, _ = fit.matrix(FINAL)
-    head = fit_multilabel_head(x, targets_of([s for s, ok in zip(splits.train, fit.valid) if ok], n), cfg.seed)
+    y = label_matrix([s.labels for s, ok in zip(splits.train, fit.valid) if ok], n)
+    head = fit_multilabel_head(x, y, cfg.seed)
     load_linear(backbone.model.get_classifier(), head.weight, head.bias)
     sx, _ = selection.matrix(FINAL)
-    sy = targets_of([s for s, ok in zip(splits.val, selection.valid) if ok], n)
+    sy = label_matrix([s.labels for s, ok in zip(splits.val, selection.valid) if ok], n)
     with torch.no_grad():
         logits = torch.from_numpy(sx) @ head.weight.T + head.bias
         loss = float(F.binary_cross_entropy_with_logits(logits, torch.from_numpy(sy).float()))

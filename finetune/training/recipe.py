@@ -16,6 +16,7 @@ import torch
 from sklearn.utils.class_weight import compute_class_weight
 
 from finetune.config import SCENARIOS, TrainConfig, options
+from finetune.data.multilabel import label_matrix
 from finetune.errors import UserError
 
 
@@ -109,9 +110,7 @@ def class_weights(labels: Sequence[int], num_classes: int) -> torch.Tensor:
 def positive_weights(label_sets: Sequence[Sequence[int]], num_classes: int) -> torch.Tensor:
     """Multi-label `--class-weights auto`: each class's positives weighed by its negatives / positives (BCE's
     pos_weight), so a rare class counts as much as a common one; 1 for a class with no positive."""
-    positives = torch.zeros(num_classes)
-    for labels in label_sets:
-        positives[list(labels)] += 1
+    positives = torch.from_numpy(label_matrix(label_sets, num_classes).sum(0)).float()
     negatives = len(label_sets) - positives
     return torch.where(positives > 0, negatives / positives.clamp(min=1), torch.ones(num_classes))
 

@@ -97,7 +97,7 @@ def sweep(cfg: TrainConfig, trials: int, lr_range: tuple[float, float] = DEFAULT
     check_ranges(lr_range, wd_range)  # before the measurement
     # The plan every trial will run (its features are cached for them); it refuses what train would refuse.
     decision = plan_folder(replace(cfg, register=None))[0]  # --register acts on the best trial, at the end
-    if decision.plan.source == "multi-label" or "not_measured" in decision.similarity.details:
+    if "not_measured" in decision.similarity.details:  # several labels per image (`similarity.not_measured`)
         raise UserError("finetune sweep maximises the selection accuracy of one label per image; for several labels "
                         "per image use finetune train.")
     plan = decision.plan
