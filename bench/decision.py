@@ -14,7 +14,8 @@ seed-averaged accuracy minus the policy's, in points; mean and worst over the se
 policy runs + the plan it picks), and auto's largest pilot share of a run. Policies: the four scenarios fixed; `auto (before)`,
 the rule the rows were benched with (the pilot of the measure row's `shipped_candidates`, ties to the first);
 `auto` (the shipped `decide.pilot_candidates` and `decide.settle_pilot`, replayed with the shipped thresholds);
-and `auto, leave-one-set-out`: `linear_min_select_acc` refitted on the other sets for each set. Below the table,
+and `auto, leave-one-set-out`: `linear_min_select_acc` and `earlier_head_min_gain` refitted on the other sets for
+each set. Below the table,
 the bound: the wall time of the cheapest per-set choice whose regret matches the best fixed policy's, chosen
 knowing the test accuracies (no rule choosing among the four plans can be cheaper at that regret).
 Pure analysis (no torch).
@@ -41,6 +42,7 @@ DATASETS = ("hymenoptera", "hymenoptera-gray", "hymenoptera-edges", "clothing-sm
             "omniglot-small", "patterns-small", "patterns")
 MODELS = {"mobilenetv2_100": "mobilenetv2_100.coral_in1k", "tf_efficientnet_lite0": "tf_efficientnet_lite0.in1k"}
 TAU_GRID = tuple(round(0.70 + 0.01 * i, 2) for i in range(30))
+GAIN_GRID = (0.0, 0.02, 0.05, 0.1, 1.0)  # earlier_head_min_gain (1.0: the earlier stage's head never goes on)
 
 
 # --- run -------------------------------------------------------------------------------------------
@@ -160,18 +162,20 @@ def score(runs: list[dict[str, SetRun]], sets: list[str], policy: Policy) -> Sco
 
 
 def leave_one_out(runs: list[dict[str, SetRun]], sets: list[str], thresholds: Thresholds) -> tuple[Score, dict]:
-    """`linear_min_select_acc` chosen on the other sets for each set: the lowest mean regret there, a tie to the
-    higher value (fine-tuning, the best fixed policy, left only on stronger evidence)."""
-    picked: dict[str, float] = {}
+    """`linear_min_select_acc` and `earlier_head_min_gain` chosen together on the other sets for each set: the
+    lowest mean regret there, a tie to the higher values (fine-tuning and the final features' head, the safer
+    choices, left only on stronger evidence)."""
+    grid = [dataclasses.replace(thresholds, linear_min_select_acc=t, earlier_head_min_gain=g)
+            for t, g in itertools.product(TAU_GRID, GAIN_GRID)]
+    picked: dict[str, Thresholds] = {}
     for held in sets:
         others = [d for d in sets if d != held]
-        fits = [(score(runs, others, shipped(dataclasses.replace(thresholds, linear_min_select_acc=t))), t)
-                for t in TAU_GRID]
-        picked[held] = min(fits, key=lambda f: (round(f[0].mean, 6), -f[1]))[1]
+        picked[held] = min(grid, key=lambda th: (round(score(runs, others, shipped(th)).mean, 6),
+                                                  -th.linear_min_select_acc, -th.earlier_head_min_gain))
     per_set: dict[str, float] = {}
     wall, share = 0.0, 0.0
-    for held, t in picked.items():
-        s = score(runs, [held], shipped(dataclasses.replace(thresholds, linear_min_select_acc=t)))
+    for held, th in picked.items():
+        s = score(runs, [held], shipped(th))
         per_set[held], wall, share = s.per_set[held], wall + s.wall, max(share, s.pilot_share)
     return Score(statistics.mean(per_set.values()), max(per_set.values()), per_set, wall, share), picked
 
@@ -208,7 +212,7 @@ def report_model(model: str, files: list[Path], thresholds: Thresholds) -> list[
         policies["auto (before)"] = before
     policies["auto"] = shipped(thresholds)
     scores = {name: score(runs, sets, p) for name, p in policies.items()}
-    picked: dict[str, float] = {}
+    picked: dict[str, Thresholds] = {}
     if len(sets) > 1:  # a threshold fitted on no set says nothing
         scores["auto, leave-one-set-out"], picked = leave_one_out(runs, sets, thresholds)
     base = scores["always large-different"].wall
@@ -226,9 +230,12 @@ def report_model(model: str, files: list[Path], thresholds: Thresholds) -> list[
         lines += ["", f"Knowing the test accuracies, the cheapest plan per set with regret no worse than the best fixed "
                       f"policy's (mean and worst) costs {bound.wall / base:.2f} of always large-different "
                       f"({bound.mean:.2f} / {bound.worst:.2f})."]
-    taus = sorted(set(picked.values()))
+    taus = sorted({th.linear_min_select_acc for th in picked.values()})
+    gains = sorted({th.earlier_head_min_gain for th in picked.values()})
     lines += ["", f"leave-one-set-out `linear_min_select_acc`: {', '.join(f'{t:g}' for t in taus) or 'not fitted'} "
-                  f"(shipped {thresholds.linear_min_select_acc:g})", ""]
+                  f"(shipped {thresholds.linear_min_select_acc:g}); `earlier_head_min_gain`: "
+                  f"{', '.join(f'{g:g}' for g in gains) or 'not fitted'} (shipped {thresholds.earlier_head_min_gain:g})",
+              ""]
     return lines
 
 

@@ -199,8 +199,14 @@ def test_pilot_candidates(n_train, per_class, sim, expected, why):
     ("similar", {"small-similar": 0.90, "small-different": 0.80}, "small-similar", ">= 0.85"),
     ("similar", {"small-similar": 0.80, "small-different": 0.86}, "small-different", ">= 0.85"),
     ("different", {"small-different": 0.85, "small-similar": 0.70}, "small-different", ">= 0.85"),  # on the line
-    # a tie between the heads goes to the measured cell (listed first)
-    ("different", {"small-different": 0.95, "small-similar": 0.95}, "small-different", ">= 0.85"),
+    # the head on the final features wins a tie and a lead under earlier_head_min_gain (0.05), whatever the cell
+    ("different", {"small-different": 0.95, "small-similar": 0.95}, "small-similar", ">= 0.85"),
+    ("different", {"small-different": 0.94, "small-similar": 0.90}, "small-similar", ">= 0.85"),
+    ("different", {"small-different": 0.95, "small-similar": 0.90}, "small-different", ">= 0.85"),  # on the line
+    # a small lead of the earlier stage is not enough to leave the final head, and that head is not good enough
+    ("different", {"small-different": 0.87, "small-similar": 0.84}, "large-different", "small-similar, gets only"),
+    # only the earlier stage's head ran (the other refused an option): it is the better one
+    ("different", {"small-different": 0.90}, "small-different", ">= 0.85"),
     # neither head is good enough: the network is fine-tuned, the measured domain choosing how
     ("similar", {"small-similar": 0.84, "small-different": 0.60}, "large-similar", "< 0.85"),
     ("different", {"small-different": 0.50, "small-similar": 0.70}, "large-different", "< 0.85"),
@@ -228,6 +234,12 @@ def test_the_linear_head_threshold_is_configurable_and_checked(tmp_path: Path):
     bad.write_text("linear_min_select_acc: 1.5\n")
     with pytest.raises(UserError, match=r"linear_min_select_acc must be in \[0, 1\]"):
         load_thresholds(bad)
+    bad.write_text("earlier_head_min_gain: -0.1\n")
+    with pytest.raises(UserError, match=r"earlier_head_min_gain must be in \[0, 1\]"):
+        load_thresholds(bad)
+    eager = Thresholds(**{**vars(T), "earlier_head_min_gain": 0.0})  # no margin: the better score, a tie to final
+    assert settle_pilot("different", {"small-different": 0.91, "small-similar": 0.90}, eager)[0] == "small-different"
+    assert settle_pilot("different", {"small-different": 0.91, "small-similar": 0.90}, T)[0] == "small-similar"
     bad.write_text("pilot_band: 0.08\n")  # a key of earlier versions: named, not silently ignored
     with pytest.raises(UserError, match="Unknown key"):
         load_thresholds(bad)

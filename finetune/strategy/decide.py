@@ -54,11 +54,14 @@ class Thresholds:
     # On little data the linear heads compete in a pilot (`pilot_candidates`); the better one goes on only when it
     # gets at least this share of the selection images right, else the network is fine-tuned (`settle_pilot`):
     linear_min_select_acc: float = 0.85
+    # ... and the head on an earlier stage is that head only when it beats the one on the final features by at least
+    # this share of the selection images (it is the riskiest plan; `settle_pilot`):
+    earlier_head_min_gain: float = 0.05
 
     def __post_init__(self):
-        if not 0 <= self.linear_min_select_acc <= 1:
-            raise UserError(f"Strategy config: linear_min_select_acc must be in [0, 1] (got "
-                            f"{self.linear_min_select_acc}).")
+        for name in ("linear_min_select_acc", "earlier_head_min_gain"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise UserError(f"Strategy config: {name} must be in [0, 1] (got {getattr(self, name)}).")
 
 
 @dataclass(frozen=True)
@@ -355,8 +358,9 @@ def pilot_candidates(profile: Mapping[str, Any], similarity: Mapping[str, Any],
     other = "different" if domain == "similar" else "similar"
     return [f"small-{domain}", f"small-{other}"], [
         f"little data ({n} training images): the linear heads on the final and on the best earlier stage's features "
-        f"compete on cached features (no backbone pass); the better one goes on if it gets at least "
-        f"{thresholds.linear_min_select_acc:.0%} of the selection images right, else the network is fine-tuned"]
+        f"compete on cached features (no backbone pass); the better one (the final features' unless the earlier "
+        f"stage's leads by {thresholds.earlier_head_min_gain:.0%} of the selection images) goes on if it gets at "
+        f"least {thresholds.linear_min_select_acc:.0%} of them right, else the network is fine-tuned"]
 
 
 def settle_pilot(domain: str, scores: Mapping[str, float], thresholds: Thresholds,
@@ -365,14 +369,17 @@ def settle_pilot(domain: str, scores: Mapping[str, float], thresholds: Threshold
     `linear_only`: an option the user gave that only a linear head honours (`--aug-views`): the better head then
     goes on whatever its score, and the reason says so.
 
-    The better head goes on where it is already good (at least `linear_min_select_acc`): fine-tuning has
-    little left to gain there and costs several times more. Elsewhere the network is fine-tuned, the measured
-    domain choosing how (`large-similar` or `large-different`). Measured on the domain bench: docs/decisions.md,
-    "When a linear head is enough"."""
+    The better head is the one on the final features (small-similar) unless the one on an earlier stage
+    (small-different) beats it by at least `earlier_head_min_gain`: the earlier stage's head is the plan with the
+    largest regret of all when it is wrong, and a tie or a small lead on a few dozen selection images is noise.
+    The better head goes on where it is already good (at least `linear_min_select_acc`): fine-tuning has little
+    left to gain there and costs several times more. Elsewhere the network is fine-tuned, the measured domain
+    choosing how (`large-similar` or `large-different`). Measured on the domain bench: docs/decisions.md, "When a
+    linear head is enough"."""
     finetune = f"large-{domain}"
     if not scores:
         return finetune, f"no linear head could run: {finetune} (the network is fine-tuned)"
-    best = max(scores, key=lambda s: (scores[s], -list(scores).index(s)))  # a tie: the measured cell (first)
+    best = _better_head(scores, thresholds.earlier_head_min_gain)
     acc, need = scores[best], thresholds.linear_min_select_acc
     if acc >= need:
         return best, (f"the better linear head, {best}, gets {acc:.3f} of the selection images right (>= {need:g}): "
@@ -383,6 +390,17 @@ def settle_pilot(domain: str, scores: Mapping[str, float], thresholds: Threshold
                       f"on. Leave {linear_only} out to let the network be fine-tuned")
     return finetune, (f"the better linear head, {best}, gets only {acc:.3f} of the selection images right "
                       f"(< {need:g}): the network is fine-tuned ({finetune}, by the measured domain)")
+
+
+def _better_head(scores: Mapping[str, float], min_gain: float) -> str:
+    """The head on the final features, unless the one on an earlier stage beats it by at least `min_gain` (or it
+    did not run)."""
+    final, earlier = "small-similar", "small-different"
+    if final not in scores:
+        return max(scores, key=lambda s: scores[s])
+    if earlier in scores and scores[earlier] >= scores[final] + min_gain - 1e-9:
+        return earlier
+    return final
 
 
 def pilot_separates(winner_only: int, other_only: int, z: float = 1.96) -> bool:
