@@ -48,6 +48,34 @@ def test_a_k_fold_pilot_scores_every_candidate_on_all_of_train(image_folder: Pat
     assert all(w + o <= len(splits.train) for w, o in three.unresolved.values())
 
 
+def test_the_linear_heads_are_scored_on_cached_features_as_a_network_pass_would_score_them(
+        image_folder: Path, weights_file: Path, tmp_path: Path, monkeypatch):
+    import numpy as np
+
+    from finetune.workflows import pilot
+
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = TrainConfig(data_dir=str(image_folder), model=TINY_MODEL, weights=str(weights_file), image_size=32,
+                      batch_size=4, num_workers=0, epochs=1)
+    rt = runtime.cpu()
+    splits = scan_folder(cfg.data_dir, cfg.val_fraction, cfg.seed)
+    backbone = create_backbone(cfg.model, cfg.weights, len(splits.classes), cfg.image_size, keep_source_head=True)
+    decision = measure_and_decide(cfg, splits, backbone, rt)
+    passes, fits = [], []
+    real_predict, real_run_plan = pilot.predict_sources, pilot.run_plan
+    monkeypatch.setattr(pilot, "predict_sources", lambda *a, **k: passes.append(a) or real_predict(*a, **k))
+    monkeypatch.setattr(pilot, "run_plan", lambda *a, **k: fits.append(real_run_plan(*a, **k)) or fits[-1])
+    heads = run_pilot(cfg, decision, ["small-similar", "small-different"], ["test"], backbone, splits, rt)
+    assert passes == []  # no image went through the network to score a head
+    # The selection images through each fitted network, centre crop: the same score.
+    select = splits.selection(cfg.select_share, cfg.seed).val
+    labels = np.array([s.label for s in select])
+    for scenario, fit in zip(["small-similar", "small-different"], fits):
+        probs = real_predict(fit.net, [s.path for s in select], backbone.data_config, "center", cfg.batch_size,
+                             cfg.max_image_pixels, rt)[0].numpy()
+        assert heads.scores[scenario]["select_acc"] == pytest.approx((probs.argmax(1) == labels).mean(), abs=1e-4)
+
+
 @pytest.mark.parametrize("aug_views, expected", [(None, "large-"), (2, "small-")])
 def test_a_multi_process_run_fine_tunes_without_the_pilot_unless_an_option_asks_for_a_linear_head(
         image_folder: Path, weights_file: Path, tmp_path: Path, monkeypatch, aug_views, expected):

@@ -1,8 +1,9 @@
 """The pilot: on little data, is a linear head on the frozen features enough, or must the network be fine-tuned?
 
 The candidates (`strategy.decide.pilot_candidates`: the two linear heads) are executed by `run_plan` on the
-fit part of the training split, on cached features (seconds: no backbone pass), and scored the same way,
-centre crop, on the selection part of train, which none of them fitted on or chose anything with.
+fit part of the training split, on cached features (seconds: no backbone pass), and scored the same way, on
+the cached centre-crop features of the selection part of train, which none of them fitted on or chose anything
+with.
 `strategy.decide.settle_pilot` keeps the better head where it is already good and fine-tunes the network
 elsewhere. The user's val and test are not read.
 
@@ -139,8 +140,11 @@ def _run_candidate(cfg: TrainConfig, decision: Decision, scenario: str, backbone
     ctx = RunContext(run_id=f"pilot-{scenario}", output=workdir / scenario, logger=QuietLogger(f"pilot-{scenario}"),
                      progress=False, features_within=within)
     fit = run_plan(cfg, candidate, recipe, net, splits, ctx, rt)
-    probs = predict_sources(fit.net, [s.path for s in splits.val], net.data_config, "center", cfg.batch_size,
-                            cfg.max_image_pixels, rt)[0].numpy()
+    if plan.train_on_features:  # the head on the selection images' cached centre-crop features: no network pass
+        probs = fit.center_outputs["val"].logits[:, 0].numpy()
+    else:
+        probs = predict_sources(fit.net, [s.path for s in splits.val], net.data_config, "center", cfg.batch_size,
+                                cfg.max_image_pixels, rt)[0].numpy()
     labels = np.array([s.label for s in splits.val])
     ok = ~np.isnan(probs).any(axis=1)
     right = ok & (np.nan_to_num(probs).argmax(axis=1) == labels)
