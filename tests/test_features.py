@@ -67,6 +67,38 @@ def test_cache_is_reused_and_invalidated_when_a_file_changes(image_folder: Path,
     assert cached_features(other, splits.train, **kwargs).extracted
 
 
+def test_several_backbones_in_one_pass_write_the_entries_each_would_write_alone(tmp_path: Path, monkeypatch):
+    import finetune.data.images as images
+    from finetune.model.features import cached_features_many
+
+    data = make_folder(tmp_path / "data", per_class=3, size=200, ext="jpg")  # JPEGs: decoded at a reduced scale
+    splits = scan_folder(data)
+    Path(splits.train[0].path).write_bytes(b"not an image any more")  # broken after the scan
+    backbones = [_backbone("test_resnet"), _backbone("test_efficientnet"), _backbone("test_efficientnet", size=64)]
+    decodes = []
+    real = images.to_rgb
+    monkeypatch.setattr(images, "to_rgb", lambda img: decodes.append(img.size) or real(img))
+    together = cached_features_many(backbones, splits.train, batch_size=4, cache_dir=tmp_path / "one-pass")
+    # 32 px models share one decode per file, the 64 px one needs a finer scale: two decodes per readable file
+    readable = len(splits.train) - 1
+    assert len(decodes) == 2 * readable
+    for backbone, joint in zip(backbones, together):
+        alone = cached_features(backbone, splits.train, batch_size=4, cache_dir=tmp_path / "alone")
+        assert joint.extracted and alone.extracted and joint.directory.name == alone.directory.name
+        assert joint.seconds > 0 and (joint.directory / "speed.json").is_file()
+        for key in alone.arrays:
+            np.testing.assert_array_equal(joint.arrays[key], alone.arrays[key])
+        np.testing.assert_array_equal(joint.valid, alone.valid)
+        assert joint.valid.sum() == readable
+        np.testing.assert_array_equal(joint.logits, alone.logits)
+        for layer, stats in alone.bn_stats.items():
+            for name, value in stats.items():
+                np.testing.assert_allclose(joint.bn_stats[layer][name], value, rtol=1e-6)
+    # a second call reads all three from the cache
+    assert not any(f.extracted for f in cached_features_many(backbones, splits.train, batch_size=4,
+                                                             cache_dir=tmp_path / "one-pass"))
+
+
 def _noise_folder(root: Path, per_class: int = 4) -> Path:
     """Textured images (a solid colour looks the same under every crop and flip)."""
     rng = np.random.default_rng(0)

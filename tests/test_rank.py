@@ -124,7 +124,9 @@ def test_a_latency_budget_no_candidate_meets_is_a_clear_error(tmp_path: Path, mo
     import finetune.workflows.rank as workflow
 
     data = make_folder(tmp_path / "data", per_class=4)
-    monkeypatch.setattr(workflow, "measure_candidate", lambda cfg, name, weights, splits, rt: candidate(name, 0.9, 8.0))
+    monkeypatch.setattr(workflow, "create_backbone", lambda name, *a, **k: name)
+    monkeypatch.setattr(workflow, "train_features_many", lambda cfg, backbones, *a: [None] * len(backbones))
+    monkeypatch.setattr(workflow, "measure_candidate", lambda name, weights, b, f, rt: candidate(name, 0.9, 8.0))
     result = CliRunner().invoke(cli, ["rank", str(data), "--candidates", "test_resnet,test_vit",
                                       "--max-latency-ms", "5"])
     assert result.exit_code == 2 and "No candidate is within --max-latency-ms 5: the fastest takes 8.0 ms" in result.output

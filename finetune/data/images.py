@@ -105,26 +105,42 @@ def load_rgb(source: str | os.PathLike | bytes, max_pixels: int | None = None,
     Raises:
         ImageError: the file is missing, unreadable, empty, not an image, truncated, or too large.
     """
-    img = _open(source, max_pixels)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if getattr(img, "n_frames", 1) > 1:
-                img.seek(0)
-            if draft_size is not None and img.format == "JPEG":
-                w, h = img.size
-                # draft keeps the result >= the requested size; ask for what covers the target
-                # after orientation (a rotated image swaps width and height).
-                side = max(draft_size)
-                scale = max(side / min(w, h), 1e-6)
-                img.draft("RGB", (int(w * scale) + 1, int(h * scale) + 1))
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            return to_rgb(img)
-    except ImageError:
-        raise
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
-        raise ImageError(f"cannot decode image ({type(e).__name__}: {e})") from None
+    return load_rgb_drafts(source, max_pixels, [draft_size])[0]
+
+
+def load_rgb_drafts(source: str | os.PathLike | bytes, max_pixels: int | None,
+                    draft_sizes: list[tuple[int, int] | None]) -> list[Image.Image]:
+    """`load_rgb` of one file at each of `draft_sizes`, decoded once per distinct reduced scale: requests that
+    JPEG's DCT scaling meets with the same scale share one decode (the usual case), and each result is exactly
+    what `load_rgb` returns for that size."""
+    decoded: dict[tuple[int, int], Image.Image] = {}
+    out = []
+    for draft_size in draft_sizes:
+        img = _open(source, max_pixels)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if getattr(img, "n_frames", 1) > 1:
+                    img.seek(0)
+                if draft_size is not None and img.format == "JPEG":
+                    w, h = img.size
+                    # draft keeps the result >= the requested size; ask for what covers the target
+                    # after orientation (a rotated image swaps width and height).
+                    side = max(draft_size)
+                    scale = max(side / min(w, h), 1e-6)
+                    img.draft("RGB", (int(w * scale) + 1, int(h * scale) + 1))
+                size = img.size  # after draft: which scale the decode runs at
+                if size in decoded:
+                    img.close()
+                else:
+                    img.load()
+                    decoded[size] = to_rgb(ImageOps.exif_transpose(img))
+                out.append(decoded[size])
+        except ImageError:
+            raise
+        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+            raise ImageError(f"cannot decode image ({type(e).__name__}: {e})") from None
+    return out
 
 
 def probe_image(path: str | Path, max_pixels: int | None = None) -> ImageInfo:

@@ -21,6 +21,7 @@ image each epoch, so augmentation costs no backbone forward per epoch either.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -47,7 +48,7 @@ from finetune.data.transforms import eval_transform, resize_size, train_transfor
 from finetune.model.backbone import Backbone
 from finetune.data.folders import Sample
 from finetune.model.stages import FINAL
-from finetune.data.images import ImageError, display_path, load_rgb
+from finetune.data.images import ImageError, display_path, load_rgb_drafts
 
 log = logging.getLogger(__name__)
 
@@ -180,19 +181,20 @@ def _key_digest(key: dict[str, Any]) -> str:
 # --- extraction ----------------------------------------------------------------------------------
 
 class _ViewDataset(Dataset):
-    """(image tensor, index, ok) per (view, sample); augmented views are seeded per image and view."""
+    """(one image tensor per transform, index, ok) per (view, sample); augmented views are seeded per image and view.
+    Several transforms (several backbones extracted in one pass) share the decode of each file."""
 
-    def __init__(self, samples: Sequence[Sample], transform: Callable, views: int, seed: int,
-                 max_pixels: int | None, draft_size: tuple[int, int] | None, augmented: bool,
-                 input_size: Sequence[int]):
+    def __init__(self, samples: Sequence[Sample], transforms: Sequence[Callable], views: int, seed: int,
+                 max_pixels: int | None, draft_sizes: Sequence[tuple[int, int] | None], augmented: bool,
+                 input_sizes: Sequence[Sequence[int]]):
         self.samples = list(samples)
-        self.transform = transform
+        self.transforms = list(transforms)
         self.views = views
         self.seed = seed
         self.max_pixels = max_pixels
-        self.draft_size = draft_size
+        self.draft_sizes = list(draft_sizes)
         self.augmented = augmented
-        self.input_size = tuple(input_size)
+        self.input_sizes = [tuple(s) for s in input_sizes]
 
     def __len__(self) -> int:
         return len(self.samples) * self.views
@@ -201,18 +203,19 @@ class _ViewDataset(Dataset):
         view, i = divmod(index, len(self.samples))
         sample = self.samples[i]
         try:
-            img = load_rgb(sample.path, self.max_pixels, self.draft_size)
+            images = load_rgb_drafts(sample.path, self.max_pixels, self.draft_sizes)
         except (ImageError, OSError) as e:
             log.warning("Skipping %s in feature extraction: %s", display_path(sample.path), e)
-            return torch.zeros(self.input_size), index, False
-        if self.augmented:  # the same augmented view every time this (image, view) is extracted
-            item_seed = (self.seed * 1_000_003 + view * 100_003 + i) % (2**31)
-            random.seed(item_seed)
-            torch.manual_seed(item_seed)
-        out = self.transform(img)
-        if isinstance(self.transform, CropViews):  # every crop of the image; this item is crop `view`
-            out = out[view]
-        return out, index, True
+            return tuple(torch.zeros(size) for size in self.input_sizes), index, False
+        out = []
+        for transform, img in zip(self.transforms, images):
+            if self.augmented:  # the same augmented view every time this (image, view) is extracted
+                item_seed = (self.seed * 1_000_003 + view * 100_003 + i) % (2**31)
+                random.seed(item_seed)
+                torch.manual_seed(item_seed)
+            x = transform(img)
+            out.append(x[view] if isinstance(transform, CropViews) else x)  # a crop mode: this item is crop `view`
+        return tuple(out), index, True
 
 
 def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -294,56 +297,86 @@ def forward_stages(model: nn.Module, x: torch.Tensor, stages: Sequence[StageInfo
     return out
 
 
-def _extract(backbone: Backbone, samples: Sequence[Sample], transform: Callable, views: int, seed: int,
-             augmented: bool, directory: Path, batch_size: int, rt: runtime.Runtime, max_pixels: int | None,
-             with_stats: bool) -> None:
-    model = backbone.model
-    stages = feature_stages(model)
+class _Entry:
+    """One backbone's cache entry as the extraction pass writes it: memory-mapped features of every stage, which
+    images decoded, and (clean view) the source logits and the BatchNorm input statistics."""
+
+    def __init__(self, backbone: Backbone, n: int, views: int, directory: Path, with_stats: bool):
+        self.model, self.directory, self.n = backbone.model, directory, n
+        self.stages = feature_stages(self.model)
+        self.arrays = {s.key: np.lib.format.open_memmap(directory / f"{s.key}.npy", mode="w+", dtype=np.float32,
+                                                        shape=(views, n, s.channels)) for s in self.stages}
+        self.valid = np.ones(n, dtype=bool)
+        self.head = backbone.source_head if with_stats else None
+        self.logits = None if self.head is None else np.lib.format.open_memmap(
+            directory / "logits.npy", mode="w+", dtype=np.float32, shape=(n, backbone.source_num_classes))
+        self.bn = _BatchNormStats(self.model) if with_stats else None
+        self.seconds = 0.0  # this backbone's share of the pass
+
+    def add(self, x: torch.Tensor, index: np.ndarray, ok: np.ndarray, device: torch.device) -> None:
+        started = time.perf_counter()
+        feats = forward_stages(self.model, x.to(device, non_blocking=True), self.stages)
+        view, row = np.divmod(index, self.n)
+        for key, t in feats.items():
+            self.arrays[key][view, row] = t.cpu().numpy()
+        self.valid[row[~ok]] = False
+        if self.logits is not None:
+            self.logits[row] = _source_logits(feats[FINAL], self.head).float().cpu().numpy()
+        self.seconds += time.perf_counter() - started
+
+    def close(self) -> None:
+        if self.bn is not None:
+            self.bn.remove()
+
+    def write(self, samples: Sequence[Sample]) -> None:
+        for a in self.arrays.values():
+            a.flush()
+        if self.logits is not None:
+            self.logits.flush()
+        np.save(self.directory / "labels.npy", np.array([s.label for s in samples], dtype=np.int64))
+        np.save(self.directory / "valid.npy", self.valid)
+        if self.bn is not None:
+            stats = self.bn.result(self.model)
+            np.savez(self.directory / "bn_stats.npz",
+                     **{f"{layer}|{k}": v for layer, d in stats.items() for k, v in d.items()})
+        meta = {"stages": [s.__dict__ for s in self.stages], "paths": [display_path(s.path) for s in samples]}
+        (self.directory / "meta.json").write_text(json.dumps(meta))
+
+
+def _extract(backbones: Sequence[Backbone], samples: Sequence[Sample], transforms: Sequence[Callable], views: int,
+             seed: int, augmented: bool, directories: Sequence[Path], batch_size: int, rt: runtime.Runtime,
+             max_pixels: int | None, with_stats: bool) -> list[float]:
+    """One pass over `samples` through every backbone (each file decoded once for all of them), each writing its
+    entry into its directory; each backbone's seconds (its forward passes plus an equal share of the loading)."""
     n = len(samples)
-    arrays = {s.key: np.lib.format.open_memmap(directory / f"{s.key}.npy", mode="w+", dtype=np.float32,
-                                               shape=(views, n, s.channels)) for s in stages}
-    valid = np.ones(n, dtype=bool)
-    head = backbone.source_head if with_stats else None
-    logits = None
-    if head is not None:
-        logits = np.lib.format.open_memmap(directory / "logits.npy", mode="w+", dtype=np.float32,
-                                           shape=(n, backbone.source_num_classes))
-    size = resize_size(backbone.data_config)
-    ds = _ViewDataset(samples, transform, views, seed, max_pixels, (size, size), augmented,
-                      backbone.data_config["input_size"])
+    entries = [_Entry(b, n, views, d, with_stats) for b, d in zip(backbones, directories)]
+    sizes = [resize_size(b.data_config) for b in backbones]
+    ds = _ViewDataset(samples, transforms, views, seed, max_pixels, [(size, size) for size in sizes], augmented,
+                      [b.data_config["input_size"] for b in backbones])
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, **rt.loader_kwargs())
-    what = f"{n} images" + (f" x {views} augmented views" if augmented else "")
-    bn = _BatchNormStats(model) if with_stats else None
+    what = (f"{n} images" + (f" x {views} augmented views" if augmented else "")
+            + (f" through {len(backbones)} backbones" if len(backbones) > 1 else ""))
+    started = time.perf_counter()
     try:
         # Minutes to hours on a CPU for a large folder: show progress (once per cache entry).
         # Contiguous (NCHW) layout: the BatchNorm statistics sum along W, 5x slower in channels_last.
-        with (runtime.evaluating_on(model, rt.device, channels_last=False), rt.autocast(),
-              runtime.inference_threads(rt)):
-            for x, index, ok in tqdm(loader, desc=f"Extracting features of {what}", unit="batch",
-                                     dynamic_ncols=True):
-                index = index.numpy()
-                ok = ok.numpy().astype(bool)
-                feats = forward_stages(model, x.to(rt.device, non_blocking=True), stages)
-                view, row = np.divmod(index, n)
-                for key, t in feats.items():
-                    arrays[key][view, row] = t.cpu().numpy()
-                valid[row[~ok]] = False
-                if logits is not None:
-                    logits[row] = _source_logits(feats[FINAL], head).float().cpu().numpy()
+        with contextlib.ExitStack() as stack:
+            for entry in entries:
+                stack.enter_context(runtime.evaluating_on(entry.model, rt.device, channels_last=False))
+            stack.enter_context(rt.autocast())
+            stack.enter_context(runtime.inference_threads(rt))
+            for xs, index, ok in tqdm(loader, desc=f"Extracting features of {what}", unit="batch",
+                                      dynamic_ncols=True):
+                index, ok = index.numpy(), ok.numpy().astype(bool)
+                for entry, x in zip(entries, xs):
+                    entry.add(x, index, ok, rt.device)
     finally:
-        if bn is not None:
-            bn.remove()
-    for a in arrays.values():
-        a.flush()
-    if logits is not None:
-        logits.flush()
-    np.save(directory / "labels.npy", np.array([s.label for s in samples], dtype=np.int64))
-    np.save(directory / "valid.npy", valid)
-    if bn is not None:
-        stats = bn.result(model)
-        np.savez(directory / "bn_stats.npz", **{f"{layer}|{k}": v for layer, d in stats.items() for k, v in d.items()})
-    meta = {"stages": [s.__dict__ for s in stages], "paths": [display_path(s.path) for s in samples]}
-    (directory / "meta.json").write_text(json.dumps(meta))
+        for entry in entries:
+            entry.close()
+    loading = (time.perf_counter() - started - sum(e.seconds for e in entries)) / len(entries)
+    for entry in entries:
+        entry.write(samples)
+    return [e.seconds + loading for e in entries]
 
 
 def _load(directory: Path, extracted: bool, seconds: float) -> FeatureSet:
@@ -363,7 +396,6 @@ def _load(directory: Path, extracted: bool, seconds: float) -> FeatureSet:
                       meta["paths"], directory, extracted, seconds, logits, bn, rate)
 
 
-@timing.timed("features")
 def cached_features(backbone: Backbone, samples: Sequence[Sample], *, views: int = 0, aug_preset: str = "light",
                     seed: int = 0, batch_size: int = 32, max_pixels: int | None = None,
                     cache_dir: str | Path | None = None, rt: runtime.Runtime | None = None,
@@ -381,39 +413,67 @@ def cached_features(backbone: Backbone, samples: Sequence[Sample], *, views: int
             and no workers when not given.
         crops: a multi-crop test-time mode ("5crop", "10crop"): view k is its k-th crop (no augmentation).
     """
+    return cached_features_many([backbone], samples, views=views, aug_preset=aug_preset, seed=seed,
+                                batch_size=batch_size, max_pixels=max_pixels, cache_dir=cache_dir, rt=rt,
+                                crops=crops)[0]
+
+
+@timing.timed("features")
+def cached_features_many(backbones: Sequence[Backbone], samples: Sequence[Sample], *, views: int = 0,
+                         aug_preset: str = "light", seed: int = 0, batch_size: int = 32,
+                         max_pixels: int | None = None, cache_dir: str | Path | None = None,
+                         rt: runtime.Runtime | None = None, crops: str | None = None) -> list[FeatureSet]:
+    """`cached_features` of several backbones: the entries not in the cache are extracted in one pass over the
+    images (each file read and decoded once for all of them: `finetune rank`), each exactly the entry that
+    `cached_features` of that backbone alone would write."""
     augmented = views > 0
-    if crops is not None:
-        transform: Callable = CropViews(backbone.data_config, crops)
-        n_views = transform.views
-    else:
-        n_views = views if augmented else 1
-        transform = (train_transform(backbone.data_config, aug_preset) if augmented
-                     else eval_transform(backbone.data_config))
-    key = cache_key(backbone, samples, transform, views, seed)
+    transforms: list[Callable] = []
+    for backbone in backbones:
+        if crops is not None:
+            transforms.append(CropViews(backbone.data_config, crops))
+        else:
+            transforms.append(train_transform(backbone.data_config, aug_preset) if augmented
+                              else eval_transform(backbone.data_config))
+    n_views = transforms[0].views if crops is not None else (views if augmented else 1)
+    keys = [cache_key(b, samples, t, views, seed) for b, t in zip(backbones, transforms)]
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    directory = root / _key_digest(key)
-    if (directory / "meta.json").is_file():
-        log.info("Features of %d images read from cache %s", len(samples), directory)
-        return _load(directory, extracted=False, seconds=0.0)
+    directories = [root / _key_digest(key) for key in keys]
+    todo = [i for i, d in enumerate(directories) if not (d / "meta.json").is_file()]
+    for i in sorted(set(range(len(backbones))) - set(todo)):
+        log.info("Features of %d images read from cache %s", len(samples), directories[i])
+    seconds = dict.fromkeys(range(len(backbones)), 0.0)
+    if todo:
+        seconds.update(zip(todo, _extract_into(root, [backbones[i] for i in todo], samples, [transforms[i] for i in todo],
+                      [keys[i] for i in todo], [directories[i] for i in todo], n_views, seed, augmented, batch_size,
+                      rt or runtime.cpu(), max_pixels, with_stats=not augmented and crops is None)))
+    return [_load(d, extracted=i in todo, seconds=seconds[i]) for i, d in enumerate(directories)]
+
+
+def _extract_into(root: Path, backbones: Sequence[Backbone], samples: Sequence[Sample], transforms: Sequence[Callable],
+                  keys: Sequence[dict[str, Any]], directories: Sequence[Path], n_views: int, seed: int,
+                  augmented: bool, batch_size: int, rt: runtime.Runtime, max_pixels: int | None,
+                  with_stats: bool) -> list[float]:
+    """Extract the entries into temporary folders beside their final ones, and rename each into place only once
+    it is complete; each backbone's seconds."""
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".partial-"))
-    started = time.perf_counter()
+    tmps = [Path(tempfile.mkdtemp(dir=root, prefix=".partial-")) for _ in backbones]
     try:
-        _extract(backbone, samples, transform, n_views, seed, augmented, tmp, batch_size, rt or runtime.cpu(),
-                 max_pixels, with_stats=not augmented and crops is None)
-        seconds = time.perf_counter() - started
-        (tmp / "key.json").write_text(json.dumps(key, indent=1, default=str))
-        # How fast this backbone ran here: `finetune plan` estimates a run's time from it (strategy.cost).
-        (tmp / "speed.json").write_text(json.dumps({"images": len(samples) * n_views, "seconds": round(seconds, 3)}))
-        try:
-            os.replace(tmp, directory)
-        except OSError:  # another process finished the same entry first: theirs is as good
+        seconds = _extract(backbones, samples, transforms, n_views, seed, augmented, tmps, batch_size, rt,
+                           max_pixels, with_stats)
+        for tmp, key, directory, s in zip(tmps, keys, directories, seconds):
+            (tmp / "key.json").write_text(json.dumps(key, indent=1, default=str))
+            # How fast this backbone ran here: `finetune plan` estimates a run's time from it (strategy.cost).
+            (tmp / "speed.json").write_text(json.dumps({"images": len(samples) * n_views, "seconds": round(s, 3)}))
+            try:
+                os.replace(tmp, directory)
+            except OSError:  # another process finished the same entry first: theirs is as good
+                shutil.rmtree(tmp, ignore_errors=True)
+            log.info("Extracted features of %d images x %d view(s) in %.1fs -> %s", len(samples), n_views, s,
+                     directory)
+    finally:
+        for tmp in tmps:
             shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("Extracted features of %d images x %d view(s) in %.1fs -> %s", len(samples), n_views, seconds, directory)
-    return _load(directory, extracted=True, seconds=seconds)
+    return seconds
 
 
 def cached_subset(backbone: Backbone, samples: Sequence[Sample], within: Sequence[Sample] | None, **kwargs: Any

@@ -22,7 +22,7 @@ from finetune.model.backbone import Backbone, resolve_data_config
 from finetune.config import TrainConfig
 from finetune.data.folders import FolderSplits
 from finetune import runtime, timing
-from finetune.model.features import FeatureSet, cached_features
+from finetune.model.features import FeatureSet, cached_features_many
 from finetune.strategy.groups import GroupSetting, plan_groups
 from finetune.data.profile import DatasetProfile, profile_splits, stratified_subset
 from finetune.strategy.similarity import Similarity, measure, not_measured
@@ -71,8 +71,15 @@ def _feature_kwargs(cfg: TrainConfig, rt: runtime.Runtime | None) -> dict[str, A
 
 def train_features(cfg: TrainConfig, backbone: Backbone, splits: FolderSplits, limit: int | None = None,
                    rt: runtime.Runtime | None = None) -> FeatureSet:
+    return train_features_many(cfg, [backbone], splits, limit, rt)[0]
+
+
+def train_features_many(cfg: TrainConfig, backbones: list[Backbone], splits: FolderSplits, limit: int | None = None,
+                        rt: runtime.Runtime | None = None) -> list[FeatureSet]:
+    """The cached features of the training split (a stratified subset of at most `limit` images) of each backbone,
+    those not cached extracted in one pass (`finetune rank`)."""
     samples = splits.train if limit is None else stratified_subset(splits.train, limit)
-    return cached_features(backbone, samples, **_feature_kwargs(cfg, rt))
+    return cached_features_many(backbones, samples, **_feature_kwargs(cfg, rt))
 
 
 @contextlib.contextmanager

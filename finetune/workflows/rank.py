@@ -1,7 +1,8 @@
 """`finetune rank DATA --candidates SPEC`: rank pretrained backbones on the user's training images before training.
 
 For each candidate: the pooled final features of the training images at the candidate's own input size (one
-forward pass, cached exactly as `plan` and `train` cache them, so the run that follows reads them back), the
+pass over the images for all candidates, each file decoded once; each candidate's entry cached exactly as `plan`
+and `train` cache it, so the run that follows reads it back), the
 transferability scores of `strategy.rank` on them, its parameter count, and its inference latency on this
 machine (eager torch at the run's precision: batch 1 and batch 32, ms per image, median of a few timed
 passes on random input after a warm-up). Only the training split is read; val and test are not.
@@ -25,10 +26,11 @@ from finetune import runtime
 from finetune.config import TrainConfig
 from finetune.data.folders import read_exclude_list, scan_folder
 from finetune.errors import UserError
-from finetune.model.backbone import WEIGHT_FILE_SUFFIXES, create_backbone, read_sidecar
+from finetune.model.backbone import WEIGHT_FILE_SUFFIXES, Backbone, create_backbone, read_sidecar
+from finetune.model.features import FeatureSet
 from finetune.model.stages import FINAL
 from finetune.strategy.decide import load_thresholds
-from finetune.strategy.measure import preserved_rng, process_runtime, train_features
+from finetune.strategy.measure import preserved_rng, process_runtime, train_features_many
 from finetune.strategy.rank import Candidate, knn_accuracy, logme, rank
 
 log = logging.getLogger(__name__)
@@ -94,21 +96,18 @@ def latency_ms(model: torch.nn.Module, size: tuple[int, int], rt: runtime.Runtim
     return result
 
 
-def measure_candidate(cfg: TrainConfig, name: str, weights: str, splits, rt: runtime.Runtime) -> Candidate:
-    """One candidate's features (cached), scores, size and latency."""
+def measure_candidate(name: str, weights: str, backbone: Backbone, feats: FeatureSet, rt: runtime.Runtime
+                      ) -> Candidate:
+    """One candidate's scores, size and latency, from its cached training features."""
     started = time.perf_counter()
-    # Built as `plan` and `train` build it (the source head kept, at --image-size when given): the features' cache
-    # entry is theirs too.
-    backbone = create_backbone(name, weights, len(splits.classes), cfg.image_size, keep_source_head=True)
-    feats = train_features(cfg, backbone, splits, load_thresholds().probe_max_images, rt)
     x, y = feats.matrix(FINAL)
     size = tuple(backbone.data_config["input_size"][1:])
     candidate = Candidate(name=name, weights=weights, image_size=int(size[0]),
                           params=sum(p.numel() for p in backbone.model.parameters()),
                           knn=round(knn_accuracy(x, y), 4), logme=round(logme(x, y), 4),
                           latency_ms=latency_ms(backbone.model, size, rt), seconds=0.0)
-    candidate.seconds = round(time.perf_counter() - started, 1)
-    log.info("%s: k-NN %.3f, LogME %.3f, %.1fM parameters, %.1f ms per image at batch 1 (%.1f s)", name,
+    candidate.seconds = round(feats.seconds + time.perf_counter() - started, 1)
+    log.info("%s: k-NN %.3f, LogME %.3f, %.1fM parameters, %.1f ms per image at batch 1 (%.1f s)", candidate.name,
              candidate.knn, candidate.logme, candidate.params / 1e6, candidate.latency_ms["batch1"],
              candidate.seconds)
     return candidate
@@ -116,14 +115,20 @@ def measure_candidate(cfg: TrainConfig, name: str, weights: str, splits, rt: run
 
 def rank_backbones(cfg: TrainConfig, spec: str, max_latency_ms: float | None = None,
                    rt: runtime.Runtime | None = None) -> dict[str, Any]:
-    """Measure and rank every candidate of `spec` on `cfg.data_dir`'s training split."""
+    """Measure and rank every candidate of `spec` on `cfg.data_dir`'s training split: the features of every
+    candidate not cached are extracted in one pass over the images (each file decoded once)."""
     started = time.perf_counter()
     pairs = parse_candidates(spec)
     splits = scan_folder(cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_image_pixels,
                          exclude=read_exclude_list(cfg.exclude))
     rt = rt or process_runtime(cfg)
     with preserved_rng():
-        measured = [measure_candidate(cfg, name, weights, splits, rt) for name, weights in pairs]
+        # Built as `plan` and `train` build them (the source head kept, at --image-size when given): the features'
+        # cache entries are theirs too.
+        backbones = [create_backbone(name, weights, len(splits.classes), cfg.image_size, keep_source_head=True)
+                     for name, weights in pairs]
+        features = train_features_many(cfg, backbones, splits, load_thresholds().probe_max_images, rt)
+        measured = [measure_candidate(name, weights, b, f, rt) for (name, weights), b, f in zip(pairs, backbones, features)]
     ordered = rank(measured, max_latency_ms)
     kept = [c for c in ordered if c.excluded is None]
     if not kept:
