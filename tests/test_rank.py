@@ -32,6 +32,35 @@ def test_the_scores_order_features_by_how_well_they_separate_the_classes():
     assert evidence == sorted(evidence) and evidence[0] < evidence[-1]
 
 
+def _logme_full(f: np.ndarray, y: np.ndarray, iterations: int = 11) -> float:
+    """LogME with the full d x d eigendecomposition of F^T F, whatever the shape: the oracle of the thin path."""
+    f = f.astype(np.float64)
+    n, d = f.shape
+    v, s, vh = np.linalg.svd(f.T @ f)
+    out = []
+    for c in np.unique(y):
+        t = (y == c).astype(np.float64)
+        alpha, beta, p = 1.0, 1.0, vh @ (f.T @ t)
+        for _ in range(iterations):
+            gamma = (beta * s / (alpha + beta * s)).sum()
+            m = v @ (p * beta / (alpha + beta * s))
+            a_de, b_de = (m * m).sum(), ((t - f @ m) ** 2).sum()
+            na, nb = gamma / (a_de + 1e-5), (n - gamma) / (b_de + 1e-5)
+            done = abs(na / nb - alpha / beta) / (alpha / beta) < 0.01
+            alpha, beta = na, nb
+            if done:
+                break
+        out.append((d / 2 * np.log(alpha) + n / 2 * np.log(beta) - 0.5 * np.log(alpha + beta * s).sum()
+                    - beta / 2 * b_de - alpha / 2 * a_de - n / 2 * np.log(2 * np.pi)) / n)
+    return float(np.mean(out))
+
+
+@pytest.mark.parametrize("per_class, dim", [(10, 200), (60, 40)])  # fewer images than channels, and more
+def test_logme_on_fewer_images_than_channels_equals_the_full_eigendecomposition(per_class, dim):
+    x, y = features(1.0, dim=dim, n_per_class=per_class)
+    assert logme(x, y) == pytest.approx(_logme_full(x, y), rel=1e-6, abs=1e-6)
+
+
 def test_knn_is_balanced_over_classes_and_leaves_each_image_out():
     x, y = features(3.0)
     # duplicating every image would make a nearest neighbour of each image itself, if it were not left out

@@ -49,7 +49,12 @@ def logme(x: np.ndarray, y: np.ndarray, iterations: int = 11) -> float:
     found by the fixed-point iteration of the reference code. Higher: the features fit the labels better."""
     f = np.asarray(x, dtype=np.float64)
     n, d = f.shape
-    v, s, vh = np.linalg.svd(f.T @ f, full_matrices=True)
+    if n < d:  # fewer images than channels: the thin SVD of f (the reference code's branch); F^T F's other d - n
+        _, sigma, vh = np.linalg.svd(f, full_matrices=False)  # eigenvalues are 0
+        s = sigma ** 2
+    else:
+        _, s, vh = np.linalg.svd(f.T @ f, full_matrices=True)
+    v, null = vh.T, d - len(s)
     evidences = []
     for c in np.unique(y):
         target = (np.asarray(y) == c).astype(np.float64)
@@ -64,7 +69,8 @@ def logme(x: np.ndarray, y: np.ndarray, iterations: int = 11) -> float:
             alpha, beta = new_alpha, new_beta
             if converged:
                 break
-        evidence = (d / 2 * np.log(alpha) + n / 2 * np.log(beta) - 0.5 * np.log(alpha + beta * s).sum()
+        evidence = (d / 2 * np.log(alpha) + n / 2 * np.log(beta)
+                    - 0.5 * (np.log(alpha + beta * s).sum() + null * np.log(alpha))
                     - beta / 2 * beta_de - alpha / 2 * alpha_de - n / 2 * np.log(2 * np.pi))
         evidences.append(evidence / n)
     return float(np.mean(evidences))
