@@ -144,15 +144,18 @@ def per_set(acc: dict[str, float], ranks: dict[str, dict[str, Any]], probe: dict
 def report(args: argparse.Namespace) -> int:
     acc, probe = load_accuracy(args.files)
     ranks = load_ranks(args.ranks)
-    sets = [d for d in [*DATASETS, *sorted(set(acc) - set(DATASETS))]
-            if d in ranks and d in acc and set(ranks[d]) <= set(acc[d]) and set(ranks[d]) <= set(probe.get(d, {}))]
-    if not sets:
-        raise SystemExit("no set has rank rows and a fine-tuned accuracy for every candidate")
+    # The backbones with a fine-tuned accuracy on every set that has rank rows (all of them once the bench is done).
+    models = sorted(set.intersection(*(set(ranks[d]) & set(acc.get(d, {})) & set(probe.get(d, {})) for d in ranks)))
+    sets = [d for d in [*DATASETS, *sorted(set(ranks) - set(DATASETS))] if d in ranks]
+    if len(models) < 2 or not sets:
+        raise SystemExit("fewer than two backbones have rank rows and a fine-tuned accuracy on every set")
+    if len(models) < len(next(iter(ranks.values()))):
+        print(f"(only {', '.join(models)}: the other candidates have no fine-tuned accuracy on every set yet)")
+    ranks = {d: {m: ranks[d][m] for m in models} for d in sets}
     rows = {}
     for d in sets:
-        shipped = next(c["name"] for c in ranks[d].values() if c["excluded"] is None and
-                       c["knn"] == max(x["knn"] for x in ranks[d].values()))
-        rows[d] = per_set({m: acc[d][m] for m in ranks[d]}, ranks[d], probe[d], shipped)
+        shipped = max(ranks[d].values(), key=lambda c: (c["knn"], c["logme"]))["name"]
+        rows[d] = per_set({m: acc[d][m] for m in models}, ranks[d], probe[d], shipped)
     print(f"### {len(sets)} sets, {PLAN} fine-tunes averaged over seeds", "",
           "| rule | mean regret (pt) | worst regret (pt) | within 1 pt of the best | mean Kendall tau |",
           "|---|---|---|---|---|", sep="\n")
@@ -162,10 +165,9 @@ def report(args: argparse.Namespace) -> int:
         tau = f"{statistics.mean(taus):+.2f}" if taus else "-"
         print(f"| {name} | {statistics.mean(regrets):.2f} | {max(regrets):.2f} | "
               f"{sum(r <= 1.0 for r in regrets)}/{len(sets)} | {tau} |")
-    models = sorted(next(iter(ranks.values())))
     print("", "| set | " + " | ".join(models) + " | rank's pick |", "|---" * (len(models) + 2) + "|", sep="\n")
     for d in sets:
-        pick = min(ranks[d].values(), key=lambda c: (c["excluded"] is not None, -c["knn"], -c["logme"]))["name"]
+        pick = max(ranks[d].values(), key=lambda c: (c["knn"], c["logme"]))["name"]
         print(f"| {d} | " + " | ".join(f"{100 * acc[d][m]:.1f} (k-NN {ranks[d][m]['knn']:.2f})" for m in models)
               + f" | {pick} |")
     return 0
