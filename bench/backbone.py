@@ -141,6 +141,35 @@ def per_set(acc: dict[str, float], ranks: dict[str, dict[str, Any]], probe: dict
     return out
 
 
+TOLERANCES = (0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 1.0)  # k-NN accuracy
+
+
+def largest_within(ranks: dict[str, dict[str, Any]], tolerance: float) -> str:
+    """A prior checked by the data: the largest candidate whose k-NN accuracy is within `tolerance` of the best
+    (Renggli et al. 2022: a shortlist by a prior, then a cheap check). 0: the k-NN ranking; 1: always the largest."""
+    top = max(c["knn"] for c in ranks.values())
+    return max((c for c in ranks.values() if c["knn"] >= top - tolerance - 1e-9), key=lambda c: c["params"])["name"]
+
+
+def tolerance_lines(sets: list[str], acc: dict[str, dict[str, float]], ranks: dict[str, dict[str, dict[str, Any]]]
+                    ) -> list[str]:
+    """Mean / worst regret of `largest_within` per tolerance, and with the tolerance chosen on the other sets."""
+    def regret(d: str, t: float) -> float:
+        return 100 * (max(acc[d][m] for m in ranks[d]) - acc[d][largest_within(ranks[d], t)])
+
+    lines = ["", "| largest candidate within t of the best k-NN: t | mean regret (pt) | worst regret (pt) |",
+             "|---|---|---|"]
+    for t in TOLERANCES:
+        r = [regret(d, t) for d in sets]
+        lines.append(f"| {t:g} | {statistics.mean(r):.2f} | {max(r):.2f} |")
+    held = {d: min(TOLERANCES, key=lambda t: (statistics.mean(regret(o, t) for o in sets if o != d), t))
+            for d in sets}
+    r = [regret(d, t) for d, t in held.items()]
+    lines.append(f"| leave-one-set-out ({', '.join(sorted({f'{t:g}' for t in held.values()}))}) | "
+                 f"{statistics.mean(r):.2f} | {max(r):.2f} |")
+    return lines
+
+
 def report(args: argparse.Namespace) -> int:
     acc, probe = load_accuracy(args.files)
     ranks = load_ranks(args.ranks)
@@ -165,6 +194,8 @@ def report(args: argparse.Namespace) -> int:
         tau = f"{statistics.mean(taus):+.2f}" if taus else "-"
         print(f"| {name} | {statistics.mean(regrets):.2f} | {max(regrets):.2f} | "
               f"{sum(r <= 1.0 for r in regrets)}/{len(sets)} | {tau} |")
+    if len(sets) > 1:
+        print("\n".join(tolerance_lines(sets, {d: {m: acc[d][m] for m in models} for d in sets}, ranks)))
     print("", "| set | " + " | ".join(models) + " | rank's pick |", "|---" * (len(models) + 2) + "|", sep="\n")
     for d in sets:
         pick = max(ranks[d].values(), key=lambda c: (c["knn"], c["logme"]))["name"]
