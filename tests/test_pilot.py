@@ -18,15 +18,20 @@ from finetune.workflows.pilot import run_pilot
 from tests.conftest import TINY_MODEL
 
 
-def test_a_k_fold_pilot_scores_every_candidate_on_all_of_train(image_folder: Path, weights_file: Path,
-                                                               tmp_path: Path, monkeypatch, caplog):
+def measured(image_folder: Path, weights_file: Path, tmp_path: Path, monkeypatch, **options):
+    """A tiny run measured and decided, as `train` does before the pilot (features cached under tmp_path)."""
     monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))
     cfg = TrainConfig(data_dir=str(image_folder), model=TINY_MODEL, weights=str(weights_file), image_size=32,
-                      batch_size=4, num_workers=0, epochs=1)
+                      batch_size=4, num_workers=0, epochs=1, **options)
     rt = runtime.cpu()
     splits = scan_folder(cfg.data_dir, cfg.val_fraction, cfg.seed)
     backbone = create_backbone(cfg.model, cfg.weights, len(splits.classes), cfg.image_size, keep_source_head=True)
-    decision = measure_and_decide(cfg, splits, backbone, rt)
+    return cfg, rt, splits, backbone, measure_and_decide(cfg, splits, backbone, rt)
+
+
+def test_a_k_fold_pilot_scores_every_candidate_on_all_of_train(image_folder: Path, weights_file: Path,
+                                                               tmp_path: Path, monkeypatch, caplog):
+    cfg, rt, splits, backbone, decision = measured(image_folder, weights_file, tmp_path, monkeypatch)
     candidates = ["small-similar", "large-similar"]
     monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cold-cache"))  # the pilot finds nothing cached
     with caplog.at_level(logging.INFO, logger="finetune.model.features"):
@@ -54,13 +59,7 @@ def test_the_linear_heads_are_scored_on_cached_features_as_a_network_pass_would_
 
     from finetune.workflows import pilot
 
-    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))
-    cfg = TrainConfig(data_dir=str(image_folder), model=TINY_MODEL, weights=str(weights_file), image_size=32,
-                      batch_size=4, num_workers=0, epochs=1)
-    rt = runtime.cpu()
-    splits = scan_folder(cfg.data_dir, cfg.val_fraction, cfg.seed)
-    backbone = create_backbone(cfg.model, cfg.weights, len(splits.classes), cfg.image_size, keep_source_head=True)
-    decision = measure_and_decide(cfg, splits, backbone, rt)
+    cfg, rt, splits, backbone, decision = measured(image_folder, weights_file, tmp_path, monkeypatch)
     passes, fits = [], []
     real_predict, real_run_plan = pilot.predict_sources, pilot.run_plan
     monkeypatch.setattr(pilot, "predict_sources", lambda *a, **k: passes.append(a) or real_predict(*a, **k))
@@ -82,13 +81,7 @@ def test_a_multi_process_run_fine_tunes_without_the_pilot_unless_an_option_asks_
     from finetune.training import distributed
     from finetune.workflows.pilot import settle
 
-    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))
-    cfg = TrainConfig(data_dir=str(image_folder), model=TINY_MODEL, weights=str(weights_file), image_size=32,
-                      batch_size=4, num_workers=0, epochs=1, aug_views=aug_views)
-    rt = runtime.cpu()
-    splits = scan_folder(cfg.data_dir, cfg.val_fraction, cfg.seed)
-    backbone = create_backbone(cfg.model, cfg.weights, len(splits.classes), cfg.image_size, keep_source_head=True)
-    decision = measure_and_decide(cfg, splits, backbone, rt)
+    cfg, rt, splits, backbone, decision = measured(image_folder, weights_file, tmp_path, monkeypatch, aug_views=aug_views)
     assert decision.plan.scenario.startswith("small-")  # 12 training images: little data
     monkeypatch.setattr(distributed, "is_multi_process", lambda: True)
     settled = settle(cfg, decision, backbone, splits, rt)
