@@ -149,13 +149,36 @@ def test_rank_two_tiny_backbones_end_to_end_and_plan_reads_their_features(tmp_pa
     assert json.loads(best.stdout)["timings"]["features_cached"] is True
 
 
+def test_a_long_candidate_list_is_extracted_in_passes_bounded_by_parameters(tmp_path: Path, monkeypatch):
+    import finetune.workflows.rank as workflow
+    from finetune.config import TrainConfig
+
+    data = make_folder(tmp_path / "data", per_class=6)
+    save_weights(tmp_path / "w", "test_resnet", 0)
+    save_weights(tmp_path / "w", "test_efficientnet", 1)
+    passes = []
+    real = workflow.train_features_many
+    monkeypatch.setattr(workflow, "train_features_many",
+                        lambda cfg, backbones, *a: passes.append(len(backbones)) or real(cfg, backbones, *a))
+    cfg = TrainConfig(data_dir=str(data), batch_size=8, num_workers=0)
+    results = []
+    for bound, cache in ((10**9, "together"), (1, "apart")):  # 1 parameter: every candidate in its own pass
+        monkeypatch.setattr(workflow, "JOINT_MAX_PARAMS", bound)
+        monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / cache))
+        results.append(workflow.rank_backbones(cfg, str(tmp_path / "w")))
+    assert passes == [2, 1, 1]
+    scores = [{c["name"]: (c["knn"], c["logme"]) for c in r["candidates"]} for r in results]
+    assert scores[0] == scores[1] and results[0]["best"] == results[1]["best"]
+
+
 def test_a_latency_budget_no_candidate_meets_is_a_clear_error(tmp_path: Path, monkeypatch):
     import finetune.workflows.rank as workflow
 
     data = make_folder(tmp_path / "data", per_class=4)
     monkeypatch.setattr(workflow, "create_backbone", lambda name, *a, **k: name)
-    monkeypatch.setattr(workflow, "train_features_many", lambda cfg, backbones, *a: [None] * len(backbones))
-    monkeypatch.setattr(workflow, "measure_candidate", lambda name, weights, b, f, rt: candidate(name, 0.9, 8.0))
+    monkeypatch.setattr(workflow, "_params", lambda backbone: 1)
+    monkeypatch.setattr(workflow, "_measure_group",
+                        lambda cfg, group, splits, rt: [candidate(name, 0.9, 8.0) for name, _, _ in group])
     result = CliRunner().invoke(cli, ["rank", str(data), "--candidates", "test_resnet,test_vit",
                                       "--max-latency-ms", "5"])
     assert result.exit_code == 2 and "No candidate is within --max-latency-ms 5: the fastest takes 8.0 ms" in result.output

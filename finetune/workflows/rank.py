@@ -1,11 +1,11 @@
 """`finetune rank DATA --candidates SPEC`: rank pretrained backbones on the user's training images before training.
 
 For each candidate: the pooled final features of the training images at the candidate's own input size (one
-pass over the images for all candidates, each file decoded once; each candidate's entry cached exactly as `plan`
-and `train` cache it, so the run that follows reads it back), the
-transferability scores of `strategy.rank` on them, its parameter count, and its inference latency on this
-machine (eager torch at the run's precision: batch 1 and batch 32, ms per image, median of a few timed
-passes on random input after a warm-up). Only the training split is read; val and test are not.
+pass over the images for the candidates together, each file decoded once; each candidate's entry cached exactly
+as `plan` and `train` cache it, so the run that follows reads it back), the transferability scores of
+`strategy.rank` on them, its parameter count, and its inference latency on this machine (eager torch at the
+run's precision: batch 1 and batch 32, ms per image, median of a few timed passes on random input after a
+warm-up). Only the training split is read; val and test are not.
 
 SPEC: a folder of weight files with sidecars (`<file>.json` naming the `architecture`), a text file with one
 candidate per line (a timm name, a weights file with a sidecar, or `NAME FILE`; `#` starts a comment), or
@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 # feature extraction, so batch 32 is timed once (the ranking of four backbones stays within 3 extraction passes
 # of the largest).
 LATENCY_RUNS = {1: 5, 32: 1}
+# Candidates share one extraction pass while their parameters add up to at most this many (1.6 GB in float32, held
+# on the device together); a longer list is extracted in several passes, so memory does not grow with its length.
+JOINT_MAX_PARAMS = 400_000_000
 
 
 def parse_candidates(spec: str) -> list[tuple[str, str]]:
@@ -103,7 +106,7 @@ def measure_candidate(name: str, weights: str, backbone: Backbone, feats: Featur
     x, y = feats.matrix(FINAL)
     size = tuple(backbone.data_config["input_size"][1:])
     candidate = Candidate(name=name, weights=weights, image_size=int(size[0]),
-                          params=sum(p.numel() for p in backbone.model.parameters()),
+                          params=_params(backbone),
                           knn=round(knn_accuracy(x, y), 4), logme=round(logme(x, y), 4),
                           latency_ms=latency_ms(backbone.model, size, rt), seconds=0.0)
     candidate.seconds = round(feats.seconds + time.perf_counter() - started, 1)
@@ -113,22 +116,39 @@ def measure_candidate(name: str, weights: str, backbone: Backbone, feats: Featur
     return candidate
 
 
+def _params(backbone: Backbone) -> int:
+    return sum(p.numel() for p in backbone.model.parameters())
+
+
+def _measure_group(cfg: TrainConfig, group: list[tuple[str, str, Backbone]], splits, rt: runtime.Runtime
+                   ) -> list[Candidate]:
+    """The candidates of `group`, their features not cached extracted in one pass over the images."""
+    features = train_features_many(cfg, [b for _, _, b in group], splits, load_thresholds().probe_max_images, rt)
+    return [measure_candidate(name, weights, b, f, rt) for (name, weights, b), f in zip(group, features)]
+
+
 def rank_backbones(cfg: TrainConfig, spec: str, max_latency_ms: float | None = None,
                    rt: runtime.Runtime | None = None) -> dict[str, Any]:
-    """Measure and rank every candidate of `spec` on `cfg.data_dir`'s training split: the features of every
-    candidate not cached are extracted in one pass over the images (each file decoded once)."""
+    """Measure and rank every candidate of `spec` on `cfg.data_dir`'s training split: the features not cached are
+    extracted in one pass over the images for as many candidates as `JOINT_MAX_PARAMS` allows (each file decoded
+    once per pass)."""
     started = time.perf_counter()
     pairs = parse_candidates(spec)
     splits = scan_folder(cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_image_pixels,
                          exclude=read_exclude_list(cfg.exclude))
     rt = rt or process_runtime(cfg)
+    measured: list[Candidate] = []
+    group: list[tuple[str, str, Backbone]] = []  # built, waiting for the pass they share
     with preserved_rng():
-        # Built as `plan` and `train` build them (the source head kept, at --image-size when given): the features'
-        # cache entries are theirs too.
-        backbones = [create_backbone(name, weights, len(splits.classes), cfg.image_size, keep_source_head=True)
-                     for name, weights in pairs]
-        features = train_features_many(cfg, backbones, splits, load_thresholds().probe_max_images, rt)
-        measured = [measure_candidate(name, weights, b, f, rt) for (name, weights), b, f in zip(pairs, backbones, features)]
+        for name, weights in pairs:
+            # Built as `plan` and `train` build it (the source head kept, at --image-size when given): the features'
+            # cache entry is theirs too.
+            backbone = create_backbone(name, weights, len(splits.classes), cfg.image_size, keep_source_head=True)
+            if group and sum(_params(b) for _, _, b in group) + _params(backbone) > JOINT_MAX_PARAMS:
+                measured += _measure_group(cfg, group, splits, rt)
+                group = []
+            group.append((name, weights, backbone))
+        measured += _measure_group(cfg, group, splits, rt)
     ordered = rank(measured, max_latency_ms)
     kept = [c for c in ordered if c.excluded is None]
     if not kept:
