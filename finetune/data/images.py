@@ -111,11 +111,11 @@ def load_rgb(source: str | os.PathLike | bytes, max_pixels: int | None = None,
 def load_rgb_drafts(source: str | os.PathLike | bytes, max_pixels: int | None,
                     draft_sizes: list[tuple[int, int] | None]) -> list[Image.Image]:
     """`load_rgb` of one file at each of `draft_sizes`, decoded once per distinct reduced scale: requests that
-    JPEG's DCT scaling meets with the same scale share one decode (the usual case), and each result is exactly
-    what `load_rgb` returns for that size."""
-    decoded: dict[tuple[int, int], Image.Image] = {}
-    out = []
-    for draft_size in draft_sizes:
+    JPEG's DCT scaling meets with the same scale share one decode (the usual case; equal requests open the file
+    once), and each result is exactly what `load_rgb` returns for that size."""
+    decoded: dict[tuple[int, int], Image.Image] = {}  # by the size the draft gave
+    requested: dict[tuple[int, int] | None, Image.Image] = {}  # by the size asked for
+    for draft_size in dict.fromkeys(draft_sizes):
         img = _open(source, max_pixels)
         try:
             with warnings.catch_warnings():
@@ -135,12 +135,12 @@ def load_rgb_drafts(source: str | os.PathLike | bytes, max_pixels: int | None,
                 else:
                     img.load()
                     decoded[size] = to_rgb(ImageOps.exif_transpose(img))
-                out.append(decoded[size])
+                requested[draft_size] = decoded[size]
         except ImageError:
             raise
         except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
             raise ImageError(f"cannot decode image ({type(e).__name__}: {e})") from None
-    return out
+    return [requested[d] for d in draft_sizes]
 
 
 def probe_image(path: str | Path, max_pixels: int | None = None) -> ImageInfo:

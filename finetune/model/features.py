@@ -439,13 +439,16 @@ def cached_features_many(backbones: Sequence[Backbone], samples: Sequence[Sample
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     directories = [root / _key_digest(key) for key in keys]
     todo = [i for i, d in enumerate(directories) if not (d / "meta.json").is_file()]
-    for i in sorted(set(range(len(backbones))) - set(todo)):
-        log.info("Features of %d images read from cache %s", len(samples), directories[i])
+    for i, directory in enumerate(directories):
+        if i not in todo:
+            log.info("Features of %d images read from cache %s", len(samples), directory)
     seconds = dict.fromkeys(range(len(backbones)), 0.0)
     if todo:
-        seconds.update(zip(todo, _extract_into(root, [backbones[i] for i in todo], samples, [transforms[i] for i in todo],
-                      [keys[i] for i in todo], [directories[i] for i in todo], n_views, seed, augmented, batch_size,
-                      rt or runtime.cpu(), max_pixels, with_stats=not augmented and crops is None)))
+        extracted = _extract_into(root, [backbones[i] for i in todo], samples, [transforms[i] for i in todo],
+                                  [keys[i] for i in todo], [directories[i] for i in todo], n_views, seed, augmented,
+                                  batch_size, rt or runtime.cpu(), max_pixels,
+                                  with_stats=not augmented and crops is None)
+        seconds.update(zip(todo, extracted))
     return [_load(d, extracted=i in todo, seconds=seconds[i]) for i, d in enumerate(directories)]
 
 
