@@ -141,6 +141,13 @@ def per_set(acc: dict[str, float], ranks: dict[str, dict[str, Any]], probe: dict
     return out
 
 
+def shipped_pick(ranks: dict[str, dict[str, Any]]) -> str:
+    """What `finetune rank` picks among these candidates: `strategy.rank.rank` replayed on their rows."""
+    from finetune.strategy.rank import Candidate, rank
+
+    return rank([Candidate(**c) for c in ranks.values()])[0].name
+
+
 TOLERANCES = (0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 1.0)  # k-NN accuracy
 
 
@@ -181,10 +188,8 @@ def report(args: argparse.Namespace) -> int:
     if len(models) < len(next(iter(ranks.values()))):
         print(f"(only {', '.join(models)}: the other candidates have no fine-tuned accuracy on every set yet)")
     ranks = {d: {m: ranks[d][m] for m in models} for d in sets}
-    rows = {}
-    for d in sets:
-        shipped = max(ranks[d].values(), key=lambda c: (c["knn"], c["logme"]))["name"]
-        rows[d] = per_set({m: acc[d][m] for m in models}, ranks[d], probe[d], shipped)
+    picks = {d: shipped_pick(ranks[d]) for d in sets}
+    rows = {d: per_set({m: acc[d][m] for m in models}, ranks[d], probe[d], picks[d]) for d in sets}
     print(f"### {len(sets)} sets, {PLAN} fine-tunes averaged over seeds", "",
           "| rule | mean regret (pt) | worst regret (pt) | within 1 pt of the best | mean Kendall tau |",
           "|---|---|---|---|---|", sep="\n")
@@ -198,9 +203,8 @@ def report(args: argparse.Namespace) -> int:
         print("\n".join(tolerance_lines(sets, {d: {m: acc[d][m] for m in models} for d in sets}, ranks)))
     print("", "| set | " + " | ".join(models) + " | rank's pick |", "|---" * (len(models) + 2) + "|", sep="\n")
     for d in sets:
-        pick = max(ranks[d].values(), key=lambda c: (c["knn"], c["logme"]))["name"]
         print(f"| {d} | " + " | ".join(f"{100 * acc[d][m]:.1f} (k-NN {ranks[d][m]['knn']:.2f})" for m in models)
-              + f" | {pick} |")
+              + f" | {picks[d]} |")
     return 0
 
 

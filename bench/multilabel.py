@@ -120,8 +120,7 @@ def linear_baseline(data: Path, args: argparse.Namespace, seed: int) -> dict[str
     import numpy as np
 
     from finetune.data.folders import scan_folder
-    from finetune.data.multilabel import label_matrix
-    from finetune.data.multilabel import macro_map
+    from finetune.data.multilabel import label_matrix, macro_map
     from finetune.model.backbone import create_backbone
     from finetune.model.features import FINAL, cached_features
     from finetune.training.multilabel_head import fit_multilabel_head
